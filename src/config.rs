@@ -1,0 +1,175 @@
+//! Command line and environment configuration (clap), turned into the plain settings the server
+//! runs with. Every flag has an `IMGATE_*` environment variable; flags win over the environment.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "imgate", version, about = "Instant-messaging gateway")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address of the public WebSocket listener.
+    #[arg(long, env = "IMGATE_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Enable the diagnostic endpoint /echo, which echoes every text and binary message.
+    #[arg(long, env = "IMGATE_ECHO")]
+    pub echo: bool,
+
+    /// Send a Ping after this long without inbound traffic (e.g. 30s, 500ms).
+    #[arg(long, env = "IMGATE_PING_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+
+    /// Close a connection (1001) after this long without any inbound frame.
+    #[arg(long, env = "IMGATE_IDLE_TIMEOUT", default_value = "75s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Close a connection that has not completed the HTTP upgrade within this time.
+    #[arg(long, env = "IMGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// After sending a Close frame, wait this long for the peer's before dropping the TCP
+    /// connection.
+    #[arg(long, env = "IMGATE_CLOSE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub close_timeout: Duration,
+
+    /// Largest message accepted, in bytes, counted across fragments; larger ones close with
+    /// 1009.
+    #[arg(long, env = "IMGATE_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Most simultaneous connections; upgrades beyond it are answered 503.
+    #[arg(long, env = "IMGATE_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// Most bytes queued for one connection that the peer has not read yet; past it the
+    /// connection is a slow consumer and is closed with 1008.
+    #[arg(long, env = "IMGATE_MAX_OUTBOUND_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_outbound_bytes: usize,
+
+    /// Comma-separated Origin allow-list for WebSocket upgrades (403 otherwise); empty allows
+    /// every origin.
+    #[arg(long, env = "IMGATE_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// On SIGINT/SIGTERM, how long to wait for connections to finish closing before exiting.
+    #[arg(long, env = "IMGATE_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Log level: error, warn, info, debug, trace. Falls back to RUST_LOG, then info.
+    #[arg(long, env = "IMGATE_LOG_LEVEL")]
+    pub log_level: Option<log::LevelFilter>,
+}
+
+/// Settings of a running server, independent of how they were given.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub echo: bool,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub close_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub max_connections: usize,
+    pub max_outbound_bytes: usize,
+    pub allowed_origins: Vec<String>,
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            echo: false,
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(75),
+            handshake_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(5),
+            max_message_bytes: 64 * 1024,
+            max_connections: 10_000,
+            max_outbound_bytes: 4 * 1024 * 1024,
+            allowed_origins: Vec::new(),
+            shutdown_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl From<&ServeArgs> for ServerConfig {
+    fn from(a: &ServeArgs) -> Self {
+        ServerConfig {
+            listen: a.listen,
+            echo: a.echo,
+            ping_interval: a.ping_interval,
+            idle_timeout: a.idle_timeout,
+            handshake_timeout: a.handshake_timeout,
+            close_timeout: a.close_timeout,
+            max_message_bytes: a.max_message_bytes,
+            max_connections: a.max_connections,
+            max_outbound_bytes: a.max_outbound_bytes,
+            allowed_origins: a
+                .allowed_origins
+                .iter()
+                .map(|o| o.trim().to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
+            shutdown_timeout: a.shutdown_timeout,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let cli = Cli::try_parse_from(["imgate", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command;
+        let cfg = ServerConfig::from(&args);
+        let d = ServerConfig::default();
+        assert_eq!(cfg.listen, d.listen);
+        assert_eq!(cfg.ping_interval, d.ping_interval);
+        assert_eq!(cfg.idle_timeout, d.idle_timeout);
+        assert_eq!(cfg.max_message_bytes, 65_536);
+        assert!(!cfg.echo);
+    }
+
+    #[test]
+    fn flags_parse_durations_and_lists() {
+        let cli = Cli::try_parse_from([
+            "imgate",
+            "serve",
+            "--echo",
+            "--ping-interval",
+            "500ms",
+            "--idle-timeout",
+            "2m",
+            "--allowed-origins",
+            "https://a.example, https://b.example",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command;
+        let cfg = ServerConfig::from(&args);
+        assert!(cfg.echo);
+        assert_eq!(cfg.ping_interval, Duration::from_millis(500));
+        assert_eq!(cfg.idle_timeout, Duration::from_secs(120));
+        assert_eq!(
+            cfg.allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
+    }
+}

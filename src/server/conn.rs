@@ -1,0 +1,55 @@
+//! What the shell keeps per socket: the socket, the sans-IO protocol state, queued output and
+//! the one timer the connection may have.
+//!
+//! Kept small on purpose: an idle open connection is this struct in a slab slot plus one timer
+//! entry, and no heap buffers.
+
+use mio::net::TcpStream;
+
+use super::outbox::Outbox;
+use super::timer_wheel::TimerId;
+use crate::ws;
+
+/// What runs on top of the WebSocket once the upgrade is accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// `/echo` (only with `--echo`): every data message is sent back unchanged.
+    Echo,
+}
+
+pub struct Conn {
+    pub sock: TcpStream,
+    pub ws: ws::Connection,
+    pub service: Option<Service>,
+    pub outbox: Outbox,
+    /// The connection's single timer: handshake timeout, keep-alive check or close timeout,
+    /// depending on the protocol state when it fires.
+    pub timer: Option<TimerId>,
+    /// Loop time (ms) of the last bytes received.
+    pub last_inbound: u64,
+    /// Loop time (ms) of the last Ping we sent.
+    pub last_ping: u64,
+    /// The peer closed its sending side.
+    pub peer_eof: bool,
+    /// We shut down our sending side after the last byte of a Close or HTTP error left.
+    pub write_shut: bool,
+    /// Counted in the open-connection total (for `--max-connections`).
+    pub counted_open: bool,
+}
+
+impl Conn {
+    pub fn new(sock: TcpStream, max_message: usize, now: u64) -> Self {
+        Conn {
+            sock,
+            ws: ws::Connection::new(max_message),
+            service: None,
+            outbox: Outbox::default(),
+            timer: None,
+            last_inbound: now,
+            last_ping: now,
+            peer_eof: false,
+            write_shut: false,
+            counted_open: false,
+        }
+    }
+}

@@ -1,0 +1,553 @@
+//! The single-threaded mio loop: the one place that owns sockets and reads the clock.
+//!
+//! Each turn: wait for readiness (or the next timer), read every ready socket until it would
+//! block (bounded per turn so one flooding peer cannot starve the rest), run the bytes through
+//! the sans-IO connection, write each connection's output for the turn with one (vectored)
+//! write, then fire due timers. Handlers are small functions over explicit state; nothing
+//! captures the world.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+
+use super::conn::{Conn, Service};
+use super::signals::ShutdownSignals;
+use super::timer_wheel::TimerWheel;
+use crate::buffer_pool::BufferPool;
+use crate::config::ServerConfig;
+use crate::ws::handshake::{self, Endpoint, HttpError, Policy, UpgradeRequest};
+use crate::ws::{code, frame, Event, Failure, State};
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const SIGNALS: Token = Token(usize::MAX - 2);
+
+/// Shared receive buffer: every socket is read into it, so idle connections need none.
+const READ_BUF: usize = 64 * 1024;
+/// Bytes read from one connection per loop turn before the others get their turn.
+const READ_BUDGET: usize = 256 * 1024;
+/// Size of pooled per-connection buffers (partial messages, unsent output).
+const POOL_BUF: usize = 16 * 1024;
+/// Idle pooled buffers kept warm (at most 16 MiB).
+const POOL_MAX_FREE: usize = 1024;
+/// How long accepting pauses when out of descriptors and no reserve descriptor is left.
+const ACCEPT_PAUSE_MS: u64 = 100;
+
+/// Which deadline a connection's single timer currently stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TimerKind {
+    Handshake,
+    KeepAlive,
+    Close,
+}
+
+fn timer_kind(state: State) -> TimerKind {
+    match state {
+        State::Handshaking | State::AwaitingAccept => TimerKind::Handshake,
+        State::Open => TimerKind::KeepAlive,
+        State::CloseSent | State::Closed => TimerKind::Close,
+    }
+}
+
+pub struct Server {
+    cfg: ServerConfig,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    local_addr: SocketAddr,
+    signals: Option<ShutdownSignals>,
+    conns: Slab<Conn>,
+    /// Kind of each connection's armed timer, indexed like `conns` (kept out of `Conn` so the
+    /// match in `arm_timer` stays next to the wheel).
+    timer_kinds: Slab<TimerKind>,
+    wheel: TimerWheel<usize>,
+    pool: BufferPool,
+    read_buf: Vec<u8>,
+    /// Output produced for the connection being handled, written at the end of its turn.
+    staging: Vec<u8>,
+    /// Connections whose read budget ran out with input possibly left in the socket.
+    again: Vec<usize>,
+    fired: Vec<usize>,
+    endpoints: Vec<Endpoint<Service>>,
+    policy: Policy,
+    open_count: usize,
+    /// A spare descriptor, given up to accept-and-close a connection when the process is out
+    /// of descriptors, so the listener never spins on EMFILE.
+    reserve_fd: Option<File>,
+    accept_paused_until: Option<u64>,
+    last_emfile_log: Option<u64>,
+    shutdown_deadline: Option<u64>,
+    epoch: Instant,
+    now: u64,
+}
+
+impl Server {
+    /// Binds the listener and prepares the loop; nothing is accepted until [`Server::run`].
+    pub fn bind(cfg: ServerConfig) -> io::Result<Server> {
+        let poll = Poll::new()?;
+        let mut listener = TcpListener::bind(cfg.listen)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let local_addr = listener.local_addr()?;
+        let signals = ShutdownSignals::register(poll.registry(), SIGNALS)?;
+        let mut endpoints = Vec::new();
+        if cfg.echo {
+            endpoints.push(Endpoint {
+                path: "/echo",
+                protocols: &[],
+                kind: Service::Echo,
+            });
+        }
+        let capacity = cfg.max_connections.min(1 << 20) + 64;
+        Ok(Server {
+            policy: Policy {
+                allowed_origins: cfg.allowed_origins.clone(),
+            },
+            cfg,
+            poll,
+            listener: Some(listener),
+            local_addr,
+            signals: Some(signals),
+            conns: Slab::with_capacity(capacity),
+            timer_kinds: Slab::with_capacity(capacity),
+            wheel: TimerWheel::new(),
+            pool: BufferPool::new(POOL_BUF, POOL_MAX_FREE),
+            read_buf: vec![0; READ_BUF],
+            staging: Vec::with_capacity(READ_BUF + 64),
+            again: Vec::new(),
+            fired: Vec::new(),
+            endpoints,
+            open_count: 0,
+            reserve_fd: File::open("/dev/null").ok(),
+            accept_paused_until: None,
+            last_emfile_log: None,
+            shutdown_deadline: None,
+            epoch: Instant::now(),
+            now: 0,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Paths of the WebSocket endpoints this server exposes.
+    pub fn endpoint_paths(&self) -> Vec<&'static str> {
+        self.endpoints.iter().map(|e| e.path).collect()
+    }
+
+    /// Runs until a shutdown signal has been handled; then every connection has been closed
+    /// (or the shutdown timeout passed).
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            self.now = self.clock();
+            if let Some(deadline) = self.shutdown_deadline {
+                if self.conns.is_empty() || self.now >= deadline {
+                    info!(
+                        "shutdown complete ({} connections dropped at the deadline)",
+                        self.conns.len()
+                    );
+                    return Ok(());
+                }
+            }
+            if let Err(e) = self.poll.poll(&mut events, self.poll_timeout()) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            self.now = self.clock();
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept_all(),
+                    SIGNALS => {
+                        if self.signals.as_mut().is_some_and(|s| s.take()) {
+                            self.begin_shutdown();
+                        }
+                    }
+                    Token(key) => {
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            self.on_readable(key);
+                        }
+                        if ev.is_writable() {
+                            self.after_io(key);
+                        }
+                    }
+                }
+            }
+            for key in std::mem::take(&mut self.again) {
+                self.on_readable(key);
+            }
+            let mut fired = std::mem::take(&mut self.fired);
+            self.wheel.expire(self.now, &mut fired);
+            for key in fired.drain(..) {
+                self.on_timer(key);
+            }
+            self.fired = fired;
+            if self.accept_paused_until.is_some_and(|t| self.now >= t) {
+                self.accept_paused_until = None;
+                self.accept_all();
+            }
+        }
+    }
+
+    fn clock(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        if !self.again.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        [
+            self.wheel.next_wakeup(),
+            self.accept_paused_until,
+            self.shutdown_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|t| Duration::from_millis(t.saturating_sub(self.now)))
+    }
+
+    fn accept_all(&mut self) {
+        if self.accept_paused_until.is_some() {
+            return;
+        }
+        loop {
+            let Some(listener) = self.listener.as_ref() else {
+                return;
+            };
+            match listener.accept() {
+                Ok((sock, _)) => self.add_conn(sock),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if is_transient_accept_error(&e) => {}
+                Err(e) if is_fd_exhaustion(&e) => {
+                    if !self.shed_one_connection() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    warn!("accept failed: {e}; pausing accepts for {ACCEPT_PAUSE_MS} ms");
+                    self.accept_paused_until = Some(self.now + ACCEPT_PAUSE_MS);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Out of descriptors: use the reserve one to accept the oldest pending connection and
+    /// close it with a 503, so the backlog drains instead of the loop spinning on EMFILE.
+    /// Returns whether accepting may continue.
+    fn shed_one_connection(&mut self) -> bool {
+        if self.last_emfile_log.is_none_or(|t| self.now >= t + 1000) {
+            warn!(
+                "out of file descriptors with {} connections: refusing new ones with 503",
+                self.conns.len()
+            );
+            self.last_emfile_log = Some(self.now);
+        }
+        let Some(reserve) = self.reserve_fd.take() else {
+            self.accept_paused_until = Some(self.now + ACCEPT_PAUSE_MS);
+            return false;
+        };
+        drop(reserve);
+        if let Some(Ok((mut sock, _))) = self.listener.as_ref().map(|l| l.accept()) {
+            let _ = sock.write(&HttpError::Unavailable.response());
+        }
+        self.reserve_fd = File::open("/dev/null").ok();
+        if self.reserve_fd.is_none() {
+            self.accept_paused_until = Some(self.now + ACCEPT_PAUSE_MS);
+            return false;
+        }
+        true
+    }
+
+    fn add_conn(&mut self, mut sock: TcpStream) {
+        if let Err(e) = sock.set_nodelay(true) {
+            debug!("set_nodelay: {e}");
+        }
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = self.poll.registry().register(
+            &mut sock,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            warn!("register: {e}");
+            return;
+        }
+        entry.insert(Conn::new(sock, self.cfg.max_message_bytes, self.now));
+        let deadline = self.now + millis(self.cfg.handshake_timeout);
+        self.conns[key].timer = Some(self.wheel.insert(deadline, key));
+        let tk = self.timer_kinds.insert(TimerKind::Handshake);
+        debug_assert_eq!(tk, key);
+    }
+
+    fn on_readable(&mut self, key: usize) {
+        let mut total = 0;
+        loop {
+            let Some(conn) = self.conns.get_mut(key) else {
+                return;
+            };
+            match conn.sock.read(&mut self.read_buf) {
+                Ok(0) => {
+                    conn.peer_eof = true;
+                    break;
+                }
+                Ok(n) => {
+                    conn.last_inbound = self.now;
+                    total += n;
+                    let mut cx = Cx {
+                        staging: &mut self.staging,
+                        pool: &mut self.pool,
+                        endpoints: &self.endpoints,
+                        policy: &self.policy,
+                        open_count: &mut self.open_count,
+                        max_connections: self.cfg.max_connections,
+                        shutting_down: self.shutdown_deadline.is_some(),
+                    };
+                    process_input(conn, &mut self.read_buf[..n], &mut cx);
+                    if total >= READ_BUDGET {
+                        self.again.push(key);
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    debug!("conn {key}: read error: {e}");
+                    self.remove(key);
+                    return;
+                }
+            }
+        }
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.ws.release_buffers(&mut self.pool);
+        }
+        self.after_io(key);
+    }
+
+    /// Writes the turn's output, enforces the outbound limit, re-arms the timer for the
+    /// current state and takes the connection through the TCP close when it is done.
+    fn after_io(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            self.staging.clear();
+            return;
+        };
+        let flushed = conn
+            .outbox
+            .flush(&mut conn.sock, &self.staging, &mut self.pool);
+        self.staging.clear();
+        if self.staging.capacity() > 4 * READ_BUF {
+            self.staging.shrink_to(READ_BUF + 64);
+        }
+        if let Err(e) = flushed {
+            debug!("conn {key}: write error: {e}");
+            self.remove(key);
+            return;
+        }
+        if conn.outbox.len() > self.cfg.max_outbound_bytes && conn.ws.is_open() {
+            warn!(
+                "conn {key}: slow consumer ({} bytes unsent), closing with 1008",
+                conn.outbox.len()
+            );
+            conn.ws
+                .close(code::POLICY_VIOLATION, "slow consumer", &mut self.staging);
+            conn.outbox.push(&self.staging, &mut self.pool);
+            self.staging.clear();
+        }
+        if conn.ws.is_closed() && conn.outbox.is_empty() && !conn.write_shut {
+            let _ = conn.sock.shutdown(Shutdown::Write);
+            conn.write_shut = true;
+        }
+        let done = conn.peer_eof && (!conn.ws.is_closed() || conn.outbox.is_empty());
+        if done {
+            self.remove(key);
+            return;
+        }
+        self.arm_timer(key);
+    }
+
+    /// Makes sure the connection's timer matches its state: a handshake deadline, the next
+    /// keep-alive check, or the close deadline.
+    fn arm_timer(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        let want = timer_kind(conn.ws.state());
+        let kind = &mut self.timer_kinds[key];
+        if conn.timer.is_some() && *kind == want {
+            return;
+        }
+        let deadline = match want {
+            TimerKind::Handshake => self.now + millis(self.cfg.handshake_timeout),
+            TimerKind::KeepAlive => keepalive_deadline(conn, &self.cfg),
+            TimerKind::Close => self.now + millis(self.cfg.close_timeout),
+        };
+        if let Some(id) = conn.timer.take() {
+            self.wheel.cancel(id);
+        }
+        conn.timer = Some(self.wheel.insert(deadline, key));
+        *kind = want;
+    }
+
+    fn on_timer(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        conn.timer = None;
+        match conn.ws.state() {
+            State::Handshaking | State::AwaitingAccept => {
+                debug!("conn {key}: handshake timeout");
+                self.remove(key);
+            }
+            State::Open => {
+                let now = self.now;
+                if now >= conn.last_inbound + millis(self.cfg.idle_timeout) {
+                    debug!("conn {key}: idle timeout");
+                    conn.ws
+                        .close(code::GOING_AWAY, "idle timeout", &mut self.staging);
+                } else if now >= conn.last_inbound.max(conn.last_ping) + millis(self.cfg.ping_interval)
+                {
+                    conn.ws.ping(b"", &mut self.staging);
+                    conn.last_ping = now;
+                }
+                self.after_io(key);
+            }
+            State::CloseSent | State::Closed => {
+                debug!("conn {key}: close timeout");
+                self.remove(key);
+            }
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        info!(
+            "shutting down: closing {} connections with 1001",
+            self.conns.len()
+        );
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        self.shutdown_deadline = Some(self.now + millis(self.cfg.shutdown_timeout));
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let conn = &mut self.conns[key];
+            if conn.ws.close(code::GOING_AWAY, "server shutting down", &mut self.staging) {
+                self.after_io(key);
+            } else {
+                self.remove(key);
+            }
+        }
+    }
+
+    fn remove(&mut self, key: usize) {
+        let Some(mut conn) = self.conns.try_remove(key) else {
+            return;
+        };
+        self.timer_kinds.remove(key);
+        if let Some(id) = conn.timer.take() {
+            self.wheel.cancel(id);
+        }
+        if conn.counted_open {
+            self.open_count -= 1;
+        }
+        let _ = self.poll.registry().deregister(&mut conn.sock);
+        conn.ws.release_buffers(&mut self.pool);
+    }
+}
+
+/// Everything input processing may touch besides the connection itself.
+struct Cx<'a> {
+    staging: &'a mut Vec<u8>,
+    pool: &'a mut BufferPool,
+    endpoints: &'a [Endpoint<Service>],
+    policy: &'a Policy,
+    open_count: &'a mut usize,
+    max_connections: usize,
+    shutting_down: bool,
+}
+
+/// Runs received bytes through the connection's protocol state and its service.
+fn process_input(conn: &mut Conn, input: &mut [u8], cx: &mut Cx<'_>) {
+    let mut offset = 0;
+    while offset < input.len() {
+        let progress = match conn.ws.handle(&mut input[offset..], cx.staging, cx.pool) {
+            Ok(p) => p,
+            Err(Failure::Http(e)) => {
+                debug!("handshake rejected: {} {}", e.status(), e.detail());
+                return;
+            }
+            Err(Failure::Ws(e)) => {
+                debug!("protocol error: {e}");
+                return;
+            }
+        };
+        offset += progress.consumed;
+        match progress.event {
+            None if progress.consumed == 0 => return,
+            None => {}
+            Some(Event::Upgrade(request)) => upgrade(conn, &request, cx),
+            Some(Event::Message(kind, payload)) => match conn.service {
+                Some(Service::Echo) => frame::write_frame(cx.staging, kind.opcode(), payload),
+                None => {}
+            },
+            Some(Event::Closed { code, reason }) => {
+                debug!("peer closed: {code:?} {reason:?}");
+            }
+        }
+    }
+}
+
+fn upgrade(conn: &mut Conn, request: &UpgradeRequest, cx: &mut Cx<'_>) {
+    let routed = if cx.shutting_down || *cx.open_count >= cx.max_connections {
+        Err(HttpError::Unavailable)
+    } else {
+        handshake::accept(request, cx.endpoints, cx.policy)
+    };
+    match routed {
+        Ok(accepted) => {
+            conn.ws.accept(&accepted.response, cx.staging);
+            conn.service = Some(accepted.kind);
+            conn.counted_open = true;
+            *cx.open_count += 1;
+        }
+        Err(e) => {
+            debug!("upgrade refused: {} {}", e.status(), e.detail());
+            conn.ws.reject(&e, cx.staging);
+        }
+    }
+}
+
+/// When the keep-alive timer must next look at an open connection: the idle deadline, or the
+/// next ping if that comes first. Both count from the last inbound byte.
+fn keepalive_deadline(conn: &Conn, cfg: &ServerConfig) -> u64 {
+    let idle = conn.last_inbound + millis(cfg.idle_timeout);
+    let ping = conn.last_inbound.max(conn.last_ping) + millis(cfg.ping_interval);
+    idle.min(ping)
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().try_into().unwrap_or(u64::MAX / 4)
+}
+
+fn is_fd_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+fn is_transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+    ) || matches!(e.raw_os_error(), Some(libc::EPROTO | libc::EPERM))
+}

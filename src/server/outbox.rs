@@ -1,0 +1,222 @@
+//! Bytes queued for a socket that would not take them yet.
+//!
+//! The common case never touches the outbox: a loop turn's output for a connection is staged
+//! in one shared buffer and leaves in a single write. Only what the kernel refuses is copied
+//! here, into chunks borrowed from the [`BufferPool`]; the next flush sends the queued chunks
+//! and any new output together in one vectored write. When the queue drains, every chunk goes
+//! back to the pool and the outbox holds no memory.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+
+use crate::buffer_pool::BufferPool;
+
+/// Most slices handed to one `writev` (well below IOV_MAX = 1024).
+const MAX_IOV: usize = 64;
+
+#[derive(Debug, Default)]
+pub struct Outbox {
+    chunks: VecDeque<Vec<u8>>,
+    /// Bytes of `chunks[0]` already written.
+    head_written: usize,
+    len: usize,
+}
+
+impl Outbox {
+    /// Bytes waiting to be written.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Writes the queued bytes followed by `fresh`, until everything is written or `w` would
+    /// block, and queues whatever of `fresh` was not written.
+    ///
+    /// Returns `Ok(true)` when nothing is left queued. Errors other than `WouldBlock` and
+    /// `Interrupted` are returned; the queue is then meaningless and the caller drops it.
+    pub fn flush<W: Write>(
+        &mut self,
+        w: &mut W,
+        fresh: &[u8],
+        pool: &mut BufferPool,
+    ) -> io::Result<bool> {
+        let mut fresh_written = 0;
+        loop {
+            let fresh_rest = &fresh[fresh_written..];
+            if self.len == 0 && fresh_rest.is_empty() {
+                break;
+            }
+            let result = if self.len == 0 {
+                w.write(fresh_rest)
+            } else {
+                let mut slices = [IoSlice::new(&[]); MAX_IOV];
+                let mut n = 0;
+                for (i, c) in self.chunks.iter().enumerate().take(MAX_IOV - 1) {
+                    let start = if i == 0 { self.head_written } else { 0 };
+                    slices[n] = IoSlice::new(&c[start..]);
+                    n += 1;
+                }
+                if !fresh_rest.is_empty() {
+                    slices[n] = IoSlice::new(fresh_rest);
+                    n += 1;
+                }
+                w.write_vectored(&slices[..n])
+            };
+            match result {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    let from_queue = n.min(self.len);
+                    self.consume(from_queue, pool);
+                    fresh_written += n - from_queue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.push(&fresh[fresh_written..], pool);
+        Ok(self.is_empty())
+    }
+
+    /// Queues `data` behind what is already queued.
+    pub fn push(&mut self, mut data: &[u8], pool: &mut BufferPool) {
+        self.len += data.len();
+        while !data.is_empty() {
+            let need_chunk = self
+                .chunks
+                .back()
+                .is_none_or(|c| c.len() == c.capacity());
+            if need_chunk {
+                let chunk = if data.len() > pool.buf_capacity() * 4 {
+                    // A large message: one exact allocation instead of many pooled chunks.
+                    Vec::with_capacity(data.len())
+                } else {
+                    pool.take()
+                };
+                self.chunks.push_back(chunk);
+            }
+            let Some(tail) = self.chunks.back_mut() else {
+                unreachable!("a chunk was just ensured");
+            };
+            let room = tail.capacity() - tail.len();
+            let n = room.min(data.len());
+            tail.extend_from_slice(&data[..n]);
+            data = &data[n..];
+        }
+    }
+
+    fn consume(&mut self, mut n: usize, pool: &mut BufferPool) {
+        self.len -= n;
+        while n > 0 {
+            let Some(head) = self.chunks.front() else {
+                break;
+            };
+            let left = head.len() - self.head_written;
+            if n < left {
+                self.head_written += n;
+                return;
+            }
+            n -= left;
+            self.head_written = 0;
+            if let Some(c) = self.chunks.pop_front() {
+                pool.give(c);
+            }
+        }
+        if self.len == 0 {
+            for c in self.chunks.drain(..) {
+                pool.give(c);
+            }
+            // Free the ring itself too: an idle connection keeps no allocation.
+            self.chunks = VecDeque::new();
+            self.head_written = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket that accepts at most `budget` bytes, then blocks, recording each call.
+    struct Throttled {
+        written: Vec<u8>,
+        budget: usize,
+        calls: usize,
+    }
+
+    impl Write for Throttled {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[IoSlice::new(buf)])
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            self.calls += 1;
+            if self.budget == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.budget);
+                self.written.extend_from_slice(&b[..take]);
+                self.budget -= take;
+                n += take;
+                if self.budget == 0 {
+                    break;
+                }
+            }
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn sock(budget: usize) -> Throttled {
+        Throttled {
+            written: Vec::new(),
+            budget,
+            calls: 0,
+        }
+    }
+
+    #[test]
+    fn fast_path_is_one_write_and_no_memory() {
+        let mut pool = BufferPool::new(16, 4);
+        let mut ob = Outbox::default();
+        let mut s = sock(1000);
+        assert!(ob.flush(&mut s, b"hello", &mut pool).unwrap());
+        assert_eq!(s.calls, 1);
+        assert_eq!(s.written, b"hello");
+        assert_eq!(ob.chunks.capacity(), 0);
+    }
+
+    #[test]
+    fn keeps_order_across_partial_writes_and_returns_chunks() {
+        let mut pool = BufferPool::new(32, 8);
+        let mut ob = Outbox::default();
+        let data: Vec<u8> = (0..200u8).collect();
+        let mut s = sock(10);
+        assert!(!ob.flush(&mut s, &data[..100], &mut pool).unwrap());
+        assert_eq!(ob.len(), 90);
+        s.budget = 25;
+        assert!(!ob.flush(&mut s, &data[100..], &mut pool).unwrap());
+        assert_eq!(ob.len(), 165);
+        s.budget = usize::MAX;
+        assert!(ob.flush(&mut s, &[], &mut pool).unwrap());
+        assert_eq!(s.written, data);
+        assert!(ob.is_empty());
+        assert_eq!(ob.chunks.capacity(), 0);
+        assert!(pool.idle() > 0, "chunks went back to the pool");
+    }
+
+    #[test]
+    fn large_leftovers_take_one_exact_chunk() {
+        let mut pool = BufferPool::new(16, 8);
+        let mut ob = Outbox::default();
+        ob.push(&[7u8; 1000], &mut pool);
+        assert_eq!(ob.chunks.len(), 1);
+        assert_eq!(ob.len(), 1000);
+    }
+}

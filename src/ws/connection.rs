@@ -1,0 +1,610 @@
+//! One WebSocket connection as a sans-IO state machine: bytes in, events and bytes out.
+//!
+//! ```text
+//!  Handshaking --request--> AwaitingAccept --accept--> Open --close sent--> CloseSent
+//!       |                        |                       |                     |
+//!       +--bad request-----------+--reject---------------+--close received-----+--> Closed
+//!                                                        +--protocol error--------> Closed
+//! ```
+//!
+//! The caller owns the socket. It passes received bytes to [`Connection::handle`] until they are
+//! consumed, writes whatever the connection appended to `out`, and once [`Connection::is_closed`]
+//! holds it flushes `out` and closes the TCP connection. Time never enters this type: timeouts
+//! are the caller's, expressed by calling [`Connection::close`].
+//!
+//! Data payloads are unmasked in place in the caller's input buffer; a message that arrives as
+//! one complete frame in one read is handed out as a slice of that buffer without a copy. Only
+//! messages split across frames or reads are assembled in a buffer borrowed from the pool.
+
+use super::error::{code, is_valid_received_close_code, WsError};
+use super::frame::{self, FrameHeader, OpCode, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN};
+use super::handshake::{self, HttpError, Parse, UpgradeRequest, MAX_REQUEST_HEAD};
+use super::utf8::Utf8Validator;
+use crate::buffer_pool::BufferPool;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Reading the HTTP Upgrade request.
+    Handshaking,
+    /// The request is complete; the caller must [`Connection::accept`] or
+    /// [`Connection::reject`] it.
+    AwaitingAccept,
+    /// Messages flow both ways.
+    Open,
+    /// We sent a Close frame and wait for the peer's; its data frames are discarded.
+    CloseSent,
+    /// Nothing more will be sent; flush the output and close the socket.
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    Text,
+    Binary,
+}
+
+impl MessageKind {
+    pub fn opcode(self) -> OpCode {
+        match self {
+            MessageKind::Text => OpCode::Text,
+            MessageKind::Binary => OpCode::Binary,
+        }
+    }
+}
+
+/// Something the caller must act on.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A valid upgrade request arrived: route it, then `accept` or `reject`.
+    Upgrade(UpgradeRequest),
+    /// A complete data message. Text payloads are valid UTF-8.
+    Message(MessageKind, &'a [u8]),
+    /// The closing handshake finished (the peer's Close arrived). The reply, if one was due,
+    /// is already in `out`.
+    Closed { code: Option<u16>, reason: &'a str },
+}
+
+/// What one call to [`Connection::handle`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Progress<'a> {
+    /// Bytes of the input consumed; feed the rest in the next call.
+    pub consumed: usize,
+    pub event: Option<Event<'a>>,
+}
+
+/// A fatal handshake or protocol failure. The answer (HTTP status or Close frame) is already in
+/// `out` and the connection is [`State::Closed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    Http(HttpError),
+    Ws(WsError),
+}
+
+/// The data frame sequence being received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MessageInProgress {
+    kind: MessageKind,
+    len: usize,
+}
+
+/// The frame whose payload is being received.
+#[derive(Debug, Clone, Copy)]
+struct FrameInProgress {
+    header: FrameHeader,
+    /// Payload bytes received so far (also the masking phase).
+    received: u64,
+}
+
+#[derive(Debug)]
+pub struct Connection {
+    state: State,
+    /// Bytes of a frame header split across reads.
+    header_buf: [u8; MAX_HEADER_LEN],
+    header_len: u8,
+    frame: Option<FrameInProgress>,
+    message: Option<MessageInProgress>,
+    utf8: Utf8Validator,
+    /// Set when the last event lent out `assembled`; it is cleared on the next call.
+    assembled_lent: bool,
+    max_message: usize,
+    /// Partial request head, partial control payload, or partial data message. Empty (no
+    /// allocation) whenever nothing is half-received. Control frames interleaved in a
+    /// fragmented message use `control` so they never disturb `assembled`.
+    handshake: Vec<u8>,
+    assembled: Vec<u8>,
+    control: Vec<u8>,
+}
+
+impl Connection {
+    /// A connection that starts by reading an HTTP Upgrade request.
+    pub fn new(max_message: usize) -> Self {
+        Connection {
+            state: State::Handshaking,
+            header_buf: [0; MAX_HEADER_LEN],
+            header_len: 0,
+            frame: None,
+            message: None,
+            utf8: Utf8Validator::new(),
+            assembled_lent: false,
+            max_message,
+            handshake: Vec::new(),
+            assembled: Vec::new(),
+            control: Vec::new(),
+        }
+    }
+
+    /// A connection whose handshake already happened elsewhere (tests, fuzzing).
+    pub fn new_open(max_message: usize) -> Self {
+        let mut c = Self::new(max_message);
+        c.state = State::Open;
+        c
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// Whether data messages can be sent.
+    pub fn is_open(&self) -> bool {
+        self.state == State::Open
+    }
+
+    /// Bytes held in the connection's own buffers (handshake, message assembly, control).
+    pub fn buffered(&self) -> usize {
+        self.handshake.len() + self.assembled.len() + self.control.len()
+    }
+
+    /// Gives idle buffers back to the pool. Call when a batch of input has been handled.
+    pub fn release_buffers(&mut self, pool: &mut BufferPool) {
+        if self.assembled_lent || self.message.is_none() {
+            self.assembled_lent = false;
+            pool.give(std::mem::take(&mut self.assembled));
+        }
+        if !self.frame.is_some_and(|f| f.header.opcode.is_control()) {
+            pool.give(std::mem::take(&mut self.control));
+        }
+        if self.state != State::Handshaking {
+            pool.give(std::mem::take(&mut self.handshake));
+        }
+    }
+
+    /// Consumes a prefix of `input` and reports at most one event.
+    ///
+    /// Call repeatedly with the unconsumed rest until it is empty. Every call consumes at least
+    /// one byte or returns an event, except in [`State::AwaitingAccept`], which waits for the
+    /// caller's decision. In [`State::Closed`] all input is consumed and ignored.
+    pub fn handle<'a>(
+        &'a mut self,
+        input: &'a mut [u8],
+        out: &mut Vec<u8>,
+        pool: &mut BufferPool,
+    ) -> Result<Progress<'a>, Failure> {
+        if self.assembled_lent {
+            self.assembled_lent = false;
+            self.assembled.clear();
+        }
+        match self.state {
+            State::Handshaking => self.handle_handshake(input, out, pool),
+            State::AwaitingAccept => Ok(Progress {
+                consumed: 0,
+                event: None,
+            }),
+            State::Open | State::CloseSent => self.handle_frames(input, out, pool),
+            State::Closed => Ok(Progress {
+                consumed: input.len(),
+                event: None,
+            }),
+        }
+    }
+
+    /// Answers the pending upgrade request with the 101 `response`.
+    pub fn accept(&mut self, response: &[u8], out: &mut Vec<u8>) {
+        debug_assert_eq!(self.state, State::AwaitingAccept);
+        out.extend_from_slice(response);
+        self.state = State::Open;
+    }
+
+    /// Answers the pending upgrade request with an HTTP error; the connection is closed.
+    pub fn reject(&mut self, error: &HttpError, out: &mut Vec<u8>) {
+        debug_assert!(matches!(
+            self.state,
+            State::Handshaking | State::AwaitingAccept
+        ));
+        out.extend_from_slice(&error.response());
+        self.state = State::Closed;
+    }
+
+    /// Starts the closing handshake (shutdown, timeouts, slow consumers, the application).
+    ///
+    /// Before the upgrade completed there is no WebSocket to close: the connection just closes.
+    /// Returns whether a Close frame was written.
+    pub fn close(&mut self, code: u16, reason: &str, out: &mut Vec<u8>) -> bool {
+        match self.state {
+            State::Open => {
+                frame::write_close(out, code, reason);
+                self.state = State::CloseSent;
+                true
+            }
+            State::Handshaking | State::AwaitingAccept => {
+                self.state = State::Closed;
+                false
+            }
+            State::CloseSent | State::Closed => false,
+        }
+    }
+
+    /// Gives up on the closing handshake (close timeout, peer vanished).
+    pub fn abort(&mut self) {
+        self.state = State::Closed;
+    }
+
+    /// Appends a data message. Returns false (and writes nothing) unless the connection is open.
+    pub fn send(&self, kind: MessageKind, payload: &[u8], out: &mut Vec<u8>) -> bool {
+        if self.state != State::Open {
+            return false;
+        }
+        frame::write_frame(out, kind.opcode(), payload);
+        true
+    }
+
+    /// Appends a Ping frame (keep-alive). Returns false unless the connection is open.
+    pub fn ping(&self, payload: &[u8], out: &mut Vec<u8>) -> bool {
+        if self.state != State::Open {
+            return false;
+        }
+        frame::write_frame(out, OpCode::Ping, payload);
+        true
+    }
+
+    fn handle_handshake<'a>(
+        &'a mut self,
+        input: &'a mut [u8],
+        out: &mut Vec<u8>,
+        pool: &mut BufferPool,
+    ) -> Result<Progress<'a>, Failure> {
+        let already = self.handshake.len();
+        let parsed = if already == 0 {
+            handshake::parse_request(input)
+        } else {
+            // Never hold more than one byte past the limit: that is enough to answer 431.
+            let take = input.len().min(MAX_REQUEST_HEAD + 1 - already.min(MAX_REQUEST_HEAD));
+            self.handshake.extend_from_slice(&input[..take]);
+            handshake::parse_request(&self.handshake)
+        };
+        match parsed {
+            Ok(Parse::Partial) => {
+                if already == 0 {
+                    if self.handshake.capacity() == 0 {
+                        self.handshake = pool.take();
+                    }
+                    let take = input.len().min(MAX_REQUEST_HEAD + 1);
+                    self.handshake.extend_from_slice(&input[..take]);
+                }
+                Ok(Progress {
+                    consumed: input.len(),
+                    event: None,
+                })
+            }
+            Ok(Parse::Upgrade { request, head_len }) => {
+                pool.give(std::mem::take(&mut self.handshake));
+                self.state = State::AwaitingAccept;
+                Ok(Progress {
+                    consumed: head_len - already,
+                    event: Some(Event::Upgrade(request)),
+                })
+            }
+            Err(e) => {
+                pool.give(std::mem::take(&mut self.handshake));
+                self.reject(&e, out);
+                Err(Failure::Http(e))
+            }
+        }
+    }
+
+    fn handle_frames<'a>(
+        &'a mut self,
+        input: &'a mut [u8],
+        out: &mut Vec<u8>,
+        pool: &mut BufferPool,
+    ) -> Result<Progress<'a>, Failure> {
+        let step = match self.decode(input, out, pool) {
+            Ok(step) => step,
+            Err(e) => {
+                // Fail the connection (§7.1.7): say why, and do not wait for the peer's Close.
+                if self.state == State::Open {
+                    frame::write_close(out, e.close_code(), e.reason());
+                }
+                self.state = State::Closed;
+                self.frame = None;
+                self.message = None;
+                return Err(Failure::Ws(e));
+            }
+        };
+        let source = |src: Source| -> &'a [u8] {
+            match src {
+                Source::Input(range) => &input[range],
+                Source::Assembled => &self.assembled,
+                Source::Control => &self.control,
+            }
+        };
+        let event = match step.found {
+            None => None,
+            Some(Found::Message(kind, src)) => Some(Event::Message(kind, source(src))),
+            Some(Found::Closed(code, src)) => Some(Event::Closed {
+                code,
+                reason: close_reason(source(src)),
+            }),
+        };
+        Ok(Progress {
+            consumed: step.consumed,
+            event,
+        })
+    }
+
+    /// Decodes at most one frame's worth of `input`. Returns where an event's bytes are, not
+    /// the bytes, so that errors can still update `self` (see `handle_frames`).
+    fn decode(
+        &mut self,
+        input: &mut [u8],
+        out: &mut Vec<u8>,
+        pool: &mut BufferPool,
+    ) -> Result<Step, WsError> {
+        let mut consumed = 0;
+        let frame = match self.frame {
+            Some(f) => f,
+            None => {
+                let Some(n) = self.read_header(input)? else {
+                    return Ok(Step::consumed(input.len()));
+                };
+                consumed = n;
+                let header = self.start_frame()?;
+                FrameInProgress {
+                    header,
+                    received: 0,
+                }
+            }
+        };
+        let remaining = frame.header.payload_len - frame.received;
+        let rest_len = input.len() - consumed;
+        let avail = usize::try_from(remaining).map_or(rest_len, |r| r.min(rest_len));
+        let payload_range = consumed..consumed + avail;
+        let chunk = &mut input[payload_range.clone()];
+        // `received` is bounded by the message limit, so it fits in usize.
+        frame::apply_mask(chunk, frame.header.mask, frame.received as usize);
+        consumed += avail;
+        let complete = avail as u64 == remaining;
+        let header = frame.header;
+        let in_progress = Some(FrameInProgress {
+            header,
+            received: frame.received + avail as u64,
+        });
+
+        if header.opcode.is_control() {
+            let src = if complete && frame.received == 0 {
+                Source::Input(payload_range)
+            } else {
+                if self.control.capacity() == 0 {
+                    self.control = pool.take();
+                }
+                self.control.extend_from_slice(chunk);
+                if !complete {
+                    self.frame = in_progress;
+                    return Ok(Step::consumed(consumed));
+                }
+                Source::Control
+            };
+            self.frame = None;
+            // `on_control` needs `&mut self`, so the control payload is moved out meanwhile.
+            let control = std::mem::take(&mut self.control);
+            let payload = match &src {
+                Source::Input(r) => &input[r.clone()],
+                _ => &control[..],
+            };
+            let closed = self.on_control(header.opcode, payload, out);
+            self.control = control;
+            return match closed? {
+                Some(code) => Ok(Step {
+                    consumed,
+                    found: Some(Found::Closed(code, src)),
+                }),
+                None => {
+                    self.control.clear();
+                    Ok(Step::consumed(consumed))
+                }
+            };
+        }
+
+        let Some(msg) = self.message else {
+            unreachable!("start_frame opens a message for every data frame");
+        };
+        if msg.kind == MessageKind::Text {
+            self.utf8.feed(chunk).map_err(|_| WsError::InvalidUtf8)?;
+        }
+        let discard = self.state == State::CloseSent;
+        if complete && header.fin && frame.received == 0 && self.assembled.is_empty() {
+            // The whole message is one frame inside this input: hand it out in place.
+            self.frame = None;
+            self.finish_message()?;
+            return Ok(Step {
+                consumed,
+                found: (!discard).then_some(Found::Message(msg.kind, Source::Input(payload_range))),
+            });
+        }
+        if !discard {
+            if self.assembled.capacity() == 0 {
+                self.assembled = pool.take();
+            }
+            self.assembled.extend_from_slice(chunk);
+        }
+        if !complete {
+            self.frame = in_progress;
+            return Ok(Step::consumed(consumed));
+        }
+        self.frame = None;
+        if !header.fin {
+            return Ok(Step::consumed(consumed));
+        }
+        self.finish_message()?;
+        if discard {
+            self.assembled.clear();
+            return Ok(Step::consumed(consumed));
+        }
+        self.assembled_lent = true;
+        Ok(Step {
+            consumed,
+            found: Some(Found::Message(msg.kind, Source::Assembled)),
+        })
+    }
+
+    /// Reads a frame header from `input`, completing one split across reads. Returns the
+    /// number of input bytes it used, or `None` when all of `input` went into a partial header.
+    fn read_header(&mut self, input: &[u8]) -> Result<Option<usize>, WsError> {
+        let held = usize::from(self.header_len);
+        let take = input.len().min(MAX_HEADER_LEN - held);
+        self.header_buf[held..held + take].copy_from_slice(&input[..take]);
+        match frame::parse_client_header(&self.header_buf[..held + take])? {
+            Some((header, len)) => {
+                self.header_len = 0;
+                self.frame = Some(FrameInProgress {
+                    header,
+                    received: 0,
+                });
+                Ok(Some(len - held))
+            }
+            None => {
+                // Fewer than MAX_HEADER_LEN bytes in total, so `take` was all of `input`.
+                self.header_len = (held + take) as u8;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Applies the message-level rules to the header just read (now in `self.frame`).
+    fn start_frame(&mut self) -> Result<FrameHeader, WsError> {
+        let Some(FrameInProgress { header, .. }) = self.frame else {
+            unreachable!("read_header stores the frame");
+        };
+        if !header.opcode.is_control() {
+            let len = match (header.opcode, self.message) {
+                (OpCode::Continuation, None) => return Err(WsError::UnexpectedContinuation),
+                (OpCode::Continuation, Some(m)) => m.len,
+                (_, Some(_)) => return Err(WsError::ExpectedContinuation),
+                (op, None) => {
+                    let kind = if op == OpCode::Text {
+                        MessageKind::Text
+                    } else {
+                        MessageKind::Binary
+                    };
+                    self.message = Some(MessageInProgress { kind, len: 0 });
+                    self.utf8 = Utf8Validator::new();
+                    0
+                }
+            };
+            let total = u64::try_from(len)
+                .unwrap_or(u64::MAX)
+                .saturating_add(header.payload_len);
+            if total > self.max_message as u64 {
+                return Err(WsError::MessageTooBig);
+            }
+            if let Some(m) = self.message.as_mut() {
+                m.len = total as usize;
+            }
+        }
+        Ok(header)
+    }
+
+    /// Ends the message whose last byte was just received.
+    fn finish_message(&mut self) -> Result<(), WsError> {
+        let msg = self.message.take();
+        if msg.is_some_and(|m| m.kind == MessageKind::Text) && !self.utf8.is_complete() {
+            return Err(WsError::InvalidUtf8);
+        }
+        Ok(())
+    }
+
+    /// Answers pings and Close frames. Returns `Some(code)` when the peer's Close ended the
+    /// connection.
+    fn on_control(
+        &mut self,
+        opcode: OpCode,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<Option<Option<u16>>, WsError> {
+        debug_assert!(payload.len() <= MAX_CONTROL_PAYLOAD);
+        match opcode {
+            OpCode::Ping => {
+                if self.state == State::Open {
+                    frame::write_frame(out, OpCode::Pong, payload);
+                }
+                Ok(None)
+            }
+            OpCode::Pong => Ok(None),
+            OpCode::Close => {
+                let code = parse_close_payload(payload)?;
+                if self.state == State::Open {
+                    // Echo the peer's code (§5.5.1); a Close without one is answered with 1000.
+                    frame::write_close(out, code.unwrap_or(code::NORMAL), "");
+                }
+                self.state = State::Closed;
+                self.message = None;
+                Ok(Some(code))
+            }
+            _ => unreachable!("only control opcodes reach here"),
+        }
+    }
+}
+
+/// Where the bytes of a decoded event are.
+enum Source {
+    Input(std::ops::Range<usize>),
+    Assembled,
+    Control,
+}
+
+enum Found {
+    Message(MessageKind, Source),
+    Closed(Option<u16>, Source),
+}
+
+/// One decoding step, before its event is turned into borrowed slices.
+struct Step {
+    consumed: usize,
+    found: Option<Found>,
+}
+
+impl Step {
+    fn consumed(consumed: usize) -> Step {
+        Step {
+            consumed,
+            found: None,
+        }
+    }
+}
+
+/// Validates a Close payload (§5.5.1, §7.4) and returns its status code, if any.
+fn parse_close_payload(payload: &[u8]) -> Result<Option<u16>, WsError> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(WsError::CloseTooShort),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !is_valid_received_close_code(code) {
+                return Err(WsError::InvalidCloseCode);
+            }
+            std::str::from_utf8(reason).map_err(|_| WsError::InvalidCloseReason)?;
+            Ok(Some(code))
+        }
+    }
+}
+
+/// The reason text of a Close payload already validated by [`parse_close_payload`].
+fn close_reason(payload: &[u8]) -> &str {
+    payload
+        .get(2..)
+        .and_then(|r| std::str::from_utf8(r).ok())
+        .unwrap_or("")
+}

@@ -1,0 +1,459 @@
+//! The HTTP/1.1 Upgrade request (RFC 6455 §4.2), parsed with httparse; sans-IO.
+//!
+//! [`parse_request`] turns the bytes received so far into "need more", a validated
+//! [`UpgradeRequest`], or an [`HttpError`] that knows its status line and response bytes.
+//! Routing and limits that depend on server state (endpoints, origins, connection count)
+//! are applied by [`accept`], so each check lives in exactly one place.
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+use sha1::{Digest, Sha1};
+
+/// Upper bound on the request head (request line + headers), in bytes. Larger heads get 431.
+pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
+
+/// Upper bound on the number of header lines; more gets 431.
+const MAX_HEADERS: usize = 64;
+
+const WS_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// A request that can be answered with an HTTP error status, after which the socket closes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpError {
+    /// 400: malformed HTTP, missing or malformed WebSocket headers.
+    BadRequest(&'static str),
+    /// 403: the Origin is not on the allow-list.
+    Forbidden,
+    /// 404: no endpoint at this path.
+    NotFound,
+    /// 405: anything but GET.
+    MethodNotAllowed,
+    /// 426: a plain HTTP request to a WebSocket endpoint.
+    UpgradeRequired,
+    /// 426 with `Sec-WebSocket-Version: 13`: an unsupported protocol version.
+    UnsupportedVersion,
+    /// 431: the request head exceeds [`MAX_REQUEST_HEAD`] or has too many headers.
+    HeadersTooLarge,
+    /// 503: the server is at `--max-connections` or shutting down.
+    Unavailable,
+}
+
+impl HttpError {
+    pub fn status(&self) -> u16 {
+        match self {
+            HttpError::BadRequest(_) => 400,
+            HttpError::Forbidden => 403,
+            HttpError::NotFound => 404,
+            HttpError::MethodNotAllowed => 405,
+            HttpError::UpgradeRequired | HttpError::UnsupportedVersion => 426,
+            HttpError::HeadersTooLarge => 431,
+            HttpError::Unavailable => 503,
+        }
+    }
+
+    fn reason_phrase(&self) -> &'static str {
+        match self {
+            HttpError::BadRequest(_) => "Bad Request",
+            HttpError::Forbidden => "Forbidden",
+            HttpError::NotFound => "Not Found",
+            HttpError::MethodNotAllowed => "Method Not Allowed",
+            HttpError::UpgradeRequired | HttpError::UnsupportedVersion => "Upgrade Required",
+            HttpError::HeadersTooLarge => "Request Header Fields Too Large",
+            HttpError::Unavailable => "Service Unavailable",
+        }
+    }
+
+    /// Human-readable body: says what was wrong so a developer with curl can fix the request.
+    pub fn detail(&self) -> &'static str {
+        match self {
+            HttpError::BadRequest(why) => why,
+            HttpError::Forbidden => "origin not allowed",
+            HttpError::NotFound => "no such endpoint",
+            HttpError::MethodNotAllowed => "only GET can upgrade to a WebSocket",
+            HttpError::UpgradeRequired => "this endpoint speaks WebSocket only",
+            HttpError::UnsupportedVersion => "only WebSocket version 13 is supported",
+            HttpError::HeadersTooLarge => "request head larger than 8 KiB",
+            HttpError::Unavailable => "server at capacity or shutting down",
+        }
+    }
+
+    /// The complete HTTP response; the connection closes after it.
+    pub fn response(&self) -> Vec<u8> {
+        let extra = match self {
+            HttpError::MethodNotAllowed => "Allow: GET\r\n",
+            HttpError::UpgradeRequired => "Upgrade: websocket\r\n",
+            HttpError::UnsupportedVersion => "Sec-WebSocket-Version: 13\r\n",
+            HttpError::Unavailable => "Retry-After: 1\r\n",
+            _ => "",
+        };
+        let body = self.detail();
+        format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
+             Connection: close\r\n{}\r\n{}\n",
+            self.status(),
+            self.reason_phrase(),
+            body.len() + 1,
+            extra,
+            body
+        )
+        .into_bytes()
+    }
+}
+
+/// A syntactically valid WebSocket opening handshake, not yet routed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpgradeRequest {
+    /// The request target without its query string.
+    pub path: String,
+    /// `Sec-WebSocket-Accept` value for this request's key.
+    pub accept_key: String,
+    /// Subprotocols the client offered, in its order of preference.
+    pub protocols: Vec<String>,
+    pub origin: Option<String>,
+}
+
+/// Result of feeding the bytes received so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parse {
+    /// The head is not complete yet; call again with more bytes.
+    Partial,
+    /// A complete, valid upgrade request occupying the first `head_len` bytes. Bytes after it
+    /// were pipelined by the client and belong to the WebSocket stream.
+    Upgrade {
+        request: UpgradeRequest,
+        head_len: usize,
+    },
+}
+
+/// Parses and validates an opening handshake from the start of `buf`.
+pub fn parse_request(buf: &[u8]) -> Result<Parse, HttpError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Partial) => {
+            return if buf.len() > MAX_REQUEST_HEAD {
+                Err(HttpError::HeadersTooLarge)
+            } else {
+                Ok(Parse::Partial)
+            };
+        }
+        Ok(httparse::Status::Complete(n)) => n,
+        Err(httparse::Error::TooManyHeaders) => return Err(HttpError::HeadersTooLarge),
+        Err(_) => return Err(HttpError::BadRequest("malformed HTTP request")),
+    };
+    if head_len > MAX_REQUEST_HEAD {
+        return Err(HttpError::HeadersTooLarge);
+    }
+    if req.method != Some("GET") {
+        return Err(HttpError::MethodNotAllowed);
+    }
+    if req.version != Some(1) {
+        return Err(HttpError::BadRequest("HTTP/1.1 required"));
+    }
+    let target = req.path.unwrap_or("/");
+    let path = target.split('?').next().unwrap_or("/").to_owned();
+
+    let mut upgrade_ws = false;
+    let mut connection_upgrade = false;
+    let mut version = None;
+    let mut key = None;
+    let mut host = false;
+    let mut protocols = Vec::new();
+    let mut origin = None;
+    for h in req.headers.iter() {
+        let name = h.name;
+        let value = std::str::from_utf8(h.value)
+            .map_err(|_| HttpError::BadRequest("header value not UTF-8"))?
+            .trim();
+        if name.eq_ignore_ascii_case("upgrade") {
+            upgrade_ws |= tokens(value).any(|t| t.eq_ignore_ascii_case("websocket"));
+        } else if name.eq_ignore_ascii_case("connection") {
+            connection_upgrade |= tokens(value).any(|t| t.eq_ignore_ascii_case("upgrade"));
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            if version.replace(value).is_some() {
+                return Err(HttpError::BadRequest("duplicate Sec-WebSocket-Version"));
+            }
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            if key.replace(value).is_some() {
+                return Err(HttpError::BadRequest("duplicate Sec-WebSocket-Key"));
+            }
+        } else if name.eq_ignore_ascii_case("host") {
+            host = true;
+        } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
+            protocols.extend(tokens(value).map(str::to_owned));
+        } else if name.eq_ignore_ascii_case("origin") {
+            origin = Some(value.to_owned());
+        }
+    }
+    if !upgrade_ws {
+        return Err(HttpError::UpgradeRequired);
+    }
+    if !connection_upgrade {
+        return Err(HttpError::BadRequest("Connection header lacks the upgrade token"));
+    }
+    if !host {
+        return Err(HttpError::BadRequest("missing Host header"));
+    }
+    if version != Some("13") {
+        return Err(HttpError::UnsupportedVersion);
+    }
+    let key = key.ok_or(HttpError::BadRequest("missing Sec-WebSocket-Key"))?;
+    match BASE64.decode(key) {
+        Ok(raw) if raw.len() == 16 => {}
+        _ => return Err(HttpError::BadRequest("Sec-WebSocket-Key is not 16 bytes of base64")),
+    }
+    Ok(Parse::Upgrade {
+        request: UpgradeRequest {
+            path,
+            accept_key: accept_key(key),
+            protocols,
+            origin,
+        },
+        head_len,
+    })
+}
+
+/// Comma-separated list elements of a header value, trimmed, empty ones skipped.
+fn tokens(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(str::trim).filter(|t| !t.is_empty())
+}
+
+/// `Sec-WebSocket-Accept` for a client key (§4.2.2 step 5.4).
+pub fn accept_key(key: &str) -> String {
+    let mut sha = Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(WS_GUID);
+    BASE64.encode(sha.finalize())
+}
+
+/// A WebSocket endpoint the server exposes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint<K> {
+    pub path: &'static str,
+    /// Subprotocols the endpoint speaks, in the server's order of preference. Empty: the
+    /// endpoint does not negotiate one.
+    pub protocols: &'static [&'static str],
+    /// What the server runs on connections to this endpoint.
+    pub kind: K,
+}
+
+/// Server-side policy for accepting upgrades.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// Origins allowed to connect; empty allows every origin (and requests without one).
+    pub allowed_origins: Vec<String>,
+}
+
+/// A routed upgrade, ready to be answered with 101.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted<K> {
+    pub kind: K,
+    pub protocol: Option<&'static str>,
+    pub response: Vec<u8>,
+}
+
+/// Routes a parsed request to an endpoint, checks the origin, selects a subprotocol and builds
+/// the 101 response.
+pub fn accept<K: Copy>(
+    request: &UpgradeRequest,
+    endpoints: &[Endpoint<K>],
+    policy: &Policy,
+) -> Result<Accepted<K>, HttpError> {
+    let endpoint = endpoints
+        .iter()
+        .find(|e| e.path == request.path)
+        .ok_or(HttpError::NotFound)?;
+    if !policy.allowed_origins.is_empty() {
+        let allowed = request
+            .origin
+            .as_deref()
+            .is_some_and(|o| policy.allowed_origins.iter().any(|a| a.eq_ignore_ascii_case(o)));
+        if !allowed {
+            return Err(HttpError::Forbidden);
+        }
+    }
+    // The server's preference wins among the protocols the client offered.
+    let protocol = endpoint
+        .protocols
+        .iter()
+        .copied()
+        .find(|p| request.protocols.iter().any(|offered| offered == p));
+    let mut response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\n",
+        request.accept_key
+    );
+    if let Some(p) = protocol {
+        response.push_str("Sec-WebSocket-Protocol: ");
+        response.push_str(p);
+        response.push_str("\r\n");
+    }
+    response.push_str("\r\n");
+    Ok(Accepted {
+        kind: endpoint.kind,
+        protocol,
+        response: response.into_bytes(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "GET /chat?x=1 HTTP/1.1\r\nHost: server.example.com\r\nUpgrade: websocket\r\n\
+        Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+        Origin: http://example.com\r\nSec-WebSocket-Protocol: chat, superchat\r\n\
+        Sec-WebSocket-Version: 13\r\n\r\n";
+
+    fn upgrade(buf: &[u8]) -> (UpgradeRequest, usize) {
+        match parse_request(buf).unwrap() {
+            Parse::Upgrade { request, head_len } => (request, head_len),
+            Parse::Partial => panic!("partial"),
+        }
+    }
+
+    fn with_header(replace: &str, by: &str) -> Vec<u8> {
+        assert!(GOOD.contains(replace));
+        GOOD.replacen(replace, by, 1).into_bytes()
+    }
+
+    #[test]
+    fn rfc_sample_accept_key() {
+        assert_eq!(
+            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn parses_a_valid_request() {
+        let (req, n) = upgrade(GOOD.as_bytes());
+        assert_eq!(n, GOOD.len());
+        assert_eq!(req.path, "/chat");
+        assert_eq!(req.protocols, ["chat", "superchat"]);
+        assert_eq!(req.origin.as_deref(), Some("http://example.com"));
+        assert_eq!(req.accept_key, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn split_at_every_byte_is_partial_until_complete() {
+        let b = GOOD.as_bytes();
+        for cut in 0..b.len() {
+            assert_eq!(parse_request(&b[..cut]), Ok(Parse::Partial), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn pipelined_bytes_are_left_for_the_websocket_stream() {
+        let mut b = GOOD.as_bytes().to_vec();
+        b.extend_from_slice(&[0x81, 0x80, 1, 2, 3, 4]);
+        let (_, n) = upgrade(&b);
+        assert_eq!(&b[n..], &[0x81, 0x80, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn header_names_and_tokens_are_case_insensitive() {
+        let b = GOOD
+            .replace("Upgrade: websocket", "UPGRADE: WebSocket")
+            .replace("Connection: keep-alive, Upgrade", "connection: UPGRADE");
+        upgrade(b.as_bytes());
+    }
+
+    #[test]
+    fn each_rejection_has_its_status() {
+        let cases: Vec<(Vec<u8>, u16)> = vec![
+            (with_header("GET", "POST"), 405),
+            (with_header("HTTP/1.1", "HTTP/1.0"), 400),
+            (with_header("Upgrade: websocket\r\n", ""), 426),
+            (with_header("Upgrade: websocket", "Upgrade: h2c"), 426),
+            (with_header("keep-alive, Upgrade", "keep-alive"), 400),
+            (with_header("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"), 426),
+            (with_header("Sec-WebSocket-Version: 13\r\n", ""), 426),
+            (with_header("dGhlIHNhbXBsZSBub25jZQ==", "c2hvcnQ="), 400),
+            (with_header("dGhlIHNhbXBsZSBub25jZQ==", "not base64!!"), 400),
+            (with_header("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""), 400),
+            (with_header("Host: server.example.com\r\n", ""), 400),
+            (b"GARBAGE\r\n\r\n".to_vec(), 400),
+        ];
+        for (req, status) in cases {
+            let err = parse_request(&req).unwrap_err();
+            assert_eq!(err.status(), status, "{}", String::from_utf8_lossy(&req));
+            let resp = String::from_utf8(err.response()).unwrap();
+            assert!(resp.starts_with(&format!("HTTP/1.1 {status} ")), "{resp}");
+        }
+    }
+
+    #[test]
+    fn version_426_names_the_supported_version() {
+        let req = with_header("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8");
+        let resp = String::from_utf8(parse_request(&req).unwrap_err().response()).unwrap();
+        assert!(resp.contains("\r\nSec-WebSocket-Version: 13\r\n"), "{resp}");
+    }
+
+    #[test]
+    fn oversized_heads_get_431() {
+        let mut b = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
+        while b.len() <= MAX_REQUEST_HEAD {
+            b.extend_from_slice(b"X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+        }
+        assert_eq!(parse_request(&b).unwrap_err().status(), 431);
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..100 {
+            many.extend_from_slice(format!("X-{i}: 1\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(parse_request(&many).unwrap_err().status(), 431);
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Kind {
+        Chat,
+    }
+
+    const ENDPOINTS: &[Endpoint<Kind>] = &[Endpoint {
+        path: "/chat",
+        protocols: &["superchat", "chat"],
+        kind: Kind::Chat,
+    }];
+
+    #[test]
+    fn accept_routes_selects_protocol_and_answers_101() {
+        let (req, _) = upgrade(GOOD.as_bytes());
+        let a = accept(&req, ENDPOINTS, &Policy::default()).unwrap();
+        assert_eq!(a.kind, Kind::Chat);
+        assert_eq!(a.protocol, Some("superchat"));
+        let resp = String::from_utf8(a.response).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 101 Switching Protocols\r\n"));
+        assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+        assert!(resp.contains("Sec-WebSocket-Protocol: superchat\r\n"));
+        assert!(resp.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn no_common_protocol_means_no_protocol_header() {
+        let (req, _) = upgrade(&with_header("chat, superchat", "mqtt"));
+        let a = accept(&req, ENDPOINTS, &Policy::default()).unwrap();
+        assert_eq!(a.protocol, None);
+        assert!(!String::from_utf8(a.response)
+            .unwrap()
+            .contains("Sec-WebSocket-Protocol"));
+    }
+
+    #[test]
+    fn unknown_path_is_404_and_origin_allow_list_is_enforced() {
+        let (req, _) = upgrade(&with_header("/chat?x=1", "/nope"));
+        assert_eq!(
+            accept(&req, ENDPOINTS, &Policy::default()),
+            Err(HttpError::NotFound)
+        );
+        let (req, _) = upgrade(GOOD.as_bytes());
+        let strict = Policy {
+            allowed_origins: vec!["https://app.example".into()],
+        };
+        assert_eq!(accept(&req, ENDPOINTS, &strict), Err(HttpError::Forbidden));
+        let ok = Policy {
+            allowed_origins: vec!["HTTP://EXAMPLE.COM".into()],
+        };
+        assert!(accept(&req, ENDPOINTS, &ok).is_ok());
+    }
+}
