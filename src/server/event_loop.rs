@@ -243,7 +243,7 @@ impl Server {
 
     /// Out of descriptors: use the reserve one to accept the oldest pending connection and
     /// close it with a 503, so the backlog drains instead of the loop spinning on EMFILE.
-    /// Returns whether accepting may continue.
+    /// Returns whether a connection was shed (so accepting may continue).
     fn shed_one_connection(&mut self) -> bool {
         if self.last_emfile_log.is_none_or(|t| self.now >= t + 1000) {
             warn!(
@@ -257,15 +257,21 @@ impl Server {
             return false;
         };
         drop(reserve);
-        if let Some(Ok((mut sock, _))) = self.listener.as_ref().map(|l| l.accept()) {
-            let _ = sock.write(&HttpError::Unavailable.response());
-        }
+        // Linux reports EMFILE before looking at the queue, so an empty backlog only shows
+        // up here, as WouldBlock: then there is nothing left to shed.
+        let shed = match self.listener.as_ref().map(|l| l.accept()) {
+            Some(Ok((mut sock, _))) => {
+                let _ = sock.write(&HttpError::Unavailable.response());
+                true
+            }
+            _ => false,
+        };
         self.reserve_fd = File::open("/dev/null").ok();
         if self.reserve_fd.is_none() {
             self.accept_paused_until = Some(self.now + ACCEPT_PAUSE_MS);
             return false;
         }
-        true
+        shed
     }
 
     fn add_conn(&mut self, mut sock: TcpStream) {
@@ -411,7 +417,8 @@ impl Server {
                     debug!("conn {key}: idle timeout");
                     conn.ws
                         .close(code::GOING_AWAY, "idle timeout", &mut self.staging);
-                } else if now >= conn.last_inbound.max(conn.last_ping) + millis(self.cfg.ping_interval)
+                } else if now
+                    >= conn.last_inbound.max(conn.last_ping) + millis(self.cfg.ping_interval)
                 {
                     conn.ws.ping(b"", &mut self.staging);
                     conn.last_ping = now;
@@ -440,7 +447,10 @@ impl Server {
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
             let conn = &mut self.conns[key];
-            if conn.ws.close(code::GOING_AWAY, "server shutting down", &mut self.staging) {
+            if conn
+                .ws
+                .close(code::GOING_AWAY, "server shutting down", &mut self.staging)
+            {
                 self.after_io(key);
             } else {
                 self.remove(key);
@@ -548,6 +558,8 @@ fn is_fd_exhaustion(e: &io::Error) -> bool {
 fn is_transient_accept_error(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+        io::ErrorKind::Interrupted
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
     ) || matches!(e.raw_os_error(), Some(libc::EPROTO | libc::EPERM))
 }

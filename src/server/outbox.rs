@@ -85,10 +85,7 @@ impl Outbox {
     pub fn push(&mut self, mut data: &[u8], pool: &mut BufferPool) {
         self.len += data.len();
         while !data.is_empty() {
-            let need_chunk = self
-                .chunks
-                .back()
-                .is_none_or(|c| c.len() == c.capacity());
+            let need_chunk = self.chunks.back().is_none_or(|c| c.len() == c.capacity());
             if need_chunk {
                 let chunk = if data.len() > pool.buf_capacity() * 4 {
                     // A large message: one exact allocation instead of many pooled chunks.

@@ -22,7 +22,10 @@ impl ShutdownSignals {
         write.set_nonblocking(true)?;
         let mut handlers = Vec::new();
         for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-            handlers.push(signal_hook::low_level::pipe::register(sig, write.try_clone()?)?);
+            handlers.push(signal_hook::low_level::pipe::register(
+                sig,
+                write.try_clone()?,
+            )?);
         }
         let mut read = UnixStream::from_std(read);
         registry.register(&mut read, token, Interest::READABLE)?;

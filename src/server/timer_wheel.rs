@@ -260,11 +260,20 @@ mod tests {
                 let mut got = Vec::new();
                 w.expire(now, &mut got);
                 got.sort_unstable();
-                let mut want: Vec<u32> =
-                    model.iter().filter(|(d, _)| *d <= now).map(|(_, v)| *v).collect();
+                let mut want: Vec<u32> = model
+                    .iter()
+                    .filter(|(d, _)| *d <= now)
+                    .map(|(_, v)| *v)
+                    .collect();
                 want.sort_unstable();
                 model.retain(|(d, _)| *d > now);
                 assert_eq!(got, want, "at {now}");
+                if let Some(at) = w.next_wakeup() {
+                    assert!(
+                        at > now,
+                        "wake-up {at} not after {now}: the loop would spin"
+                    );
+                }
             }
         }
         let mut got = Vec::new();

@@ -271,7 +271,9 @@ impl Connection {
             handshake::parse_request(input)
         } else {
             // Never hold more than one byte past the limit: that is enough to answer 431.
-            let take = input.len().min(MAX_REQUEST_HEAD + 1 - already.min(MAX_REQUEST_HEAD));
+            let take = input
+                .len()
+                .min(MAX_REQUEST_HEAD + 1 - already.min(MAX_REQUEST_HEAD));
             self.handshake.extend_from_slice(&input[..take]);
             handshake::parse_request(&self.handshake)
         };
@@ -607,4 +609,345 @@ fn close_reason(payload: &[u8]) -> &str {
         .get(2..)
         .and_then(|r| std::str::from_utf8(r).ok())
         .unwrap_or("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+    fn masked(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.push(if fin { 0x80 } else { 0 } | opcode);
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n <= 0xFFFF => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&KEY);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ KEY[i % 4]));
+        f
+    }
+
+    /// What the connection did with a byte stream.
+    #[derive(Debug, Default, PartialEq)]
+    struct Outcome {
+        messages: Vec<(MessageKind, Vec<u8>)>,
+        closed: Option<Option<u16>>,
+        failure: Option<Failure>,
+        out: Vec<u8>,
+    }
+
+    /// Feeds `bytes` to `conn` in pieces of `chunk` bytes, like reads from a socket.
+    fn feed(conn: &mut Connection, bytes: &[u8], chunk: usize) -> Outcome {
+        let mut pool = BufferPool::new(1024, 4);
+        let mut o = Outcome::default();
+        for piece in bytes.chunks(chunk.max(1)) {
+            let mut buf = piece.to_vec();
+            let mut off = 0;
+            while off < buf.len() {
+                match conn.handle(&mut buf[off..], &mut o.out, &mut pool) {
+                    Ok(p) => {
+                        off += p.consumed;
+                        match p.event {
+                            Some(Event::Message(k, data)) => o.messages.push((k, data.to_vec())),
+                            Some(Event::Closed { code, .. }) => o.closed = Some(code),
+                            Some(Event::Upgrade(_)) => panic!("no handshake here"),
+                            None => assert!(p.consumed > 0, "no progress"),
+                        }
+                    }
+                    Err(f) => {
+                        o.failure = Some(f);
+                        return o;
+                    }
+                }
+            }
+            conn.release_buffers(&mut pool);
+        }
+        o
+    }
+
+    fn close_frame(code: u16) -> Vec<u8> {
+        let mut v = Vec::new();
+        frame::write_close(&mut v, code, "");
+        v
+    }
+
+    fn fail_code(bytes: &[u8]) -> u16 {
+        for chunk in [1, 3, bytes.len()] {
+            let mut c = Connection::new_open(1 << 20);
+            let o = feed(&mut c, bytes, chunk);
+            let Some(Failure::Ws(e)) = o.failure else {
+                panic!("no failure for {bytes:x?} in chunks of {chunk}: {o:?}");
+            };
+            assert!(c.is_closed());
+            assert!(o.out.ends_with(&{
+                let mut v = Vec::new();
+                frame::write_close(&mut v, e.close_code(), e.reason());
+                v
+            }));
+            if chunk == bytes.len() {
+                return e.close_code();
+            }
+        }
+        unreachable!()
+    }
+
+    #[test]
+    fn rfc_5_7_examples_in_every_split() {
+        let mut stream = masked(true, 0x1, b"Hello");
+        stream.extend(masked(false, 0x1, b"Hel"));
+        stream.extend(masked(true, 0x0, b"lo"));
+        stream.extend(masked(true, 0x9, b"Hello"));
+        stream.extend(masked(true, 0x2, &[0xAB; 256]));
+        stream.extend(masked(true, 0x2, &[0xCD; 65536]));
+        for chunk in [1, 2, 5, 7, 64, 1000, stream.len()] {
+            let mut c = Connection::new_open(1 << 20);
+            let o = feed(&mut c, &stream, chunk);
+            assert_eq!(o.failure, None);
+            assert_eq!(
+                o.messages,
+                vec![
+                    (MessageKind::Text, b"Hello".to_vec()),
+                    (MessageKind::Text, b"Hello".to_vec()),
+                    (MessageKind::Binary, vec![0xAB; 256]),
+                    (MessageKind::Binary, vec![0xCD; 65536]),
+                ],
+                "chunk {chunk}"
+            );
+            // The ping is answered with the §5.7 unmasked pong.
+            assert_eq!(o.out, [0x8a, 0x05, 0x48, 0x65, 0x6c, 0x6c, 0x6f]);
+        }
+    }
+
+    #[test]
+    fn single_frame_messages_in_one_read_are_not_copied() {
+        let mut c = Connection::new_open(1024);
+        let mut pool = BufferPool::new(1024, 4);
+        let mut buf = masked(true, 0x2, b"zero-copy");
+        let start = buf.as_ptr() as usize;
+        let mut out = Vec::new();
+        let p = c.handle(&mut buf, &mut out, &mut pool).unwrap();
+        let Some(Event::Message(_, data)) = p.event else {
+            panic!("{p:?}")
+        };
+        assert_eq!(data, b"zero-copy");
+        assert_eq!(
+            data.as_ptr() as usize,
+            start + 6,
+            "payload is a slice of the input"
+        );
+        assert_eq!(c.buffered(), 0);
+    }
+
+    #[test]
+    fn control_frames_inside_fragmented_messages() {
+        let mut s = masked(false, 0x2, b"one");
+        s.extend(masked(true, 0x9, b"p1"));
+        s.extend(masked(true, 0xA, b"unsolicited pong"));
+        s.extend(masked(false, 0x0, b"two"));
+        s.extend(masked(true, 0x9, b"p2"));
+        s.extend(masked(true, 0x0, b"three"));
+        for chunk in [1, 4, s.len()] {
+            let mut c = Connection::new_open(1024);
+            let o = feed(&mut c, &s, chunk);
+            assert_eq!(
+                o.messages,
+                vec![(MessageKind::Binary, b"onetwothree".to_vec())]
+            );
+            let mut pongs = Vec::new();
+            frame::write_frame(&mut pongs, OpCode::Pong, b"p1");
+            frame::write_frame(&mut pongs, OpCode::Pong, b"p2");
+            assert_eq!(o.out, pongs);
+        }
+    }
+
+    #[test]
+    fn every_frame_rule_maps_to_its_close_code() {
+        assert_eq!(fail_code(&[0x81, 0x05, b'h', b'e', b'l', b'l', b'o']), 1002); // unmasked
+        assert_eq!(fail_code(&masked(true, 0x40 | 0x1, b"x")), 1002); // RSV1
+        assert_eq!(fail_code(&masked(true, 0x20 | 0x1, b"x")), 1002); // RSV2
+        assert_eq!(fail_code(&masked(true, 0x10 | 0x1, b"x")), 1002); // RSV3
+        for op in [0x3, 0x4, 0x5, 0x6, 0x7, 0xB, 0xC, 0xD, 0xE, 0xF] {
+            assert_eq!(fail_code(&masked(true, op, b"")), 1002, "opcode {op:x}");
+        }
+        assert_eq!(fail_code(&masked(false, 0x9, b"")), 1002); // fragmented ping
+        assert_eq!(fail_code(&masked(true, 0x9, &[0; 126])), 1002); // long ping
+        assert_eq!(fail_code(&masked(true, 0x0, b"x")), 1002); // stray continuation
+        let mut s = masked(false, 0x1, b"a");
+        s.extend(masked(true, 0x2, b"b"));
+        assert_eq!(fail_code(&s), 1002); // new message mid-fragment
+        assert_eq!(fail_code(&masked(true, 0x8, &[0x03])), 1002); // 1-byte close
+        for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
+            assert_eq!(
+                fail_code(&masked(true, 0x8, &code.to_be_bytes())),
+                1002,
+                "{code}"
+            );
+        }
+        assert_eq!(
+            fail_code(&masked(true, 0x8, &[0x03, 0xe8, 0xc3, 0x28])),
+            1002
+        );
+        assert_eq!(fail_code(&masked(true, 0x1, &[0xc3, 0x28])), 1007);
+    }
+
+    #[test]
+    fn invalid_utf8_fails_fast_mid_frame_and_across_fragments() {
+        // Across fragments: the bad fragment fails before the message ends.
+        let mut c = Connection::new_open(1024);
+        let mut s = masked(false, 0x1, "κόσμε".as_bytes());
+        s.extend(masked(false, 0x0, &[0xf4, 0x90]));
+        let o = feed(&mut c, &s, s.len());
+        assert_eq!(o.failure, Some(Failure::Ws(WsError::InvalidUtf8)));
+        // Mid-frame: only part of a 100-byte frame has arrived.
+        let mut c = Connection::new_open(1024);
+        let mut payload = b"ok".to_vec();
+        payload.push(0xff);
+        payload.resize(100, b'a');
+        let f = masked(true, 0x1, &payload);
+        let o = feed(&mut c, &f[..10], 10);
+        assert_eq!(o.failure, Some(Failure::Ws(WsError::InvalidUtf8)));
+        // A character split across fragments is fine.
+        let mut c = Connection::new_open(1024);
+        let mut s = masked(false, 0x1, &[0xce]);
+        s.extend(masked(true, 0x0, &[0xba]));
+        assert_eq!(
+            feed(&mut c, &s, 1).messages,
+            vec![(MessageKind::Text, "κ".into())]
+        );
+        // But a message may not end inside one.
+        let mut c = Connection::new_open(1024);
+        let o = feed(&mut c, &masked(true, 0x1, &[0xce]), 100);
+        assert_eq!(o.failure, Some(Failure::Ws(WsError::InvalidUtf8)));
+    }
+
+    #[test]
+    fn message_limit_counts_across_fragments_and_fails_at_the_header() {
+        let mut c = Connection::new_open(10);
+        let mut s = masked(false, 0x2, &[1; 6]);
+        s.extend(masked(true, 0x0, &[2; 4]));
+        assert_eq!(
+            feed(&mut c, &s, 3).messages.len(),
+            1,
+            "exactly the limit is fine"
+        );
+        let mut c = Connection::new_open(10);
+        let mut s = masked(false, 0x2, &[1; 6]);
+        s.extend(masked(true, 0x0, &[2; 5]));
+        let o = feed(&mut c, &s, s.len());
+        assert_eq!(o.failure, Some(Failure::Ws(WsError::MessageTooBig)));
+        assert_eq!(WsError::MessageTooBig.close_code(), 1009);
+        // The header alone is enough to refuse a huge frame: nothing is buffered first.
+        let mut c = Connection::new_open(10);
+        let huge = [0x82, 0xFF, 0, 0, 0, 1, 0, 0, 0, 0, 1, 2, 3, 4];
+        let o = feed(&mut c, &huge, huge.len());
+        assert_eq!(o.failure, Some(Failure::Ws(WsError::MessageTooBig)));
+    }
+
+    #[test]
+    fn peer_initiated_close_is_echoed_and_closes() {
+        let mut c = Connection::new_open(1024);
+        let mut s = masked(true, 0x8, &[0x03, 0xe9, b'b', b'y', b'e']);
+        s.extend(masked(true, 0x1, b"ignored"));
+        let o = feed(&mut c, &s, 2);
+        assert_eq!(o.closed, Some(Some(1001)));
+        assert_eq!(o.out, close_frame(1001));
+        assert!(o.messages.is_empty(), "nothing is delivered after Close");
+        assert!(c.is_closed());
+        // An empty Close is answered with 1000.
+        let mut c = Connection::new_open(1024);
+        let o = feed(&mut c, &masked(true, 0x8, b""), 100);
+        assert_eq!((o.closed, o.out), (Some(None), close_frame(1000)));
+    }
+
+    #[test]
+    fn server_initiated_close_waits_for_the_peer() {
+        let mut c = Connection::new_open(1024);
+        let mut out = Vec::new();
+        assert!(c.close(1001, "bye", &mut out));
+        assert_eq!(c.state(), State::CloseSent);
+        assert!(!c.send(MessageKind::Text, b"late", &mut Vec::new()));
+        // Data still arriving is discarded, pings are not answered, the Close completes it.
+        let mut s = masked(true, 0x1, b"in flight");
+        s.extend(masked(true, 0x9, b""));
+        s.extend(masked(true, 0x8, &1000u16.to_be_bytes()));
+        let o = feed(&mut c, &s, 3);
+        assert!(o.messages.is_empty());
+        assert!(
+            o.out.is_empty(),
+            "no reply to the peer's Close: ours was already sent"
+        );
+        assert_eq!(o.closed, Some(Some(1000)));
+        assert!(c.is_closed());
+    }
+
+    #[test]
+    fn handshake_then_frames_in_the_same_bytes() {
+        let mut c = Connection::new(1024);
+        let mut pool = BufferPool::new(1024, 4);
+        let mut bytes =
+            b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+            Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                .to_vec();
+        bytes.extend(masked(true, 0x1, b"hi"));
+        let mut out = Vec::new();
+        // Deliver the request in two pieces; the second carries the pipelined frame.
+        let (first, second) = bytes.split_at_mut(20);
+        let p = c.handle(first, &mut out, &mut pool).unwrap();
+        assert_eq!((p.consumed, p.event), (20, None));
+        let p = c.handle(second, &mut out, &mut pool).unwrap();
+        let consumed = p.consumed;
+        let Some(Event::Upgrade(req)) = p.event else {
+            panic!()
+        };
+        assert_eq!(req.path, "/echo");
+        assert_eq!(c.state(), State::AwaitingAccept);
+        c.accept(b"HTTP/1.1 101 ok\r\n\r\n", &mut out);
+        let rest = &mut second[consumed..];
+        let p = c.handle(rest, &mut out, &mut pool).unwrap();
+        assert_eq!(p.event, Some(Event::Message(MessageKind::Text, b"hi")));
+    }
+
+    #[test]
+    fn bad_handshake_is_answered_and_closed() {
+        let mut c = Connection::new(1024);
+        let mut pool = BufferPool::new(1024, 4);
+        let mut out = Vec::new();
+        let mut req = b"DELETE / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        let err = c.handle(&mut req, &mut out, &mut pool).unwrap_err();
+        assert_eq!(err, Failure::Http(HttpError::MethodNotAllowed));
+        assert!(out.starts_with(b"HTTP/1.1 405 "));
+        assert!(c.is_closed());
+    }
+
+    #[test]
+    fn idle_connections_hold_no_buffers() {
+        let mut c = Connection::new_open(1 << 20);
+        let mut pool = BufferPool::new(1024, 4);
+        let f = masked(true, 0x2, &[9; 5000]);
+        let mut out = Vec::new();
+        // Half a frame: the partial message is held.
+        let mut a = f[..2000].to_vec();
+        let p = c.handle(&mut a, &mut out, &mut pool).unwrap();
+        assert_eq!(p.consumed, 2000);
+        c.release_buffers(&mut pool);
+        assert!(c.buffered() > 0);
+        let mut b = f[2000..].to_vec();
+        let p = c.handle(&mut b, &mut out, &mut pool).unwrap();
+        assert!(matches!(p.event, Some(Event::Message(_, d)) if d.len() == 5000));
+        c.release_buffers(&mut pool);
+        assert_eq!(c.buffered(), 0);
+        assert_eq!(
+            c.assembled.capacity() + c.control.capacity() + c.handshake.capacity(),
+            0
+        );
+    }
 }

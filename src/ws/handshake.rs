@@ -189,7 +189,9 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse, HttpError> {
         return Err(HttpError::UpgradeRequired);
     }
     if !connection_upgrade {
-        return Err(HttpError::BadRequest("Connection header lacks the upgrade token"));
+        return Err(HttpError::BadRequest(
+            "Connection header lacks the upgrade token",
+        ));
     }
     if !host {
         return Err(HttpError::BadRequest("missing Host header"));
@@ -200,7 +202,11 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse, HttpError> {
     let key = key.ok_or(HttpError::BadRequest("missing Sec-WebSocket-Key"))?;
     match BASE64.decode(key) {
         Ok(raw) if raw.len() == 16 => {}
-        _ => return Err(HttpError::BadRequest("Sec-WebSocket-Key is not 16 bytes of base64")),
+        _ => {
+            return Err(HttpError::BadRequest(
+                "Sec-WebSocket-Key is not 16 bytes of base64",
+            ))
+        }
     }
     Ok(Parse::Upgrade {
         request: UpgradeRequest {
@@ -264,10 +270,12 @@ pub fn accept<K: Copy>(
         .find(|e| e.path == request.path)
         .ok_or(HttpError::NotFound)?;
     if !policy.allowed_origins.is_empty() {
-        let allowed = request
-            .origin
-            .as_deref()
-            .is_some_and(|o| policy.allowed_origins.iter().any(|a| a.eq_ignore_ascii_case(o)));
+        let allowed = request.origin.as_deref().is_some_and(|o| {
+            policy
+                .allowed_origins
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(o))
+        });
         if !allowed {
             return Err(HttpError::Forbidden);
         }
@@ -300,7 +308,8 @@ pub fn accept<K: Copy>(
 mod tests {
     use super::*;
 
-    const GOOD: &str = "GET /chat?x=1 HTTP/1.1\r\nHost: server.example.com\r\nUpgrade: websocket\r\n\
+    const GOOD: &str =
+        "GET /chat?x=1 HTTP/1.1\r\nHost: server.example.com\r\nUpgrade: websocket\r\n\
         Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
         Origin: http://example.com\r\nSec-WebSocket-Protocol: chat, superchat\r\n\
         Sec-WebSocket-Version: 13\r\n\r\n";
@@ -367,11 +376,17 @@ mod tests {
             (with_header("Upgrade: websocket\r\n", ""), 426),
             (with_header("Upgrade: websocket", "Upgrade: h2c"), 426),
             (with_header("keep-alive, Upgrade", "keep-alive"), 400),
-            (with_header("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"), 426),
+            (
+                with_header("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"),
+                426,
+            ),
             (with_header("Sec-WebSocket-Version: 13\r\n", ""), 426),
             (with_header("dGhlIHNhbXBsZSBub25jZQ==", "c2hvcnQ="), 400),
             (with_header("dGhlIHNhbXBsZSBub25jZQ==", "not base64!!"), 400),
-            (with_header("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""), 400),
+            (
+                with_header("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""),
+                400,
+            ),
             (with_header("Host: server.example.com\r\n", ""), 400),
             (b"GARBAGE\r\n\r\n".to_vec(), 400),
         ];
@@ -394,7 +409,9 @@ mod tests {
     fn oversized_heads_get_431() {
         let mut b = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
         while b.len() <= MAX_REQUEST_HEAD {
-            b.extend_from_slice(b"X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+            b.extend_from_slice(
+                b"X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n",
+            );
         }
         assert_eq!(parse_request(&b).unwrap_err().status(), 431);
         let mut many = b"GET / HTTP/1.1\r\n".to_vec();

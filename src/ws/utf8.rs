@@ -133,7 +133,11 @@ mod tests {
         ];
         for bad in cases {
             for i in 0..=bad.len() {
-                assert_eq!(feed_split(bad, &[i]), Err(InvalidUtf8), "{bad:x?} split {i}");
+                assert_eq!(
+                    feed_split(bad, &[i]),
+                    Err(InvalidUtf8),
+                    "{bad:x?} split {i}"
+                );
             }
         }
     }

@@ -1,0 +1,217 @@
+//! Helpers for the loopback integration tests: run the real `imgate` binary on 127.0.0.1:0 and
+//! talk to it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A running `imgate serve`, killed on drop.
+pub struct ServerProc {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl ServerProc {
+    /// Starts `imgate serve --listen 127.0.0.1:0 ARGS...` and waits for its listening line.
+    pub fn start(args: &[&str]) -> ServerProc {
+        Self::start_with(args, |_| {})
+    }
+
+    pub fn start_with(args: &[&str], customize: impl FnOnce(&mut Command)) -> ServerProc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_imgate"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--log-level", "warn"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        customize(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn imgate");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the server never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("imgate printed its listening line");
+        let addr = line
+            .split("ws://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        ServerProc { child, addr }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(&mut self, within: Duration) -> ExitStatus {
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        self.wait(within).expect("imgate exited in time")
+    }
+
+    pub fn wait(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Server CPU time (user + system) in clock ticks, from /proc.
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("stat");
+        let after_comm = &stat[stat.rfind(')').expect("comm") + 2..];
+        let fields: Vec<&str> = after_comm.split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A hand-driven client socket for the cases a library client will not produce (split
+/// requests, bad frames, never reading).
+pub struct Raw {
+    pub stream: TcpStream,
+}
+
+pub const UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\n\
+    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
+
+impl Raw {
+    pub fn connect(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Raw { stream }
+    }
+
+    /// Connects and completes the opening handshake on `path`.
+    pub fn open(addr: SocketAddr, path: &str) -> Raw {
+        let mut raw = Raw::connect(addr);
+        raw.send(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{UPGRADE}\r\n").as_bytes());
+        let head = raw.read_http_head();
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        assert!(head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
+        raw
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    /// Reads an HTTP response head (through the blank line).
+    pub fn read_http_head(&mut self) -> String {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = self.stream.read(&mut b).expect("read head");
+            assert_eq!(
+                n,
+                1,
+                "EOF inside the response head: {:?}",
+                String::from_utf8_lossy(&head)
+            );
+            head.push(b[0]);
+        }
+        String::from_utf8(head).unwrap()
+    }
+
+    /// Reads a whole HTTP response (the server closes after errors).
+    pub fn read_to_end(&mut self) -> String {
+        let mut s = Vec::new();
+        let _ = self.stream.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    }
+
+    /// Reads one server frame: (fin, opcode, payload).
+    pub fn read_frame(&mut self) -> std::io::Result<(bool, u8, Vec<u8>)> {
+        let mut h = [0u8; 2];
+        self.stream.read_exact(&mut h)?;
+        assert_eq!(h[1] & 0x80, 0, "server frames are unmasked");
+        let len = match h[1] & 0x7F {
+            126 => {
+                let mut l = [0u8; 2];
+                self.stream.read_exact(&mut l)?;
+                u64::from(u16::from_be_bytes(l))
+            }
+            127 => {
+                let mut l = [0u8; 8];
+                self.stream.read_exact(&mut l)?;
+                u64::from_be_bytes(l)
+            }
+            n => u64::from(n),
+        };
+        let mut payload = vec![0u8; len as usize];
+        self.stream.read_exact(&mut payload)?;
+        Ok((h[0] & 0x80 != 0, h[0] & 0x0F, payload))
+    }
+
+    /// Reads frames until a Close; returns its code.
+    pub fn read_close_code(&mut self) -> u16 {
+        loop {
+            let (_, op, payload) = self.read_frame().expect("a Close frame");
+            if op == 0x8 {
+                return u16::from_be_bytes([payload[0], payload[1]]);
+            }
+        }
+    }
+
+    /// After a Close: the server ends the TCP connection (EOF or reset), never hangs.
+    pub fn expect_tcp_close(&mut self) {
+        let mut b = [0u8; 1024];
+        loop {
+            match self.stream.read(&mut b) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// A masked client frame.
+pub fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x12, 0x34, 0x56, 0x78];
+    let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n <= 0xFFFF => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}

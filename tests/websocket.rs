@@ -1,0 +1,464 @@
+//! The WebSocket engine over real loopback sockets: `imgate serve --echo` against tungstenite
+//! (a client nobody here wrote) and, for what a library will not send, hand-made bytes.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{frame, Raw, ServerProc, UPGRADE};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::Message;
+
+type Client = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>;
+
+fn client(server: &ServerProc) -> Client {
+    let (ws, resp) = tungstenite::connect(server.url("/echo")).expect("handshake");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+fn set_read_timeout(ws: &mut Client, timeout: Duration) {
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
+        s.set_read_timeout(Some(timeout)).unwrap();
+    }
+}
+
+/// Reads until a data or close message (tungstenite surfaces pings/pongs too).
+fn next_message(ws: &mut Client) -> Message {
+    loop {
+        match ws.read().expect("read") {
+            Message::Ping(_) | Message::Pong(_) => continue,
+            m => return m,
+        }
+    }
+}
+
+fn close_code(ws: &mut Client) -> Option<CloseCode> {
+    loop {
+        match ws.read() {
+            Ok(Message::Close(c)) => return c.map(|c| c.code),
+            Ok(_) => continue,
+            Err(tungstenite::Error::ConnectionClosed) => return None,
+            Err(e) => panic!("expected a Close frame, got {e}"),
+        }
+    }
+}
+
+#[test]
+fn echoes_text_and_binary_up_to_the_limit() {
+    let server = ServerProc::start(&["--echo", "--max-message-bytes", "65536"]);
+    let mut ws = client(&server);
+    ws.send(Message::text("héllo wörld")).unwrap();
+    assert_eq!(next_message(&mut ws), Message::text("héllo wörld"));
+    for size in [0usize, 1, 125, 126, 65_535, 65_536] {
+        let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        ws.send(Message::binary(payload.clone())).unwrap();
+        assert_eq!(
+            next_message(&mut ws),
+            Message::binary(payload),
+            "size {size}"
+        );
+    }
+    let text = "ü".repeat(32_768); // exactly 65,536 bytes
+    ws.send(Message::text(text.clone())).unwrap();
+    assert_eq!(next_message(&mut ws), Message::text(text));
+
+    ws.send(Message::binary(vec![0u8; 65_537])).unwrap();
+    assert_eq!(close_code(&mut ws), Some(CloseCode::Size));
+}
+
+#[test]
+fn limit_counts_across_fragments() {
+    let server = ServerProc::start(&["--echo", "--max-message-bytes", "1000"]);
+    let mut raw = Raw::open(server.addr, "/echo");
+    raw.send(&frame(false, 0x2, &[1u8; 600]));
+    raw.send(&frame(true, 0x0, &[2u8; 600]));
+    assert_eq!(raw.read_close_code(), 1009);
+    raw.expect_tcp_close();
+}
+
+#[test]
+fn fragmented_messages_with_interleaved_pings_are_reassembled() {
+    let server = ServerProc::start(&["--echo"]);
+    let mut raw = Raw::open(server.addr, "/echo");
+    let mut bytes = frame(false, 0x1, "frag".as_bytes());
+    bytes.extend(frame(true, 0x9, b"ping-in-the-middle"));
+    // Split a two-byte character across fragments: still valid UTF-8 as a whole.
+    bytes.extend(frame(false, 0x0, &"ment-é".as_bytes()[..6]));
+    bytes.extend(frame(true, 0x0, &"é-end".as_bytes()[1..]));
+    raw.send(&bytes);
+    assert_eq!(
+        raw.read_frame().unwrap(),
+        (true, 0xA, b"ping-in-the-middle".to_vec())
+    );
+    assert_eq!(
+        raw.read_frame().unwrap(),
+        (true, 0x1, "fragment-é-end".as_bytes().to_vec())
+    );
+}
+
+#[test]
+fn ping_is_answered_with_pong() {
+    let server = ServerProc::start(&["--echo"]);
+    let mut ws = client(&server);
+    ws.send(Message::Ping(b"are you there".to_vec().into()))
+        .unwrap();
+    match ws.read().unwrap() {
+        Message::Pong(p) => assert_eq!(&p[..], b"are you there"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn server_pings_idle_clients_and_closes_silent_ones() {
+    let server = ServerProc::start(&[
+        "--echo",
+        "--ping-interval",
+        "300ms",
+        "--idle-timeout",
+        "1200ms",
+        "--close-timeout",
+        "500ms",
+    ]);
+    // A client that answers pings (tungstenite does, as it reads) stays connected past the
+    // idle timeout.
+    let mut alive = client(&server);
+    set_read_timeout(&mut alive, Duration::from_millis(100));
+    // A client that never answers is closed with 1001 once the idle timeout passes.
+    let mut silent = Raw::open(server.addr, "/echo");
+    let started = Instant::now();
+    let (_, op, _) = silent.read_frame().unwrap();
+    assert_eq!(op, 0x9, "first the server pings");
+    let mut pings = 0;
+    while Instant::now() - started < Duration::from_millis(2_000) {
+        match alive.read() {
+            Ok(Message::Ping(_)) => pings += 1,
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("live client lost: {e}"),
+        }
+        let _ = alive.flush();
+    }
+    assert!(pings >= 2, "pings every interval: {pings}");
+    assert_eq!(silent.read_close_code(), 1001);
+    silent.expect_tcp_close();
+    alive.send(Message::text("still here")).unwrap();
+    set_read_timeout(&mut alive, Duration::from_secs(5));
+    assert_eq!(next_message(&mut alive), Message::text("still here"));
+}
+
+#[test]
+fn protocol_errors_close_with_the_right_code() {
+    let server = ServerProc::start(&["--echo"]);
+    let cases: Vec<(Vec<u8>, u16)> = vec![
+        // unmasked frame
+        (vec![0x81, 0x02, b'h', b'i'], 1002),
+        // RSV1 without an extension
+        (frame(true, 0x41, b"x"), 1002),
+        // reserved opcode
+        (frame(true, 0x3, b""), 1002),
+        // fragmented ping
+        (frame(false, 0x9, b""), 1002),
+        // continuation with nothing to continue
+        (frame(true, 0x0, b"x"), 1002),
+        // a new message inside a fragmented one
+        (
+            [frame(false, 0x1, b"a"), frame(true, 0x1, b"b")].concat(),
+            1002,
+        ),
+        // invalid UTF-8
+        (
+            frame(true, 0x1, &[0xce, 0xba, 0xe1, 0xbd, 0xb9, 0xcf, 0x83, 0xff]),
+            1007,
+        ),
+        // close with a 1-byte payload, a reserved code, and a non-UTF-8 reason
+        (frame(true, 0x8, &[0x03]), 1002),
+        (frame(true, 0x8, &1005u16.to_be_bytes()), 1002),
+        (frame(true, 0x8, &[0x03, 0xe8, 0xff]), 1002),
+    ];
+    for (bytes, want) in cases {
+        let mut raw = Raw::open(server.addr, "/echo");
+        raw.send(&bytes);
+        assert_eq!(raw.read_close_code(), want, "{bytes:x?}");
+        raw.expect_tcp_close();
+    }
+}
+
+#[test]
+fn invalid_utf8_fails_fast_before_the_message_ends() {
+    let server = ServerProc::start(&["--echo"]);
+    let mut raw = Raw::open(server.addr, "/echo");
+    raw.send(&frame(false, 0x1, "κόσμε".as_bytes()));
+    raw.send(&frame(false, 0x0, &[0xf4, 0x90, 0x80, 0x80]));
+    // No final fragment was sent: the server must not wait for it.
+    assert_eq!(raw.read_close_code(), 1007);
+}
+
+#[test]
+fn closing_handshake_initiated_by_the_client() {
+    let server = ServerProc::start(&["--echo"]);
+    let mut ws = client(&server);
+    ws.close(Some(tungstenite::protocol::CloseFrame {
+        code: CloseCode::Away,
+        reason: "bye".into(),
+    }))
+    .unwrap();
+    // The server echoes the code and then closes the TCP connection.
+    assert_eq!(close_code(&mut ws), Some(CloseCode::Away));
+    assert!(matches!(
+        ws.read(),
+        Err(tungstenite::Error::ConnectionClosed)
+    ));
+}
+
+#[test]
+fn handshake_split_across_reads_with_pipelined_frame() {
+    let server = ServerProc::start(&["--echo"]);
+    let mut raw = Raw::connect(server.addr);
+    let request = format!("GET /echo HTTP/1.1\r\nHost: localhost\r\n{UPGRADE}\r\n");
+    let mut bytes = request.into_bytes();
+    bytes.extend(frame(true, 0x1, b"pipelined"));
+    for chunk in bytes.chunks(7) {
+        raw.send(chunk);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let head = raw.read_http_head();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(
+        raw.read_frame().unwrap(),
+        (true, 0x1, b"pipelined".to_vec())
+    );
+}
+
+#[test]
+fn bad_requests_get_http_errors() {
+    let server = ServerProc::start(&["--echo", "--allowed-origins", "https://app.example"]);
+    let ok_origin = "Origin: https://app.example\r\n";
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!("GET /nope HTTP/1.1\r\nHost: x\r\n{UPGRADE}{ok_origin}\r\n"),
+            "404",
+        ),
+        (
+            format!("POST /echo HTTP/1.1\r\nHost: x\r\n{UPGRADE}{ok_origin}\r\n"),
+            "405",
+        ),
+        ("GET /echo HTTP/1.1\r\nHost: x\r\n\r\n".into(), "426"),
+        (
+            format!("GET /echo HTTP/1.1\r\nHost: x\r\n{ok_origin}")
+                + &UPGRADE.replace("Version: 13", "Version: 7")
+                + "\r\n",
+            "426",
+        ),
+        (
+            format!("GET /echo HTTP/1.1\r\nHost: x\r\n{ok_origin}")
+                + &UPGRADE.replace("dGhlIHNhbXBsZSBub25jZQ==", "dG9vIHNob3J0")
+                + "\r\n",
+            "400",
+        ),
+        (
+            format!(
+                "GET /echo HTTP/1.1\r\nHost: x\r\nOrigin: https://evil.example\r\n{UPGRADE}\r\n"
+            ),
+            "403",
+        ),
+        (
+            format!(
+                "GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n{UPGRADE}\r\n",
+                "a".repeat(9000)
+            ),
+            "431",
+        ),
+    ];
+    for (request, status) in cases {
+        let mut raw = Raw::connect(server.addr);
+        raw.send(request.as_bytes());
+        let response = raw.read_to_end();
+        assert!(
+            response.starts_with(&format!("HTTP/1.1 {status} ")),
+            "want {status}, got {response:?}"
+        );
+        if status == "426" && request.contains("Version: 7") {
+            assert!(response.contains("Sec-WebSocket-Version: 13\r\n"));
+        }
+    }
+    let mut raw = Raw::connect(server.addr);
+    raw.send(format!("GET /echo HTTP/1.1\r\nHost: x\r\n{ok_origin}{UPGRADE}\r\n").as_bytes());
+    assert!(raw.read_http_head().starts_with("HTTP/1.1 101"));
+}
+
+#[test]
+fn max_connections_answers_503() {
+    let server = ServerProc::start(&["--echo", "--max-connections", "2"]);
+    let mut a = client(&server);
+    let _b = client(&server);
+    match tungstenite::connect(server.url("/echo")) {
+        Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 503),
+        Err(e) => panic!("expected 503, got {e}"),
+        Ok(_) => panic!("expected 503, got a connection"),
+    }
+    a.close(None).unwrap();
+    while a.read().is_ok() {}
+    // The slot is free again once the first connection is gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match tungstenite::connect(server.url("/echo")) {
+            Ok(_) => break,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("slot not released: {e}"),
+        }
+    }
+}
+
+#[test]
+fn slow_consumer_is_closed_without_hurting_others() {
+    let server = ServerProc::start(&[
+        "--echo",
+        "--max-outbound-bytes",
+        "262144",
+        "--close-timeout",
+        "500ms",
+    ]);
+    // Never reads: the echoes pile up until the server gives up on it.
+    let mut slow = Raw::open(server.addr, "/echo");
+    slow.stream
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut fast = client(&server);
+    let msg = frame(true, 0x2, &[7u8; 60_000]);
+    let started = Instant::now();
+    let mut dropped = false;
+    let mut round = 0u32;
+    while started.elapsed() < Duration::from_secs(30) {
+        if slow.stream.write_all(&msg).is_err() {
+            dropped = true;
+            break;
+        }
+        round += 1;
+        if round % 16 == 0 {
+            fast.send(Message::text(format!("tick {round}"))).unwrap();
+            assert_eq!(
+                next_message(&mut fast),
+                Message::text(format!("tick {round}"))
+            );
+        }
+    }
+    assert!(dropped, "the slow consumer was never disconnected");
+    fast.send(Message::text("after")).unwrap();
+    assert_eq!(next_message(&mut fast), Message::text("after"));
+}
+
+#[test]
+fn graceful_shutdown_closes_everyone_with_1001_and_exits_0() {
+    let mut server = ServerProc::start(&["--echo"]);
+    let mut a = client(&server);
+    let mut b = client(&server);
+    a.send(Message::text("x")).unwrap();
+    assert_eq!(next_message(&mut a), Message::text("x"));
+    let waiter = std::thread::spawn(move || (close_code(&mut a), close_code(&mut b), a, b));
+    let status = server.terminate(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status:?}");
+    let (ca, cb, _a, _b) = waiter.join().unwrap();
+    assert_eq!(ca, Some(CloseCode::Away));
+    assert_eq!(cb, Some(CloseCode::Away));
+    // The listener is gone.
+    assert!(TcpStream::connect(server.addr).is_err());
+}
+
+#[test]
+fn running_out_of_descriptors_neither_spins_nor_kills_the_listener() {
+    use std::os::unix::process::CommandExt;
+    let server = ServerProc::start_with(&["--echo"], |cmd| unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 48,
+                rlim_max: 48,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    });
+    // Far more connections than descriptors.
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        if let Ok(s) = TcpStream::connect(server.addr) {
+            held.push(s);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let before = server.cpu_ticks();
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = server.cpu_ticks() - before;
+    assert!(
+        spent < 20,
+        "the loop spun at the descriptor limit: {spent} ticks in 1 s"
+    );
+    // Some of the excess got a 503 rather than silence.
+    let mut refused = 0;
+    for s in held.iter_mut().skip(40) {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        if let Ok(n) = s.read(&mut buf) {
+            if buf[..n].starts_with(b"HTTP/1.1 503") {
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused > 0, "no connection was refused with 503");
+    drop(held);
+    // Once descriptors are free again, the listener still accepts.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match tungstenite::connect(server.url("/echo")) {
+            Ok((mut ws, _)) => {
+                ws.send(Message::text("back")).unwrap();
+                assert_eq!(next_message(&mut ws), Message::text("back"));
+                break;
+            }
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => panic!("listener dead after EMFILE: {e}"),
+        }
+    }
+}
+
+#[test]
+fn handshake_timeout_closes_silent_sockets() {
+    let server = ServerProc::start(&["--echo", "--handshake-timeout", "300ms"]);
+    let mut raw = Raw::connect(server.addr);
+    raw.send(b"GET /echo HTTP/1.1\r\n");
+    let started = Instant::now();
+    raw.expect_tcp_close();
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn echo_endpoint_is_off_by_default() {
+    let server = ServerProc::start(&[]);
+    let mut raw = Raw::connect(server.addr);
+    raw.send(format!("GET /echo HTTP/1.1\r\nHost: x\r\n{UPGRADE}\r\n").as_bytes());
+    assert!(raw.read_to_end().starts_with("HTTP/1.1 404 "));
+}
+
+#[test]
+fn sends_nothing_after_close_and_writes_flush_before_close() {
+    // A burst of messages then a Close in one write: every echo arrives before the Close reply.
+    let server = ServerProc::start(&["--echo"]);
+    let mut raw = Raw::open(server.addr, "/echo");
+    let mut bytes = Vec::new();
+    for i in 0..100u8 {
+        bytes.extend(frame(true, 0x2, &[i; 100]));
+    }
+    bytes.extend(frame(true, 0x8, &1000u16.to_be_bytes()));
+    bytes.extend(frame(true, 0x2, b"after close"));
+    raw.send(&bytes);
+    for i in 0..100u8 {
+        assert_eq!(raw.read_frame().unwrap(), (true, 0x2, vec![i; 100]));
+    }
+    assert_eq!(raw.read_close_code(), 1000);
+    raw.expect_tcp_close();
+}
