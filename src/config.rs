@@ -108,6 +108,29 @@ impl Default for ServerConfig {
     }
 }
 
+impl ServerConfig {
+    /// Rejects settings that would make the server misbehave for every client rather than
+    /// for the ones that break a limit.
+    pub fn validate(&self) -> Result<(), String> {
+        // One echoed or delivered message must fit in the outbound allowance, or every
+        // client that sends a large (allowed) message would be closed as a slow consumer.
+        let frame_overhead = 14;
+        if self.max_outbound_bytes < self.max_message_bytes + frame_overhead {
+            return Err(format!(
+                "--max-outbound-bytes ({}) must be at least --max-message-bytes ({}) + {frame_overhead}",
+                self.max_outbound_bytes, self.max_message_bytes
+            ));
+        }
+        if self.max_message_bytes == 0 || self.max_connections == 0 {
+            return Err("--max-message-bytes and --max-connections must be positive".into());
+        }
+        if self.ping_interval.is_zero() || self.idle_timeout.is_zero() {
+            return Err("--ping-interval and --idle-timeout must be positive".into());
+        }
+        Ok(())
+    }
+}
+
 impl From<&ServeArgs> for ServerConfig {
     fn from(a: &ServeArgs) -> Self {
         ServerConfig {
@@ -146,6 +169,16 @@ mod tests {
         assert_eq!(cfg.idle_timeout, d.idle_timeout);
         assert_eq!(cfg.max_message_bytes, 65_536);
         assert!(!cfg.echo);
+    }
+
+    #[test]
+    fn outbound_allowance_must_hold_one_message() {
+        let mut cfg = ServerConfig::default();
+        assert!(cfg.validate().is_ok());
+        cfg.max_message_bytes = 16 << 20;
+        assert!(cfg.validate().unwrap_err().contains("--max-outbound-bytes"));
+        cfg.max_outbound_bytes = 17 << 20;
+        assert!(cfg.validate().is_ok());
     }
 
     #[test]

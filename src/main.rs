@@ -27,6 +27,10 @@ fn init_logging(args: &ServeArgs) {
 fn serve(args: &ServeArgs) -> ExitCode {
     init_logging(args);
     let cfg = ServerConfig::from(args);
+    if let Err(e) = cfg.validate() {
+        log::error!("invalid configuration: {e}");
+        return ExitCode::from(2);
+    }
     let server = match Server::bind(cfg) {
         Ok(s) => s,
         Err(e) => {
