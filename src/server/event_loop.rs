@@ -172,7 +172,7 @@ impl Server {
                     }
                     Token(key) => {
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                            self.on_readable(key);
+                            self.on_readable(key, ev.is_read_closed() || ev.is_error());
                         }
                         if ev.is_writable() {
                             self.after_io(key);
@@ -181,7 +181,7 @@ impl Server {
                 }
             }
             for key in std::mem::take(&mut self.again) {
-                self.on_readable(key);
+                self.on_readable(key, false);
             }
             let mut fired = std::mem::take(&mut self.fired);
             self.wheel.expire(self.now, &mut fired);
@@ -295,7 +295,10 @@ impl Server {
         debug_assert_eq!(tk, key);
     }
 
-    fn on_readable(&mut self, key: usize) {
+    /// Reads until the socket is drained. A short read means it is (a later arrival raises a
+    /// new edge), which saves the extra read that would only return WouldBlock, unless the
+    /// peer's FIN is already known to be queued: then read on until EOF.
+    fn on_readable(&mut self, key: usize, expect_eof: bool) {
         let mut total = 0;
         loop {
             let Some(conn) = self.conns.get_mut(key) else {
@@ -321,6 +324,9 @@ impl Server {
                     process_input(conn, &mut self.read_buf[..n], &mut cx);
                     if total >= READ_BUDGET {
                         self.again.push(key);
+                        break;
+                    }
+                    if n < self.read_buf.len() && !expect_eof {
                         break;
                     }
                 }
