@@ -52,7 +52,7 @@ fn echoes_text_and_binary_up_to_the_limit() {
     let mut ws = client(&server);
     ws.send(Message::text("héllo wörld")).unwrap();
     assert_eq!(next_message(&mut ws), Message::text("héllo wörld"));
-    for size in [0usize, 1, 125, 126, 65_535, 65_536] {
+    for size in [0usize, 1, 125, 126, 1024, 4096, 65_535, 65_536] {
         let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
         ws.send(Message::binary(payload.clone())).unwrap();
         assert_eq!(

@@ -17,6 +17,25 @@ pub enum Service {
     Echo,
 }
 
+/// Which deadline a connection's single timer currently stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimerKind {
+    Handshake,
+    KeepAlive,
+    Close,
+}
+
+impl TimerKind {
+    /// The deadline a connection in `state` needs.
+    pub fn for_state(state: ws::State) -> TimerKind {
+        match state {
+            ws::State::Handshaking | ws::State::AwaitingAccept => TimerKind::Handshake,
+            ws::State::Open => TimerKind::KeepAlive,
+            ws::State::CloseSent | ws::State::Closed => TimerKind::Close,
+        }
+    }
+}
+
 pub struct Conn {
     pub sock: TcpStream,
     pub ws: ws::Connection,
@@ -25,6 +44,7 @@ pub struct Conn {
     /// The connection's single timer: handshake timeout, keep-alive check or close timeout,
     /// depending on the protocol state when it fires.
     pub timer: Option<TimerId>,
+    pub timer_kind: TimerKind,
     /// Loop time (ms) of the last bytes received.
     pub last_inbound: u64,
     /// Loop time (ms) of the last Ping we sent.
@@ -45,6 +65,7 @@ impl Conn {
             service: None,
             outbox: Outbox::default(),
             timer: None,
+            timer_kind: TimerKind::Handshake,
             last_inbound: now,
             last_ping: now,
             peer_eof: false,

@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -16,7 +17,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use super::conn::{Conn, Service};
+use super::conn::{Conn, Service, TimerKind};
 use super::signals::ShutdownSignals;
 use super::timer_wheel::TimerWheel;
 use crate::buffer_pool::BufferPool;
@@ -37,22 +38,8 @@ const POOL_BUF: usize = 16 * 1024;
 const POOL_MAX_FREE: usize = 1024;
 /// How long accepting pauses when out of descriptors and no reserve descriptor is left.
 const ACCEPT_PAUSE_MS: u64 = 100;
-
-/// Which deadline a connection's single timer currently stands for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TimerKind {
-    Handshake,
-    KeepAlive,
-    Close,
-}
-
-fn timer_kind(state: State) -> TimerKind {
-    match state {
-        State::Handshaking | State::AwaitingAccept => TimerKind::Handshake,
-        State::Open => TimerKind::KeepAlive,
-        State::CloseSent | State::Closed => TimerKind::Close,
-    }
-}
+/// Echoed payloads at least this large are written from the receive buffer, not copied.
+const ZERO_COPY_MIN: usize = 1024;
 
 pub struct Server {
     cfg: ServerConfig,
@@ -61,14 +48,15 @@ pub struct Server {
     local_addr: SocketAddr,
     signals: Option<ShutdownSignals>,
     conns: Slab<Conn>,
-    /// Kind of each connection's armed timer, indexed like `conns` (kept out of `Conn` so the
-    /// match in `arm_timer` stays next to the wheel).
-    timer_kinds: Slab<TimerKind>,
     wheel: TimerWheel<usize>,
     pool: BufferPool,
     read_buf: Vec<u8>,
     /// Output produced for the connection being handled, written at the end of its turn.
     staging: Vec<u8>,
+    /// Large payloads echoed straight from `read_buf` instead of being copied into
+    /// `staging`: (position in `staging` where the slice goes, range of `read_buf`). They are
+    /// written before `read_buf` is reused.
+    input_refs: Vec<(usize, Range<usize>)>,
     /// Connections whose read budget ran out with input possibly left in the socket.
     again: Vec<usize>,
     fired: Vec<usize>,
@@ -113,11 +101,11 @@ impl Server {
             local_addr,
             signals: Some(signals),
             conns: Slab::with_capacity(capacity),
-            timer_kinds: Slab::with_capacity(capacity),
             wheel: TimerWheel::new(),
             pool: BufferPool::new(POOL_BUF, POOL_MAX_FREE),
             read_buf: vec![0; READ_BUF],
             staging: Vec::with_capacity(READ_BUF + 64),
+            input_refs: Vec::new(),
             again: Vec::new(),
             fired: Vec::new(),
             endpoints,
@@ -291,8 +279,6 @@ impl Server {
         entry.insert(Conn::new(sock, self.cfg.max_message_bytes, self.now));
         let deadline = self.now + millis(self.cfg.handshake_timeout);
         self.conns[key].timer = Some(self.wheel.insert(deadline, key));
-        let tk = self.timer_kinds.insert(TimerKind::Handshake);
-        debug_assert_eq!(tk, key);
     }
 
     /// Reads until the socket is drained. A short read means it is (a later arrival raises a
@@ -314,6 +300,7 @@ impl Server {
                     total += n;
                     let mut cx = Cx {
                         staging: &mut self.staging,
+                        input_refs: &mut self.input_refs,
                         pool: &mut self.pool,
                         endpoints: &self.endpoints,
                         policy: &self.policy,
@@ -322,6 +309,14 @@ impl Server {
                         shutting_down: self.shutdown_deadline.is_some(),
                     };
                     process_input(conn, &mut self.read_buf[..n], &mut cx);
+                    if !self.input_refs.is_empty() {
+                        // The next read reuses `read_buf`: write what points into it now.
+                        if let Err(e) = self.flush(key) {
+                            debug!("conn {key}: write error: {e}");
+                            self.remove(key);
+                            return;
+                        }
+                    }
                     if total >= READ_BUDGET {
                         self.again.push(key);
                         break;
@@ -348,22 +343,14 @@ impl Server {
     /// Writes the turn's output, enforces the outbound limit, re-arms the timer for the
     /// current state and takes the connection through the TCP close when it is done.
     fn after_io(&mut self, key: usize) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            self.staging.clear();
-            return;
-        };
-        let flushed = conn
-            .outbox
-            .flush(&mut conn.sock, &self.staging, &mut self.pool);
-        self.staging.clear();
-        if self.staging.capacity() > 4 * READ_BUF {
-            self.staging.shrink_to(READ_BUF + 64);
-        }
-        if let Err(e) = flushed {
+        if let Err(e) = self.flush(key) {
             debug!("conn {key}: write error: {e}");
             self.remove(key);
             return;
         }
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         if conn.outbox.len() > self.cfg.max_outbound_bytes && conn.ws.is_open() {
             warn!(
                 "conn {key}: slow consumer ({} bytes unsent), closing with 1008",
@@ -386,13 +373,43 @@ impl Server {
         self.arm_timer(key);
     }
 
+    /// Writes the staged output (with any slices of `read_buf` it refers to) behind the
+    /// connection's queued output, in one write; what the socket does not take is queued.
+    fn flush(&mut self, key: usize) -> io::Result<()> {
+        let result = match self.conns.get_mut(key) {
+            Some(conn) if self.input_refs.is_empty() => conn
+                .outbox
+                .flush(&mut conn.sock, &[&self.staging], &mut self.pool)
+                .map(|_| ()),
+            Some(conn) => {
+                let mut slices: Vec<&[u8]> = Vec::with_capacity(2 * self.input_refs.len() + 1);
+                let mut at = 0;
+                for (pos, range) in &self.input_refs {
+                    slices.push(&self.staging[at..*pos]);
+                    slices.push(&self.read_buf[range.clone()]);
+                    at = *pos;
+                }
+                slices.push(&self.staging[at..]);
+                conn.outbox
+                    .flush(&mut conn.sock, &slices, &mut self.pool)
+                    .map(|_| ())
+            }
+            None => Ok(()),
+        };
+        self.staging.clear();
+        self.input_refs.clear();
+        if self.staging.capacity() > 4 * READ_BUF {
+            self.staging.shrink_to(READ_BUF + 64);
+        }
+        result
+    }
+
     /// Makes sure the connection's timer matches its state: a handshake deadline, the next
     /// keep-alive check, or the close deadline.
     fn arm_timer(&mut self, key: usize) {
         let conn = &mut self.conns[key];
-        let want = timer_kind(conn.ws.state());
-        let kind = &mut self.timer_kinds[key];
-        if conn.timer.is_some() && *kind == want {
+        let want = TimerKind::for_state(conn.ws.state());
+        if conn.timer.is_some() && conn.timer_kind == want {
             return;
         }
         let deadline = match want {
@@ -404,7 +421,7 @@ impl Server {
             self.wheel.cancel(id);
         }
         conn.timer = Some(self.wheel.insert(deadline, key));
-        *kind = want;
+        conn.timer_kind = want;
     }
 
     fn on_timer(&mut self, key: usize) {
@@ -468,7 +485,6 @@ impl Server {
         let Some(mut conn) = self.conns.try_remove(key) else {
             return;
         };
-        self.timer_kinds.remove(key);
         if let Some(id) = conn.timer.take() {
             self.wheel.cancel(id);
         }
@@ -483,6 +499,7 @@ impl Server {
 /// Everything input processing may touch besides the connection itself.
 struct Cx<'a> {
     staging: &'a mut Vec<u8>,
+    input_refs: &'a mut Vec<(usize, Range<usize>)>,
     pool: &'a mut BufferPool,
     endpoints: &'a [Endpoint<Service>],
     policy: &'a Policy,
@@ -493,6 +510,7 @@ struct Cx<'a> {
 
 /// Runs received bytes through the connection's protocol state and its service.
 fn process_input(conn: &mut Conn, input: &mut [u8], cx: &mut Cx<'_>) {
+    let (base, input_len) = (input.as_ptr() as usize, input.len());
     let mut offset = 0;
     while offset < input.len() {
         let progress = match conn.ws.handle(&mut input[offset..], cx.staging, cx.pool) {
@@ -512,7 +530,17 @@ fn process_input(conn: &mut Conn, input: &mut [u8], cx: &mut Cx<'_>) {
             None => {}
             Some(Event::Upgrade(request)) => upgrade(conn, &request, cx),
             Some(Event::Message(kind, payload)) => match conn.service {
-                Some(Service::Echo) => frame::write_frame(cx.staging, kind.opcode(), payload),
+                Some(Service::Echo) => {
+                    let at = (payload.as_ptr() as usize).wrapping_sub(base);
+                    if payload.len() >= ZERO_COPY_MIN && at < input_len {
+                        // Unmasked in place in the receive buffer: send it from there.
+                        frame::write_header(cx.staging, true, kind.opcode(), payload.len());
+                        cx.input_refs
+                            .push((cx.staging.len(), at..at + payload.len()));
+                    } else {
+                        frame::write_frame(cx.staging, kind.opcode(), payload);
+                    }
+                }
                 None => {}
             },
             Some(Event::Closed { code, reason }) => {

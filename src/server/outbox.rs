@@ -32,36 +32,51 @@ impl Outbox {
         self.len == 0
     }
 
-    /// Writes the queued bytes followed by `fresh`, until everything is written or `w` would
-    /// block, and queues whatever of `fresh` was not written.
+    /// Writes the queued bytes followed by the `fresh` slices, in order, until everything is
+    /// written or `w` would block, and queues (copies) whatever of `fresh` was not written.
     ///
     /// Returns `Ok(true)` when nothing is left queued. Errors other than `WouldBlock` and
     /// `Interrupted` are returned; the queue is then meaningless and the caller drops it.
     pub fn flush<W: Write>(
         &mut self,
         w: &mut W,
-        fresh: &[u8],
+        fresh: &[&[u8]],
         pool: &mut BufferPool,
     ) -> io::Result<bool> {
-        let mut fresh_written = 0;
+        // Position in `fresh`: slice index and bytes of it already written.
+        let (mut at, mut at_written) = (0, 0);
+        let skip_empty = |at: &mut usize, at_written: &mut usize| {
+            while *at < fresh.len() && *at_written == fresh[*at].len() {
+                *at += 1;
+                *at_written = 0;
+            }
+        };
         loop {
-            let fresh_rest = &fresh[fresh_written..];
-            if self.len == 0 && fresh_rest.is_empty() {
+            skip_empty(&mut at, &mut at_written);
+            if self.len == 0 && at == fresh.len() {
                 break;
             }
-            let result = if self.len == 0 {
-                w.write(fresh_rest)
+            let result = if self.len == 0 && at + 1 == fresh.len() {
+                w.write(&fresh[at][at_written..])
             } else {
                 let mut slices = [IoSlice::new(&[]); MAX_IOV];
                 let mut n = 0;
-                for (i, c) in self.chunks.iter().enumerate().take(MAX_IOV - 1) {
+                for (i, c) in self.chunks.iter().enumerate().take(MAX_IOV) {
                     let start = if i == 0 { self.head_written } else { 0 };
                     slices[n] = IoSlice::new(&c[start..]);
                     n += 1;
                 }
-                if !fresh_rest.is_empty() {
-                    slices[n] = IoSlice::new(fresh_rest);
-                    n += 1;
+                if n == self.chunks.len() {
+                    for (i, f) in fresh[at..].iter().enumerate() {
+                        if n == MAX_IOV {
+                            break;
+                        }
+                        let start = if i == 0 { at_written } else { 0 };
+                        if start < f.len() {
+                            slices[n] = IoSlice::new(&f[start..]);
+                            n += 1;
+                        }
+                    }
                 }
                 w.write_vectored(&slices[..n])
             };
@@ -70,14 +85,25 @@ impl Outbox {
                 Ok(n) => {
                     let from_queue = n.min(self.len);
                     self.consume(from_queue, pool);
-                    fresh_written += n - from_queue;
+                    let mut rest = n - from_queue;
+                    while rest > 0 {
+                        let take = rest.min(fresh[at].len() - at_written);
+                        at_written += take;
+                        rest -= take;
+                        skip_empty(&mut at, &mut at_written);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        self.push(&fresh[fresh_written..], pool);
+        if at < fresh.len() {
+            self.push(&fresh[at][at_written..], pool);
+            for f in &fresh[at + 1..] {
+                self.push(f, pool);
+            }
+        }
         Ok(self.is_empty())
     }
 
@@ -183,7 +209,7 @@ mod tests {
         let mut pool = BufferPool::new(16, 4);
         let mut ob = Outbox::default();
         let mut s = sock(1000);
-        assert!(ob.flush(&mut s, b"hello", &mut pool).unwrap());
+        assert!(ob.flush(&mut s, &[b"hello"], &mut pool).unwrap());
         assert_eq!(s.calls, 1);
         assert_eq!(s.written, b"hello");
         assert_eq!(ob.chunks.capacity(), 0);
@@ -195,10 +221,10 @@ mod tests {
         let mut ob = Outbox::default();
         let data: Vec<u8> = (0..200u8).collect();
         let mut s = sock(10);
-        assert!(!ob.flush(&mut s, &data[..100], &mut pool).unwrap());
+        assert!(!ob.flush(&mut s, &[&data[..100]], &mut pool).unwrap());
         assert_eq!(ob.len(), 90);
         s.budget = 25;
-        assert!(!ob.flush(&mut s, &data[100..], &mut pool).unwrap());
+        assert!(!ob.flush(&mut s, &[&data[100..150], &[], &data[150..]], &mut pool).unwrap());
         assert_eq!(ob.len(), 165);
         s.budget = usize::MAX;
         assert!(ob.flush(&mut s, &[], &mut pool).unwrap());
@@ -206,6 +232,23 @@ mod tests {
         assert!(ob.is_empty());
         assert_eq!(ob.chunks.capacity(), 0);
         assert!(pool.idle() > 0, "chunks went back to the pool");
+    }
+
+    #[test]
+    fn many_fresh_slices_keep_their_order_through_any_budget() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
+        let pieces: Vec<&[u8]> = data.chunks(37).collect();
+        for budget in [1, 7, 100, 999, 5000] {
+            let mut pool = BufferPool::new(64, 8);
+            let mut ob = Outbox::default();
+            let mut s = sock(budget);
+            ob.flush(&mut s, &pieces, &mut pool).unwrap();
+            while !ob.is_empty() {
+                s.budget = budget;
+                ob.flush(&mut s, &[], &mut pool).unwrap();
+            }
+            assert_eq!(s.written, data, "budget {budget}");
+        }
     }
 
     #[test]
