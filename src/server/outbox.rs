@@ -224,7 +224,9 @@ mod tests {
         assert!(!ob.flush(&mut s, &[&data[..100]], &mut pool).unwrap());
         assert_eq!(ob.len(), 90);
         s.budget = 25;
-        assert!(!ob.flush(&mut s, &[&data[100..150], &[], &data[150..]], &mut pool).unwrap());
+        assert!(!ob
+            .flush(&mut s, &[&data[100..150], &[], &data[150..]], &mut pool)
+            .unwrap());
         assert_eq!(ob.len(), 165);
         s.budget = usize::MAX;
         assert!(ob.flush(&mut s, &[], &mut pool).unwrap());
