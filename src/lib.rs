@@ -7,5 +7,7 @@
 
 pub mod buffer_pool;
 pub mod config;
+pub mod im;
 pub mod server;
+pub mod store;
 pub mod ws;

@@ -1,0 +1,1233 @@
+//! The IM domain core: login, the device registry, inboxes, delivery, sync and presence.
+//!
+//! Sans-IO: the shell feeds it decoded client frames, connection events and the time, and
+//! drains [`Output`]s (frames to send, connections to close) and [`WriteBatch`]es (store
+//! writes). A batch is taken once per loop turn and committed off the network thread; only
+//! when the shell reports it durable ([`Core::on_committed`]) does the core acknowledge the
+//! sends in it and deliver their messages, so nothing a client was told about can be lost.
+//!
+//! Invariants:
+//! - Each inbox's seqs are assigned densely (`assigned_seq`) and become visible in the same
+//!   order once committed (`committed_seq`).
+//! - A device's stream is `sent_upto` over the committed inbox: messages go out in seq order,
+//!   without gaps, at most `delivery_window` beyond the device's cumulative ack.
+
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+
+use super::auth::{Verifier, MAX_ID_BYTES};
+use super::proto::{self, client_frame, server_frame, ClientFrame, ErrorCode, ServerFrame};
+use crate::store::{StoreRead, StoredMessage, WriteBatch};
+
+/// The shell's identifier of a connection (its slab key).
+pub type ConnId = usize;
+
+/// Close code for a connection replaced by a newer login of the same device.
+pub const CLOSE_REPLACED: u16 = 4000;
+/// Close code for policy violations (failed login, too many bad frames, ack timeout).
+pub const CLOSE_POLICY: u16 = 1008;
+
+#[derive(Debug, Clone)]
+pub struct ImConfig {
+    pub max_devices: usize,
+    pub delivery_window: u64,
+    pub ack_timeout_ms: u64,
+    pub max_content_bytes: usize,
+    pub rate_per_sec: f64,
+    pub rate_burst: f64,
+    /// Undecodable frames in a row before the connection is closed.
+    pub max_bad_frames: u32,
+}
+
+impl Default for ImConfig {
+    fn default() -> Self {
+        ImConfig {
+            max_devices: 16,
+            delivery_window: 256,
+            ack_timeout_ms: 60_000,
+            max_content_bytes: 16 * 1024,
+            rate_per_sec: 50.0,
+            rate_burst: 100.0,
+            max_bad_frames: 10,
+        }
+    }
+}
+
+/// The time, as the shell sees it: monotonic for timeouts, wall clock for the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub mono_ms: u64,
+    pub unix_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    Frame {
+        conn: ConnId,
+        frame: ServerFrame,
+    },
+    Close {
+        conn: ConnId,
+        code: u16,
+        reason: &'static str,
+    },
+}
+
+/// Identifies a taken [`WriteBatch`] until it is committed.
+pub type BatchId = u64;
+
+/// Per-connection token bucket for sends.
+#[derive(Debug, Clone)]
+struct Bucket {
+    tokens: f64,
+    at_ms: u64,
+}
+
+#[derive(Debug)]
+struct Device {
+    uid: Rc<str>,
+    device_id: Rc<str>,
+    /// Highest seq sent on this connection.
+    sent_upto: u64,
+    /// Cumulative ack (the cursor).
+    acked: u64,
+    /// When `acked` last moved, or when messages started to be outstanding.
+    progress_ms: u64,
+    /// Messages this device sends in this session, above this seq, are not echoed to it.
+    session_start_seq: u64,
+}
+
+#[derive(Debug)]
+struct Session {
+    device: Option<Device>,
+    bucket: Bucket,
+    bad_in_row: u32,
+}
+
+#[derive(Debug, Default)]
+struct User {
+    /// Online devices: device id -> connection.
+    devices: HashMap<Rc<str>, ConnId>,
+    assigned_seq: u64,
+    committed_seq: u64,
+    /// The most recently committed messages, contiguous up to `committed_seq`, so live
+    /// delivery needs no store read.
+    recent: VecDeque<Rc<StoredMessage>>,
+    /// Idempotency keys of sends not committed yet.
+    pending_dedupe: HashMap<String, u64>,
+    /// Uncommitted appends to this inbox; the user stays cached while any are in flight.
+    uncommitted: usize,
+}
+
+/// A reply to send once a batch is durable.
+#[derive(Debug)]
+struct Deferred {
+    conn: ConnId,
+    frame: ServerFrame,
+}
+
+pub struct Core {
+    cfg: ImConfig,
+    verifier: Verifier,
+    sessions: HashMap<ConnId, Session>,
+    users: HashMap<Rc<str>, User>,
+    out: Vec<Output>,
+    batch: WriteBatch,
+    deferred: Vec<Deferred>,
+    in_flight: VecDeque<(BatchId, WriteBatch, Vec<Deferred>)>,
+    next_batch: BatchId,
+}
+
+fn frame(id: u64, body: server_frame::Body) -> ServerFrame {
+    ServerFrame {
+        id,
+        body: Some(body),
+    }
+}
+
+fn error(id: u64, code: ErrorCode, message: &str) -> ServerFrame {
+    frame(
+        id,
+        server_frame::Body::Error(proto::Error {
+            code: code as i32,
+            message: message.to_owned(),
+        }),
+    )
+}
+
+fn to_wire(m: &StoredMessage) -> proto::Message {
+    proto::Message {
+        seq: m.seq,
+        from_uid: m.from_uid.clone(),
+        to_uid: m.to_uid.clone(),
+        client_msg_id: m.client_msg_id.clone(),
+        content: m.content.clone(),
+        server_time_ms: m.server_time_ms,
+        from_device: m.from_device.clone(),
+    }
+}
+
+fn valid_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_ID_BYTES
+}
+
+/// How many committed messages per cached user are kept for live delivery.
+const RECENT_KEEP: usize = 512;
+
+impl Core {
+    pub fn new(cfg: ImConfig, jwt_secret: &[u8]) -> Core {
+        Core {
+            cfg,
+            verifier: Verifier::new(jwt_secret),
+            sessions: HashMap::new(),
+            users: HashMap::new(),
+            out: Vec::new(),
+            batch: WriteBatch::default(),
+            deferred: Vec::new(),
+            in_flight: VecDeque::new(),
+            next_batch: 1,
+        }
+    }
+
+    /// Frames to send and connections to close, in order.
+    pub fn drain_output(&mut self) -> std::vec::Drain<'_, Output> {
+        self.out.drain(..)
+    }
+
+    /// A new connection on the IM endpoint (not logged in yet).
+    pub fn on_open(&mut self, conn: ConnId, now: Now) {
+        self.sessions.insert(
+            conn,
+            Session {
+                device: None,
+                bucket: Bucket {
+                    tokens: self.cfg.rate_burst,
+                    at_ms: now.mono_ms,
+                },
+                bad_in_row: 0,
+            },
+        );
+    }
+
+    pub fn is_logged_in(&self, conn: ConnId) -> bool {
+        self.sessions.get(&conn).is_some_and(|s| s.device.is_some())
+    }
+
+    /// The connection is gone (closed, timed out, shutdown).
+    pub fn on_close(&mut self, conn: ConnId, store: &dyn StoreRead) {
+        let Some(session) = self.sessions.remove(&conn) else {
+            return;
+        };
+        let Some(dev) = session.device else {
+            return;
+        };
+        let Some(user) = self.users.get_mut(&dev.uid) else {
+            return;
+        };
+        if user.devices.get(&dev.device_id) == Some(&conn) {
+            user.devices.remove(&dev.device_id);
+            if user.devices.is_empty() {
+                self.broadcast_presence(&dev.uid, false, store);
+                self.maybe_evict(&dev.uid);
+            }
+        }
+    }
+
+    /// A frame that could not be decoded (or a text frame where binary is required).
+    pub fn on_bad_frame(&mut self, conn: ConnId, why: &str) {
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        s.bad_in_row += 1;
+        let close = s.bad_in_row >= self.cfg.max_bad_frames;
+        self.out.push(Output::Frame {
+            conn,
+            frame: error(0, ErrorCode::BadRequest, why),
+        });
+        if close {
+            self.out.push(Output::Close {
+                conn,
+                code: CLOSE_POLICY,
+                reason: "too many bad frames",
+            });
+        }
+    }
+
+    /// A decoded client frame.
+    pub fn on_frame(&mut self, conn: ConnId, f: ClientFrame, now: Now, store: &dyn StoreRead) {
+        let Some(session) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        session.bad_in_row = 0;
+        let id = f.id;
+        let logged_in = session.device.is_some();
+        match f.body {
+            None => self.reply(conn, error(id, ErrorCode::BadRequest, "empty frame")),
+            Some(client_frame::Body::Login(_)) if logged_in => {
+                self.reply(conn, error(id, ErrorCode::BadRequest, "already logged in"))
+            }
+            Some(client_frame::Body::Login(l)) => self.login(conn, id, l, now, store),
+            Some(_) if !logged_in => {
+                self.reply(conn, error(id, ErrorCode::Unauthenticated, "log in first"))
+            }
+            Some(client_frame::Body::Send(s)) => self.send(conn, id, s, now, store),
+            Some(client_frame::Body::Ack(a)) => self.ack(conn, a.seq, now, store),
+            Some(client_frame::Body::Sync(s)) => self.sync(conn, id, s, store),
+            Some(client_frame::Body::Ping(p)) => self.reply(
+                conn,
+                frame(
+                    id,
+                    server_frame::Body::Pong(proto::Pong {
+                        client_time_ms: p.client_time_ms,
+                        server_time_ms: now.unix_ms,
+                    }),
+                ),
+            ),
+        }
+    }
+
+    /// Connections with messages outstanding and no ack progress for the ack timeout are
+    /// closed (they resume on reconnect). Call from the connection's timer.
+    pub fn check_ack_timeout(&mut self, conn: ConnId, now: Now) {
+        let Some(dev) = self.sessions.get(&conn).and_then(|s| s.device.as_ref()) else {
+            return;
+        };
+        if dev.sent_upto > dev.acked
+            && now.mono_ms.saturating_sub(dev.progress_ms) >= self.cfg.ack_timeout_ms
+        {
+            self.out.push(Output::Close {
+                conn,
+                code: CLOSE_POLICY,
+                reason: "ack timeout",
+            });
+        }
+    }
+
+    /// Sets or removes a symmetric friendship (admin API). Durable with the turn's batch.
+    pub fn set_friendship(&mut self, a: &str, b: &str, present: bool) {
+        self.batch
+            .friendships
+            .push((a.to_owned(), b.to_owned(), present));
+    }
+
+    /// The writes of this turn, if any. Commit it, then call [`Core::on_committed`].
+    pub fn take_batch(&mut self) -> Option<(BatchId, WriteBatch)> {
+        if self.batch.is_empty() && self.deferred.is_empty() {
+            return None;
+        }
+        let id = self.next_batch;
+        self.next_batch += 1;
+        let batch = std::mem::take(&mut self.batch);
+        let deferred = std::mem::take(&mut self.deferred);
+        self.in_flight.push_back((id, batch.clone(), deferred));
+        Some((id, batch))
+    }
+
+    /// The batch `id` (and every one taken before it) is durable: acknowledge and deliver.
+    pub fn on_committed(&mut self, id: BatchId, now: Now, store: &dyn StoreRead) {
+        while self.in_flight.front().is_some_and(|(b, _, _)| *b <= id) {
+            let Some((_, batch, deferred)) = self.in_flight.pop_front() else {
+                break;
+            };
+            let mut touched: Vec<Rc<str>> = Vec::new();
+            for (owner, msg) in batch.appends {
+                let Some((key, _)) = self.users.get_key_value(owner.as_str()) else {
+                    continue;
+                };
+                let key = key.clone();
+                let user = self.users.get_mut(&key).expect("just found");
+                user.committed_seq = msg.seq;
+                user.uncommitted -= 1;
+                user.recent.push_back(Rc::new(msg));
+                while user.recent.len() > RECENT_KEEP {
+                    user.recent.pop_front();
+                }
+                if !touched.contains(&key) {
+                    touched.push(key);
+                }
+            }
+            for (uid, cmid, _) in &batch.dedupe {
+                if let Some(u) = self.users.get_mut(uid.as_str()) {
+                    u.pending_dedupe.remove(cmid);
+                }
+            }
+            for d in deferred {
+                self.reply(d.conn, d.frame);
+            }
+            for uid in touched {
+                let conns: Vec<ConnId> = self
+                    .users
+                    .get(&uid)
+                    .map(|u| u.devices.values().copied().collect())
+                    .unwrap_or_default();
+                for conn in conns {
+                    self.pump(conn, now, store);
+                }
+                self.maybe_evict(&uid);
+            }
+        }
+    }
+
+    fn reply(&mut self, conn: ConnId, frame: ServerFrame) {
+        self.out.push(Output::Frame { conn, frame });
+    }
+
+    fn fail_login(&mut self, conn: ConnId, id: u64, code: ErrorCode, why: &str) {
+        self.reply(conn, error(id, code, why));
+        self.out.push(Output::Close {
+            conn,
+            code: CLOSE_POLICY,
+            reason: "login refused",
+        });
+    }
+
+    /// Loads (or finds) the cached state of `uid`.
+    fn user(&mut self, uid: &str, store: &dyn StoreRead) -> Rc<str> {
+        if let Some((k, _)) = self.users.get_key_value(uid) {
+            return k.clone();
+        }
+        let key: Rc<str> = uid.into();
+        let max = store.max_seq(uid);
+        self.users.insert(
+            key.clone(),
+            User {
+                assigned_seq: max,
+                committed_seq: max,
+                ..User::default()
+            },
+        );
+        key
+    }
+
+    /// Drops the cache of a user nobody needs right now; the store has everything.
+    fn maybe_evict(&mut self, uid: &str) {
+        if self.users.get(uid).is_some_and(|u| {
+            u.devices.is_empty() && u.uncommitted == 0 && u.pending_dedupe.is_empty()
+        }) {
+            self.users.remove(uid);
+        }
+    }
+
+    fn login(&mut self, conn: ConnId, id: u64, l: proto::Login, now: Now, store: &dyn StoreRead) {
+        let now_secs = u64::try_from(now.unix_ms / 1000).unwrap_or(0);
+        let uid = match self.verifier.verify(&l.token, now_secs) {
+            Ok(uid) => uid,
+            Err(e) => return self.fail_login(conn, id, ErrorCode::Unauthenticated, e.message()),
+        };
+        if !valid_id(&l.device_id) {
+            return self.fail_login(
+                conn,
+                id,
+                ErrorCode::Unauthenticated,
+                "device_id must be 1-64 bytes",
+            );
+        }
+        let uid = self.user(&uid, store);
+        let device_id: Rc<str> = l.device_id.as_str().into();
+        let user = self.users.get_mut(&uid).expect("loaded");
+        let replaced = user.devices.get(&device_id).copied();
+        if replaced.is_none() && user.devices.len() >= self.cfg.max_devices {
+            self.maybe_evict(&uid);
+            return self.fail_login(conn, id, ErrorCode::Forbidden, "too many devices");
+        }
+        let first_device = user.devices.is_empty();
+        user.devices.insert(device_id.clone(), conn);
+        let committed = user.committed_seq;
+        if let Some(old) = replaced {
+            if let Some(s) = self.sessions.get_mut(&old) {
+                s.device = None;
+            }
+            self.reply(
+                old,
+                frame(
+                    0,
+                    server_frame::Body::Kicked(proto::Kicked {
+                        reason: "logged in elsewhere with the same device_id".into(),
+                    }),
+                ),
+            );
+            self.out.push(Output::Close {
+                conn: old,
+                code: CLOSE_REPLACED,
+                reason: "replaced",
+            });
+        }
+        let cursor = if l.last_seq > 0 {
+            l.last_seq
+        } else {
+            store.cursor(&uid, &device_id)
+        }
+        .min(committed);
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            s.device = Some(Device {
+                uid: uid.clone(),
+                device_id,
+                sent_upto: cursor,
+                acked: cursor,
+                progress_ms: now.mono_ms,
+                session_start_seq: committed,
+            });
+        }
+        let friends = store.friends(&uid);
+        let online_friends: Vec<String> = friends
+            .iter()
+            .filter(|f| {
+                self.users
+                    .get(f.as_str())
+                    .is_some_and(|u| !u.devices.is_empty())
+            })
+            .cloned()
+            .collect();
+        self.reply(
+            conn,
+            frame(
+                id,
+                server_frame::Body::LoginOk(proto::LoginOk {
+                    uid: uid.to_string(),
+                    max_seq: committed,
+                    online_friends,
+                    server_time_ms: now.unix_ms,
+                }),
+            ),
+        );
+        if first_device && replaced.is_none() {
+            self.broadcast_presence(&uid, true, store);
+        }
+        self.pump(conn, now, store);
+    }
+
+    fn broadcast_presence(&mut self, uid: &str, online: bool, store: &dyn StoreRead) {
+        for friend in store.friends(uid) {
+            let Some(u) = self.users.get(friend.as_str()) else {
+                continue;
+            };
+            let conns: Vec<ConnId> = u.devices.values().copied().collect();
+            for conn in conns {
+                self.reply(
+                    conn,
+                    frame(
+                        0,
+                        server_frame::Body::Presence(proto::Presence {
+                            uid: uid.to_owned(),
+                            online,
+                        }),
+                    ),
+                );
+            }
+        }
+    }
+
+    fn take_token(&mut self, conn: ConnId, now: Now) -> bool {
+        let (rate, burst) = (self.cfg.rate_per_sec, self.cfg.rate_burst);
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return false;
+        };
+        let b = &mut s.bucket;
+        let elapsed = now.mono_ms.saturating_sub(b.at_ms) as f64 / 1000.0;
+        b.tokens = (b.tokens + elapsed * rate).min(burst);
+        b.at_ms = now.mono_ms;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn send(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        s: proto::SendMessage,
+        now: Now,
+        store: &dyn StoreRead,
+    ) {
+        if !self.take_token(conn, now) {
+            return self.reply(conn, error(id, ErrorCode::RateLimited, "too many messages"));
+        }
+        if !valid_id(&s.to_uid) || !valid_id(&s.client_msg_id) {
+            return self.reply(
+                conn,
+                error(
+                    id,
+                    ErrorCode::BadRequest,
+                    "to_uid and client_msg_id must be 1-64 bytes",
+                ),
+            );
+        }
+        if s.content.len() > self.cfg.max_content_bytes {
+            return self.reply(conn, error(id, ErrorCode::TooLarge, "content too large"));
+        }
+        let Some((from, device)) = self
+            .sessions
+            .get(&conn)
+            .and_then(|s| s.device.as_ref())
+            .map(|d| (d.uid.clone(), d.device_id.clone()))
+        else {
+            return;
+        };
+        let sender = self.users.get(&from).expect("logged-in users are cached");
+        let earlier = sender
+            .pending_dedupe
+            .get(&s.client_msg_id)
+            .copied()
+            .map(|seq| (seq, true))
+            .or_else(|| {
+                store
+                    .dedupe(&from, &s.client_msg_id)
+                    .map(|seq| (seq, false))
+            });
+        if let Some((seq, pending)) = earlier {
+            let ok = frame(
+                id,
+                server_frame::Body::SendOk(proto::SendOk {
+                    seq,
+                    server_time_ms: now.unix_ms,
+                    duplicate: true,
+                }),
+            );
+            // A duplicate of a send not yet durable is answered when it is.
+            if pending {
+                self.deferred.push(Deferred { conn, frame: ok });
+            } else {
+                self.reply(conn, ok);
+            }
+            return;
+        }
+        let to = self.user(&s.to_uid, store);
+        let mut msg = StoredMessage {
+            seq: 0,
+            from_uid: from.to_string(),
+            to_uid: to.to_string(),
+            client_msg_id: s.client_msg_id.clone(),
+            from_device: device.to_string(),
+            content: s.content,
+            server_time_ms: now.unix_ms,
+        };
+        let mut owners = vec![from.clone()];
+        if to != from {
+            owners.push(to);
+        }
+        let mut sender_seq = 0;
+        for owner in owners {
+            let user = self.users.get_mut(&owner).expect("loaded");
+            user.assigned_seq += 1;
+            user.uncommitted += 1;
+            msg.seq = user.assigned_seq;
+            if owner == from {
+                sender_seq = msg.seq;
+            }
+            self.batch.appends.push((owner.to_string(), msg.clone()));
+        }
+        let sender = self.users.get_mut(&from).expect("cached");
+        sender
+            .pending_dedupe
+            .insert(s.client_msg_id.clone(), sender_seq);
+        self.batch
+            .dedupe
+            .push((from.to_string(), s.client_msg_id, sender_seq));
+        self.deferred.push(Deferred {
+            conn,
+            frame: frame(
+                id,
+                server_frame::Body::SendOk(proto::SendOk {
+                    seq: sender_seq,
+                    server_time_ms: now.unix_ms,
+                    duplicate: false,
+                }),
+            ),
+        });
+    }
+
+    fn ack(&mut self, conn: ConnId, seq: u64, now: Now, store: &dyn StoreRead) {
+        let Some(dev) = self.sessions.get_mut(&conn).and_then(|s| s.device.as_mut()) else {
+            return;
+        };
+        let seq = seq.min(dev.sent_upto);
+        if seq <= dev.acked {
+            return;
+        }
+        dev.acked = seq;
+        dev.progress_ms = now.mono_ms;
+        self.batch
+            .cursors
+            .push((dev.uid.to_string(), dev.device_id.to_string(), seq));
+        self.pump(conn, now, store);
+    }
+
+    fn sync(&mut self, conn: ConnId, id: u64, s: proto::Sync, store: &dyn StoreRead) {
+        let Some(uid) = self
+            .sessions
+            .get(&conn)
+            .and_then(|s| s.device.as_ref())
+            .map(|d| d.uid.clone())
+        else {
+            return;
+        };
+        let limit = match s.limit {
+            0 => 100,
+            n => n.min(1000) as usize,
+        };
+        let mut msgs = store.messages_after(&uid, s.after_seq, limit + 1);
+        let has_more = msgs.len() > limit;
+        msgs.truncate(limit);
+        self.reply(
+            conn,
+            frame(
+                id,
+                server_frame::Body::SyncResult(proto::SyncResult {
+                    messages: msgs.iter().map(to_wire).collect(),
+                    has_more,
+                }),
+            ),
+        );
+    }
+
+    /// Sends the device as much of its committed inbox as the delivery window allows.
+    fn pump(&mut self, conn: ConnId, now: Now, store: &dyn StoreRead) {
+        let window = self.cfg.delivery_window;
+        let Some(dev) = self.sessions.get_mut(&conn).and_then(|s| s.device.as_mut()) else {
+            return;
+        };
+        let Some(user) = self.users.get(&dev.uid) else {
+            return;
+        };
+        while dev.sent_upto < user.committed_seq && dev.sent_upto - dev.acked < window {
+            let room = (window - (dev.sent_upto - dev.acked)) as usize;
+            let first_recent = user.committed_seq + 1 - user.recent.len() as u64;
+            let batch: Vec<Rc<StoredMessage>> = if dev.sent_upto + 1 >= first_recent {
+                let skip = (dev.sent_upto + 1 - first_recent) as usize;
+                user.recent.iter().skip(skip).take(room).cloned().collect()
+            } else {
+                store
+                    .messages_after(&dev.uid, dev.sent_upto, room)
+                    .into_iter()
+                    .map(Rc::new)
+                    .collect()
+            };
+            if batch.is_empty() {
+                break;
+            }
+            for m in batch {
+                if m.seq != dev.sent_upto + 1 {
+                    // The store and the cache disagree: stop rather than leave a gap.
+                    log::error!("inbox of {} not contiguous at {}", dev.uid, m.seq);
+                    return;
+                }
+                if dev.sent_upto == dev.acked {
+                    // Nothing was outstanding: the ack timeout starts now.
+                    dev.progress_ms = now.mono_ms;
+                }
+                dev.sent_upto = m.seq;
+                let own_live = m.seq > dev.session_start_seq
+                    && m.from_uid == *dev.uid
+                    && m.from_device == *dev.device_id;
+                if own_live {
+                    // The sending device learnt this seq from its SendOk; count it as acked
+                    // if nothing before it is outstanding, so the window does not fill up.
+                    if dev.acked + 1 == m.seq {
+                        dev.acked = m.seq;
+                    }
+                    continue;
+                }
+                self.out.push(Output::Frame {
+                    conn,
+                    frame: frame(0, server_frame::Body::Message(to_wire(&m))),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::im::auth::tests::token;
+    use crate::store::memory::MemoryStore;
+    use client_frame::Body as C;
+    use server_frame::Body as S;
+
+    const SECRET: &[u8] = b"test-secret";
+
+    struct H {
+        core: Core,
+        store: MemoryStore,
+        now: Now,
+    }
+
+    impl H {
+        fn new(cfg: ImConfig) -> H {
+            H {
+                core: Core::new(cfg, SECRET),
+                store: MemoryStore::default(),
+                now: Now {
+                    mono_ms: 1_000,
+                    unix_ms: 1_700_000_000_000,
+                },
+            }
+        }
+
+        /// Runs a frame, then ends the loop turn: commit the batch and collect everything.
+        fn req(&mut self, conn: ConnId, id: u64, body: C) -> Vec<Output> {
+            self.core.on_frame(
+                conn,
+                ClientFrame {
+                    id,
+                    body: Some(body),
+                },
+                self.now,
+                &self.store,
+            );
+            self.turn()
+        }
+
+        fn turn(&mut self) -> Vec<Output> {
+            let mut out: Vec<Output> = self.core.drain_output().collect();
+            if let Some((id, batch)) = self.core.take_batch() {
+                self.store.apply(&batch);
+                self.core.on_committed(id, self.now, &self.store);
+                out.extend(self.core.drain_output());
+            }
+            out
+        }
+
+        fn login(&mut self, conn: ConnId, uid: &str, device: &str, last_seq: u64) -> Vec<Output> {
+            self.core.on_open(conn, self.now);
+            let exp = (self.now.unix_ms / 1000) as u64 + 3600;
+            self.req(
+                conn,
+                1,
+                C::Login(proto::Login {
+                    token: token(SECRET, uid, Some(exp)),
+                    device_id: device.into(),
+                    last_seq,
+                }),
+            )
+        }
+
+        fn send(&mut self, conn: ConnId, to: &str, cmid: &str, text: &str) -> Vec<Output> {
+            self.req(
+                conn,
+                7,
+                C::Send(proto::SendMessage {
+                    to_uid: to.into(),
+                    client_msg_id: cmid.into(),
+                    content: text.as_bytes().to_vec(),
+                }),
+            )
+        }
+
+        fn close(&mut self, conn: ConnId) -> Vec<Output> {
+            self.core.on_close(conn, &self.store);
+            self.turn()
+        }
+    }
+
+    fn frames_to(out: &[Output], conn: ConnId) -> Vec<S> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Frame { conn: c, frame } if *c == conn => frame.body.clone(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn messages_to(out: &[Output], conn: ConnId) -> Vec<(u64, String)> {
+        frames_to(out, conn)
+            .into_iter()
+            .filter_map(|b| match b {
+                S::Message(m) => Some((m.seq, String::from_utf8(m.content).unwrap())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn closes(out: &[Output]) -> Vec<(ConnId, u16)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Close { conn, code, .. } => Some((*conn, *code)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn error_code(out: &[Output], conn: ConnId) -> Option<ErrorCode> {
+        frames_to(out, conn).into_iter().find_map(|b| match b {
+            S::Error(e) => ErrorCode::try_from(e.code).ok(),
+            _ => None,
+        })
+    }
+
+    fn send_ok(out: &[Output], conn: ConnId) -> Option<proto::SendOk> {
+        frames_to(out, conn).into_iter().find_map(|b| match b {
+            S::SendOk(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn login_rules() {
+        let mut h = H::new(ImConfig::default());
+        let out = h.login(1, "alice", "phone", 0);
+        let Some(S::LoginOk(ok)) = frames_to(&out, 1).into_iter().next() else {
+            panic!("{out:?}")
+        };
+        assert_eq!((ok.uid.as_str(), ok.max_seq), ("alice", 0));
+        // A second login on the same connection.
+        let out = h.req(
+            1,
+            2,
+            C::Login(proto::Login {
+                token: "x".into(),
+                device_id: "d".into(),
+                last_seq: 0,
+            }),
+        );
+        assert_eq!(error_code(&out, 1), Some(ErrorCode::BadRequest));
+        assert!(closes(&out).is_empty());
+        // Requests before login are refused but the connection stays.
+        h.core.on_open(2, h.now);
+        let out = h.req(2, 3, C::Ping(proto::Ping { client_time_ms: 5 }));
+        assert_eq!(error_code(&out, 2), Some(ErrorCode::Unauthenticated));
+        assert!(closes(&out).is_empty());
+        // A bad token, an expired one, a bad device id: UNAUTHENTICATED, then close 1008.
+        for (tok, device) in [
+            ("garbage".to_owned(), "d"),
+            (token(SECRET, "bob", Some(1)), "d"),
+            (token(b"wrong", "bob", Some(u64::MAX / 2)), "d"),
+            (token(SECRET, "bob", Some(u64::MAX / 2)), ""),
+            (token(SECRET, "bob", Some(u64::MAX / 2)), &"d".repeat(65)),
+        ] {
+            let out = h.req(
+                2,
+                4,
+                C::Login(proto::Login {
+                    token: tok,
+                    device_id: device.into(),
+                    last_seq: 0,
+                }),
+            );
+            assert_eq!(error_code(&out, 2), Some(ErrorCode::Unauthenticated));
+            assert_eq!(closes(&out), vec![(2, CLOSE_POLICY)]);
+        }
+    }
+
+    #[test]
+    fn send_is_acknowledged_only_when_durable_and_appends_to_both_inboxes() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "bob", "phone", 0);
+        h.core.on_frame(
+            1,
+            ClientFrame {
+                id: 9,
+                body: Some(C::Send(proto::SendMessage {
+                    to_uid: "bob".into(),
+                    client_msg_id: "m1".into(),
+                    content: b"hi".to_vec(),
+                })),
+            },
+            h.now,
+            &h.store,
+        );
+        let before: Vec<Output> = h.core.drain_output().collect();
+        assert!(send_ok(&before, 1).is_none(), "no SendOk before the commit");
+        assert!(
+            messages_to(&before, 2).is_empty(),
+            "no delivery before the commit"
+        );
+        let (id, batch) = h.core.take_batch().unwrap();
+        assert_eq!(batch.appends.len(), 2);
+        h.store.apply(&batch);
+        h.core.on_committed(id, h.now, &h.store);
+        let out: Vec<Output> = h.core.drain_output().collect();
+        assert_eq!(
+            send_ok(&out, 1).map(|s| (s.seq, s.duplicate)),
+            Some((1, false))
+        );
+        assert_eq!(messages_to(&out, 2), vec![(1, "hi".into())]);
+        assert!(
+            messages_to(&out, 1).is_empty(),
+            "not echoed to the sending device"
+        );
+        // Each inbox has its own seq; a message to oneself is stored once.
+        h.send(2, "alice", "m2", "yo");
+        h.send(1, "alice", "self", "note");
+        assert_eq!(h.store.max_seq("alice"), 3);
+        assert_eq!(h.store.max_seq("bob"), 2);
+    }
+
+    #[test]
+    fn every_device_of_both_users_gets_it_except_the_sender() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "alice", "laptop", 0);
+        h.login(3, "bob", "phone", 0);
+        h.login(4, "bob", "tablet", 0);
+        h.login(5, "bob", "web", 0);
+        let out = h.send(1, "bob", "m1", "hello");
+        assert!(messages_to(&out, 1).is_empty());
+        assert_eq!(messages_to(&out, 2), vec![(1, "hello".into())]);
+        for bob in [3, 4, 5] {
+            assert_eq!(messages_to(&out, bob), vec![(1, "hello".into())]);
+        }
+    }
+
+    #[test]
+    fn offline_catch_up_cursor_resume_and_last_seq() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        for i in 1..=5 {
+            h.send(1, "bob", &format!("m{i}"), &format!("t{i}"));
+        }
+        // Bob logs in: everything after cursor 0, in order.
+        let out = h.login(2, "bob", "phone", 0);
+        let got: Vec<u64> = messages_to(&out, 2).iter().map(|m| m.0).collect();
+        assert_eq!(got, vec![1, 2, 3, 4, 5]);
+        h.req(2, 3, C::Ack(proto::Ack { seq: 3 }));
+        h.close(2);
+        // Reconnect: resumes after the stored cursor.
+        let out = h.login(3, "bob", "phone", 0);
+        assert_eq!(
+            messages_to(&out, 3).iter().map(|m| m.0).collect::<Vec<_>>(),
+            vec![4, 5]
+        );
+        h.close(3);
+        // Login.last_seq overrides the stored cursor.
+        let out = h.login(4, "bob", "phone", 1);
+        assert_eq!(messages_to(&out, 4).len(), 4);
+        // Live messages follow the backlog without a gap.
+        let out = h.send(1, "bob", "m6", "t6");
+        assert_eq!(messages_to(&out, 4), vec![(6, "t6".into())]);
+    }
+
+    #[test]
+    fn delivery_window_waits_for_acks_and_ack_timeout_disconnects() {
+        let mut h = H::new(ImConfig {
+            delivery_window: 2,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "bob", "phone", 0);
+        let mut seen = Vec::new();
+        for i in 1..=5 {
+            let out = h.send(1, "bob", &format!("m{i}"), "x");
+            seen.extend(messages_to(&out, 2).into_iter().map(|m| m.0));
+        }
+        assert_eq!(seen, vec![1, 2], "at most the window in flight");
+        let out = h.req(2, 0, C::Ack(proto::Ack { seq: 1 }));
+        assert_eq!(
+            messages_to(&out, 2).iter().map(|m| m.0).collect::<Vec<_>>(),
+            vec![3]
+        );
+        let out = h.req(2, 0, C::Ack(proto::Ack { seq: 3 }));
+        assert_eq!(
+            messages_to(&out, 2).iter().map(|m| m.0).collect::<Vec<_>>(),
+            vec![4, 5]
+        );
+        // No ack progress for the ack timeout: disconnected.
+        h.now.mono_ms += 59_999;
+        h.core.check_ack_timeout(2, h.now);
+        assert!(closes(&h.turn()).is_empty());
+        h.now.mono_ms += 1;
+        h.core.check_ack_timeout(2, h.now);
+        assert_eq!(closes(&h.turn()), vec![(2, CLOSE_POLICY)]);
+        // Nothing outstanding: never timed out.
+        h.req(2, 0, C::Ack(proto::Ack { seq: 5 }));
+        h.now.mono_ms += 1_000_000;
+        h.core.check_ack_timeout(2, h.now);
+        assert!(closes(&h.turn()).is_empty());
+    }
+
+    #[test]
+    fn idempotent_send() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        let first = send_ok(&h.send(1, "bob", "same", "a"), 1).unwrap();
+        let again = send_ok(&h.send(1, "bob", "same", "a"), 1).unwrap();
+        assert_eq!((again.seq, again.duplicate), (first.seq, true));
+        assert_eq!(h.store.max_seq("bob"), 1, "nothing appended");
+        // A retry while the original is still uncommitted is answered after it commits.
+        for id in [20, 21] {
+            h.core.on_frame(
+                1,
+                ClientFrame {
+                    id,
+                    body: Some(C::Send(proto::SendMessage {
+                        to_uid: "bob".into(),
+                        client_msg_id: "fresh".into(),
+                        content: b"b".to_vec(),
+                    })),
+                },
+                h.now,
+                &h.store,
+            );
+        }
+        assert!(h.core.drain_output().next().is_none());
+        let out = h.turn();
+        let oks: Vec<(u64, u64, bool)> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Frame {
+                    frame:
+                        ServerFrame {
+                            id,
+                            body: Some(S::SendOk(s)),
+                        },
+                    ..
+                } => Some((*id, s.seq, s.duplicate)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(oks, vec![(20, 2, false), (21, 2, true)]);
+        // Validation of ids.
+        let out = h.send(1, "bob", "", "x");
+        assert_eq!(error_code(&out, 1), Some(ErrorCode::BadRequest));
+        let out = h.send(1, &"b".repeat(65), "id", "x");
+        assert_eq!(error_code(&out, 1), Some(ErrorCode::BadRequest));
+    }
+
+    #[test]
+    fn sync_pages() {
+        let mut h = H::new(ImConfig {
+            rate_burst: 1000.0,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        for i in 1..=150 {
+            h.send(1, "alice", &format!("m{i}"), "x");
+        }
+        let page = |h: &mut H, after, limit| match frames_to(
+            &h.req(
+                1,
+                5,
+                C::Sync(proto::Sync {
+                    after_seq: after,
+                    limit,
+                }),
+            ),
+            1,
+        )
+        .pop()
+        {
+            Some(S::SyncResult(r)) => (
+                r.messages.first().map(|m| m.seq),
+                r.messages.len(),
+                r.has_more,
+            ),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            page(&mut h, 0, 0),
+            (Some(1), 100, true),
+            "default limit 100"
+        );
+        assert_eq!(page(&mut h, 100, 0), (Some(101), 50, false));
+        assert_eq!(page(&mut h, 140, 5), (Some(141), 5, true));
+        assert_eq!(
+            page(&mut h, 0, 5000),
+            (Some(1), 150, false),
+            "limit capped at 1000"
+        );
+        assert_eq!(page(&mut h, 150, 10), (None, 0, false));
+    }
+
+    #[test]
+    fn presence_and_device_replacement() {
+        let mut h = H::new(ImConfig::default());
+        h.core.set_friendship("alice", "bob", true);
+        h.turn();
+        h.login(1, "alice", "phone", 0);
+        let out = h.login(2, "bob", "phone", 0);
+        let Some(S::LoginOk(ok)) = frames_to(&out, 2).into_iter().next() else {
+            panic!()
+        };
+        assert_eq!(ok.online_friends, vec!["alice".to_owned()]);
+        let presence = |out: &[Output], conn| -> Vec<(String, bool)> {
+            frames_to(out, conn)
+                .into_iter()
+                .filter_map(|b| match b {
+                    S::Presence(p) => Some((p.uid, p.online)),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(presence(&out, 1), vec![("bob".into(), true)]);
+        // A second device: no presence change.
+        let out = h.login(3, "bob", "laptop", 0);
+        assert!(presence(&out, 1).is_empty());
+        // Same device again: the old connection is kicked with 4000, friends see nothing.
+        let out = h.login(4, "bob", "laptop", 0);
+        assert!(frames_to(&out, 3).iter().any(|b| matches!(b, S::Kicked(_))));
+        assert_eq!(closes(&out), vec![(3, CLOSE_REPLACED)]);
+        assert!(presence(&out, 1).is_empty());
+        let out = h.close(3);
+        assert!(
+            presence(&out, 1).is_empty(),
+            "closing the kicked one changes nothing"
+        );
+        h.close(2);
+        let out = h.close(4);
+        assert_eq!(presence(&out, 1), vec![("bob".into(), false)]);
+    }
+
+    #[test]
+    fn device_limit() {
+        let mut h = H::new(ImConfig {
+            max_devices: 2,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "a", 0);
+        h.login(2, "alice", "b", 0);
+        let out = h.login(3, "alice", "c", 0);
+        assert_eq!(error_code(&out, 3), Some(ErrorCode::Forbidden));
+        assert_eq!(closes(&out), vec![(3, CLOSE_POLICY)]);
+    }
+
+    #[test]
+    fn limits_rate_and_bad_frames() {
+        let mut h = H::new(ImConfig {
+            max_content_bytes: 4,
+            rate_burst: 3.0,
+            rate_per_sec: 1.0,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "a", 0);
+        assert_eq!(
+            error_code(&h.send(1, "bob", "big", "12345"), 1),
+            Some(ErrorCode::TooLarge)
+        );
+        h.send(1, "bob", "r1", "x");
+        h.send(1, "bob", "r2", "x");
+        assert_eq!(
+            error_code(&h.send(1, "bob", "r3", "x"), 1),
+            Some(ErrorCode::RateLimited)
+        );
+        h.now.mono_ms += 1000;
+        assert!(
+            send_ok(&h.send(1, "bob", "r4", "x"), 1).is_some(),
+            "the bucket refills"
+        );
+        for i in 1..=10 {
+            h.core.on_bad_frame(1, "undecodable frame");
+            let out = h.turn();
+            assert_eq!(error_code(&out, 1), Some(ErrorCode::BadRequest));
+            assert_eq!(
+                closes(&out).is_empty(),
+                i < 10,
+                "closed after 10 in a row ({i})"
+            );
+        }
+    }
+
+    #[test]
+    fn ping_pong() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "a", 0);
+        let out = h.req(1, 42, C::Ping(proto::Ping { client_time_ms: 7 }));
+        let Some(S::Pong(p)) = frames_to(&out, 1).pop() else {
+            panic!()
+        };
+        assert_eq!((p.client_time_ms, p.server_time_ms), (7, h.now.unix_ms));
+    }
+}
