@@ -2,9 +2,12 @@
 //! runs with. Every flag has an `IMGATE_*` environment variable; flags win over the environment.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::im::core::ImConfig;
 
 #[derive(Debug, Parser)]
 #[command(name = "imgate", version, about = "Instant-messaging gateway")]
@@ -72,6 +75,68 @@ pub struct ServeArgs {
     /// Log level: error, warn, info, debug, trace. Falls back to RUST_LOG, then info.
     #[arg(long, env = "IMGATE_LOG_LEVEL")]
     pub log_level: Option<log::LevelFilter>,
+
+    /// HS256 secret shared with the app's backend, which signs the login tokens. Required
+    /// unless --dev is given.
+    #[arg(long, env = "IMGATE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Development mode: without --jwt-secret, generate one and print it.
+    #[arg(long, env = "IMGATE_DEV")]
+    pub dev: bool,
+
+    /// Where the store keeps inboxes, cursors, dedupe keys and friendships.
+    #[arg(long, env = "IMGATE_DATA_DIR", default_value = "imgate-data")]
+    pub data_dir: PathBuf,
+
+    /// full: a send is acknowledged only once it is synced to disk. none: skip the sync
+    /// (benchmarks only; a crash can lose acknowledged messages).
+    #[arg(long, env = "IMGATE_DURABILITY", value_enum, default_value_t = Durability::Full)]
+    pub durability: Durability,
+
+    /// Close (1008) a connection on /ws that has not logged in within this time.
+    #[arg(long, env = "IMGATE_AUTH_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub auth_timeout: Duration,
+
+    /// Most devices online at once per user; one more is refused (FORBIDDEN, close 1008).
+    #[arg(long, env = "IMGATE_MAX_DEVICES", default_value_t = 16)]
+    pub max_devices: usize,
+
+    /// Most unacknowledged messages in flight per device.
+    #[arg(long, env = "IMGATE_DELIVERY_WINDOW", default_value_t = 256)]
+    pub delivery_window: u64,
+
+    /// Close (1008) a device with messages outstanding and no ack progress for this long.
+    #[arg(long, env = "IMGATE_ACK_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub ack_timeout: Duration,
+
+    /// Largest SendMessage.content, in bytes (TOO_LARGE beyond).
+    #[arg(long, env = "IMGATE_MAX_CONTENT_BYTES", default_value_t = 16 * 1024)]
+    pub max_content_bytes: usize,
+
+    /// Sends per second per connection, on average (RATE_LIMITED beyond).
+    #[arg(long, env = "IMGATE_RATE_LIMIT", default_value_t = 50.0)]
+    pub rate_limit: f64,
+
+    /// Sends a connection may burst above the rate.
+    #[arg(long, env = "IMGATE_RATE_BURST", default_value_t = 100.0)]
+    pub rate_burst: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Durability {
+    Full,
+    None,
+}
+
+/// Settings of the IM endpoint `/ws`.
+#[derive(Debug, Clone)]
+pub struct ImSettings {
+    pub jwt_secret: Vec<u8>,
+    pub data_dir: PathBuf,
+    pub sync: bool,
+    pub auth_timeout: Duration,
+    pub core: ImConfig,
 }
 
 /// Settings of a running server, independent of how they were given.
@@ -88,6 +153,8 @@ pub struct ServerConfig {
     pub max_outbound_bytes: usize,
     pub allowed_origins: Vec<String>,
     pub shutdown_timeout: Duration,
+    /// The IM endpoint; `None` serves only the diagnostic endpoints.
+    pub im: Option<ImSettings>,
 }
 
 impl Default for ServerConfig {
@@ -104,6 +171,7 @@ impl Default for ServerConfig {
             max_outbound_bytes: 4 * 1024 * 1024,
             allowed_origins: Vec::new(),
             shutdown_timeout: Duration::from_secs(5),
+            im: None,
         }
     }
 }
@@ -150,6 +218,21 @@ impl From<&ServeArgs> for ServerConfig {
                 .filter(|o| !o.is_empty())
                 .collect(),
             shutdown_timeout: a.shutdown_timeout,
+            im: a.jwt_secret.as_ref().map(|secret| ImSettings {
+                jwt_secret: secret.as_bytes().to_vec(),
+                data_dir: a.data_dir.clone(),
+                sync: a.durability == Durability::Full,
+                auth_timeout: a.auth_timeout,
+                core: ImConfig {
+                    max_devices: a.max_devices,
+                    delivery_window: a.delivery_window,
+                    ack_timeout_ms: a.ack_timeout.as_millis() as u64,
+                    max_content_bytes: a.max_content_bytes,
+                    rate_per_sec: a.rate_limit,
+                    rate_burst: a.rate_burst,
+                    max_bad_frames: 10,
+                },
+            }),
         }
     }
 }

@@ -12,6 +12,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// 32 random bytes from the kernel, hex-encoded.
+fn dev_secret() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 fn init_logging(args: &ServeArgs) {
     let level = args
         .log_level
@@ -26,6 +34,25 @@ fn init_logging(args: &ServeArgs) {
 
 fn serve(args: &ServeArgs) -> ExitCode {
     init_logging(args);
+    let mut args = args.clone();
+    let cfg_secret_generated = args.jwt_secret.is_none();
+    if args.jwt_secret.is_none() {
+        if !args.dev {
+            log::error!(
+                "no JWT secret: set --jwt-secret or IMGATE_JWT_SECRET (or run with --dev to get a generated one)"
+            );
+            return ExitCode::from(2);
+        }
+        let secret = match dev_secret() {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("cannot generate a development secret: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        args.jwt_secret = Some(secret);
+    }
+    let args = &args;
     let cfg = ServerConfig::from(args);
     if let Err(e) = cfg.validate() {
         log::error!("invalid configuration: {e}");
@@ -49,6 +76,12 @@ fn serve(args: &ServeArgs) -> ExitCode {
             paths.join(", ")
         }
     );
+    if args.dev && std::env::var_os("IMGATE_JWT_SECRET").is_none() && cfg_secret_generated {
+        println!(
+            "imgate dev mode: generated JWT secret {} (pass it with --jwt-secret to keep it)",
+            args.jwt_secret.as_deref().unwrap_or_default()
+        );
+    }
     let _ = std::io::stdout().flush();
     match server.run() {
         Ok(()) => ExitCode::SUCCESS,

@@ -337,7 +337,7 @@ fn slow_consumer_is_closed_without_hurting_others() {
             break;
         }
         round += 1;
-        if round % 16 == 0 {
+        if round.is_multiple_of(16) {
             fast.send(Message::text(format!("tick {round}"))).unwrap();
             assert_eq!(
                 next_message(&mut fast),

@@ -15,6 +15,8 @@ use crate::ws;
 pub enum Service {
     /// `/echo` (only with `--echo`): every data message is sent back unchanged.
     Echo,
+    /// `/ws`: the IM protocol, one protobuf `ClientFrame` per binary message.
+    Im,
 }
 
 /// Which deadline a connection's single timer currently stands for.
@@ -55,6 +57,8 @@ pub struct Conn {
     pub write_shut: bool,
     /// Counted in the open-connection total (for `--max-connections`).
     pub counted_open: bool,
+    /// Loop time (ms) the connection was accepted (for the login deadline).
+    pub opened_ms: u64,
 }
 
 impl Conn {
@@ -71,6 +75,7 @@ impl Conn {
             peer_eof: false,
             write_shut: false,
             counted_open: false,
+            opened_ms: now,
         }
     }
 }

@@ -22,11 +22,18 @@ use super::signals::ShutdownSignals;
 use super::timer_wheel::TimerWheel;
 use crate::buffer_pool::BufferPool;
 use crate::config::ServerConfig;
+use crate::im::core::{Core, Now, Output};
+use crate::im::proto::ClientFrame;
+use crate::store::redb_store::RedbStore;
+use crate::store::writer::{Done, Writer};
 use crate::ws::handshake::{self, Endpoint, HttpError, Policy, UpgradeRequest};
-use crate::ws::{code, frame, Event, Failure, State};
+use crate::ws::{code, frame, Event, Failure, MessageKind, State};
+use prost::Message as _;
+use std::sync::Arc;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
+const STORE_WAKER: Token = Token(usize::MAX - 3);
 
 /// Shared receive buffer: every socket is read into it, so idle connections need none.
 const READ_BUF: usize = 64 * 1024;
@@ -71,6 +78,21 @@ pub struct Server {
     shutdown_deadline: Option<u64>,
     epoch: Instant,
     now: u64,
+    /// Wall-clock time of this loop turn, in Unix milliseconds.
+    unix_ms: i64,
+    im: Option<ImService>,
+    /// Connections that got output from the IM core this turn, flushed at its end.
+    dirty: Vec<usize>,
+}
+
+/// The IM endpoint's state: the sans-IO core, its store and the storage thread.
+struct ImService {
+    core: Core,
+    store: Arc<RedbStore>,
+    writer: Writer,
+    auth_timeout_ms: u64,
+    /// Reused buffer for encoding frames to other connections.
+    scratch: Vec<u8>,
 }
 
 impl Server {
@@ -90,8 +112,34 @@ impl Server {
                 kind: Service::Echo,
             });
         }
+        let im = match &cfg.im {
+            Some(settings) => {
+                let store = Arc::new(
+                    RedbStore::open(&settings.data_dir)
+                        .map_err(|e| io::Error::other(e.to_string()))?,
+                );
+                let waker = Arc::new(mio::Waker::new(poll.registry(), STORE_WAKER)?);
+                let writer = Writer::spawn(store.clone(), settings.sync, waker)?;
+                endpoints.push(Endpoint {
+                    path: "/ws",
+                    protocols: &["imgate.v1.proto"],
+                    kind: Service::Im,
+                });
+                Some(ImService {
+                    core: Core::new(settings.core.clone(), &settings.jwt_secret),
+                    store,
+                    writer,
+                    auth_timeout_ms: millis(settings.auth_timeout),
+                    scratch: Vec::new(),
+                })
+            }
+            None => None,
+        };
         let capacity = cfg.max_connections.min(1 << 20) + 64;
         Ok(Server {
+            im,
+            dirty: Vec::new(),
+            unix_ms: 0,
             policy: Policy {
                 allowed_origins: cfg.allowed_origins.clone(),
             },
@@ -150,9 +198,11 @@ impl Server {
                 return Err(e);
             }
             self.now = self.clock();
+            self.unix_ms = unix_ms();
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept_all(),
+                    STORE_WAKER => self.on_store_done()?,
                     SIGNALS => {
                         if self.signals.as_mut().is_some_and(|s| s.take()) {
                             self.begin_shutdown();
@@ -181,6 +231,86 @@ impl Server {
                 self.accept_paused_until = None;
                 self.accept_all();
             }
+            self.end_turn();
+        }
+    }
+
+    fn now_value(&self) -> Now {
+        Now {
+            mono_ms: self.now,
+            unix_ms: self.unix_ms,
+        }
+    }
+
+    /// Hands the turn's store writes to the storage thread (group commit) and writes the
+    /// output the IM core produced for other connections.
+    fn end_turn(&mut self) {
+        if let Some(im) = self.im.as_mut() {
+            if let Some((id, batch)) = im.core.take_batch() {
+                im.writer.submit(id, batch);
+            }
+        }
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        for key in dirty.drain(..) {
+            self.after_io(key);
+        }
+        self.dirty = dirty;
+    }
+
+    /// The storage thread committed batches: acknowledge and deliver them. A failed commit
+    /// stops the server (fail-stop): acknowledging anything after it could lose messages.
+    fn on_store_done(&mut self) -> io::Result<()> {
+        let now = self.now_value();
+        let Some(im) = self.im.as_mut() else {
+            return Ok(());
+        };
+        let mut latest = None;
+        for done in im.writer.completed() {
+            match done {
+                Done::Committed(id) => latest = Some(id),
+                Done::Failed(e) => {
+                    log::error!("{e}; stopping: no send is acknowledged unless it is durable");
+                    return Err(io::Error::other(e));
+                }
+            }
+        }
+        if let Some(id) = latest {
+            im.core.on_committed(id, now, &*im.store);
+            self.dispatch_im();
+        }
+        Ok(())
+    }
+
+    /// Moves the IM core's output into the connections' outboxes.
+    fn dispatch_im(&mut self) {
+        let Some(im) = self.im.as_mut() else {
+            return;
+        };
+        let mut body = Vec::new();
+        for out in im.core.drain_output() {
+            let conn = match &out {
+                Output::Frame { conn, .. } | Output::Close { conn, .. } => *conn,
+            };
+            let Some(c) = self.conns.get_mut(conn) else {
+                continue;
+            };
+            im.scratch.clear();
+            match out {
+                Output::Frame { frame, .. } => {
+                    body.clear();
+                    if frame.encode(&mut body).is_ok() {
+                        c.ws.send(MessageKind::Binary, &body, &mut im.scratch);
+                    }
+                }
+                Output::Close { code, reason, .. } => {
+                    debug!("conn {conn}: closing {code} {reason}");
+                    c.ws.close(code, reason, &mut im.scratch);
+                }
+            }
+            c.outbox.push(&im.scratch, &mut self.pool);
+            self.dirty.push(conn);
         }
     }
 
@@ -299,6 +429,12 @@ impl Server {
                     conn.last_inbound = self.now;
                     total += n;
                     let mut cx = Cx {
+                        key,
+                        now: Now {
+                            mono_ms: self.now,
+                            unix_ms: self.unix_ms,
+                        },
+                        im: self.im.as_mut(),
                         staging: &mut self.staging,
                         input_refs: &mut self.input_refs,
                         pool: &mut self.pool,
@@ -337,6 +473,7 @@ impl Server {
         if let Some(conn) = self.conns.get_mut(key) {
             conn.ws.release_buffers(&mut self.pool);
         }
+        self.dispatch_im();
         self.after_io(key);
     }
 
@@ -414,7 +551,15 @@ impl Server {
         }
         let deadline = match want {
             TimerKind::Handshake => self.now + millis(self.cfg.handshake_timeout),
-            TimerKind::KeepAlive => keepalive_deadline(conn, &self.cfg),
+            TimerKind::KeepAlive => {
+                let mut at = keepalive_deadline(conn, &self.cfg);
+                if let Some(im) = &self.im {
+                    if conn.service == Some(Service::Im) && !im.core.is_logged_in(key) {
+                        at = at.min(conn.opened_ms + im.auth_timeout_ms);
+                    }
+                }
+                at
+            }
             TimerKind::Close => self.now + millis(self.cfg.close_timeout),
         };
         if let Some(id) = conn.timer.take() {
@@ -446,12 +591,33 @@ impl Server {
                     conn.ws.ping(b"", &mut self.staging);
                     conn.last_ping = now;
                 }
+                if conn.service == Some(Service::Im) {
+                    self.im_timer(key);
+                }
                 self.after_io(key);
             }
             State::CloseSent | State::Closed => {
                 debug!("conn {key}: close timeout");
                 self.remove(key);
             }
+        }
+    }
+
+    /// The IM deadlines of an open `/ws` connection: the login deadline, then the ack timeout.
+    fn im_timer(&mut self, key: usize) {
+        let now = self.now_value();
+        let (Some(im), Some(conn)) = (self.im.as_mut(), self.conns.get_mut(key)) else {
+            return;
+        };
+        if !im.core.is_logged_in(key) {
+            if now.mono_ms >= conn.opened_ms + im.auth_timeout_ms {
+                debug!("conn {key}: no login in time");
+                conn.ws
+                    .close(code::POLICY_VIOLATION, "login timeout", &mut self.staging);
+            }
+        } else {
+            im.core.check_ack_timeout(key, now);
+            self.dispatch_im();
         }
     }
 
@@ -493,11 +659,20 @@ impl Server {
         }
         let _ = self.poll.registry().deregister(&mut conn.sock);
         conn.ws.release_buffers(&mut self.pool);
+        if conn.service == Some(Service::Im) {
+            if let Some(im) = self.im.as_mut() {
+                im.core.on_close(key, &*im.store);
+                self.dispatch_im();
+            }
+        }
     }
 }
 
 /// Everything input processing may touch besides the connection itself.
 struct Cx<'a> {
+    key: usize,
+    now: Now,
+    im: Option<&'a mut ImService>,
     staging: &'a mut Vec<u8>,
     input_refs: &'a mut Vec<(usize, Range<usize>)>,
     pool: &'a mut BufferPool,
@@ -541,6 +716,20 @@ fn process_input(conn: &mut Conn, input: &mut [u8], cx: &mut Cx<'_>) {
                         frame::write_frame(cx.staging, kind.opcode(), payload);
                     }
                 }
+                Some(Service::Im) => {
+                    let Some(im) = cx.im.as_deref_mut() else {
+                        continue;
+                    };
+                    match kind {
+                        MessageKind::Text => im
+                            .core
+                            .on_bad_frame(cx.key, "text frames are not accepted on /ws"),
+                        MessageKind::Binary => match ClientFrame::decode(payload) {
+                            Ok(f) => im.core.on_frame(cx.key, f, cx.now, &*im.store),
+                            Err(_) => im.core.on_bad_frame(cx.key, "undecodable frame"),
+                        },
+                    }
+                }
                 None => {}
             },
             Some(Event::Closed { code, reason }) => {
@@ -560,6 +749,11 @@ fn upgrade(conn: &mut Conn, request: &UpgradeRequest, cx: &mut Cx<'_>) {
         Ok(accepted) => {
             conn.ws.accept(&accepted.response, cx.staging);
             conn.service = Some(accepted.kind);
+            if accepted.kind == Service::Im {
+                if let Some(im) = cx.im.as_deref_mut() {
+                    im.core.on_open(cx.key, cx.now);
+                }
+            }
             conn.counted_open = true;
             *cx.open_count += 1;
         }
@@ -576,6 +770,12 @@ fn keepalive_deadline(conn: &Conn, cfg: &ServerConfig) -> u64 {
     let idle = conn.last_inbound + millis(cfg.idle_timeout);
     let ping = conn.last_inbound.max(conn.last_ping) + millis(cfg.ping_interval);
     idle.min(ping)
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn millis(d: Duration) -> u64 {

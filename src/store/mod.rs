@@ -6,6 +6,8 @@
 //! the network thread (group commit) before the core releases any acknowledgement for it.
 
 pub mod memory;
+pub mod redb_store;
+pub mod writer;
 
 /// A message as stored in one user's inbox.
 #[derive(Debug, Clone, PartialEq, Eq)]

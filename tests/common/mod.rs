@@ -8,10 +8,29 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// The JWT secret the test servers run with.
+pub const SECRET: &str = "integration-test-secret";
+
+/// A fresh data directory under the system temp dir, removed by [`ServerProc`] on drop
+/// unless the test keeps it.
+pub fn temp_data_dir() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "imgate-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 /// A running `imgate serve`, killed on drop.
 pub struct ServerProc {
     child: Child,
     pub addr: SocketAddr,
+    pub data_dir: std::path::PathBuf,
+    pub keep_data: bool,
 }
 
 impl ServerProc {
@@ -21,8 +40,20 @@ impl ServerProc {
     }
 
     pub fn start_with(args: &[&str], customize: impl FnOnce(&mut Command)) -> ServerProc {
+        Self::start_in(temp_data_dir(), "127.0.0.1:0", args, customize)
+    }
+
+    /// Starts a server on `listen` with its store in `data_dir`.
+    pub fn start_in(
+        data_dir: std::path::PathBuf,
+        listen: &str,
+        args: &[&str],
+        customize: impl FnOnce(&mut Command),
+    ) -> ServerProc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_imgate"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--log-level", "warn"])
+        cmd.args(["serve", "--listen", listen, "--log-level", "warn"])
+            .args(["--jwt-secret", SECRET, "--data-dir"])
+            .arg(&data_dir)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -48,7 +79,12 @@ impl ServerProc {
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("no address in {line:?}"));
-        ServerProc { child, addr }
+        ServerProc {
+            child,
+            addr,
+            data_dir,
+            keep_data: false,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -91,6 +127,9 @@ impl Drop for ServerProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if !self.keep_data {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
     }
 }
 

@@ -12,10 +12,14 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = os.environ.get("IMGATE_BIN", str(ROOT / "target" / "debug" / "imgate"))
 
 
+SECRET = "python-interop-secret"
+
+
 class Server:
-    def __init__(self, *args):
+    def __init__(self, data_dir, *args):
         self.proc = subprocess.Popen(
-            [BIN, "serve", "--listen", "127.0.0.1:0", "--log-level", "warn", *args],
+            [BIN, "serve", "--listen", "127.0.0.1:0", "--log-level", "warn",
+             "--jwt-secret", SECRET, "--data-dir", str(data_dir), *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             text=True,
@@ -39,11 +43,11 @@ class Server:
 
 
 @pytest.fixture
-def start_server():
+def start_server(tmp_path):
     servers = []
 
     def start(*args):
-        s = Server(*args)
+        s = Server(tmp_path / f"data{len(servers)}", *args)
         servers.append(s)
         return s
 

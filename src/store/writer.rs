@@ -1,0 +1,95 @@
+//! The storage thread: commits the IM core's write batches off the network thread.
+//!
+//! The loop submits one batch per turn and never waits. The thread takes every batch that is
+//! waiting, commits them in one transaction (group commit: one disk sync for many turns under
+//! load), reports the newest committed batch id and wakes the loop through a `mio::Waker`.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use super::redb_store::RedbStore;
+use super::WriteBatch;
+
+/// Batch ids grow by one per submitted batch; a report covers every id up to it.
+pub type BatchId = u64;
+
+pub enum Done {
+    Committed(BatchId),
+    Failed(String),
+}
+
+pub struct Writer {
+    jobs: Option<mpsc::Sender<(BatchId, WriteBatch)>>,
+    done: mpsc::Receiver<Done>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Starts the thread. With `sync`, a batch is reported only once it is on disk.
+    pub fn spawn(
+        store: Arc<RedbStore>,
+        sync: bool,
+        waker: Arc<mio::Waker>,
+    ) -> std::io::Result<Writer> {
+        let (jobs_tx, jobs_rx) = mpsc::channel::<(BatchId, WriteBatch)>();
+        let (done_tx, done_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("imgate-store".into())
+            .spawn(move || {
+                while let Ok(first) = jobs_rx.recv() {
+                    let mut last = first.0;
+                    let mut batches = vec![first.1];
+                    while let Ok((id, b)) = jobs_rx.try_recv() {
+                        last = id;
+                        batches.push(b);
+                    }
+                    let report = match store.commit(&batches, sync) {
+                        Ok(()) => Done::Committed(last),
+                        Err(e) => Done::Failed(e.to_string()),
+                    };
+                    let failed = matches!(report, Done::Failed(_));
+                    if done_tx.send(report).is_err() {
+                        return;
+                    }
+                    let _ = waker.wake();
+                    if failed {
+                        return;
+                    }
+                }
+                // The loop is gone: make whatever a no-sync commit left in memory durable.
+                if !sync {
+                    if let Err(e) = store.commit(&[], true) {
+                        log::error!("final store sync failed: {e}");
+                    }
+                }
+            })?;
+        Ok(Writer {
+            jobs: Some(jobs_tx),
+            done: done_rx,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a batch; never blocks.
+    pub fn submit(&self, id: BatchId, batch: WriteBatch) {
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.send((id, batch));
+        }
+    }
+
+    /// Reports that arrived since the last call.
+    pub fn completed(&self) -> mpsc::TryIter<'_, Done> {
+        self.done.try_iter()
+    }
+}
+
+impl Drop for Writer {
+    /// Commits everything submitted, then stops the thread.
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! The IM endpoint /ws over loopback with the real binary: tungstenite clients speaking the
+//! protobuf protocol generated from proto/.
+
+mod common;
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{ServerProc, SECRET};
+use imgate::im::proto::{self, client_frame::Body as C, server_frame::Body as S};
+use prost::Message as _;
+use tungstenite::Message;
+
+type Ws = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>;
+
+fn token(uid: &str) -> String {
+    #[derive(serde::Serialize)]
+    struct Claims<'a> {
+        sub: &'a str,
+        exp: u64,
+    }
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &Claims { sub: uid, exp },
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+struct Client {
+    ws: Ws,
+    next_id: u64,
+}
+
+impl Client {
+    fn connect(server: &ServerProc) -> Client {
+        let (ws, _) = tungstenite::connect(server.url("/ws")).expect("connect /ws");
+        if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        }
+        Client { ws, next_id: 1 }
+    }
+
+    fn login(
+        server: &ServerProc,
+        uid: &str,
+        device: &str,
+        last_seq: u64,
+    ) -> (Client, proto::LoginOk) {
+        let mut c = Client::connect(server);
+        let id = c.request(C::Login(proto::Login {
+            token: token(uid),
+            device_id: device.into(),
+            last_seq,
+        }));
+        match c.response(id) {
+            S::LoginOk(ok) => (c, ok),
+            other => panic!("login failed: {other:?}"),
+        }
+    }
+
+    fn request(&mut self, body: C) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let f = proto::ClientFrame {
+            id,
+            body: Some(body),
+        };
+        self.ws
+            .send(Message::binary(f.encode_to_vec()))
+            .expect("send");
+        id
+    }
+
+    fn next(&mut self) -> proto::ServerFrame {
+        loop {
+            match self.ws.read().expect("read") {
+                Message::Binary(b) => return proto::ServerFrame::decode(&b[..]).expect("decode"),
+                Message::Ping(_) | Message::Pong(_) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until the answer to request `id`; frames pushed meanwhile are dropped.
+    fn response(&mut self, id: u64) -> S {
+        loop {
+            let f = self.next();
+            if f.id == id {
+                return f.body.expect("body");
+            }
+        }
+    }
+
+    fn send(&mut self, to: &str, cmid: &str, text: &str) -> proto::SendOk {
+        let id = self.request(C::Send(proto::SendMessage {
+            to_uid: to.into(),
+            client_msg_id: cmid.into(),
+            content: text.as_bytes().to_vec(),
+        }));
+        match self.response(id) {
+            S::SendOk(ok) => ok,
+            other => panic!("send failed: {other:?}"),
+        }
+    }
+
+    /// Reads pushed Message frames until `n` arrived.
+    fn messages(&mut self, n: usize) -> Vec<proto::Message> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            if let Some(S::Message(m)) = self.next().body {
+                got.push(m);
+            }
+        }
+        got
+    }
+}
+
+#[test]
+fn two_users_three_devices_live_and_offline() {
+    let server = ServerProc::start(&[]);
+    let (mut alice, ok) = Client::login(&server, "alice", "phone", 0);
+    assert_eq!((ok.uid.as_str(), ok.max_seq), ("alice", 0));
+    let (mut bob_phone, _) = Client::login(&server, "bob", "phone", 0);
+    let (mut bob_laptop, _) = Client::login(&server, "bob", "laptop", 0);
+
+    let ok = alice.send("bob", "m1", "hello bob");
+    assert_eq!((ok.seq, ok.duplicate), (1, false));
+    for dev in [&mut bob_phone, &mut bob_laptop] {
+        let m = dev.messages(1);
+        assert_eq!(
+            (m[0].seq, m[0].from_uid.as_str(), m[0].content.as_slice()),
+            (1, "alice", &b"hello bob"[..])
+        );
+        assert_eq!(m[0].from_device, "phone");
+    }
+    // Duplicate send: same seq, nothing new delivered.
+    let dup = alice.send("bob", "m1", "hello bob");
+    assert_eq!((dup.seq, dup.duplicate), (1, true));
+
+    // Bob's laptop acks and goes away; two more messages arrive while it is offline.
+    let id = bob_laptop.request(C::Ack(proto::Ack { seq: 1 }));
+    let _ = id;
+    bob_laptop.ws.close(None).ok();
+    alice.send("bob", "m2", "second");
+    alice.send("bob", "m3", "third");
+    assert_eq!(bob_phone.messages(2).len(), 2);
+    // It resumes after its stored cursor, in order, then live messages follow.
+    std::thread::sleep(Duration::from_millis(200));
+    let (mut laptop, ok) = Client::login(&server, "bob", "laptop", 0);
+    assert_eq!(ok.max_seq, 3);
+    let seqs: Vec<u64> = laptop.messages(2).iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![2, 3]);
+    alice.send("bob", "m4", "live");
+    assert_eq!(laptop.messages(1)[0].seq, 4);
+
+    // Sync pages over the caller's own inbox.
+    let id = laptop.request(C::Sync(proto::Sync {
+        after_seq: 1,
+        limit: 2,
+    }));
+    match laptop.response(id) {
+        S::SyncResult(r) => {
+            assert_eq!(
+                r.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+                vec![2, 3]
+            );
+            assert!(r.has_more);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn replacing_a_device_kicks_the_old_connection_with_4000() {
+    let server = ServerProc::start(&[]);
+    let (mut old, _) = Client::login(&server, "carol", "phone", 0);
+    let (_new, _) = Client::login(&server, "carol", "phone", 0);
+    match old.next().body {
+        Some(S::Kicked(_)) => {}
+        other => panic!("expected Kicked, got {other:?}"),
+    }
+    match old.ws.read() {
+        Ok(Message::Close(Some(c))) => assert_eq!(u16::from(c.code), 4000),
+        other => panic!("expected Close 4000, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_logins_garbage_and_text_frames() {
+    let server = ServerProc::start(&["--auth-timeout", "500ms"]);
+    // Garbage: BAD_REQUEST, and the connection stays usable.
+    let mut c = Client::connect(&server);
+    c.ws.send(Message::binary(vec![0xFF, 0xFF, 0xFF])).unwrap();
+    match c.next().body {
+        Some(S::Error(e)) => assert_eq!(e.code, proto::ErrorCode::BadRequest as i32),
+        other => panic!("{other:?}"),
+    }
+    c.ws.send(Message::text("{}")).unwrap();
+    match c.next().body {
+        Some(S::Error(e)) => assert_eq!(e.code, proto::ErrorCode::BadRequest as i32),
+        other => panic!("{other:?}"),
+    }
+    // A request before login: UNAUTHENTICATED.
+    let id = c.request(C::Ping(proto::Ping { client_time_ms: 1 }));
+    match c.response(id) {
+        S::Error(e) => assert_eq!(e.code, proto::ErrorCode::Unauthenticated as i32),
+        other => panic!("{other:?}"),
+    }
+    // No login in time: closed with 1008.
+    let started = Instant::now();
+    match c.ws.read() {
+        Ok(Message::Close(Some(cf))) => assert_eq!(u16::from(cf.code), 1008),
+        other => panic!("expected Close 1008, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // A bad token: UNAUTHENTICATED then close 1008.
+    let mut c = Client::connect(&server);
+    let id = c.request(C::Login(proto::Login {
+        token: "not-a-token".into(),
+        device_id: "d".into(),
+        last_seq: 0,
+    }));
+    match c.response(id) {
+        S::Error(e) => assert_eq!(e.code, proto::ErrorCode::Unauthenticated as i32),
+        other => panic!("{other:?}"),
+    }
+    match c.ws.read() {
+        Ok(Message::Close(Some(cf))) => assert_eq!(u16::from(cf.code), 1008),
+        other => panic!("expected Close 1008, got {other:?}"),
+    }
+}
+
+#[test]
+fn kill_9_loses_nothing_that_was_acknowledged() {
+    const FAST: &[&str] = &["--rate-limit", "100000", "--rate-burst", "100000"];
+    let mut server = ServerProc::start(FAST);
+    server.keep_data = true;
+    let dir = server.data_dir.clone();
+    let addr = server.addr.to_string();
+    let (mut alice, _) = Client::login(&server, "alice", "phone", 0);
+    let mut acked = Vec::new();
+    for i in 0..200 {
+        let ok = alice.send("dave", &format!("k{i}"), &format!("msg {i}"));
+        acked.push(ok.seq);
+    }
+    // Keep sending without waiting while the server is killed.
+    for i in 200..260 {
+        alice.request(C::Send(proto::SendMessage {
+            to_uid: "dave".into(),
+            client_msg_id: format!("k{i}"),
+            content: format!("msg {i}").into_bytes(),
+        }));
+    }
+    unsafe {
+        libc::kill(server.pid() as libc::pid_t, libc::SIGKILL);
+    }
+    server.wait(Duration::from_secs(10)).expect("killed");
+    drop(server);
+    let mut restarted = ServerProc::start_in(dir, &addr, FAST, |_| {});
+    restarted.keep_data = false;
+    let (mut dave, ok) = Client::login(&restarted, "dave", "phone", 0);
+    assert!(
+        ok.max_seq >= 200,
+        "every acknowledged message survived: {}",
+        ok.max_seq
+    );
+    let got = dave.messages(ok.max_seq as usize);
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!(m.seq, i as u64 + 1, "in order, no gap");
+        assert_eq!(m.content, format!("msg {i}").into_bytes());
+    }
+}
