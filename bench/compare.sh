@@ -12,7 +12,7 @@
 #   examples:
 #     T=target/bench-tools/release
 #     bench/compare.sh "raw=$T/raw-echo {addr}" "tung=$T/tungstenite-echo {addr}" \
-#         "imgate@/echo=target/release/imgate serve --echo --listen {addr} --max-connections 20000 --log-level warn"
+#         "imgate@/echo=target/release/imgate serve --dev --data-dir /tmp/imgate-bench-data --admin-listen 127.0.0.1:0 --echo --listen {addr} --max-connections 20000 --log-level warn"
 #
 # options:
 #   -r, --rounds N        rounds (default 3)

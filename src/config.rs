@@ -121,6 +121,14 @@ pub struct ServeArgs {
     /// Sends a connection may burst above the rate.
     #[arg(long, env = "IMGATE_RATE_BURST", default_value_t = 100.0)]
     pub rate_burst: f64,
+
+    /// Address of the admin HTTP API for the app's backend (friendships).
+    #[arg(long, env = "IMGATE_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
+
+    /// When set, every admin request must carry `Authorization: Bearer <token>` (else 401).
+    #[arg(long, env = "IMGATE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -132,6 +140,8 @@ pub enum Durability {
 /// Settings of the IM endpoint `/ws`.
 #[derive(Debug, Clone)]
 pub struct ImSettings {
+    pub admin_listen: SocketAddr,
+    pub admin_token: Option<String>,
     pub jwt_secret: Vec<u8>,
     pub data_dir: PathBuf,
     pub sync: bool,
@@ -219,6 +229,8 @@ impl From<&ServeArgs> for ServerConfig {
                 .collect(),
             shutdown_timeout: a.shutdown_timeout,
             im: a.jwt_secret.as_ref().map(|secret| ImSettings {
+                admin_listen: a.admin_listen,
+                admin_token: a.admin_token.clone(),
                 jwt_secret: secret.as_bytes().to_vec(),
                 data_dir: a.data_dir.clone(),
                 sync: a.durability == Durability::Full,

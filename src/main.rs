@@ -66,6 +66,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
         }
     };
     let paths = server.endpoint_paths();
+    let admin = server.admin_addr();
     // One line per listener on stdout, for people and for scripts that bind port 0.
     println!(
         "imgate listening on ws://{} (endpoints: {})",
@@ -76,6 +77,9 @@ fn serve(args: &ServeArgs) -> ExitCode {
             paths.join(", ")
         }
     );
+    if let Some(addr) = admin {
+        println!("imgate admin API on http://{addr}");
+    }
     if args.dev && std::env::var_os("IMGATE_JWT_SECRET").is_none() && cfg_secret_generated {
         println!(
             "imgate dev mode: generated JWT secret {} (pass it with --jwt-secret to keep it)",

@@ -276,3 +276,48 @@ fn kill_9_loses_nothing_that_was_acknowledged() {
         assert_eq!(m.content, format!("msg {i}").into_bytes());
     }
 }
+
+#[test]
+fn presence_follows_friendships_set_on_the_admin_api() {
+    let server = ServerProc::start(&["--admin-token", "adm"]);
+    // The admin API wants the bearer token.
+    let r = server.admin_request("PUT", "/v1/friendships/erin/frank", "");
+    assert!(r.starts_with("HTTP/1.1 401 "), "{r}");
+    let auth = "Authorization: Bearer adm\r\n";
+    let r = server.admin_request("PUT", "/v1/friendships/erin/frank", auth);
+    assert!(r.starts_with("HTTP/1.1 204 "), "{r}");
+    let r = server.admin_request("GET", "/v1/friendships/erin/frank", auth);
+    assert!(
+        r.starts_with("HTTP/1.1 405 ") && r.contains("\"error\""),
+        "{r}"
+    );
+    let r = server.admin_request("GET", "/v1/nothing", auth);
+    assert!(r.starts_with("HTTP/1.1 404 "), "{r}");
+
+    let (mut erin, ok) = Client::login(&server, "erin", "phone", 0);
+    assert!(ok.online_friends.is_empty());
+    let (frank, ok) = Client::login(&server, "frank", "phone", 0);
+    assert_eq!(ok.online_friends, vec!["erin".to_owned()]);
+    match erin.next().body {
+        Some(S::Presence(p)) => assert_eq!((p.uid.as_str(), p.online), ("frank", true)),
+        other => panic!("{other:?}"),
+    }
+    drop(frank);
+    match erin.next().body {
+        Some(S::Presence(p)) => assert_eq!((p.uid.as_str(), p.online), ("frank", false)),
+        other => panic!("{other:?}"),
+    }
+    // Unfriended: no more presence.
+    let r = server.admin_request("DELETE", "/v1/friendships/frank/erin", auth);
+    assert!(r.starts_with("HTTP/1.1 204 "), "{r}");
+    let (_frank, ok) = Client::login(&server, "frank", "phone", 0);
+    assert!(ok.online_friends.is_empty());
+    let id = erin.request(C::Ping(proto::Ping { client_time_ms: 3 }));
+    match erin.next() {
+        proto::ServerFrame {
+            id: got,
+            body: Some(S::Pong(p)),
+        } => assert_eq!((got, p.client_time_ms), (id, 3)),
+        other => panic!("expected only the Pong, got {other:?}"),
+    }
+}

@@ -310,6 +310,11 @@ impl Core {
             .push((a.to_owned(), b.to_owned(), present));
     }
 
+    /// The id the writes made since the last [`Core::take_batch`] will be committed under.
+    pub fn pending_batch_id(&self) -> BatchId {
+        self.next_batch
+    }
+
     /// The writes of this turn, if any. Commit it, then call [`Core::on_committed`].
     pub fn take_batch(&mut self) -> Option<(BatchId, WriteBatch)> {
         if self.batch.is_empty() && self.deferred.is_empty() {

@@ -17,6 +17,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
+use super::admin::{self, AdminAction, Response};
 use super::conn::{Conn, Service, TimerKind};
 use super::signals::ShutdownSignals;
 use super::timer_wheel::TimerWheel;
@@ -34,6 +35,9 @@ use std::sync::Arc;
 const LISTENER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
 const STORE_WAKER: Token = Token(usize::MAX - 3);
+const ADMIN_LISTENER: Token = Token(usize::MAX - 4);
+/// Admin connections use tokens from here up; WebSocket connections use their slab key.
+const ADMIN_BASE: usize = usize::MAX / 2;
 
 /// Shared receive buffer: every socket is read into it, so idle connections need none.
 const READ_BUF: usize = 64 * 1024;
@@ -85,6 +89,16 @@ pub struct Server {
     dirty: Vec<usize>,
 }
 
+/// One admin HTTP request/response exchange.
+struct AdminConn {
+    sock: TcpStream,
+    request: Vec<u8>,
+    response: Vec<u8>,
+    written: usize,
+    /// Answer 204 once this batch is durable.
+    waiting_for: Option<u64>,
+}
+
 /// The IM endpoint's state: the sans-IO core, its store and the storage thread.
 struct ImService {
     core: Core,
@@ -93,6 +107,10 @@ struct ImService {
     auth_timeout_ms: u64,
     /// Reused buffer for encoding frames to other connections.
     scratch: Vec<u8>,
+    admin_listener: TcpListener,
+    admin_addr: SocketAddr,
+    admin_token: Option<String>,
+    admins: Slab<AdminConn>,
 }
 
 impl Server {
@@ -125,12 +143,22 @@ impl Server {
                     protocols: &["imgate.v1.proto"],
                     kind: Service::Im,
                 });
+                let mut admin_listener = TcpListener::bind(settings.admin_listen)?;
+                poll.registry().register(
+                    &mut admin_listener,
+                    ADMIN_LISTENER,
+                    Interest::READABLE,
+                )?;
                 Some(ImService {
                     core: Core::new(settings.core.clone(), &settings.jwt_secret),
                     store,
                     writer,
                     auth_timeout_ms: millis(settings.auth_timeout),
                     scratch: Vec::new(),
+                    admin_addr: admin_listener.local_addr()?,
+                    admin_listener,
+                    admin_token: settings.admin_token.clone(),
+                    admins: Slab::new(),
                 })
             }
             None => None,
@@ -171,6 +199,11 @@ impl Server {
         self.local_addr
     }
 
+    /// Address of the admin HTTP API, when the IM endpoint is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.im.as_ref().map(|im| im.admin_addr)
+    }
+
     /// Paths of the WebSocket endpoints this server exposes.
     pub fn endpoint_paths(&self) -> Vec<&'static str> {
         self.endpoints.iter().map(|e| e.path).collect()
@@ -203,11 +236,14 @@ impl Server {
                 match ev.token() {
                     LISTENER => self.accept_all(),
                     STORE_WAKER => self.on_store_done()?,
+                    ADMIN_LISTENER => self.accept_admin(),
                     SIGNALS => {
                         if self.signals.as_mut().is_some_and(|s| s.take()) {
                             self.begin_shutdown();
                         }
                     }
+                    // After the fixed tokens above, which lie in the same range.
+                    Token(t) if t >= ADMIN_BASE => self.on_admin(t - ADMIN_BASE),
                     Token(key) => {
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                             self.on_readable(key, ev.is_read_closed() || ev.is_error());
@@ -278,9 +314,107 @@ impl Server {
         }
         if let Some(id) = latest {
             im.core.on_committed(id, now, &*im.store);
+            let ready: Vec<usize> = im
+                .admins
+                .iter()
+                .filter(|(_, a)| a.waiting_for.is_some_and(|b| b <= id))
+                .map(|(k, _)| k)
+                .collect();
+            for key in ready {
+                if let Some(a) = self.im.as_mut().and_then(|im| im.admins.get_mut(key)) {
+                    a.waiting_for = None;
+                    a.response = Response::no_content().to_bytes();
+                }
+                self.on_admin(key);
+            }
             self.dispatch_im();
         }
         Ok(())
+    }
+
+    fn accept_admin(&mut self) {
+        let Some(im) = self.im.as_mut() else {
+            return;
+        };
+        loop {
+            match im.admin_listener.accept() {
+                Ok((mut sock, _)) => {
+                    let entry = im.admins.vacant_entry();
+                    let token = Token(ADMIN_BASE + entry.key());
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
+                        .is_ok()
+                    {
+                        entry.insert(AdminConn {
+                            sock,
+                            request: Vec::new(),
+                            response: Vec::new(),
+                            written: 0,
+                            waiting_for: None,
+                        });
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if is_transient_accept_error(&e) => {}
+                Err(e) => {
+                    warn!("admin accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads the admin request, routes it, and writes the answer; closes when it is sent.
+    fn on_admin(&mut self, key: usize) {
+        let Some(im) = self.im.as_mut() else {
+            return;
+        };
+        let Some(a) = im.admins.get_mut(key) else {
+            return;
+        };
+        if a.response.is_empty() && a.waiting_for.is_none() {
+            let mut buf = [0u8; 4096];
+            loop {
+                match a.sock.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        a.request.extend_from_slice(&buf[..n]);
+                        if a.request.len() > admin::MAX_ADMIN_REQUEST {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            match admin::handle(&a.request, im.admin_token.as_deref()) {
+                admin::Parsed::Partial => return,
+                admin::Parsed::Done(AdminAction::Respond(r)) => a.response = r.to_bytes(),
+                admin::Parsed::Done(AdminAction::SetFriendship {
+                    a: x,
+                    b: y,
+                    present,
+                }) => {
+                    im.core.set_friendship(&x, &y, present);
+                    a.waiting_for = Some(im.core.pending_batch_id());
+                    return;
+                }
+            }
+        }
+        while a.written < a.response.len() {
+            match a.sock.write(&a.response[a.written..]) {
+                Ok(n) if n > 0 => a.written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                _ => break,
+            }
+        }
+        if a.waiting_for.is_none() && !a.response.is_empty() {
+            let mut a = im.admins.remove(key);
+            let _ = self.poll.registry().deregister(&mut a.sock);
+        }
     }
 
     /// Moves the IM core's output into the connections' outboxes.

@@ -29,6 +29,8 @@ pub fn temp_data_dir() -> std::path::PathBuf {
 pub struct ServerProc {
     child: Child,
     pub addr: SocketAddr,
+    /// The admin HTTP API.
+    pub admin: SocketAddr,
     pub data_dir: std::path::PathBuf,
     pub keep_data: bool,
 }
@@ -52,7 +54,13 @@ impl ServerProc {
     ) -> ServerProc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_imgate"));
         cmd.args(["serve", "--listen", listen, "--log-level", "warn"])
-            .args(["--jwt-secret", SECRET, "--data-dir"])
+            .args([
+                "--jwt-secret",
+                SECRET,
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(&data_dir)
             .args(args)
             .stdin(Stdio::null())
@@ -63,16 +71,22 @@ impl ServerProc {
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
+            // Forward every line, and keep draining so the server never blocks on a full pipe.
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 let _ = tx.send(line);
             }
-            // Keep draining so the server never blocks on a full pipe.
-            for _ in lines {}
         });
         let line = rx
             .recv_timeout(Duration::from_secs(20))
             .expect("imgate printed its listening line");
+        let admin_line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("imgate printed its admin line");
+        let admin = admin_line
+            .split("http://")
+            .nth(1)
+            .and_then(|a| a.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no admin address in {admin_line:?}"));
         let addr = line
             .split("ws://")
             .nth(1)
@@ -82,9 +96,20 @@ impl ServerProc {
         ServerProc {
             child,
             addr,
+            admin,
             data_dir,
             keep_data: false,
         }
+    }
+
+    /// One admin HTTP request; returns the whole response.
+    pub fn admin_request(&self, method: &str, path: &str, headers: &str) -> String {
+        let mut s = TcpStream::connect(self.admin).expect("connect admin");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
     }
 
     pub fn pid(&self) -> u32 {

@@ -19,7 +19,8 @@ class Server:
     def __init__(self, data_dir, *args):
         self.proc = subprocess.Popen(
             [BIN, "serve", "--listen", "127.0.0.1:0", "--log-level", "warn",
-             "--jwt-secret", SECRET, "--data-dir", str(data_dir), *args],
+             "--jwt-secret", SECRET, "--admin-listen", "127.0.0.1:0",
+             "--data-dir", str(data_dir), *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             text=True,
