@@ -27,6 +27,7 @@ use crate::im::core::{Core, Now, Output};
 use crate::im::proto::ClientFrame;
 use crate::store::redb_store::RedbStore;
 use crate::store::writer::{Done, Writer};
+use crate::store::Store;
 use crate::ws::handshake::{self, Endpoint, HttpError, Policy, UpgradeRequest};
 use crate::ws::{code, frame, Event, Failure, MessageKind, State};
 use prost::Message as _;
@@ -102,7 +103,7 @@ struct AdminConn {
 /// The IM endpoint's state: the sans-IO core, its store and the storage thread.
 struct ImService {
     core: Core,
-    store: Arc<RedbStore>,
+    store: Arc<dyn Store>,
     writer: Writer,
     auth_timeout_ms: u64,
     /// Reused buffer for encoding frames to other connections.
@@ -132,7 +133,7 @@ impl Server {
         }
         let im = match &cfg.im {
             Some(settings) => {
-                let store = Arc::new(
+                let store: Arc<dyn Store> = Arc::new(
                     RedbStore::open(&settings.data_dir)
                         .map_err(|e| io::Error::other(e.to_string()))?,
                 );

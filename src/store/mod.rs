@@ -56,5 +56,13 @@ pub trait StoreRead {
     fn friends(&self, uid: &str) -> Vec<String>;
 }
 
+/// A durable store: what the storage thread commits through. The embedded
+/// [`redb_store::RedbStore`] is the one implementation today; a networked backend would be
+/// another.
+pub trait Store: StoreRead + Send + Sync {
+    /// Applies the batches atomically, in order. With `sync`, they are durable on return.
+    fn commit(&self, batches: &[WriteBatch], sync: bool) -> Result<(), String>;
+}
+
 /// How many idempotency keys a store keeps per user, at least.
 pub const DEDUPE_KEEP: usize = 1000;

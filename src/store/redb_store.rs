@@ -8,7 +8,7 @@ use std::path::Path;
 use prost::Message as _;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{StoreRead, StoredMessage, WriteBatch, DEDUPE_KEEP};
+use super::{Store, StoreRead, StoredMessage, WriteBatch, DEDUPE_KEEP};
 use crate::im::proto;
 
 /// (uid, seq) -> encoded `imgate.v1.Message`.
@@ -214,6 +214,12 @@ fn from_wire(m: proto::Message) -> StoredMessage {
         from_device: m.from_device,
         content: m.content,
         server_time_ms: m.server_time_ms,
+    }
+}
+
+impl Store for RedbStore {
+    fn commit(&self, batches: &[WriteBatch], sync: bool) -> Result<(), String> {
+        RedbStore::commit(self, batches, sync).map_err(|e| e.to_string())
     }
 }
 

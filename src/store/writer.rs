@@ -8,8 +8,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use super::redb_store::RedbStore;
-use super::WriteBatch;
+use super::{Store, WriteBatch};
 
 /// Batch ids grow by one per submitted batch; a report covers every id up to it.
 pub type BatchId = u64;
@@ -28,7 +27,7 @@ pub struct Writer {
 impl Writer {
     /// Starts the thread. With `sync`, a batch is reported only once it is on disk.
     pub fn spawn(
-        store: Arc<RedbStore>,
+        store: Arc<dyn Store>,
         sync: bool,
         waker: Arc<mio::Waker>,
     ) -> std::io::Result<Writer> {
@@ -46,7 +45,7 @@ impl Writer {
                     }
                     let report = match store.commit(&batches, sync) {
                         Ok(()) => Done::Committed(last),
-                        Err(e) => Done::Failed(e.to_string()),
+                        Err(e) => Done::Failed(e),
                     };
                     let failed = matches!(report, Done::Failed(_));
                     if done_tx.send(report).is_err() {
