@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = os.environ.get("IMGATE_BIN", str(ROOT / "target" / "debug" / "imgate"))
 
 
-SECRET = "python-interop-secret"
+SECRET = "python-interop-secret-of-32-bytes+"
 
 
 class Server:
