@@ -126,6 +126,11 @@ pub struct ServeArgs {
     #[arg(long, env = "IMGATE_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
     pub admin_listen: SocketAddr,
 
+    /// Raw TCP listener for the IM protocol (4-byte big-endian length + protobuf per frame);
+    /// off when not given.
+    #[arg(long, env = "IMGATE_TCP_LISTEN")]
+    pub tcp_listen: Option<SocketAddr>,
+
     /// When set, every admin request must carry `Authorization: Bearer <token>` (else 401).
     #[arg(long, env = "IMGATE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -140,6 +145,7 @@ pub enum Durability {
 /// Settings of the IM endpoint `/ws`.
 #[derive(Debug, Clone)]
 pub struct ImSettings {
+    pub tcp_listen: Option<SocketAddr>,
     pub admin_listen: SocketAddr,
     pub admin_token: Option<String>,
     pub jwt_secret: Vec<u8>,
@@ -229,6 +235,7 @@ impl From<&ServeArgs> for ServerConfig {
                 .collect(),
             shutdown_timeout: a.shutdown_timeout,
             im: a.jwt_secret.as_ref().map(|secret| ImSettings {
+                tcp_listen: a.tcp_listen,
                 admin_listen: a.admin_listen,
                 admin_token: a.admin_token.clone(),
                 jwt_secret: secret.as_bytes().to_vec(),

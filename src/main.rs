@@ -80,6 +80,9 @@ fn serve(args: &ServeArgs) -> ExitCode {
     if let Some(addr) = admin {
         println!("imgate admin API on http://{addr}");
     }
+    if let Some(addr) = server.tcp_addr() {
+        println!("imgate raw TCP (length-prefixed protobuf) listening on tcp://{addr}");
+    }
     if args.dev && std::env::var_os("IMGATE_JWT_SECRET").is_none() && cfg_secret_generated {
         println!(
             "imgate dev mode: generated JWT secret {} (pass it with --jwt-secret to keep it)",

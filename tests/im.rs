@@ -321,3 +321,104 @@ fn presence_follows_friendships_set_on_the_admin_api() {
         other => panic!("expected only the Pong, got {other:?}"),
     }
 }
+
+/// A raw TCP client: 4-byte big-endian length + protobuf per frame.
+struct TcpClient {
+    s: TcpStream,
+}
+
+impl TcpClient {
+    fn login(addr: std::net::SocketAddr, uid: &str, device: &str) -> TcpClient {
+        let s = TcpStream::connect(addr).expect("connect tcp");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut c = TcpClient { s };
+        c.send_frame(&proto::ClientFrame {
+            id: 1,
+            body: Some(C::Login(proto::Login {
+                token: token(uid),
+                device_id: device.into(),
+                last_seq: 0,
+            })),
+        });
+        match c.next().body {
+            Some(S::LoginOk(_)) => c,
+            other => panic!("tcp login failed: {other:?}"),
+        }
+    }
+
+    fn send_frame(&mut self, f: &proto::ClientFrame) {
+        use std::io::Write;
+        let body = f.encode_to_vec();
+        let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&body);
+        // Split the frame across writes: the server must reassemble it.
+        let (a, b) = bytes.split_at(bytes.len() / 2);
+        self.s.write_all(a).unwrap();
+        self.s.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        self.s.write_all(b).unwrap();
+    }
+
+    fn next(&mut self) -> proto::ServerFrame {
+        use std::io::Read;
+        let mut len = [0u8; 4];
+        self.s.read_exact(&mut len).expect("frame length");
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        self.s.read_exact(&mut body).expect("frame body");
+        proto::ServerFrame::decode(&body[..]).expect("decode")
+    }
+}
+
+#[test]
+fn raw_tcp_and_websocket_clients_talk_to_each_other() {
+    let server = ServerProc::start(&["--tcp-listen", "127.0.0.1:0"]);
+    let tcp_addr = server.tcp.expect("tcp listener line");
+    let mut t = TcpClient::login(tcp_addr, "tina", "tcp-device");
+    let (mut w, _) = Client::login(&server, "walt", "browser", 0);
+
+    t.send_frame(&proto::ClientFrame {
+        id: 2,
+        body: Some(C::Send(proto::SendMessage {
+            to_uid: "walt".into(),
+            client_msg_id: "t1".into(),
+            content: b"from tcp".to_vec(),
+        })),
+    });
+    match t.next().body {
+        Some(S::SendOk(ok)) => assert_eq!(ok.seq, 1),
+        other => panic!("{other:?}"),
+    }
+    let m = w.messages(1);
+    assert_eq!(
+        (m[0].from_uid.as_str(), m[0].content.as_slice()),
+        ("tina", &b"from tcp"[..])
+    );
+
+    w.send("tina", "w1", "from ws");
+    match t.next().body {
+        Some(S::Message(m)) => assert_eq!((m.seq, m.content.as_slice()), (2, &b"from ws"[..])),
+        other => panic!("{other:?}"),
+    }
+    // Ping/Pong is the raw TCP keep-alive.
+    t.send_frame(&proto::ClientFrame {
+        id: 3,
+        body: Some(C::Ping(proto::Ping { client_time_ms: 9 })),
+    });
+    match t.next() {
+        proto::ServerFrame {
+            id: 3,
+            body: Some(S::Pong(p)),
+        } => assert_eq!(p.client_time_ms, 9),
+        other => panic!("{other:?}"),
+    }
+    // An oversized frame: TOO_LARGE, then the connection is closed.
+    use std::io::{Read, Write};
+    t.s.write_all(&(10_000_000u32).to_be_bytes()).unwrap();
+    match t.next().body {
+        Some(S::Error(e)) => assert_eq!(e.code, proto::ErrorCode::TooLarge as i32),
+        other => panic!("{other:?}"),
+    }
+    let mut rest = Vec::new();
+    let _ = t.s.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "closed after the error");
+}

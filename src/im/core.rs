@@ -253,6 +253,19 @@ impl Core {
         }
     }
 
+    /// A raw TCP frame over the size limit: the stream cannot be resynchronised.
+    pub fn on_frame_too_large(&mut self, conn: ConnId) {
+        self.out.push(Output::Frame {
+            conn,
+            frame: error(0, ErrorCode::TooLarge, "frame too large"),
+        });
+        self.out.push(Output::Close {
+            conn,
+            code: CLOSE_POLICY,
+            reason: "frame too large",
+        });
+    }
+
     /// A decoded client frame.
     pub fn on_frame(&mut self, conn: ConnId, f: ClientFrame, now: Now, store: &dyn StoreRead) {
         let Some(session) = self.sessions.get_mut(&conn) else {

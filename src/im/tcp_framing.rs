@@ -47,7 +47,10 @@ impl LengthPrefixed {
 
     /// Consumes a prefix of `input`; returns the bytes consumed and the frame that ended, if
     /// one did. A frame entirely inside `input` is returned in place, without a copy.
-    pub fn decode<'a>(&'a mut self, input: &'a [u8]) -> Result<(usize, Option<&'a [u8]>), TooLarge> {
+    pub fn decode<'a>(
+        &'a mut self,
+        input: &'a [u8],
+    ) -> Result<(usize, Option<&'a [u8]>), TooLarge> {
         if self.lent {
             self.lent = false;
             self.body.clear();
@@ -101,7 +104,11 @@ impl LengthPrefixed {
 mod tests {
     use super::*;
 
-    fn frames(d: &mut LengthPrefixed, bytes: &[u8], chunk: usize) -> Result<Vec<Vec<u8>>, TooLarge> {
+    fn frames(
+        d: &mut LengthPrefixed,
+        bytes: &[u8],
+        chunk: usize,
+    ) -> Result<Vec<Vec<u8>>, TooLarge> {
         let mut out = Vec::new();
         for piece in bytes.chunks(chunk) {
             let mut off = 0;
@@ -126,7 +133,11 @@ mod tests {
         }
         for chunk in [1, 2, 3, 5, 64, stream.len()] {
             let mut d = LengthPrefixed::new(1000);
-            assert_eq!(frames(&mut d, &stream, chunk).unwrap(), payloads, "chunk {chunk}");
+            assert_eq!(
+                frames(&mut d, &stream, chunk).unwrap(),
+                payloads,
+                "chunk {chunk}"
+            );
             assert_eq!(d.body.capacity(), 0, "nothing held between frames");
         }
     }

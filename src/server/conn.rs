@@ -8,6 +8,7 @@ use mio::net::TcpStream;
 
 use super::outbox::Outbox;
 use super::timer_wheel::TimerId;
+use super::transport::Transport;
 use crate::ws;
 
 /// What runs on top of the WebSocket once the upgrade is accepted.
@@ -40,7 +41,7 @@ impl TimerKind {
 
 pub struct Conn {
     pub sock: TcpStream,
-    pub ws: ws::Connection,
+    pub transport: Transport,
     pub service: Option<Service>,
     pub outbox: Outbox,
     /// The connection's single timer: handshake timeout, keep-alive check or close timeout,
@@ -62,10 +63,18 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// A connection from the raw TCP listener: it speaks the IM protocol from the first byte.
+    pub fn new_tcp(sock: TcpStream, max_frame: usize, now: u64) -> Self {
+        let mut c = Conn::new(sock, max_frame, now);
+        c.transport = Transport::tcp(max_frame);
+        c.service = Some(Service::Im);
+        c
+    }
+
     pub fn new(sock: TcpStream, max_message: usize, now: u64) -> Self {
         Conn {
             sock,
-            ws: ws::Connection::new(max_message),
+            transport: Transport::Ws(ws::Connection::new(max_message)),
             service: None,
             outbox: Outbox::default(),
             timer: None,

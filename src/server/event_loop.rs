@@ -21,10 +21,12 @@ use super::admin::{self, AdminAction, Response};
 use super::conn::{Conn, Service, TimerKind};
 use super::signals::ShutdownSignals;
 use super::timer_wheel::TimerWheel;
+use super::transport::Transport;
 use crate::buffer_pool::BufferPool;
 use crate::config::ServerConfig;
 use crate::im::core::{Core, Now, Output};
 use crate::im::proto::ClientFrame;
+use crate::im::tcp_framing::TooLarge;
 use crate::store::redb_store::RedbStore;
 use crate::store::writer::{Done, Writer};
 use crate::store::Store;
@@ -37,6 +39,7 @@ const LISTENER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
 const STORE_WAKER: Token = Token(usize::MAX - 3);
 const ADMIN_LISTENER: Token = Token(usize::MAX - 4);
+const TCP_LISTENER: Token = Token(usize::MAX - 5);
 /// Admin connections use tokens from here up; WebSocket connections use their slab key.
 const ADMIN_BASE: usize = usize::MAX / 2;
 
@@ -112,6 +115,7 @@ struct ImService {
     admin_addr: SocketAddr,
     admin_token: Option<String>,
     admins: Slab<AdminConn>,
+    tcp_listener: Option<TcpListener>,
 }
 
 impl Server {
@@ -144,6 +148,15 @@ impl Server {
                     protocols: &["imgate.v1.proto"],
                     kind: Service::Im,
                 });
+                let tcp_listener = match settings.tcp_listen {
+                    Some(addr) => {
+                        let mut l = TcpListener::bind(addr)?;
+                        poll.registry()
+                            .register(&mut l, TCP_LISTENER, Interest::READABLE)?;
+                        Some(l)
+                    }
+                    None => None,
+                };
                 let mut admin_listener = TcpListener::bind(settings.admin_listen)?;
                 poll.registry().register(
                     &mut admin_listener,
@@ -160,6 +173,7 @@ impl Server {
                     admin_listener,
                     admin_token: settings.admin_token.clone(),
                     admins: Slab::new(),
+                    tcp_listener,
                 })
             }
             None => None,
@@ -205,6 +219,14 @@ impl Server {
         self.im.as_ref().map(|im| im.admin_addr)
     }
 
+    /// Address of the raw TCP listener, when enabled.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.im
+            .as_ref()
+            .and_then(|im| im.tcp_listener.as_ref())
+            .and_then(|l| l.local_addr().ok())
+    }
+
     /// Paths of the WebSocket endpoints this server exposes.
     pub fn endpoint_paths(&self) -> Vec<&'static str> {
         self.endpoints.iter().map(|e| e.path).collect()
@@ -238,6 +260,7 @@ impl Server {
                     LISTENER => self.accept_all(),
                     STORE_WAKER => self.on_store_done()?,
                     ADMIN_LISTENER => self.accept_admin(),
+                    TCP_LISTENER => self.accept_tcp(),
                     SIGNALS => {
                         if self.signals.as_mut().is_some_and(|s| s.take()) {
                             self.begin_shutdown();
@@ -331,6 +354,51 @@ impl Server {
             self.dispatch_im();
         }
         Ok(())
+    }
+
+    /// Accepts raw TCP IM connections; they count against `--max-connections` like upgrades.
+    fn accept_tcp(&mut self) {
+        loop {
+            let Some(l) = self.im.as_ref().and_then(|im| im.tcp_listener.as_ref()) else {
+                return;
+            };
+            let mut sock = match l.accept() {
+                Ok((sock, _)) => sock,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if is_transient_accept_error(&e) => continue,
+                Err(e) => {
+                    warn!("raw TCP accept failed: {e}");
+                    return;
+                }
+            };
+            if self.shutdown_deadline.is_some() || self.open_count >= self.cfg.max_connections {
+                continue; // dropped: closed at once
+            }
+            let _ = sock.set_nodelay(true);
+            let entry = self.conns.vacant_entry();
+            let key = entry.key();
+            if self
+                .poll
+                .registry()
+                .register(
+                    &mut sock,
+                    Token(key),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .is_err()
+            {
+                continue;
+            }
+            let mut conn = Conn::new_tcp(sock, self.cfg.max_message_bytes, self.now);
+            conn.counted_open = true;
+            entry.insert(conn);
+            self.open_count += 1;
+            let now = self.now_value();
+            if let Some(im) = self.im.as_mut() {
+                im.core.on_open(key, now);
+            }
+            self.arm_timer(key);
+        }
     }
 
     fn accept_admin(&mut self) {
@@ -436,12 +504,12 @@ impl Server {
                 Output::Frame { frame, .. } => {
                     body.clear();
                     if frame.encode(&mut body).is_ok() {
-                        c.ws.send(MessageKind::Binary, &body, &mut im.scratch);
+                        c.transport.send(&body, &mut im.scratch);
                     }
                 }
                 Output::Close { code, reason, .. } => {
                     debug!("conn {conn}: closing {code} {reason}");
-                    c.ws.close(code, reason, &mut im.scratch);
+                    c.transport.close(code, reason, &mut im.scratch);
                 }
             }
             c.outbox.push(&im.scratch, &mut self.pool);
@@ -606,7 +674,7 @@ impl Server {
             }
         }
         if let Some(conn) = self.conns.get_mut(key) {
-            conn.ws.release_buffers(&mut self.pool);
+            conn.transport.release_buffers(&mut self.pool);
         }
         self.dispatch_im();
         self.after_io(key);
@@ -623,21 +691,21 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        if conn.outbox.len() > self.cfg.max_outbound_bytes && conn.ws.is_open() {
+        if conn.outbox.len() > self.cfg.max_outbound_bytes && conn.transport.is_open() {
             warn!(
                 "conn {key}: slow consumer ({} bytes unsent), closing with 1008",
                 conn.outbox.len()
             );
-            conn.ws
+            conn.transport
                 .close(code::POLICY_VIOLATION, "slow consumer", &mut self.staging);
             conn.outbox.push(&self.staging, &mut self.pool);
             self.staging.clear();
         }
-        if conn.ws.is_closed() && conn.outbox.is_empty() && !conn.write_shut {
+        if conn.transport.is_closed() && conn.outbox.is_empty() && !conn.write_shut {
             let _ = conn.sock.shutdown(Shutdown::Write);
             conn.write_shut = true;
         }
-        let done = conn.peer_eof && (!conn.ws.is_closed() || conn.outbox.is_empty());
+        let done = conn.peer_eof && (!conn.transport.is_closed() || conn.outbox.is_empty());
         if done {
             self.remove(key);
             return;
@@ -680,7 +748,7 @@ impl Server {
     /// keep-alive check, or the close deadline.
     fn arm_timer(&mut self, key: usize) {
         let conn = &mut self.conns[key];
-        let want = TimerKind::for_state(conn.ws.state());
+        let want = TimerKind::for_state(conn.transport.state());
         if conn.timer.is_some() && conn.timer_kind == want {
             return;
         }
@@ -709,7 +777,7 @@ impl Server {
             return;
         };
         conn.timer = None;
-        match conn.ws.state() {
+        match conn.transport.state() {
             State::Handshaking | State::AwaitingAccept => {
                 debug!("conn {key}: handshake timeout");
                 self.remove(key);
@@ -718,12 +786,12 @@ impl Server {
                 let now = self.now;
                 if now >= conn.last_inbound + millis(self.cfg.idle_timeout) {
                     debug!("conn {key}: idle timeout");
-                    conn.ws
+                    conn.transport
                         .close(code::GOING_AWAY, "idle timeout", &mut self.staging);
                 } else if now
                     >= conn.last_inbound.max(conn.last_ping) + millis(self.cfg.ping_interval)
                 {
-                    conn.ws.ping(b"", &mut self.staging);
+                    conn.transport.ping(&mut self.staging);
                     conn.last_ping = now;
                 }
                 if conn.service == Some(Service::Im) {
@@ -747,7 +815,7 @@ impl Server {
         if !im.core.is_logged_in(key) {
             if now.mono_ms >= conn.opened_ms + im.auth_timeout_ms {
                 debug!("conn {key}: no login in time");
-                conn.ws
+                conn.transport
                     .close(code::POLICY_VIOLATION, "login timeout", &mut self.staging);
             }
         } else {
@@ -772,7 +840,7 @@ impl Server {
         for key in keys {
             let conn = &mut self.conns[key];
             if conn
-                .ws
+                .transport
                 .close(code::GOING_AWAY, "server shutting down", &mut self.staging)
             {
                 self.after_io(key);
@@ -793,7 +861,7 @@ impl Server {
             self.open_count -= 1;
         }
         let _ = self.poll.registry().deregister(&mut conn.sock);
-        conn.ws.release_buffers(&mut self.pool);
+        conn.transport.release_buffers(&mut self.pool);
         if conn.service == Some(Service::Im) {
             if let Some(im) = self.im.as_mut() {
                 im.core.on_close(key, &*im.store);
@@ -818,12 +886,59 @@ struct Cx<'a> {
     shutting_down: bool,
 }
 
-/// Runs received bytes through the connection's protocol state and its service.
+/// Runs received bytes through the connection's framing and its service.
 fn process_input(conn: &mut Conn, input: &mut [u8], cx: &mut Cx<'_>) {
+    let Conn {
+        transport,
+        service,
+        counted_open,
+        ..
+    } = conn;
+    match transport {
+        Transport::Ws(ws) => process_ws(ws, service, counted_open, input, cx),
+        Transport::Tcp { framing, closed } => {
+            let mut offset = 0;
+            while offset < input.len() && !*closed {
+                let Some(im) = cx.im.as_deref_mut() else {
+                    return;
+                };
+                match framing.decode(&input[offset..]) {
+                    Ok((used, frame)) => {
+                        offset += used;
+                        if let Some(payload) = frame {
+                            im_frame(im, cx.key, payload, cx.now);
+                        }
+                    }
+                    Err(TooLarge(n)) => {
+                        debug!("conn {}: raw TCP frame of {n} bytes", cx.key);
+                        im.core.on_frame_too_large(cx.key);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One IM frame (a binary WebSocket message or a raw TCP frame) into the core.
+fn im_frame(im: &mut ImService, key: usize, payload: &[u8], now: Now) {
+    match ClientFrame::decode(payload) {
+        Ok(f) => im.core.on_frame(key, f, now, &*im.store),
+        Err(_) => im.core.on_bad_frame(key, "undecodable frame"),
+    }
+}
+
+fn process_ws(
+    ws: &mut crate::ws::Connection,
+    service: &mut Option<Service>,
+    counted_open: &mut bool,
+    input: &mut [u8],
+    cx: &mut Cx<'_>,
+) {
     let (base, input_len) = (input.as_ptr() as usize, input.len());
     let mut offset = 0;
     while offset < input.len() {
-        let progress = match conn.ws.handle(&mut input[offset..], cx.staging, cx.pool) {
+        let progress = match ws.handle(&mut input[offset..], cx.staging, cx.pool) {
             Ok(p) => p,
             Err(Failure::Http(e)) => {
                 debug!("handshake rejected: {} {}", e.status(), e.detail());
@@ -838,8 +953,8 @@ fn process_input(conn: &mut Conn, input: &mut [u8], cx: &mut Cx<'_>) {
         match progress.event {
             None if progress.consumed == 0 => return,
             None => {}
-            Some(Event::Upgrade(request)) => upgrade(conn, &request, cx),
-            Some(Event::Message(kind, payload)) => match conn.service {
+            Some(Event::Upgrade(request)) => upgrade(ws, service, counted_open, &request, cx),
+            Some(Event::Message(kind, payload)) => match *service {
                 Some(Service::Echo) => {
                     let at = (payload.as_ptr() as usize).wrapping_sub(base);
                     if payload.len() >= ZERO_COPY_MIN && at < input_len {
@@ -859,10 +974,7 @@ fn process_input(conn: &mut Conn, input: &mut [u8], cx: &mut Cx<'_>) {
                         MessageKind::Text => im
                             .core
                             .on_bad_frame(cx.key, "text frames are not accepted on /ws"),
-                        MessageKind::Binary => match ClientFrame::decode(payload) {
-                            Ok(f) => im.core.on_frame(cx.key, f, cx.now, &*im.store),
-                            Err(_) => im.core.on_bad_frame(cx.key, "undecodable frame"),
-                        },
+                        MessageKind::Binary => im_frame(im, cx.key, payload, cx.now),
                     }
                 }
                 None => {}
@@ -874,7 +986,13 @@ fn process_input(conn: &mut Conn, input: &mut [u8], cx: &mut Cx<'_>) {
     }
 }
 
-fn upgrade(conn: &mut Conn, request: &UpgradeRequest, cx: &mut Cx<'_>) {
+fn upgrade(
+    ws: &mut crate::ws::Connection,
+    service: &mut Option<Service>,
+    counted_open: &mut bool,
+    request: &UpgradeRequest,
+    cx: &mut Cx<'_>,
+) {
     let routed = if cx.shutting_down || *cx.open_count >= cx.max_connections {
         Err(HttpError::Unavailable)
     } else {
@@ -882,19 +1000,19 @@ fn upgrade(conn: &mut Conn, request: &UpgradeRequest, cx: &mut Cx<'_>) {
     };
     match routed {
         Ok(accepted) => {
-            conn.ws.accept(&accepted.response, cx.staging);
-            conn.service = Some(accepted.kind);
+            ws.accept(&accepted.response, cx.staging);
+            *service = Some(accepted.kind);
             if accepted.kind == Service::Im {
                 if let Some(im) = cx.im.as_deref_mut() {
                     im.core.on_open(cx.key, cx.now);
                 }
             }
-            conn.counted_open = true;
+            *counted_open = true;
             *cx.open_count += 1;
         }
         Err(e) => {
             debug!("upgrade refused: {} {}", e.status(), e.detail());
-            conn.ws.reject(&e, cx.staging);
+            ws.reject(&e, cx.staging);
         }
     }
 }

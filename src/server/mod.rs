@@ -6,6 +6,7 @@
 //! - [`outbox`]: unsent output, pooled and written with vectored writes.
 //! - [`timer_wheel`]: O(1) timers for handshakes, keep-alives and closes.
 //! - [`signals`]: SIGINT/SIGTERM into the loop.
+//! - [`transport`]: WebSocket or length-prefixed raw TCP framing.
 
 pub mod admin;
 pub mod conn;
@@ -13,5 +14,6 @@ pub mod event_loop;
 pub mod outbox;
 pub mod signals;
 pub mod timer_wheel;
+pub mod transport;
 
 pub use event_loop::Server;

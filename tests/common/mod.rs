@@ -31,6 +31,8 @@ pub struct ServerProc {
     pub addr: SocketAddr,
     /// The admin HTTP API.
     pub admin: SocketAddr,
+    /// The raw TCP listener, when started with `--tcp-listen`.
+    pub tcp: Option<SocketAddr>,
     pub data_dir: std::path::PathBuf,
     pub keep_data: bool,
 }
@@ -87,6 +89,16 @@ impl ServerProc {
             .nth(1)
             .and_then(|a| a.trim().parse().ok())
             .unwrap_or_else(|| panic!("no admin address in {admin_line:?}"));
+        let tcp = if args.contains(&"--tcp-listen") {
+            let line = rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("imgate printed its raw TCP line");
+            line.split("tcp://")
+                .nth(1)
+                .and_then(|a| a.trim().parse().ok())
+        } else {
+            None
+        };
         let addr = line
             .split("ws://")
             .nth(1)
@@ -97,6 +109,7 @@ impl ServerProc {
             child,
             addr,
             admin,
+            tcp,
             data_dir,
             keep_data: false,
         }
