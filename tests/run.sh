@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Runs every test on a fresh machine: the Rust unit and loopback integration tests, then the
-# interop tests with Python's `websockets` (installed into a private virtualenv on first use).
+# Runs every test on a fresh machine: the unit tests of the sans-IO parts (debug build, with
+# debug assertions), the loopback integration tests against the release binary, then the
+# interop tests with Python's `websockets` and `protobuf` (installed into a private
+# virtualenv on first use).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --bins
-cargo test --all-targets
+cargo test --lib
+cargo build --release --bins
+cargo test --release --test '*'
 
 venv=${IMGATE_PY_VENV:-target/py-venv}
 stamp=$venv/.requirements
@@ -15,4 +18,4 @@ if ! cmp -s tests/python/requirements.txt "$stamp" 2>/dev/null; then
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt
     cp tests/python/requirements.txt "$stamp"
 fi
-IMGATE_BIN=$PWD/target/debug/imgate "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/python
+IMGATE_BIN=$PWD/target/release/imgate "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/python
