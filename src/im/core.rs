@@ -155,18 +155,6 @@ fn error(id: u64, code: ErrorCode, message: &str) -> ServerFrame {
     )
 }
 
-fn to_wire(m: &StoredMessage) -> proto::Message {
-    proto::Message {
-        seq: m.seq,
-        from_uid: m.from_uid.clone(),
-        to_uid: m.to_uid.clone(),
-        client_msg_id: m.client_msg_id.clone(),
-        content: m.content.clone(),
-        server_time_ms: m.server_time_ms,
-        from_device: m.from_device.clone(),
-    }
-}
-
 fn valid_id(s: &str) -> bool {
     !s.is_empty() && s.len() <= MAX_ID_BYTES
 }
@@ -694,7 +682,7 @@ impl Core {
             frame(
                 id,
                 server_frame::Body::SyncResult(proto::SyncResult {
-                    messages: msgs.iter().map(to_wire).collect(),
+                    messages: msgs.iter().map(proto::Message::from).collect(),
                     has_more,
                 }),
             ),
@@ -750,7 +738,7 @@ impl Core {
                 }
                 self.out.push(Output::Frame {
                     conn,
-                    frame: frame(0, server_frame::Body::Message(to_wire(&m))),
+                    frame: frame(0, server_frame::Body::Message(proto::Message::from(&*m))),
                 });
             }
         }

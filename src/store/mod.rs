@@ -21,6 +21,34 @@ pub struct StoredMessage {
     pub server_time_ms: i64,
 }
 
+impl From<&StoredMessage> for crate::im::proto::Message {
+    fn from(m: &StoredMessage) -> Self {
+        crate::im::proto::Message {
+            seq: m.seq,
+            from_uid: m.from_uid.clone(),
+            to_uid: m.to_uid.clone(),
+            client_msg_id: m.client_msg_id.clone(),
+            content: m.content.clone(),
+            server_time_ms: m.server_time_ms,
+            from_device: m.from_device.clone(),
+        }
+    }
+}
+
+impl From<crate::im::proto::Message> for StoredMessage {
+    fn from(m: crate::im::proto::Message) -> Self {
+        StoredMessage {
+            seq: m.seq,
+            from_uid: m.from_uid,
+            to_uid: m.to_uid,
+            client_msg_id: m.client_msg_id,
+            from_device: m.from_device,
+            content: m.content,
+            server_time_ms: m.server_time_ms,
+        }
+    }
+}
+
 /// Everything one loop turn changes, committed atomically.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct WriteBatch {

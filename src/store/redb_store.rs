@@ -91,7 +91,7 @@ impl RedbStore {
             let mut friends = txn.open_table(FRIENDS).map_err(commit_err)?;
             for batch in batches {
                 for (owner, m) in &batch.appends {
-                    let bytes = to_wire(m).encode_to_vec();
+                    let bytes = proto::Message::from(m).encode_to_vec();
                     inbox
                         .insert((owner.as_str(), m.seq), bytes.as_slice())
                         .map_err(commit_err)?;
@@ -193,30 +193,6 @@ fn recent_has(
     Ok(false)
 }
 
-fn to_wire(m: &StoredMessage) -> proto::Message {
-    proto::Message {
-        seq: m.seq,
-        from_uid: m.from_uid.clone(),
-        to_uid: m.to_uid.clone(),
-        client_msg_id: m.client_msg_id.clone(),
-        content: m.content.clone(),
-        server_time_ms: m.server_time_ms,
-        from_device: m.from_device.clone(),
-    }
-}
-
-fn from_wire(m: proto::Message) -> StoredMessage {
-    StoredMessage {
-        seq: m.seq,
-        from_uid: m.from_uid,
-        to_uid: m.to_uid,
-        client_msg_id: m.client_msg_id,
-        from_device: m.from_device,
-        content: m.content,
-        server_time_ms: m.server_time_ms,
-    }
-}
-
 impl Store for RedbStore {
     fn commit(&self, batches: &[WriteBatch], sync: bool) -> Result<(), String> {
         RedbStore::commit(self, batches, sync).map_err(|e| e.to_string())
@@ -246,7 +222,7 @@ impl StoreRead for RedbStore {
             for entry in t.range((uid, after + 1)..=(uid, u64::MAX))?.take(limit) {
                 let (_, v) = entry?;
                 match proto::Message::decode(v.value()) {
-                    Ok(m) => out.push(from_wire(m)),
+                    Ok(m) => out.push(m.into()),
                     Err(e) => {
                         log::error!("corrupt message in the inbox of {uid}: {e}");
                         break;
