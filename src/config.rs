@@ -19,7 +19,24 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gateway.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Print a login token (HS256 JWT) for development, signed as the app's backend would.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The uid (the token's `sub`), 1-64 bytes.
+    #[arg(long)]
+    pub uid: String,
+
+    /// How long the token is valid.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+
+    /// The secret the server runs with.
+    #[arg(long, env = "IMGATE_JWT_SECRET", hide_env_values = true)]
+    pub secret: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -263,8 +280,10 @@ mod tests {
     #[test]
     fn defaults_match_the_documented_ones() {
         let cli = Cli::try_parse_from(["imgate", "serve"]).unwrap();
-        let Command::Serve(args) = cli.command;
-        let cfg = ServerConfig::from(&args);
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        let cfg = ServerConfig::from(&*args);
         let d = ServerConfig::default();
         assert_eq!(cfg.listen, d.listen);
         assert_eq!(cfg.ping_interval, d.ping_interval);
@@ -297,8 +316,10 @@ mod tests {
             "https://a.example, https://b.example",
         ])
         .unwrap();
-        let Command::Serve(args) = cli.command;
-        let cfg = ServerConfig::from(&args);
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        let cfg = ServerConfig::from(&*args);
         assert!(cfg.echo);
         assert_eq!(cfg.ping_interval, Duration::from_millis(500));
         assert_eq!(cfg.idle_timeout, Duration::from_secs(120));

@@ -2,14 +2,31 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
-use imgate::config::{Cli, Command, ServeArgs, ServerConfig};
+use imgate::config::{Cli, Command, ServeArgs, ServerConfig, TokenArgs};
 use imgate::server::Server;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(&args),
+        Command::Token(args) => token(&args),
     }
+}
+
+fn token(args: &TokenArgs) -> ExitCode {
+    if args.uid.is_empty() || args.uid.len() > imgate::im::auth::MAX_ID_BYTES {
+        eprintln!("imgate token: --uid must be 1-64 bytes");
+        return ExitCode::from(2);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let exp = now.saturating_add(args.ttl.as_secs());
+    println!(
+        "{}",
+        imgate::im::auth::issue(args.secret.as_bytes(), &args.uid, exp)
+    );
+    ExitCode::SUCCESS
 }
 
 /// 32 random bytes from the kernel, hex-encoded.

@@ -422,3 +422,93 @@ fn raw_tcp_and_websocket_clients_talk_to_each_other() {
     let _ = t.s.read_to_end(&mut rest);
     assert!(rest.is_empty(), "closed after the error");
 }
+
+/// One admin request with a JSON body.
+fn admin_post(server: &ServerProc, path: &str, json: &str, auth: &str) -> String {
+    let headers = format!("{auth}Content-Type: application/json\r\n");
+    server.admin_request_with_body("POST", path, &headers, json)
+}
+
+fn json_body(response: &str) -> serde_json::Value {
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {response}"))
+}
+
+#[test]
+fn admin_api_sends_and_reports_users() {
+    let server = ServerProc::start(&["--admin-token", "adm"]);
+    let auth = "Authorization: Bearer adm\r\n";
+    let r = server.admin_request("GET", "/healthz", auth);
+    assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+    assert_eq!(json_body(&r)["status"], "ok");
+    assert!(server
+        .admin_request("GET", "/healthz", "")
+        .starts_with("HTTP/1.1 401 "));
+
+    // A token from `imgate token` logs in.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imgate"))
+        .args(["token", "--uid", "gina", "--ttl", "10m", "--secret", SECRET])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let tok = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let mut gina = Client::connect(&server);
+    let id = gina.request(C::Login(proto::Login {
+        token: tok,
+        device_id: "laptop".into(),
+        last_seq: 0,
+    }));
+    assert!(matches!(gina.response(id), S::LoginOk(_)));
+
+    // The system sends to gina: SendOk-equivalent JSON once durable, and she receives it.
+    let msg = r#"{"from_uid":"system","to_uid":"gina","client_msg_id":"welcome","text":"hello"}"#;
+    let r = admin_post(&server, "/v1/messages", msg, auth);
+    assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+    let body = json_body(&r);
+    assert_eq!(
+        (body["seq"].as_u64(), body["duplicate"].as_bool()),
+        (Some(1), Some(false))
+    );
+    let m = gina.messages(1);
+    assert_eq!(
+        (m[0].from_uid.as_str(), m[0].content.as_slice()),
+        ("system", &b"hello"[..])
+    );
+    assert_eq!(m[0].from_device, "admin");
+    // Same client_msg_id: a duplicate, nothing delivered twice.
+    let body = json_body(&admin_post(&server, "/v1/messages", msg, auth));
+    assert_eq!(
+        (body["seq"].as_u64(), body["duplicate"].as_bool()),
+        (Some(1), Some(true))
+    );
+    // base64 content on a user's behalf.
+    let b64 = r#"{"from_uid":"hank","to_uid":"gina","client_msg_id":"h1","content":"AAEC"}"#;
+    let r = admin_post(&server, "/v1/messages", b64, auth);
+    assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+    assert_eq!(gina.messages(1)[0].content, vec![0, 1, 2]);
+    // Bad JSON and bad fields: 400 with a JSON error.
+    for bad in ["{", r#"{"from_uid":"a","to_uid":"b","client_msg_id":"c"}"#] {
+        let r = admin_post(&server, "/v1/messages", bad, auth);
+        assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
+        assert!(json_body(&r)["error"].is_string());
+    }
+
+    // Users: online devices, max_seq and cursors.
+    gina.request(C::Ack(proto::Ack { seq: 2 }));
+    std::thread::sleep(Duration::from_millis(300));
+    let r = server.admin_request("GET", "/v1/users/gina", auth);
+    let body = json_body(&r);
+    assert_eq!(body["online_devices"], serde_json::json!(["laptop"]));
+    assert_eq!(body["max_seq"], 2);
+    assert_eq!(body["cursors"]["laptop"], 2);
+    // Friends with their online state.
+    let r = server.admin_request("PUT", "/v1/friendships/gina/hank", auth);
+    assert!(r.starts_with("HTTP/1.1 204 "), "{r}");
+    let body = json_body(&server.admin_request("GET", "/v1/users/hank/friends", auth));
+    assert_eq!(
+        body["friends"],
+        serde_json::json!([{"uid": "gina", "online": true}])
+    );
+    let r = server.admin_request("DELETE", "/v1/users/hank", auth);
+    assert!(r.starts_with("HTTP/1.1 405 "), "{r}");
+}

@@ -71,6 +71,19 @@ pub enum Output {
         code: u16,
         reason: &'static str,
     },
+    /// The answer to an admin API send (`POST /v1/messages`), once durable.
+    AdminSent {
+        admin: usize,
+        seq: u64,
+        duplicate: bool,
+    },
+}
+
+/// Who asked for a send, and so who gets its acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requester {
+    Conn { conn: ConnId, id: u64 },
+    Admin(usize),
 }
 
 /// Identifies a taken [`WriteBatch`] until it is committed.
@@ -119,13 +132,6 @@ struct User {
     uncommitted: usize,
 }
 
-/// A reply to send once a batch is durable.
-#[derive(Debug)]
-struct Deferred {
-    conn: ConnId,
-    frame: ServerFrame,
-}
-
 pub struct Core {
     cfg: ImConfig,
     verifier: Verifier,
@@ -133,8 +139,9 @@ pub struct Core {
     users: HashMap<Rc<str>, User>,
     out: Vec<Output>,
     batch: WriteBatch,
-    deferred: Vec<Deferred>,
-    in_flight: VecDeque<(BatchId, WriteBatch, Vec<Deferred>)>,
+    /// Acknowledgements released when the current batch is durable.
+    deferred: Vec<Output>,
+    in_flight: VecDeque<(BatchId, WriteBatch, Vec<Output>)>,
     next_batch: BatchId,
 }
 
@@ -195,6 +202,17 @@ impl Core {
                 bad_in_row: 0,
             },
         );
+    }
+
+    /// Device ids of `uid` online now, sorted.
+    pub fn online_devices(&self, uid: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .users
+            .get(uid)
+            .map(|u| u.devices.keys().map(|d| d.to_string()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
     }
 
     pub fn is_logged_in(&self, conn: ConnId) -> bool {
@@ -357,9 +375,7 @@ impl Core {
                     u.pending_dedupe.remove(cmid);
                 }
             }
-            for d in deferred {
-                self.reply(d.conn, d.frame);
-            }
+            self.out.extend(deferred);
             for uid in touched {
                 let conns: Vec<ConnId> = self
                     .users
@@ -572,42 +588,112 @@ impl Core {
         else {
             return;
         };
-        let sender = self.users.get(&from).expect("logged-in users are cached");
+        self.accept_send(
+            from,
+            &device,
+            &s.to_uid,
+            s.client_msg_id,
+            s.content,
+            now,
+            store,
+            Requester::Conn { conn, id },
+        );
+    }
+
+    /// A send on a user's (or the system's) behalf from the admin API, with the same
+    /// validation, durability and dedupe as a client send. `Output::AdminSent` answers it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn admin_send(
+        &mut self,
+        admin: usize,
+        from_uid: &str,
+        to_uid: &str,
+        client_msg_id: String,
+        content: Vec<u8>,
+        now: Now,
+        store: &dyn StoreRead,
+    ) -> Result<(), &'static str> {
+        if !valid_id(from_uid) || !valid_id(to_uid) || !valid_id(&client_msg_id) {
+            return Err("from_uid, to_uid and client_msg_id must be 1-64 bytes");
+        }
+        if content.len() > self.cfg.max_content_bytes {
+            return Err("content too large");
+        }
+        let from = self.user(from_uid, store);
+        self.accept_send(
+            from.clone(),
+            "admin",
+            to_uid,
+            client_msg_id,
+            content,
+            now,
+            store,
+            Requester::Admin(admin),
+        );
+        self.maybe_evict(&from);
+        Ok(())
+    }
+
+    fn acknowledgement(req: Requester, seq: u64, duplicate: bool, now: Now) -> Output {
+        match req {
+            Requester::Conn { conn, id } => Output::Frame {
+                conn,
+                frame: frame(
+                    id,
+                    server_frame::Body::SendOk(proto::SendOk {
+                        seq,
+                        server_time_ms: now.unix_ms,
+                        duplicate,
+                    }),
+                ),
+            },
+            Requester::Admin(admin) => Output::AdminSent {
+                admin,
+                seq,
+                duplicate,
+            },
+        }
+    }
+
+    /// Dedupes, assigns seqs in both inboxes and queues the appends; the acknowledgement is
+    /// released when the batch is durable. `from` must be cached.
+    #[allow(clippy::too_many_arguments)]
+    fn accept_send(
+        &mut self,
+        from: Rc<str>,
+        device: &str,
+        to_uid: &str,
+        client_msg_id: String,
+        content: Vec<u8>,
+        now: Now,
+        store: &dyn StoreRead,
+        req: Requester,
+    ) {
+        let sender = self.users.get(&from).expect("the sender is cached");
         let earlier = sender
             .pending_dedupe
-            .get(&s.client_msg_id)
+            .get(&client_msg_id)
             .copied()
             .map(|seq| (seq, true))
-            .or_else(|| {
-                store
-                    .dedupe(&from, &s.client_msg_id)
-                    .map(|seq| (seq, false))
-            });
+            .or_else(|| store.dedupe(&from, &client_msg_id).map(|seq| (seq, false)));
         if let Some((seq, pending)) = earlier {
-            let ok = frame(
-                id,
-                server_frame::Body::SendOk(proto::SendOk {
-                    seq,
-                    server_time_ms: now.unix_ms,
-                    duplicate: true,
-                }),
-            );
+            let ok = Self::acknowledgement(req, seq, true, now);
             // A duplicate of a send not yet durable is answered when it is.
             if pending {
-                self.deferred.push(Deferred { conn, frame: ok });
+                self.deferred.push(ok);
             } else {
-                self.reply(conn, ok);
+                self.out.push(ok);
             }
             return;
         }
-        let to = self.user(&s.to_uid, store);
+        let to = self.user(to_uid, store);
         let mut msg = StoredMessage {
             seq: 0,
             from_uid: from.to_string(),
             to_uid: to.to_string(),
-            client_msg_id: s.client_msg_id.clone(),
-            from_device: device.to_string(),
-            content: s.content,
+            client_msg_id: client_msg_id.clone(),
+            from_device: device.to_owned(),
+            content,
             server_time_ms: now.unix_ms,
         };
         let mut owners = vec![from.clone()];
@@ -628,21 +714,12 @@ impl Core {
         let sender = self.users.get_mut(&from).expect("cached");
         sender
             .pending_dedupe
-            .insert(s.client_msg_id.clone(), sender_seq);
+            .insert(client_msg_id.clone(), sender_seq);
         self.batch
             .dedupe
-            .push((from.to_string(), s.client_msg_id, sender_seq));
-        self.deferred.push(Deferred {
-            conn,
-            frame: frame(
-                id,
-                server_frame::Body::SendOk(proto::SendOk {
-                    seq: sender_seq,
-                    server_time_ms: now.unix_ms,
-                    duplicate: false,
-                }),
-            ),
-        });
+            .push((from.to_string(), client_msg_id, sender_seq));
+        self.deferred
+            .push(Self::acknowledgement(req, sender_seq, false, now));
     }
 
     fn ack(&mut self, conn: ConnId, seq: u64, now: Now, store: &dyn StoreRead) {

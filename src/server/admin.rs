@@ -3,17 +3,43 @@
 //! One request per connection (`Connection: close`). A request that changes data is answered
 //! only after its change is durable; the shell holds the connection until then.
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+use serde::Deserialize;
+
 use crate::im::auth::MAX_ID_BYTES;
 
-/// Largest admin request head accepted.
-pub const MAX_ADMIN_REQUEST: usize = 16 * 1024;
+/// Largest admin request (head and body) accepted.
+pub const MAX_ADMIN_REQUEST: usize = 128 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdminAction {
     /// Make (or remove) a symmetric friendship, then answer 204 once durable.
     SetFriendship { a: String, b: String, present: bool },
+    /// Send a message on a user's or the system's behalf, answered once durable.
+    Send {
+        from_uid: String,
+        to_uid: String,
+        client_msg_id: String,
+        content: Vec<u8>,
+    },
+    /// Online devices, max_seq and cursors of a user.
+    GetUser { uid: String },
+    /// A user's friends and whether each is online.
+    GetFriends { uid: String },
     /// Answer right away.
     Respond(Response),
+}
+
+/// `POST /v1/messages` body: exactly one of `content` (base64) and `text`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendBody {
+    from_uid: String,
+    to_uid: String,
+    client_msg_id: String,
+    content: Option<String>,
+    text: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +50,14 @@ pub struct Response {
 }
 
 impl Response {
-    fn error(status: u16, message: &str) -> Response {
+    pub fn json(status: u16, body: &serde_json::Value) -> Response {
+        Response {
+            status,
+            body: body.to_string(),
+        }
+    }
+
+    pub fn error(status: u16, message: &str) -> Response {
         Response {
             status,
             body: format!("{{\"error\":{}}}", json_string(message)),
@@ -46,6 +79,7 @@ impl Response {
             401 => "Unauthorized",
             404 => "Not Found",
             405 => "Method Not Allowed",
+            413 => "Content Too Large",
             431 => "Request Header Fields Too Large",
             _ => "Internal Server Error",
         };
@@ -97,7 +131,7 @@ pub fn handle(buf: &[u8], token: Option<&str>) -> Parsed {
             AdminAction::Respond(Response::error(431, "request too large")),
         ),
         Err(_) => Parsed::Done(AdminAction::Respond(Response::error(400, "malformed HTTP"))),
-        Ok(httparse::Status::Complete(_)) => {
+        Ok(httparse::Status::Complete(head_len)) => {
             let authorized = token.is_none_or(|t| {
                 req.headers.iter().any(|h| {
                     h.name.eq_ignore_ascii_case("authorization")
@@ -113,7 +147,40 @@ pub fn handle(buf: &[u8], token: Option<&str>) -> Parsed {
                     "missing or wrong bearer token",
                 )));
             }
-            Parsed::Done(route(req.method.unwrap_or(""), req.path.unwrap_or("")))
+            let content_length = req
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .map(|h| {
+                    std::str::from_utf8(h.value)
+                        .ok()
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                });
+            let body_len = match content_length {
+                None => 0,
+                Some(Some(n)) if head_len + n <= MAX_ADMIN_REQUEST => n,
+                Some(Some(_)) => {
+                    return Parsed::Done(AdminAction::Respond(Response::error(
+                        413,
+                        "body too large",
+                    )))
+                }
+                Some(None) => {
+                    return Parsed::Done(AdminAction::Respond(Response::error(
+                        400,
+                        "bad Content-Length",
+                    )))
+                }
+            };
+            if buf.len() < head_len + body_len {
+                return Parsed::Partial;
+            }
+            let body = &buf[head_len..head_len + body_len];
+            Parsed::Done(route(
+                req.method.unwrap_or(""),
+                req.path.unwrap_or(""),
+                body,
+            ))
         }
     }
 }
@@ -122,22 +189,30 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn route(method: &str, target: &str) -> AdminAction {
+fn valid(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_ID_BYTES
+}
+
+fn method_not_allowed(allowed: &str) -> AdminAction {
+    AdminAction::Respond(Response::error(405, &format!("use {allowed}")))
+}
+
+fn route(method: &str, target: &str, body: &[u8]) -> AdminAction {
     let path = target.split('?').next().unwrap_or("");
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match parts.as_slice() {
+        ["healthz"] => match method {
+            "GET" => {
+                AdminAction::Respond(Response::json(200, &serde_json::json!({"status": "ok"})))
+            }
+            _ => method_not_allowed("GET"),
+        },
         ["v1", "friendships", a, b] => {
             let present = match method {
                 "PUT" => true,
                 "DELETE" => false,
-                _ => {
-                    return AdminAction::Respond(Response::error(
-                        405,
-                        "use PUT or DELETE on /v1/friendships/{a}/{b}",
-                    ))
-                }
+                _ => return method_not_allowed("PUT or DELETE"),
             };
-            let valid = |s: &str| !s.is_empty() && s.len() <= MAX_ID_BYTES;
             if !valid(a) || !valid(b) || a == b {
                 return AdminAction::Respond(Response::error(
                     400,
@@ -148,6 +223,52 @@ fn route(method: &str, target: &str) -> AdminAction {
                 a: (*a).to_owned(),
                 b: (*b).to_owned(),
                 present,
+            }
+        }
+        ["v1", "users", uid] | ["v1", "users", uid, "friends"] => {
+            if method != "GET" {
+                return method_not_allowed("GET");
+            }
+            if !valid(uid) {
+                return AdminAction::Respond(Response::error(400, "uid must be 1-64 bytes"));
+            }
+            let uid = (*uid).to_owned();
+            if parts.len() == 3 {
+                AdminAction::GetUser { uid }
+            } else {
+                AdminAction::GetFriends { uid }
+            }
+        }
+        ["v1", "messages"] => {
+            if method != "POST" {
+                return method_not_allowed("POST");
+            }
+            let b: SendBody = match serde_json::from_slice(body) {
+                Ok(b) => b,
+                Err(e) => {
+                    return AdminAction::Respond(Response::error(400, &format!("bad JSON: {e}")))
+                }
+            };
+            let content = match (b.content, b.text) {
+                (Some(c), None) => match BASE64.decode(c.as_bytes()) {
+                    Ok(c) => c,
+                    Err(_) => {
+                        return AdminAction::Respond(Response::error(400, "content is not base64"))
+                    }
+                },
+                (None, Some(t)) => t.into_bytes(),
+                _ => {
+                    return AdminAction::Respond(Response::error(
+                        400,
+                        "give exactly one of content (base64) and text",
+                    ))
+                }
+            };
+            AdminAction::Send {
+                from_uid: b.from_uid,
+                to_uid: b.to_uid,
+                client_msg_id: b.client_msg_id,
+                content,
             }
         }
         _ => AdminAction::Respond(Response::error(404, "no such route")),
@@ -168,7 +289,7 @@ mod tests {
     fn status(req: &str, token: Option<&str>) -> u16 {
         match action(req, token) {
             AdminAction::Respond(r) => r.status,
-            AdminAction::SetFriendship { .. } => 0,
+            _ => 0,
         }
     }
 
@@ -204,6 +325,62 @@ mod tests {
         assert_eq!(status("PUT /v1/nope HTTP/1.1\r\n\r\n", None), 404);
         assert_eq!(status("garbage\r\n\r\n", None), 400);
         assert_eq!(handle(b"PUT /v1/friend", None), Parsed::Partial);
+    }
+
+    #[test]
+    fn user_routes_health_and_messages() {
+        assert_eq!(
+            action("GET /v1/users/alice HTTP/1.1\r\n\r\n", None),
+            AdminAction::GetUser {
+                uid: "alice".into()
+            }
+        );
+        assert_eq!(
+            action("GET /v1/users/alice/friends HTTP/1.1\r\n\r\n", None),
+            AdminAction::GetFriends {
+                uid: "alice".into()
+            }
+        );
+        assert_eq!(status("POST /v1/users/alice HTTP/1.1\r\n\r\n", None), 405);
+        assert_eq!(status("GET /healthz HTTP/1.1\r\n\r\n", None), 200);
+        let post = |body: &str| {
+            format!(
+                "POST /v1/messages HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        assert_eq!(
+            action(
+                &post(r#"{"from_uid":"sys","to_uid":"bob","client_msg_id":"x","text":"hi"}"#),
+                None
+            ),
+            AdminAction::Send {
+                from_uid: "sys".into(),
+                to_uid: "bob".into(),
+                client_msg_id: "x".into(),
+                content: b"hi".to_vec()
+            }
+        );
+        assert!(matches!(
+            action(&post(r#"{"from_uid":"a","to_uid":"b","client_msg_id":"x","content":"aGk="}"#), None),
+            AdminAction::Send { content, .. } if content == b"hi"
+        ));
+        for bad in [
+            "{not json",
+            r#"{"from_uid":"a","to_uid":"b","client_msg_id":"x"}"#,
+            r#"{"from_uid":"a","to_uid":"b","client_msg_id":"x","text":"t","content":"aGk="}"#,
+            r#"{"from_uid":"a","to_uid":"b","client_msg_id":"x","content":"!!"}"#,
+            r#"{"from_uid":"a","to_uid":"b","client_msg_id":"x","text":"t","extra":1}"#,
+        ] {
+            assert_eq!(status(&post(bad), None), 400, "{bad}");
+        }
+        assert_eq!(status("GET /v1/messages HTTP/1.1\r\n\r\n", None), 405);
+        // The body may arrive after the head.
+        let full = post(r#"{"from_uid":"a","to_uid":"b","client_msg_id":"x","text":"t"}"#);
+        assert_eq!(
+            handle(&full.as_bytes()[..full.len() - 3], None),
+            Parsed::Partial
+        );
     }
 
     #[test]

@@ -91,6 +91,8 @@ pub struct Server {
     im: Option<ImService>,
     /// Connections that got output from the IM core this turn, flushed at its end.
     dirty: Vec<usize>,
+    /// Admin connections whose answer became ready.
+    admin_ready: Vec<usize>,
 }
 
 /// One admin HTTP request/response exchange.
@@ -101,6 +103,8 @@ struct AdminConn {
     written: usize,
     /// Answer 204 once this batch is durable.
     waiting_for: Option<u64>,
+    /// A `POST /v1/messages` waits for the core's `AdminSent`.
+    awaiting_send: bool,
 }
 
 /// The IM endpoint's state: the sans-IO core, its store and the storage thread.
@@ -182,6 +186,7 @@ impl Server {
         Ok(Server {
             im,
             dirty: Vec::new(),
+            admin_ready: Vec::new(),
             unix_ms: 0,
             policy: Policy {
                 allowed_origins: cfg.allowed_origins.clone(),
@@ -422,6 +427,7 @@ impl Server {
                             response: Vec::new(),
                             written: 0,
                             waiting_for: None,
+                            awaiting_send: false,
                         });
                     }
                 }
@@ -443,11 +449,16 @@ impl Server {
         let Some(a) = im.admins.get_mut(key) else {
             return;
         };
-        if a.response.is_empty() && a.waiting_for.is_none() {
+        let mut submitted = false;
+        if a.response.is_empty() && a.waiting_for.is_none() && !a.awaiting_send {
             let mut buf = [0u8; 4096];
+            let mut eof = false;
             loop {
                 match a.sock.read(&mut buf) {
-                    Ok(0) => break,
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
                     Ok(n) => {
                         a.request.extend_from_slice(&buf[..n]);
                         if a.request.len() > admin::MAX_ADMIN_REQUEST {
@@ -458,8 +469,18 @@ impl Server {
                     Err(_) => break,
                 }
             }
+            let now = Now {
+                mono_ms: self.now,
+                unix_ms: self.unix_ms,
+            };
             match admin::handle(&a.request, im.admin_token.as_deref()) {
-                admin::Parsed::Partial => return,
+                admin::Parsed::Partial => {
+                    if eof {
+                        let mut a = im.admins.remove(key);
+                        let _ = self.poll.registry().deregister(&mut a.sock);
+                    }
+                    return;
+                }
                 admin::Parsed::Done(AdminAction::Respond(r)) => a.response = r.to_bytes(),
                 admin::Parsed::Done(AdminAction::SetFriendship {
                     a: x,
@@ -470,8 +491,69 @@ impl Server {
                     a.waiting_for = Some(im.core.pending_batch_id());
                     return;
                 }
+                admin::Parsed::Done(AdminAction::Send {
+                    from_uid,
+                    to_uid,
+                    client_msg_id,
+                    content,
+                }) => {
+                    match im.core.admin_send(
+                        key,
+                        &from_uid,
+                        &to_uid,
+                        client_msg_id,
+                        content,
+                        now,
+                        &*im.store,
+                    ) {
+                        Ok(()) => {
+                            a.awaiting_send = true;
+                            submitted = true;
+                        }
+                        Err(why) => a.response = Response::error(400, why).to_bytes(),
+                    }
+                }
+                admin::Parsed::Done(AdminAction::GetUser { uid }) => {
+                    let cursors: serde_json::Map<String, serde_json::Value> = im
+                        .store
+                        .cursors(&uid)
+                        .into_iter()
+                        .map(|(d, seq)| (d, seq.into()))
+                        .collect();
+                    let body = serde_json::json!({
+                        "uid": uid,
+                        "online_devices": im.core.online_devices(&uid),
+                        "max_seq": im.store.max_seq(&uid),
+                        "cursors": cursors,
+                    });
+                    a.response = Response::json(200, &body).to_bytes();
+                }
+                admin::Parsed::Done(AdminAction::GetFriends { uid }) => {
+                    let friends: Vec<serde_json::Value> = im
+                        .store
+                        .friends(&uid)
+                        .into_iter()
+                        .map(|f| {
+                            let online = !im.core.online_devices(&f).is_empty();
+                            serde_json::json!({"uid": f, "online": online})
+                        })
+                        .collect();
+                    let body = serde_json::json!({"uid": uid, "friends": friends});
+                    a.response = Response::json(200, &body).to_bytes();
+                }
             }
         }
+        if submitted {
+            // A duplicate of a durable send is answered at once.
+            self.dispatch_im();
+            return;
+        }
+        let Some(im) = self.im.as_mut() else {
+            return;
+        };
+        let Some(a) = im.admins.get_mut(key) else {
+            return;
+        };
         while a.written < a.response.len() {
             match a.sock.write(&a.response[a.written..]) {
                 Ok(n) if n > 0 => a.written += n,
@@ -492,9 +574,18 @@ impl Server {
             return;
         };
         let mut body = Vec::new();
+        let mut admin_answers = Vec::new();
         for out in im.core.drain_output() {
             let conn = match &out {
                 Output::Frame { conn, .. } | Output::Close { conn, .. } => *conn,
+                Output::AdminSent {
+                    admin,
+                    seq,
+                    duplicate,
+                } => {
+                    admin_answers.push((*admin, *seq, *duplicate));
+                    continue;
+                }
             };
             let Some(c) = self.conns.get_mut(conn) else {
                 continue;
@@ -511,9 +602,22 @@ impl Server {
                     debug!("conn {conn}: closing {code} {reason}");
                     c.transport.close(code, reason, &mut im.scratch);
                 }
+                Output::AdminSent { .. } => {}
             }
             c.outbox.push(&im.scratch, &mut self.pool);
             self.dirty.push(conn);
+        }
+        for (key, seq, duplicate) in admin_answers {
+            let Some(a) = im.admins.get_mut(key).filter(|a| a.awaiting_send) else {
+                continue;
+            };
+            a.awaiting_send = false;
+            let body = serde_json::json!({"seq": seq, "duplicate": duplicate});
+            a.response = Response::json(200, &body).to_bytes();
+            self.admin_ready.push(key);
+        }
+        for key in std::mem::take(&mut self.admin_ready) {
+            self.on_admin(key);
         }
     }
 

@@ -79,6 +79,17 @@ impl StoreRead for MemoryStore {
             .unwrap_or(0)
     }
 
+    fn cursors(&self, uid: &str) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self
+            .cursors
+            .iter()
+            .filter(|((u, _), _)| u == uid)
+            .map(|((_, d), s)| (d.clone(), *s))
+            .collect();
+        v.sort();
+        v
+    }
+
     fn dedupe(&self, uid: &str, client_msg_id: &str) -> Option<u64> {
         self.dedupe.get(uid)?.0.get(client_msg_id).copied()
     }

@@ -79,6 +79,8 @@ pub trait StoreRead {
     fn messages_after(&self, uid: &str, after: u64, limit: usize) -> Vec<StoredMessage>;
     /// Stored delivery cursor of a device (0 when none).
     fn cursor(&self, uid: &str, device_id: &str) -> u64;
+    /// Every stored cursor of `uid`: (device_id, seq), by device id.
+    fn cursors(&self, uid: &str) -> Vec<(String, u64)>;
     /// The sender-inbox seq of an earlier accepted send with this client_msg_id.
     fn dedupe(&self, uid: &str, client_msg_id: &str) -> Option<u64>;
     fn friends(&self, uid: &str) -> Vec<String>;

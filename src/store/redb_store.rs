@@ -242,6 +242,23 @@ impl StoreRead for RedbStore {
         .unwrap_or(0)
     }
 
+    fn cursors(&self, uid: &str) -> Vec<(String, u64)> {
+        self.read(|txn| {
+            let t = txn.open_table(CURSORS)?;
+            let mut out = Vec::new();
+            for entry in t.range((uid, "")..)? {
+                let (k, v) = entry?;
+                let (u, device) = k.value();
+                if u != uid {
+                    break;
+                }
+                out.push((device.to_owned(), v.value()));
+            }
+            Ok(out)
+        })
+        .unwrap_or_default()
+    }
+
     fn dedupe(&self, uid: &str, client_msg_id: &str) -> Option<u64> {
         self.read(|txn| {
             let t = txn.open_table(DEDUPE)?;
@@ -310,6 +327,8 @@ mod tests {
         );
         assert_eq!(s.messages_after("b", 0, 1).len(), 1);
         assert_eq!(s.cursor("b", "phone"), 2);
+        assert_eq!(s.cursors("b"), vec![("phone".to_owned(), 2)]);
+        assert!(s.cursors("a").is_empty());
         assert_eq!(s.dedupe("a", "c1"), Some(1));
         assert_eq!(s.friends("a"), vec!["b".to_owned(), "c".to_owned()]);
         assert_eq!(s.friends("b"), vec!["a".to_owned()]);

@@ -117,9 +117,29 @@ impl ServerProc {
 
     /// One admin HTTP request; returns the whole response.
     pub fn admin_request(&self, method: &str, path: &str, headers: &str) -> String {
+        self.admin_request_with_body(method, path, headers, "")
+    }
+
+    /// One admin HTTP request with a body (sent with its Content-Length).
+    pub fn admin_request_with_body(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &str,
+        body: &str,
+    ) -> String {
         let mut s = TcpStream::connect(self.admin).expect("connect admin");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").unwrap();
+        let length = if body.is_empty() {
+            String::new()
+        } else {
+            format!("Content-Length: {}\r\n", body.len())
+        };
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}{length}\r\n{body}"
+        )
+        .unwrap();
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
         out
