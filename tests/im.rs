@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -511,4 +512,53 @@ fn admin_api_sends_and_reports_users() {
     );
     let r = server.admin_request("DELETE", "/v1/users/hank", auth);
     assert!(r.starts_with("HTTP/1.1 405 "), "{r}");
+}
+
+/// The value of one sample line of the metrics text, e.g. `imgate_logins_total`.
+fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {sample} in:\n{text}"))
+}
+
+#[test]
+fn metrics_count_the_traffic() {
+    let server = ServerProc::start(&[]);
+    let (mut a, _) = Client::login(&server, "ida", "phone", 0);
+    let (mut b1, _) = Client::login(&server, "jon", "phone", 0);
+    let (mut b2, _) = Client::login(&server, "jon", "tablet", 0);
+    for i in 0..3 {
+        a.send("jon", &format!("m{i}"), "hi");
+    }
+    assert_eq!(b1.messages(3).len(), 3);
+    assert_eq!(b2.messages(3).len(), 3);
+    a.send("jon", "m0", "hi"); // a duplicate: not counted as a new message
+                               // A protocol error closes one connection with 1002.
+    let mut bad = Client::connect(&server);
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = bad.ws.get_mut() {
+        s.write_all(&[0x82, 0x00]).unwrap(); // an unmasked client frame
+    }
+    let _ = bad.ws.read();
+
+    let r = server.admin_request("GET", "/metrics", "");
+    assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+    assert!(
+        r.contains("Content-Type: application/openmetrics-text"),
+        "{r}"
+    );
+    let text = r.split("\r\n\r\n").nth(1).unwrap();
+    assert_eq!(metric(text, "imgate_logins_total"), 3.0);
+    assert_eq!(metric(text, "imgate_messages_in_total"), 3.0);
+    assert_eq!(metric(text, "imgate_messages_out_total"), 6.0);
+    assert_eq!(metric(text, "imgate_delivery_latency_seconds_count"), 6.0);
+    assert!(metric(text, "imgate_store_commit_latency_seconds_count") >= 1.0);
+    assert!(metric(text, "imgate_bytes_in_total") > 0.0);
+    assert!(metric(text, "imgate_bytes_out_total") > 0.0);
+    assert_eq!(
+        metric(text, "imgate_closes_total{code=\"1002\",by=\"server\"}"),
+        1.0
+    );
+    assert_eq!(metric(text, "imgate_slow_consumer_kills_total"), 0.0);
+    assert!(metric(text, "imgate_connections{state=\"open\",transport=\"ws\"}") >= 3.0);
 }

@@ -27,6 +27,8 @@ pub enum AdminAction {
     GetUser { uid: String },
     /// A user's friends and whether each is online.
     GetFriends { uid: String },
+    /// The Prometheus/OpenMetrics text exposition.
+    Metrics,
     /// Answer right away.
     Respond(Response),
 }
@@ -45,8 +47,9 @@ struct SendBody {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub status: u16,
-    /// JSON body; empty for 204.
+    /// JSON body (or metrics text); empty for 204.
     pub body: String,
+    pub content_type: &'static str,
 }
 
 impl Response {
@@ -54,6 +57,15 @@ impl Response {
         Response {
             status,
             body: body.to_string(),
+            content_type: "application/json",
+        }
+    }
+
+    pub fn metrics(text: String) -> Response {
+        Response {
+            status: 200,
+            body: text,
+            content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
         }
     }
 
@@ -61,6 +73,7 @@ impl Response {
         Response {
             status,
             body: format!("{{\"error\":{}}}", json_string(message)),
+            content_type: "application/json",
         }
     }
 
@@ -68,6 +81,7 @@ impl Response {
         Response {
             status: 204,
             body: String::new(),
+            content_type: "application/json",
         }
     }
 
@@ -89,7 +103,8 @@ impl Response {
         }
         if self.status != 204 {
             head.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                "Content-Type: {}\r\nContent-Length: {}\r\n",
+                self.content_type,
                 self.body.len()
             ));
         }
@@ -201,6 +216,10 @@ fn route(method: &str, target: &str, body: &[u8]) -> AdminAction {
     let path = target.split('?').next().unwrap_or("");
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match parts.as_slice() {
+        ["metrics"] => match method {
+            "GET" => AdminAction::Metrics,
+            _ => method_not_allowed("GET"),
+        },
         ["healthz"] => match method {
             "GET" => {
                 AdminAction::Respond(Response::json(200, &serde_json::json!({"status": "ok"})))

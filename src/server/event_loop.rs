@@ -19,13 +19,14 @@ use slab::Slab;
 
 use super::admin::{self, AdminAction, Response};
 use super::conn::{Conn, Service, TimerKind};
+use super::metrics::Metrics;
 use super::signals::ShutdownSignals;
 use super::timer_wheel::TimerWheel;
 use super::transport::Transport;
 use crate::buffer_pool::BufferPool;
 use crate::config::ServerConfig;
 use crate::im::core::{Core, Now, Output};
-use crate::im::proto::ClientFrame;
+use crate::im::proto::{server_frame, ClientFrame};
 use crate::im::tcp_framing::TooLarge;
 use crate::store::redb_store::RedbStore;
 use crate::store::writer::{Done, Writer};
@@ -93,6 +94,7 @@ pub struct Server {
     dirty: Vec<usize>,
     /// Admin connections whose answer became ready.
     admin_ready: Vec<usize>,
+    metrics: Metrics,
 }
 
 /// One admin HTTP request/response exchange.
@@ -187,6 +189,7 @@ impl Server {
             im,
             dirty: Vec::new(),
             admin_ready: Vec::new(),
+            metrics: Metrics::new(),
             unix_ms: 0,
             policy: Policy {
                 allowed_origins: cfg.allowed_origins.clone(),
@@ -334,7 +337,10 @@ impl Server {
         let mut latest = None;
         for done in im.writer.completed() {
             match done {
-                Done::Committed(id) => latest = Some(id),
+                Done::Committed(id, took) => {
+                    self.metrics.commit_latency.observe(took.as_secs_f64());
+                    latest = Some(id);
+                }
                 Done::Failed(e) => {
                     log::error!("{e}; stopping: no send is acknowledged unless it is durable");
                     return Err(io::Error::other(e));
@@ -528,6 +534,28 @@ impl Server {
                     });
                     a.response = Response::json(200, &body).to_bytes();
                 }
+                admin::Parsed::Done(AdminAction::Metrics) => {
+                    let mut counts: Vec<(&'static str, &'static str, i64)> = Vec::new();
+                    for (_, c) in self.conns.iter() {
+                        let state = match c.transport.state() {
+                            State::Handshaking | State::AwaitingAccept => "handshaking",
+                            State::Open => "open",
+                            State::CloseSent | State::Closed => "closing",
+                        };
+                        let transport = match c.transport {
+                            Transport::Ws(_) => "ws",
+                            Transport::Tcp { .. } => "tcp",
+                        };
+                        match counts
+                            .iter_mut()
+                            .find(|(s, t, _)| *s == state && *t == transport)
+                        {
+                            Some(entry) => entry.2 += 1,
+                            None => counts.push((state, transport, 1)),
+                        }
+                    }
+                    a.response = Response::metrics(self.metrics.render(&counts)).to_bytes();
+                }
                 admin::Parsed::Done(AdminAction::GetFriends { uid }) => {
                     let friends: Vec<serde_json::Value> = im
                         .store
@@ -583,6 +611,9 @@ impl Server {
                     seq,
                     duplicate,
                 } => {
+                    if !duplicate {
+                        self.metrics.messages_in.inc();
+                    }
                     admin_answers.push((*admin, *seq, *duplicate));
                     continue;
                 }
@@ -593,6 +624,20 @@ impl Server {
             im.scratch.clear();
             match out {
                 Output::Frame { frame, .. } => {
+                    match &frame.body {
+                        Some(server_frame::Body::LoginOk(_)) => {
+                            self.metrics.logins.inc();
+                        }
+                        Some(server_frame::Body::SendOk(ok)) if !ok.duplicate => {
+                            self.metrics.messages_in.inc();
+                        }
+                        Some(server_frame::Body::Message(m)) => {
+                            self.metrics.messages_out.inc();
+                            let ms = self.unix_ms.saturating_sub(m.server_time_ms).max(0);
+                            self.metrics.delivery_latency.observe(ms as f64 / 1000.0);
+                        }
+                        _ => {}
+                    }
                     body.clear();
                     if frame.encode(&mut body).is_ok() {
                         c.transport.send(&body, &mut im.scratch);
@@ -600,6 +645,7 @@ impl Server {
                 }
                 Output::Close { code, reason, .. } => {
                     debug!("conn {conn}: closing {code} {reason}");
+                    self.metrics.close(code, "server");
                     c.transport.close(code, reason, &mut im.scratch);
                 }
                 Output::AdminSent { .. } => {}
@@ -735,8 +781,10 @@ impl Server {
                 Ok(n) => {
                     conn.last_inbound = self.now;
                     total += n;
+                    self.metrics.bytes_in.inc_by(n as u64);
                     let mut cx = Cx {
                         key,
+                        metrics: &self.metrics,
                         now: Now {
                             mono_ms: self.now,
                             unix_ms: self.unix_ms,
@@ -802,6 +850,8 @@ impl Server {
             );
             conn.transport
                 .close(code::POLICY_VIOLATION, "slow consumer", &mut self.staging);
+            self.metrics.slow_consumer_kills.inc();
+            self.metrics.close(code::POLICY_VIOLATION, "server");
             conn.outbox.push(&self.staging, &mut self.pool);
             self.staging.clear();
         }
@@ -821,10 +871,10 @@ impl Server {
     /// connection's queued output, in one write; what the socket does not take is queued.
     fn flush(&mut self, key: usize) -> io::Result<()> {
         let result = match self.conns.get_mut(key) {
-            Some(conn) if self.input_refs.is_empty() => conn
-                .outbox
-                .flush(&mut conn.sock, &[&self.staging], &mut self.pool)
-                .map(|_| ()),
+            Some(conn) if self.input_refs.is_empty() => {
+                conn.outbox
+                    .flush(&mut conn.sock, &[&self.staging], &mut self.pool)
+            }
             Some(conn) => {
                 let mut slices: Vec<&[u8]> = Vec::with_capacity(2 * self.input_refs.len() + 1);
                 let mut at = 0;
@@ -834,12 +884,13 @@ impl Server {
                     at = *pos;
                 }
                 slices.push(&self.staging[at..]);
-                conn.outbox
-                    .flush(&mut conn.sock, &slices, &mut self.pool)
-                    .map(|_| ())
+                conn.outbox.flush(&mut conn.sock, &slices, &mut self.pool)
             }
-            None => Ok(()),
+            None => Ok(0),
         };
+        let result = result.map(|n| {
+            self.metrics.bytes_out.inc_by(n as u64);
+        });
         self.staging.clear();
         self.input_refs.clear();
         if self.staging.capacity() > 4 * READ_BUF {
@@ -892,6 +943,7 @@ impl Server {
                     debug!("conn {key}: idle timeout");
                     conn.transport
                         .close(code::GOING_AWAY, "idle timeout", &mut self.staging);
+                    self.metrics.close(code::GOING_AWAY, "server");
                 } else if now
                     >= conn.last_inbound.max(conn.last_ping) + millis(self.cfg.ping_interval)
                 {
@@ -921,6 +973,7 @@ impl Server {
                 debug!("conn {key}: no login in time");
                 conn.transport
                     .close(code::POLICY_VIOLATION, "login timeout", &mut self.staging);
+                self.metrics.close(code::POLICY_VIOLATION, "server");
             }
         } else {
             im.core.check_ack_timeout(key, now);
@@ -947,6 +1000,7 @@ impl Server {
                 .transport
                 .close(code::GOING_AWAY, "server shutting down", &mut self.staging)
             {
+                self.metrics.close(code::GOING_AWAY, "server");
                 self.after_io(key);
             } else {
                 self.remove(key);
@@ -978,6 +1032,7 @@ impl Server {
 /// Everything input processing may touch besides the connection itself.
 struct Cx<'a> {
     key: usize,
+    metrics: &'a Metrics,
     now: Now,
     im: Option<&'a mut ImService>,
     staging: &'a mut Vec<u8>,
@@ -1050,6 +1105,7 @@ fn process_ws(
             }
             Err(Failure::Ws(e)) => {
                 debug!("protocol error: {e}");
+                cx.metrics.close(e.close_code(), "server");
                 return;
             }
         };
@@ -1085,6 +1141,8 @@ fn process_ws(
             },
             Some(Event::Closed { code, reason }) => {
                 debug!("peer closed: {code:?} {reason:?}");
+                // 1005: "no status code present" (RFC 6455 §7.4.1).
+                cx.metrics.close(code.unwrap_or(1005), "peer");
             }
         }
     }

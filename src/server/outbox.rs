@@ -35,14 +35,15 @@ impl Outbox {
     /// Writes the queued bytes followed by the `fresh` slices, in order, until everything is
     /// written or `w` would block, and queues (copies) whatever of `fresh` was not written.
     ///
-    /// Returns `Ok(true)` when nothing is left queued. Errors other than `WouldBlock` and
-    /// `Interrupted` are returned; the queue is then meaningless and the caller drops it.
+    /// Returns the bytes written. Errors other than `WouldBlock` and `Interrupted` are
+    /// returned; the queue is then meaningless and the caller drops it.
     pub fn flush<W: Write>(
         &mut self,
         w: &mut W,
         fresh: &[&[u8]],
         pool: &mut BufferPool,
-    ) -> io::Result<bool> {
+    ) -> io::Result<usize> {
+        let mut written = 0;
         // Position in `fresh`: slice index and bytes of it already written.
         let (mut at, mut at_written) = (0, 0);
         let skip_empty = |at: &mut usize, at_written: &mut usize| {
@@ -83,6 +84,7 @@ impl Outbox {
             match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
+                    written += n;
                     let from_queue = n.min(self.len);
                     self.consume(from_queue, pool);
                     let mut rest = n - from_queue;
@@ -104,7 +106,7 @@ impl Outbox {
                 self.push(f, pool);
             }
         }
-        Ok(self.is_empty())
+        Ok(written)
     }
 
     /// Queues `data` behind what is already queued.
@@ -209,7 +211,8 @@ mod tests {
         let mut pool = BufferPool::new(16, 4);
         let mut ob = Outbox::default();
         let mut s = sock(1000);
-        assert!(ob.flush(&mut s, &[b"hello"], &mut pool).unwrap());
+        assert_eq!(ob.flush(&mut s, &[b"hello"], &mut pool).unwrap(), 5);
+        assert!(ob.is_empty());
         assert_eq!(s.calls, 1);
         assert_eq!(s.written, b"hello");
         assert_eq!(ob.chunks.capacity(), 0);
@@ -221,15 +224,17 @@ mod tests {
         let mut ob = Outbox::default();
         let data: Vec<u8> = (0..200u8).collect();
         let mut s = sock(10);
-        assert!(!ob.flush(&mut s, &[&data[..100]], &mut pool).unwrap());
+        assert_eq!(ob.flush(&mut s, &[&data[..100]], &mut pool).unwrap(), 10);
         assert_eq!(ob.len(), 90);
         s.budget = 25;
-        assert!(!ob
-            .flush(&mut s, &[&data[100..150], &[], &data[150..]], &mut pool)
-            .unwrap());
+        assert_eq!(
+            ob.flush(&mut s, &[&data[100..150], &[], &data[150..]], &mut pool)
+                .unwrap(),
+            25
+        );
         assert_eq!(ob.len(), 165);
         s.budget = usize::MAX;
-        assert!(ob.flush(&mut s, &[], &mut pool).unwrap());
+        assert_eq!(ob.flush(&mut s, &[], &mut pool).unwrap(), 165);
         assert_eq!(s.written, data);
         assert!(ob.is_empty());
         assert_eq!(ob.chunks.capacity(), 0);

@@ -14,7 +14,8 @@ use super::{Store, WriteBatch};
 pub type BatchId = u64;
 
 pub enum Done {
-    Committed(BatchId),
+    /// Every batch up to this id is durable; the commit took this long.
+    Committed(BatchId, std::time::Duration),
     Failed(String),
 }
 
@@ -43,8 +44,9 @@ impl Writer {
                         last = id;
                         batches.push(b);
                     }
+                    let started = std::time::Instant::now();
                     let report = match store.commit(&batches, sync) {
-                        Ok(()) => Done::Committed(last),
+                        Ok(()) => Done::Committed(last, started.elapsed()),
                         Err(e) => Done::Failed(e),
                     };
                     let failed = matches!(report, Done::Failed(_));
