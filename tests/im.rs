@@ -562,3 +562,70 @@ fn metrics_count_the_traffic() {
     assert_eq!(metric(text, "imgate_slow_consumer_kills_total"), 0.0);
     assert!(metric(text, "imgate_connections{state=\"open\",transport=\"ws\"}") >= 3.0);
 }
+
+#[test]
+fn json_subprotocol_talks_to_protobuf_clients() {
+    use tungstenite::client::IntoClientRequest;
+    let server = ServerProc::start(&[]);
+    let mut req = server.url("/ws").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "imgate.v1.json".parse().unwrap());
+    let (mut js, resp) = tungstenite::connect(req).expect("json client");
+    assert_eq!(resp.headers()["Sec-WebSocket-Protocol"], "imgate.v1.json");
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = js.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+    let next_json = |js: &mut Ws| -> serde_json::Value {
+        loop {
+            match js.read().expect("read") {
+                Message::Text(t) => return serde_json::from_str(&t).expect("JSON frame"),
+                Message::Ping(_) | Message::Pong(_) => {}
+                other => panic!("expected a JSON text frame, got {other:?}"),
+            }
+        }
+    };
+    let login = serde_json::json!({"id": "1", "login": {"token": token("kim"), "deviceId": "web"}});
+    js.send(Message::text(login.to_string())).unwrap();
+    let ok = next_json(&mut js);
+    assert_eq!(
+        (ok["id"].as_str(), ok["loginOk"]["uid"].as_str()),
+        (Some("1"), Some("kim"))
+    );
+
+    // protobuf -> JSON
+    let (mut lee, _) = Client::login(&server, "lee", "phone", 0);
+    lee.send("kim", "p1", "hi kim");
+    let m = next_json(&mut js);
+    assert_eq!(m["message"]["seq"], "1");
+    assert_eq!(m["message"]["fromUid"], "lee");
+    assert_eq!(m["message"]["content"], "aGkga2lt"); // base64("hi kim")
+
+    // JSON -> protobuf
+    let send = serde_json::json!({"id": "2", "send": {"toUid": "lee", "clientMsgId": "j1", "content": "aGVsbG8="}});
+    js.send(Message::text(send.to_string())).unwrap();
+    let ok = next_json(&mut js);
+    assert_eq!(
+        (ok["id"].as_str(), ok["sendOk"]["seq"].as_str()),
+        (Some("2"), Some("2"))
+    );
+    let got = lee.messages(1);
+    assert_eq!(
+        (got[0].from_uid.as_str(), got[0].content.as_slice()),
+        ("kim", &b"hello"[..])
+    );
+
+    // Malformed JSON and binary frames: BAD_REQUEST, and the connection stays usable.
+    js.send(Message::text("{not json")).unwrap();
+    assert_eq!(
+        next_json(&mut js)["error"]["code"],
+        "ERROR_CODE_BAD_REQUEST"
+    );
+    js.send(Message::binary(vec![8, 1])).unwrap();
+    assert_eq!(
+        next_json(&mut js)["error"]["code"],
+        "ERROR_CODE_BAD_REQUEST"
+    );
+    js.send(Message::text(r#"{"id":"3","ping":{"clientTimeMs":"5"}}"#))
+        .unwrap();
+    assert_eq!(next_json(&mut js)["pong"]["clientTimeMs"], "5");
+}

@@ -60,6 +60,8 @@ pub struct Conn {
     pub counted_open: bool,
     /// Loop time (ms) the connection was accepted (for the login deadline).
     pub opened_ms: u64,
+    /// IM frames are JSON text messages (subprotocol `imgate.v1.json`), not binary protobuf.
+    pub json: bool,
 }
 
 impl Conn {
@@ -85,6 +87,7 @@ impl Conn {
             write_shut: false,
             counted_open: false,
             opened_ms: now,
+            json: false,
         }
     }
 }

@@ -41,6 +41,9 @@ const SIGNALS: Token = Token(usize::MAX - 2);
 const STORE_WAKER: Token = Token(usize::MAX - 3);
 const ADMIN_LISTENER: Token = Token(usize::MAX - 4);
 const TCP_LISTENER: Token = Token(usize::MAX - 5);
+/// Subprotocols of `/ws`: binary protobuf (also without a subprotocol), or JSON text.
+const PROTOBUF_PROTOCOL: &str = "imgate.v1.proto";
+const JSON_PROTOCOL: &str = "imgate.v1.json";
 /// Admin connections use tokens from here up; WebSocket connections use their slab key.
 const ADMIN_BASE: usize = usize::MAX / 2;
 
@@ -151,7 +154,7 @@ impl Server {
                 let writer = Writer::spawn(store.clone(), settings.sync, waker)?;
                 endpoints.push(Endpoint {
                     path: "/ws",
-                    protocols: &["imgate.v1.proto"],
+                    protocols: &[PROTOBUF_PROTOCOL, JSON_PROTOCOL],
                     kind: Service::Im,
                 });
                 let tcp_listener = match settings.tcp_listen {
@@ -622,6 +625,7 @@ impl Server {
                 continue;
             };
             im.scratch.clear();
+            let json = c.json;
             match out {
                 Output::Frame { frame, .. } => {
                     match &frame.body {
@@ -639,8 +643,13 @@ impl Server {
                         _ => {}
                     }
                     body.clear();
-                    if frame.encode(&mut body).is_ok() {
-                        c.transport.send(&body, &mut im.scratch);
+                    if json {
+                        if serde_json::to_writer(&mut body, &frame).is_ok() {
+                            c.transport.send(MessageKind::Text, &body, &mut im.scratch);
+                        }
+                    } else if frame.encode(&mut body).is_ok() {
+                        c.transport
+                            .send(MessageKind::Binary, &body, &mut im.scratch);
                     }
                 }
                 Output::Close { code, reason, .. } => {
@@ -1051,10 +1060,11 @@ fn process_input(conn: &mut Conn, input: &mut [u8], cx: &mut Cx<'_>) {
         transport,
         service,
         counted_open,
+        json,
         ..
     } = conn;
     match transport {
-        Transport::Ws(ws) => process_ws(ws, service, counted_open, input, cx),
+        Transport::Ws(ws) => process_ws(ws, service, counted_open, json, input, cx),
         Transport::Tcp { framing, closed } => {
             let mut offset = 0;
             while offset < input.len() && !*closed {
@@ -1091,6 +1101,7 @@ fn process_ws(
     ws: &mut crate::ws::Connection,
     service: &mut Option<Service>,
     counted_open: &mut bool,
+    json: &mut bool,
     input: &mut [u8],
     cx: &mut Cx<'_>,
 ) {
@@ -1113,7 +1124,7 @@ fn process_ws(
         match progress.event {
             None if progress.consumed == 0 => return,
             None => {}
-            Some(Event::Upgrade(request)) => upgrade(ws, service, counted_open, &request, cx),
+            Some(Event::Upgrade(request)) => upgrade(ws, service, counted_open, json, &request, cx),
             Some(Event::Message(kind, payload)) => match *service {
                 Some(Service::Echo) => {
                     let at = (payload.as_ptr() as usize).wrapping_sub(base);
@@ -1130,11 +1141,22 @@ fn process_ws(
                     let Some(im) = cx.im.as_deref_mut() else {
                         continue;
                     };
-                    match kind {
-                        MessageKind::Text => im
-                            .core
-                            .on_bad_frame(cx.key, "text frames are not accepted on /ws"),
-                        MessageKind::Binary => im_frame(im, cx.key, payload, cx.now),
+                    match (kind, *json) {
+                        (MessageKind::Binary, false) => im_frame(im, cx.key, payload, cx.now),
+                        (MessageKind::Text, true) => {
+                            match serde_json::from_slice::<ClientFrame>(payload) {
+                                Ok(f) => im.core.on_frame(cx.key, f, cx.now, &*im.store),
+                                Err(_) => im.core.on_bad_frame(cx.key, "malformed JSON frame"),
+                            }
+                        }
+                        (MessageKind::Text, false) => im.core.on_bad_frame(
+                            cx.key,
+                            "text frames need the imgate.v1.json subprotocol",
+                        ),
+                        (MessageKind::Binary, true) => im.core.on_bad_frame(
+                            cx.key,
+                            "binary frames are not accepted with imgate.v1.json",
+                        ),
                     }
                 }
                 None => {}
@@ -1152,6 +1174,7 @@ fn upgrade(
     ws: &mut crate::ws::Connection,
     service: &mut Option<Service>,
     counted_open: &mut bool,
+    json: &mut bool,
     request: &UpgradeRequest,
     cx: &mut Cx<'_>,
 ) {
@@ -1164,6 +1187,7 @@ fn upgrade(
         Ok(accepted) => {
             ws.accept(&accepted.response, cx.staging);
             *service = Some(accepted.kind);
+            *json = accepted.protocol == Some(JSON_PROTOCOL);
             if accepted.kind == Service::Im {
                 if let Some(im) = cx.im.as_deref_mut() {
                     im.core.on_open(cx.key, cx.now);

@@ -42,10 +42,11 @@ impl Transport {
         self.state() == State::Closed
     }
 
-    /// Appends one binary message (one IM frame). False unless open.
-    pub fn send(&self, payload: &[u8], out: &mut Vec<u8>) -> bool {
+    /// Appends one message (one IM frame). Raw TCP frames are always binary. False unless
+    /// open.
+    pub fn send(&self, kind: MessageKind, payload: &[u8], out: &mut Vec<u8>) -> bool {
         match self {
-            Transport::Ws(c) => c.send(MessageKind::Binary, payload, out),
+            Transport::Ws(c) => c.send(kind, payload, out),
             Transport::Tcp { closed: false, .. } => {
                 LengthPrefixed::encode(payload, out);
                 true
