@@ -41,6 +41,11 @@ pub struct TokenArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
+    /// TOML file with any of the settings below, named like the flags (`listen = "..."`,
+    /// `max-connections = 5000`). Flags and IMGATE_* variables take precedence over it.
+    #[arg(long, env = "IMGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+
     /// Address of the public WebSocket listener.
     #[arg(long, env = "IMGATE_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
@@ -151,6 +156,48 @@ pub struct ServeArgs {
     /// When set, every admin request must carry `Authorization: Bearer <token>` (else 401).
     #[arg(long, env = "IMGATE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+}
+
+/// Exports the settings of a `--config` TOML file as the `IMGATE_*` variables of the same
+/// flags, unless already set, so that precedence is: flag, environment, file, default.
+/// Unknown keys are refused, so a typo is not silently ignored.
+pub fn apply_config_file(path: &std::path::Path) -> Result<(), String> {
+    use clap::CommandFactory;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| format!("{} is not valid TOML: {e}", path.display()))?;
+    let cmd = Cli::command();
+    let serve = cmd.find_subcommand("serve").ok_or("no serve command")?;
+    for (key, value) in table {
+        let env = serve
+            .get_arguments()
+            .find(|a| a.get_long() == Some(key.as_str()) && key != "config")
+            .and_then(|a| a.get_env())
+            .ok_or_else(|| format!("unknown setting {key:?} in {}", path.display()))?;
+        let value = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| v.to_string())
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            other => return Err(format!("setting {key:?} has an unsupported value {other}")),
+        };
+        if std::env::var_os(env).is_none() {
+            // Start-up, single-threaded: nothing else reads the environment concurrently.
+            std::env::set_var(env, value);
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -6,7 +6,17 @@ use imgate::config::{Cli, Command, ServeArgs, ServerConfig, TokenArgs};
 use imgate::server::Server;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Command::Serve(args) = &cli.command {
+        if let Some(path) = args.config.clone() {
+            if let Err(e) = imgate::config::apply_config_file(&path) {
+                eprintln!("imgate: {e}");
+                return ExitCode::from(2);
+            }
+            // Parse again so the file's settings show through the environment.
+            cli = Cli::parse();
+        }
+    }
     match cli.command {
         Command::Serve(args) => serve(&args),
         Command::Token(args) => token(&args),
@@ -75,6 +85,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
         log::error!("invalid configuration: {e}");
         return ExitCode::from(2);
     }
+    let cfg_im = cfg.im.clone();
     let server = match Server::bind(cfg) {
         Ok(s) => s,
         Err(e) => {
@@ -99,6 +110,13 @@ fn serve(args: &ServeArgs) -> ExitCode {
     }
     if let Some(addr) = server.tcp_addr() {
         println!("imgate raw TCP (length-prefixed protobuf) listening on tcp://{addr}");
+    }
+    if let Some(im) = &cfg_im {
+        println!(
+            "imgate data in {} (durability {})",
+            im.data_dir.display(),
+            if im.sync { "full" } else { "none" }
+        );
     }
     if args.dev && std::env::var_os("IMGATE_JWT_SECRET").is_none() && cfg_secret_generated {
         println!(
