@@ -243,20 +243,8 @@ impl StoreRead for RedbStore {
     }
 
     fn cursors(&self, uid: &str) -> Vec<(String, u64)> {
-        self.read(|txn| {
-            let t = txn.open_table(CURSORS)?;
-            let mut out = Vec::new();
-            for entry in t.range((uid, "")..)? {
-                let (k, v) = entry?;
-                let (u, device) = k.value();
-                if u != uid {
-                    break;
-                }
-                out.push((device.to_owned(), v.value()));
-            }
-            Ok(out)
-        })
-        .unwrap_or_default()
+        self.read(|txn| scan_prefix(&txn.open_table(CURSORS)?, uid, |v| v))
+            .unwrap_or_default()
     }
 
     fn dedupe(&self, uid: &str, client_msg_id: &str) -> Option<u64> {
@@ -268,21 +256,31 @@ impl StoreRead for RedbStore {
     }
 
     fn friends(&self, uid: &str) -> Vec<String> {
-        self.read(|txn| {
-            let t = txn.open_table(FRIENDS)?;
-            let mut out = Vec::new();
-            for entry in t.range((uid, "")..)? {
-                let (k, _) = entry?;
-                let (a, b) = k.value();
-                if a != uid {
-                    break;
-                }
-                out.push(b.to_owned());
-            }
-            Ok(out)
-        })
-        .unwrap_or_default()
+        self.read(|txn| scan_prefix(&txn.open_table(FRIENDS)?, uid, |()| ()))
+            .map(|v| v.into_iter().map(|(friend, ())| friend).collect())
+            .unwrap_or_default()
     }
+}
+
+/// Every `(uid, key) -> value` entry of a table keyed by `(uid, key)`, in key order.
+fn scan_prefix<V, T>(
+    table: &redb::ReadOnlyTable<(&str, &str), V>,
+    uid: &str,
+    value: impl Fn(V::SelfType<'_>) -> T,
+) -> Result<Vec<(String, T)>, redb::Error>
+where
+    V: redb::Value + 'static,
+{
+    let mut out = Vec::new();
+    for entry in table.range((uid, "")..)? {
+        let (k, v) = entry?;
+        let (owner, key) = k.value();
+        if owner != uid {
+            break;
+        }
+        out.push((key.to_owned(), value(v.value())));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
