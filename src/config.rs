@@ -217,6 +217,8 @@ pub struct ImSettings {
     pub sync: bool,
     pub auth_timeout: Duration,
     pub core: ImConfig,
+    /// `--dev`: the web demo's `/dev/*` routes issue tokens and make friendships.
+    pub dev_routes: bool,
 }
 
 /// Settings of a running server, independent of how they were given.
@@ -306,6 +308,7 @@ impl From<&ServeArgs> for ServerConfig {
                 data_dir: a.data_dir.clone(),
                 sync: a.durability == Durability::Full,
                 auth_timeout: a.auth_timeout,
+                dev_routes: a.dev,
                 core: ImConfig {
                     max_devices: a.max_devices,
                     delivery_window: a.delivery_window,

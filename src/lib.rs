@@ -10,4 +10,5 @@ pub mod config;
 pub mod im;
 pub mod server;
 pub mod store;
+pub mod web;
 pub mod ws;

@@ -118,6 +118,17 @@ fn serve(args: &ServeArgs) -> ExitCode {
             if im.sync { "full" } else { "none" }
         );
     }
+    if cfg_im.is_some() {
+        println!(
+            "imgate web demo at http://{}/{}",
+            server.local_addr(),
+            if args.dev {
+                " (dev mode: log in by name)"
+            } else {
+                " (paste a token from `imgate token`)"
+            }
+        );
+    }
     if args.dev && std::env::var_os("IMGATE_JWT_SECRET").is_none() && cfg_secret_generated {
         println!(
             "imgate dev mode: generated JWT secret {} (pass it with --jwt-secret to keep it)",

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{ServerProc, SECRET};
+use common::{Raw, ServerProc, SECRET};
 use imgate::im::proto::{self, client_frame::Body as C, server_frame::Body as S};
 use prost::Message as _;
 use tungstenite::Message;
@@ -628,4 +628,62 @@ fn json_subprotocol_talks_to_protobuf_clients() {
     js.send(Message::text(r#"{"id":"3","ping":{"clientTimeMs":"5"}}"#))
         .unwrap();
     assert_eq!(next_json(&mut js)["pong"]["clientTimeMs"], "5");
+}
+
+/// One plain HTTP GET on the public listener; returns the whole response.
+fn web_get(server: &ServerProc, target: &str) -> String {
+    let mut raw = Raw::connect(server.addr);
+    raw.send(format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+    raw.read_to_end()
+}
+
+#[test]
+fn web_demo_is_served_and_its_dev_routes_need_dev() {
+    let server = ServerProc::start(&[]);
+    let page = web_get(&server, "/");
+    assert!(page.starts_with("HTTP/1.1 200 "), "{page}");
+    assert!(
+        page.contains("text/html") && page.contains("/app.js"),
+        "{page}"
+    );
+    let js = web_get(&server, "/app.js");
+    assert!(js.contains("text/javascript") && js.contains("imgate.v1.json"));
+    // The WebSocket path still wants an upgrade; the dev routes do not exist without --dev.
+    assert!(web_get(&server, "/ws").starts_with("HTTP/1.1 426 "));
+    for target in [
+        "/dev/token?uid=alice",
+        "/dev/befriend?uid=a&friend=b",
+        "/nope",
+    ] {
+        let r = web_get(&server, target);
+        assert!(r.starts_with("HTTP/1.1 404 "), "{target}: {r}");
+    }
+    assert!(web_get(&server, "/dev/config").contains(r#"{"dev":false}"#));
+    drop(server);
+
+    let server = ServerProc::start(&["--dev"]);
+    let r = web_get(&server, "/dev/token?uid=gina");
+    assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+    let body: serde_json::Value =
+        serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let token = body["token"].as_str().unwrap();
+    // The token logs in: it is signed with the server's secret.
+    let mut c = Client::connect(&server);
+    let id = c.request(C::Login(proto::Login {
+        token: token.to_owned(),
+        device_id: "web".into(),
+        last_seq: 0,
+    }));
+    match c.response(id) {
+        S::LoginOk(ok) => assert_eq!(ok.uid, "gina"),
+        other => panic!("dev token refused: {other:?}"),
+    }
+    assert!(web_get(&server, "/dev/token?uid=a%20b").starts_with("HTTP/1.1 400 "));
+    // befriend answers once durable; the admin API then lists the friendship.
+    let r = web_get(&server, "/dev/befriend?uid=gina&friend=hank");
+    assert!(r.starts_with("HTTP/1.1 204 "), "{r}");
+    let r = server.admin_request("GET", "/v1/users/hank/friends", "");
+    assert!(r.contains(r#"{"online":true,"uid":"gina"}"#), "{r}");
+    let r = web_get(&server, "/dev/friends?uid=gina");
+    assert!(r.contains(r#"{"online":false,"uid":"hank"}"#), "{r}");
 }

@@ -53,6 +53,10 @@ fuzz_target!(|data: &[u8]| {
                         Err(e) => conn.reject(&e, &mut out),
                     }
                 }
+                Some(Event::Get(_)) => {
+                    conn.reject(&handshake::HttpError::NotFound, &mut out);
+                    assert_eq!(conn.state(), State::Closed);
+                }
                 Some(Event::Message(kind, payload)) => {
                     assert!(payload.len() <= LIMIT);
                     if kind == MessageKind::Text {

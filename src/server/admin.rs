@@ -97,7 +97,11 @@ impl Response {
             431 => "Request Header Fields Too Large",
             _ => "Internal Server Error",
         };
-        let mut head = format!("HTTP/1.1 {} {reason}\r\nConnection: close\r\n", self.status);
+        let mut head = format!(
+            "HTTP/1.1 {} {reason}\r\nConnection: close\r\nCache-Control: no-store\r\n\
+             X-Content-Type-Options: nosniff\r\n",
+            self.status
+        );
         if self.status == 401 {
             head.push_str("WWW-Authenticate: Bearer\r\n");
         }

@@ -31,7 +31,8 @@ use crate::im::tcp_framing::TooLarge;
 use crate::store::redb_store::RedbStore;
 use crate::store::writer::{Done, Writer};
 use crate::store::Store;
-use crate::ws::handshake::{self, Endpoint, HttpError, Policy, UpgradeRequest};
+use crate::web;
+use crate::ws::handshake::{self, Endpoint, HttpError, PlainRequest, Policy, UpgradeRequest};
 use crate::ws::{code, frame, Event, Failure, MessageKind, State};
 use prost::Message as _;
 use std::sync::Arc;
@@ -125,6 +126,8 @@ struct ImService {
     admin_token: Option<String>,
     admins: Slab<AdminConn>,
     tcp_listener: Option<TcpListener>,
+    /// The JWT secret when `--dev` is on: the web demo's `/dev/*` routes use it.
+    dev_secret: Option<Vec<u8>>,
 }
 
 impl Server {
@@ -183,6 +186,7 @@ impl Server {
                     admin_token: settings.admin_token.clone(),
                     admins: Slab::new(),
                     tcp_listener,
+                    dev_secret: settings.dev_routes.then(|| settings.jwt_secret.clone()),
                 })
             }
             None => None,
@@ -458,7 +462,6 @@ impl Server {
         let Some(a) = im.admins.get_mut(key) else {
             return;
         };
-        let mut submitted = false;
         if a.response.is_empty() && a.waiting_for.is_none() && !a.awaiting_send {
             let mut buf = [0u8; 4096];
             let mut eof = false;
@@ -478,10 +481,6 @@ impl Server {
                     Err(_) => break,
                 }
             }
-            let now = Now {
-                mono_ms: self.now,
-                unix_ms: self.unix_ms,
-            };
             match admin::handle(&a.request, im.admin_token.as_deref()) {
                 admin::Parsed::Partial => {
                     if eof {
@@ -490,95 +489,117 @@ impl Server {
                     }
                     return;
                 }
-                admin::Parsed::Done(AdminAction::Respond(r)) => a.response = r.to_bytes(),
-                admin::Parsed::Done(AdminAction::SetFriendship {
-                    a: x,
-                    b: y,
-                    present,
-                }) => {
-                    im.core.set_friendship(&x, &y, present);
-                    a.waiting_for = Some(im.core.pending_batch_id());
-                    return;
-                }
-                admin::Parsed::Done(AdminAction::Send {
-                    from_uid,
-                    to_uid,
-                    client_msg_id,
-                    content,
-                }) => {
-                    match im.core.admin_send(
-                        key,
-                        &from_uid,
-                        &to_uid,
-                        client_msg_id,
-                        content,
-                        now,
-                        &*im.store,
-                    ) {
-                        Ok(()) => {
-                            a.awaiting_send = true;
-                            submitted = true;
-                        }
-                        Err(why) => a.response = Response::error(400, why).to_bytes(),
+                admin::Parsed::Done(action) => {
+                    if !self.admin_execute(key, action) {
+                        return;
                     }
-                }
-                admin::Parsed::Done(AdminAction::GetUser { uid }) => {
-                    let cursors: serde_json::Map<String, serde_json::Value> = im
-                        .store
-                        .cursors(&uid)
-                        .into_iter()
-                        .map(|(d, seq)| (d, seq.into()))
-                        .collect();
-                    let body = serde_json::json!({
-                        "uid": uid,
-                        "online_devices": im.core.online_devices(&uid),
-                        "max_seq": im.store.max_seq(&uid),
-                        "cursors": cursors,
-                    });
-                    a.response = Response::json(200, &body).to_bytes();
-                }
-                admin::Parsed::Done(AdminAction::Metrics) => {
-                    let mut counts: Vec<(&'static str, &'static str, i64)> = Vec::new();
-                    for (_, c) in self.conns.iter() {
-                        let state = match c.transport.state() {
-                            State::Handshaking | State::AwaitingAccept => "handshaking",
-                            State::Open => "open",
-                            State::CloseSent | State::Closed => "closing",
-                        };
-                        let transport = match c.transport {
-                            Transport::Ws(_) => "ws",
-                            Transport::Tcp { .. } => "tcp",
-                        };
-                        match counts
-                            .iter_mut()
-                            .find(|(s, t, _)| *s == state && *t == transport)
-                        {
-                            Some(entry) => entry.2 += 1,
-                            None => counts.push((state, transport, 1)),
-                        }
-                    }
-                    a.response = Response::metrics(self.metrics.render(&counts)).to_bytes();
-                }
-                admin::Parsed::Done(AdminAction::GetFriends { uid }) => {
-                    let friends: Vec<serde_json::Value> = im
-                        .store
-                        .friends(&uid)
-                        .into_iter()
-                        .map(|f| {
-                            let online = !im.core.online_devices(&f).is_empty();
-                            serde_json::json!({"uid": f, "online": online})
-                        })
-                        .collect();
-                    let body = serde_json::json!({"uid": uid, "friends": friends});
-                    a.response = Response::json(200, &body).to_bytes();
                 }
             }
         }
-        if submitted {
-            // A duplicate of a durable send is answered at once.
-            self.dispatch_im();
-            return;
+        self.admin_write(key);
+    }
+
+    /// Carries out a routed admin (or web demo) request for the HTTP exchange `key`. Returns
+    /// whether its answer is ready to write now; otherwise it waits for the store or the core.
+    fn admin_execute(&mut self, key: usize, action: AdminAction) -> bool {
+        let now = self.now_value();
+        let Some(im) = self.im.as_mut() else {
+            return false;
+        };
+        let Some(a) = im.admins.get_mut(key) else {
+            return false;
+        };
+        match action {
+            AdminAction::Respond(r) => a.response = r.to_bytes(),
+            AdminAction::SetFriendship {
+                a: x,
+                b: y,
+                present,
+            } => {
+                im.core.set_friendship(&x, &y, present);
+                a.waiting_for = Some(im.core.pending_batch_id());
+                return false;
+            }
+            AdminAction::Send {
+                from_uid,
+                to_uid,
+                client_msg_id,
+                content,
+            } => {
+                match im.core.admin_send(
+                    key,
+                    &from_uid,
+                    &to_uid,
+                    client_msg_id,
+                    content,
+                    now,
+                    &*im.store,
+                ) {
+                    Ok(()) => {
+                        a.awaiting_send = true;
+                        // A duplicate of a durable send is answered at once.
+                        self.dispatch_im();
+                        return false;
+                    }
+                    Err(why) => a.response = Response::error(400, why).to_bytes(),
+                }
+            }
+            AdminAction::GetUser { uid } => {
+                let cursors: serde_json::Map<String, serde_json::Value> = im
+                    .store
+                    .cursors(&uid)
+                    .into_iter()
+                    .map(|(d, seq)| (d, seq.into()))
+                    .collect();
+                let body = serde_json::json!({
+                    "uid": uid,
+                    "online_devices": im.core.online_devices(&uid),
+                    "max_seq": im.store.max_seq(&uid),
+                    "cursors": cursors,
+                });
+                a.response = Response::json(200, &body).to_bytes();
+            }
+            AdminAction::Metrics => {
+                let mut counts: Vec<(&'static str, &'static str, i64)> = Vec::new();
+                for (_, c) in self.conns.iter() {
+                    let state = match c.transport.state() {
+                        State::Handshaking | State::AwaitingAccept => "handshaking",
+                        State::Open => "open",
+                        State::CloseSent | State::Closed => "closing",
+                    };
+                    let transport = match c.transport {
+                        Transport::Ws(_) => "ws",
+                        Transport::Tcp { .. } => "tcp",
+                    };
+                    match counts
+                        .iter_mut()
+                        .find(|(s, t, _)| *s == state && *t == transport)
+                    {
+                        Some(entry) => entry.2 += 1,
+                        None => counts.push((state, transport, 1)),
+                    }
+                }
+                a.response = Response::metrics(self.metrics.render(&counts)).to_bytes();
+            }
+            AdminAction::GetFriends { uid } => {
+                let friends: Vec<serde_json::Value> = im
+                    .store
+                    .friends(&uid)
+                    .into_iter()
+                    .map(|f| {
+                        let online = !im.core.online_devices(&f).is_empty();
+                        serde_json::json!({"uid": f, "online": online})
+                    })
+                    .collect();
+                let body = serde_json::json!({"uid": uid, "friends": friends});
+                a.response = Response::json(200, &body).to_bytes();
+            }
         }
+        true
+    }
+
+    /// Writes what the socket takes of the answer; the exchange ends once all of it is sent.
+    fn admin_write(&mut self, key: usize) {
         let Some(im) = self.im.as_mut() else {
             return;
         };
@@ -596,6 +617,47 @@ impl Server {
         if a.waiting_for.is_none() && !a.response.is_empty() {
             let mut a = im.admins.remove(key);
             let _ = self.poll.registry().deregister(&mut a.sock);
+        }
+    }
+
+    /// Moves a public connection whose plain GET needs the store or the core (the web demo's
+    /// `/dev/*` routes) over to an HTTP exchange like an admin request's, and carries it out.
+    fn hand_over_to_http(&mut self, key: usize, action: AdminAction) {
+        let Some(mut conn) = self.conns.try_remove(key) else {
+            return;
+        };
+        if let Some(id) = conn.timer.take() {
+            self.wheel.cancel(id);
+        }
+        conn.transport.release_buffers(&mut self.pool);
+        let registry = self.poll.registry();
+        let _ = registry.deregister(&mut conn.sock);
+        let Some(im) = self.im.as_mut() else {
+            return;
+        };
+        let entry = im.admins.vacant_entry();
+        let admin_key = entry.key();
+        let mut sock = conn.sock;
+        if registry
+            .register(
+                &mut sock,
+                Token(ADMIN_BASE + admin_key),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .is_err()
+        {
+            return;
+        }
+        entry.insert(AdminConn {
+            sock,
+            request: Vec::new(),
+            response: Vec::new(),
+            written: 0,
+            waiting_for: None,
+            awaiting_send: false,
+        });
+        if self.admin_execute(admin_key, action) {
+            self.admin_write(admin_key);
         }
     }
 
@@ -807,8 +869,13 @@ impl Server {
                         open_count: &mut self.open_count,
                         max_connections: self.cfg.max_connections,
                         shutting_down: self.shutdown_deadline.is_some(),
+                        handover: None,
                     };
                     process_input(conn, &mut self.read_buf[..n], &mut cx);
+                    if let Some(action) = cx.handover.take() {
+                        self.hand_over_to_http(key, action);
+                        return;
+                    }
                     if !self.input_refs.is_empty() {
                         // The next read reuses `read_buf`: write what points into it now.
                         if let Err(e) = self.flush(key) {
@@ -1052,6 +1119,8 @@ struct Cx<'a> {
     open_count: &'a mut usize,
     max_connections: usize,
     shutting_down: bool,
+    /// A plain GET routed to something the shell must carry out (see `hand_over_to_http`).
+    handover: Option<AdminAction>,
 }
 
 /// Runs received bytes through the connection's framing and its service.
@@ -1125,6 +1194,10 @@ fn process_ws(
             None if progress.consumed == 0 => return,
             None => {}
             Some(Event::Upgrade(request)) => upgrade(ws, service, counted_open, json, &request, cx),
+            Some(Event::Get(request)) => {
+                serve_get(ws, &request, cx);
+                return;
+            }
             Some(Event::Message(kind, payload)) => match *service {
                 Some(Service::Echo) => {
                     let at = (payload.as_ptr() as usize).wrapping_sub(base);
@@ -1200,6 +1273,22 @@ fn upgrade(
             debug!("upgrade refused: {} {}", e.status(), e.detail());
             ws.reject(&e, cx.staging);
         }
+    }
+}
+
+/// A plain GET on the public listener: 426 on a WebSocket path, else the web demo.
+fn serve_get(ws: &mut crate::ws::Connection, request: &PlainRequest, cx: &mut Cx<'_>) {
+    if cx.endpoints.iter().any(|e| e.path == request.path) {
+        ws.reject(&HttpError::UpgradeRequired, cx.staging);
+        return;
+    }
+    let Some(im) = cx.im.as_deref() else {
+        ws.reject(&HttpError::NotFound, cx.staging);
+        return;
+    };
+    match web::route(request, im.dev_secret.as_deref(), cx.now.unix_ms) {
+        AdminAction::Respond(r) => ws.respond(&r.to_bytes(), cx.staging),
+        action => cx.handover = Some(action),
     }
 }
 

@@ -18,7 +18,7 @@
 
 use super::error::{code, is_valid_received_close_code, WsError};
 use super::frame::{self, FrameHeader, OpCode, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN};
-use super::handshake::{self, HttpError, Parse, UpgradeRequest, MAX_REQUEST_HEAD};
+use super::handshake::{self, HttpError, Parse, PlainRequest, UpgradeRequest, MAX_REQUEST_HEAD};
 use super::utf8::Utf8Validator;
 use crate::buffer_pool::BufferPool;
 
@@ -26,8 +26,8 @@ use crate::buffer_pool::BufferPool;
 pub enum State {
     /// Reading the HTTP Upgrade request.
     Handshaking,
-    /// The request is complete; the caller must [`Connection::accept`] or
-    /// [`Connection::reject`] it.
+    /// The request is complete; the caller must [`Connection::accept`],
+    /// [`Connection::reject`] or (a plain GET) [`Connection::respond`] to it.
     AwaitingAccept,
     /// Messages flow both ways.
     Open,
@@ -57,6 +57,8 @@ impl MessageKind {
 pub enum Event<'a> {
     /// A valid upgrade request arrived: route it, then `accept` or `reject`.
     Upgrade(UpgradeRequest),
+    /// A plain HTTP GET without Upgrade: `respond` (or `reject`, e.g. 426), which closes.
+    Get(PlainRequest),
     /// A complete data message. Text payloads are valid UTF-8.
     Message(MessageKind, &'a [u8]),
     /// The closing handshake finished (the peer's Close arrived). The reply, if one was due,
@@ -210,11 +212,17 @@ impl Connection {
 
     /// Answers the pending upgrade request with an HTTP error; the connection is closed.
     pub fn reject(&mut self, error: &HttpError, out: &mut Vec<u8>) {
+        self.respond(&error.response(), out);
+    }
+
+    /// Answers the pending request with a complete HTTP `response` (which must say
+    /// `Connection: close`); the connection is closed.
+    pub fn respond(&mut self, response: &[u8], out: &mut Vec<u8>) {
         debug_assert!(matches!(
             self.state,
             State::Handshaking | State::AwaitingAccept
         ));
-        out.extend_from_slice(&error.response());
+        out.extend_from_slice(response);
         self.state = State::Closed;
     }
 
@@ -297,6 +305,14 @@ impl Connection {
                 Ok(Progress {
                     consumed: head_len - already,
                     event: Some(Event::Upgrade(request)),
+                })
+            }
+            Ok(Parse::Plain { request, head_len }) => {
+                pool.give(std::mem::take(&mut self.handshake));
+                self.state = State::AwaitingAccept;
+                Ok(Progress {
+                    consumed: head_len - already,
+                    event: Some(Event::Get(request)),
                 })
             }
             Err(e) => {
@@ -659,7 +675,9 @@ mod tests {
                         match p.event {
                             Some(Event::Message(k, data)) => o.messages.push((k, data.to_vec())),
                             Some(Event::Closed { code, .. }) => o.closed = Some(code),
-                            Some(Event::Upgrade(_)) => panic!("no handshake here"),
+                            Some(Event::Upgrade(_) | Event::Get(_)) => {
+                                panic!("no handshake here")
+                            }
                             None => assert!(p.consumed > 0, "no progress"),
                         }
                     }

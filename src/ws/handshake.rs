@@ -112,11 +112,26 @@ pub struct UpgradeRequest {
     pub origin: Option<String>,
 }
 
+/// A complete GET request without `Upgrade: websocket`: an ordinary web request, which the
+/// caller may serve (the web demo) or refuse with 426 on a WebSocket-only path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlainRequest {
+    /// The request target without its query string.
+    pub path: String,
+    /// The query string after `?`, still percent-encoded; empty when there is none.
+    pub query: String,
+}
+
 /// Result of feeding the bytes received so far.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parse {
     /// The head is not complete yet; call again with more bytes.
     Partial,
+    /// A complete plain GET request occupying the first `head_len` bytes.
+    Plain {
+        request: PlainRequest,
+        head_len: usize,
+    },
     /// A complete, valid upgrade request occupying the first `head_len` bytes. Bytes after it
     /// were pipelined by the client and belong to the WebSocket stream.
     Upgrade {
@@ -151,7 +166,8 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse, HttpError> {
         return Err(HttpError::BadRequest("HTTP/1.1 required"));
     }
     let target = req.path.unwrap_or("/");
-    let path = target.split('?').next().unwrap_or("/").to_owned();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let path = path.to_owned();
 
     let mut upgrade_ws = false;
     let mut connection_upgrade = false;
@@ -186,7 +202,13 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse, HttpError> {
         }
     }
     if !upgrade_ws {
-        return Err(HttpError::UpgradeRequired);
+        return Ok(Parse::Plain {
+            request: PlainRequest {
+                path,
+                query: query.to_owned(),
+            },
+            head_len,
+        });
     }
     if !connection_upgrade {
         return Err(HttpError::BadRequest(
@@ -317,8 +339,29 @@ mod tests {
     fn upgrade(buf: &[u8]) -> (UpgradeRequest, usize) {
         match parse_request(buf).unwrap() {
             Parse::Upgrade { request, head_len } => (request, head_len),
-            Parse::Partial => panic!("partial"),
+            other => panic!("not an upgrade: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_get_without_upgrade_is_a_plain_request_for_the_caller_to_route() {
+        let req = b"GET /dev/token?uid=alice HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\nrest";
+        assert_eq!(
+            parse_request(req),
+            Ok(Parse::Plain {
+                request: PlainRequest {
+                    path: "/dev/token".into(),
+                    query: "uid=alice".into()
+                },
+                head_len: req.len() - 4,
+            })
+        );
+        // `Upgrade: h2c` is not a WebSocket upgrade either.
+        let h2c = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n";
+        assert!(matches!(parse_request(h2c), Ok(Parse::Plain { .. })));
+        // Methods and versions are still checked first.
+        let post = b"POST / HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(parse_request(post), Err(HttpError::MethodNotAllowed));
     }
 
     fn with_header(replace: &str, by: &str) -> Vec<u8> {
@@ -373,8 +416,6 @@ mod tests {
         let cases: Vec<(Vec<u8>, u16)> = vec![
             (with_header("GET", "POST"), 405),
             (with_header("HTTP/1.1", "HTTP/1.0"), 400),
-            (with_header("Upgrade: websocket\r\n", ""), 426),
-            (with_header("Upgrade: websocket", "Upgrade: h2c"), 426),
             (with_header("keep-alive, Upgrade", "keep-alive"), 400),
             (
                 with_header("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"),
