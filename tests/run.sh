@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh machine: the unit tests of the sans-IO parts (debug build, with
-# debug assertions), the loopback integration tests against the release binary, then the
-# interop tests with Python's `websockets` and `protobuf` (installed into a private
-# virtualenv on first use).
+# debug assertions), the loopback integration tests against the release binary, the interop
+# tests with Python's `websockets` and `protobuf` (installed into a private virtualenv on first
+# use), and the web demo's end-to-end test in Debian's Chromium driven by playwright-core
+# (Chromium installed with apt-get, playwright-core with npm, on first use). Screenshots of the
+# browser test land in target/screenshots/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,3 +21,16 @@ if ! cmp -s tests/python/requirements.txt "$stamp" 2>/dev/null; then
     cp tests/python/requirements.txt "$stamp"
 fi
 IMGATE_BIN=$PWD/target/release/imgate "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/python
+
+if ! command -v chromium >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+fi
+if ! cmp -s tests/browser/package-lock.json tests/browser/node_modules/.imgate-stamp 2>/dev/null; then
+    npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
+    cp tests/browser/package-lock.json tests/browser/node_modules/.imgate-stamp
+fi
+IMGATE_BIN=$PWD/target/release/imgate IMGATE_SCREENSHOTS=$PWD/target/screenshots \
+    node --test --test-reporter=spec tests/browser/demo.test.mjs
