@@ -512,6 +512,11 @@ fn admin_api_sends_and_reports_users() {
     );
     let r = server.admin_request("DELETE", "/v1/users/hank", auth);
     assert!(r.starts_with("HTTP/1.1 405 "), "{r}");
+    // A body over 128 KiB is refused from its Content-Length, before it is read.
+    let big = format!("{auth}Content-Length: {}\r\n", 200 * 1024);
+    let r = server.admin_request("POST", "/v1/messages", &big);
+    assert!(r.starts_with("HTTP/1.1 413 "), "{r}");
+    assert!(json_body(&r)["error"].is_string());
 }
 
 /// The value of one sample line of the metrics text, e.g. `imgate_logins_total`.
