@@ -82,7 +82,7 @@ pub struct ServeArgs {
 
     /// Most bytes queued for one connection that the peer has not read yet; past it the
     /// connection is a slow consumer and is closed with 1008.
-    #[arg(long, env = "IMGATE_MAX_OUTBOUND_BYTES", default_value_t = 4 * 1024 * 1024)]
+    #[arg(long, env = "IMGATE_MAX_OUTBOUND_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub max_outbound_bytes: usize,
 
     /// Comma-separated Origin allow-list for WebSocket upgrades (403 otherwise); empty allows
@@ -115,6 +115,11 @@ pub struct ServeArgs {
     /// (benchmarks only; a crash can lose acknowledged messages).
     #[arg(long, env = "IMGATE_DURABILITY", value_enum, default_value_t = Durability::Full)]
     pub durability: Durability,
+
+    /// Memory for the store's page cache, in bytes. Reads (offline catch-up, Sync) beyond it
+    /// go to the file.
+    #[arg(long, env = "IMGATE_STORE_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub store_cache_bytes: usize,
 
     /// Close (1008) a connection on /ws that has not logged in within this time.
     #[arg(long, env = "IMGATE_AUTH_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -215,6 +220,7 @@ pub struct ImSettings {
     pub jwt_secret: Vec<u8>,
     pub data_dir: PathBuf,
     pub sync: bool,
+    pub store_cache_bytes: usize,
     pub auth_timeout: Duration,
     pub core: ImConfig,
     /// `--dev`: the web demo's `/dev/*` routes issue tokens and make friendships.
@@ -250,7 +256,7 @@ impl Default for ServerConfig {
             close_timeout: Duration::from_secs(5),
             max_message_bytes: 64 * 1024,
             max_connections: 10_000,
-            max_outbound_bytes: 4 * 1024 * 1024,
+            max_outbound_bytes: 8 * 1024 * 1024,
             allowed_origins: Vec::new(),
             shutdown_timeout: Duration::from_secs(5),
             im: None,
@@ -276,6 +282,20 @@ impl ServerConfig {
         }
         if self.ping_interval.is_zero() || self.idle_timeout.is_zero() {
             return Err("--ping-interval and --idle-timeout must be positive".into());
+        }
+        if let Some(im) = &self.im {
+            // A reader that keeps up must never count as a slow consumer: one full delivery
+            // window of the largest messages, as JSON (base64 grows content by 4/3) with room
+            // for the other fields, has to fit in the outbound allowance.
+            let per_message = im.core.max_content_bytes.div_ceil(3) * 4 + 1024;
+            let window = im.core.delivery_window as usize * per_message;
+            if self.max_outbound_bytes < window {
+                return Err(format!(
+                    "--max-outbound-bytes ({}) must hold a full delivery window: \
+                     --delivery-window ({}) x (--max-content-bytes ({}) x 4/3 + 1024) = {window}",
+                    self.max_outbound_bytes, im.core.delivery_window, im.core.max_content_bytes
+                ));
+            }
         }
         Ok(())
     }
@@ -307,6 +327,7 @@ impl From<&ServeArgs> for ServerConfig {
                 jwt_secret: secret.as_bytes().to_vec(),
                 data_dir: a.data_dir.clone(),
                 sync: a.durability == Durability::Full,
+                store_cache_bytes: a.store_cache_bytes,
                 auth_timeout: a.auth_timeout,
                 dev_routes: a.dev,
                 core: ImConfig {
@@ -350,6 +371,19 @@ mod tests {
         assert!(cfg.validate().unwrap_err().contains("--max-outbound-bytes"));
         cfg.max_outbound_bytes = 17 << 20;
         assert!(cfg.validate().is_ok());
+    }
+
+    #[test]
+    fn the_outbound_allowance_must_hold_a_delivery_window() {
+        let cli = Cli::try_parse_from(["imgate", "serve", "--jwt-secret", "s"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        let mut cfg = ServerConfig::from(&*args);
+        assert!(cfg.validate().is_ok(), "the defaults are consistent");
+        cfg.im.as_mut().unwrap().core.delivery_window = 4096;
+        let err = cfg.validate().unwrap_err();
+        assert!(err.contains("--delivery-window"), "{err}");
     }
 
     #[test]

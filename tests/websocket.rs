@@ -318,6 +318,9 @@ fn slow_consumer_is_closed_without_hurting_others() {
         "--echo",
         "--max-outbound-bytes",
         "262144",
+        // The IM endpoint's delivery window must fit in the small allowance too.
+        "--delivery-window",
+        "8",
         "--close-timeout",
         "500ms",
     ]);

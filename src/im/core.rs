@@ -166,6 +166,9 @@ fn valid_id(s: &str) -> bool {
     !s.is_empty() && s.len() <= MAX_ID_BYTES
 }
 
+/// Most content bytes in one SyncResult (a page holds at least one message).
+pub const SYNC_MAX_BYTES: usize = 1024 * 1024;
+
 /// How many committed messages per cached user are kept for live delivery.
 const RECENT_KEEP: usize = 512;
 
@@ -752,8 +755,20 @@ impl Core {
             n => n.min(1000) as usize,
         };
         let mut msgs = store.messages_after(&uid, s.after_seq, limit + 1);
-        let has_more = msgs.len() > limit;
-        msgs.truncate(limit);
+        // Bound the page by bytes too (at least one message), so that one SyncResult stays far
+        // below the outbound allowance whatever the message sizes.
+        let mut bytes = 0;
+        let fit = msgs
+            .iter()
+            .take(limit)
+            .position(|m| {
+                bytes += m.content.len();
+                bytes > SYNC_MAX_BYTES
+            })
+            .unwrap_or(limit)
+            .max(1);
+        let has_more = msgs.len() > fit;
+        msgs.truncate(fit);
         self.reply(
             conn,
             frame(
@@ -1168,6 +1183,38 @@ mod tests {
         assert_eq!(error_code(&out, 1), Some(ErrorCode::BadRequest));
         let out = h.send(1, &"b".repeat(65), "id", "x");
         assert_eq!(error_code(&out, 1), Some(ErrorCode::BadRequest));
+    }
+
+    #[test]
+    fn sync_pages_are_bounded_by_bytes_too() {
+        let mut h = H::new(ImConfig {
+            max_content_bytes: 2 * SYNC_MAX_BYTES,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        let big = "x".repeat(SYNC_MAX_BYTES * 2 / 5);
+        for i in 1..=4 {
+            h.send(1, "bob", &format!("m{i}"), &big);
+        }
+        h.send(1, "bob", "huge", &"y".repeat(SYNC_MAX_BYTES + 1));
+        let mut page = |after| {
+            let out = h.req(
+                1,
+                5,
+                C::Sync(proto::Sync {
+                    after_seq: after,
+                    limit: 100,
+                }),
+            );
+            match frames_to(&out, 1).pop() {
+                Some(S::SyncResult(r)) => (r.messages.len(), r.has_more),
+                other => panic!("{other:?}"),
+            }
+        };
+        // Two of 0.4 MiB fit in 1 MiB, a third would not; a message over 1 MiB comes alone.
+        assert_eq!(page(0), (2, true));
+        assert_eq!(page(2), (2, true));
+        assert_eq!(page(4), (1, false));
     }
 
     #[test]

@@ -150,7 +150,7 @@ impl Server {
         let im = match &cfg.im {
             Some(settings) => {
                 let store: Arc<dyn Store> = Arc::new(
-                    RedbStore::open(&settings.data_dir)
+                    RedbStore::open(&settings.data_dir, settings.store_cache_bytes)
                         .map_err(|e| io::Error::other(e.to_string()))?,
                 );
                 let waker = Arc::new(mio::Waker::new(poll.registry(), STORE_WAKER)?);
@@ -690,6 +690,18 @@ impl Server {
             let json = c.json;
             match out {
                 Output::Frame { frame, .. } => {
+                    if c.outbox.len() > self.cfg.max_outbound_bytes {
+                        // One commit can release a whole delivery window: hand the socket
+                        // what it takes now, and if it still lags, close it here, so that the
+                        // limit bounds its memory. Once closed, `send` queues nothing more;
+                        // what it missed is durable and comes again after its cursor.
+                        if let Ok(n) = c.outbox.flush(&mut c.sock, &[], &mut self.pool) {
+                            self.metrics.bytes_out.inc_by(n as u64);
+                        }
+                        if c.outbox.len() > self.cfg.max_outbound_bytes {
+                            close_slow_consumer(conn, c, &self.metrics, &mut im.scratch);
+                        }
+                    }
                     match &frame.body {
                         Some(server_frame::Body::LoginOk(_)) => {
                             self.metrics.logins.inc();
@@ -919,15 +931,8 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        if conn.outbox.len() > self.cfg.max_outbound_bytes && conn.transport.is_open() {
-            warn!(
-                "conn {key}: slow consumer ({} bytes unsent), closing with 1008",
-                conn.outbox.len()
-            );
-            conn.transport
-                .close(code::POLICY_VIOLATION, "slow consumer", &mut self.staging);
-            self.metrics.slow_consumer_kills.inc();
-            self.metrics.close(code::POLICY_VIOLATION, "server");
+        if conn.outbox.len() > self.cfg.max_outbound_bytes {
+            close_slow_consumer(key, conn, &self.metrics, &mut self.staging);
             conn.outbox.push(&self.staging, &mut self.pool);
             self.staging.clear();
         }
@@ -1274,6 +1279,22 @@ fn upgrade(
             ws.reject(&e, cx.staging);
         }
     }
+}
+
+/// Starts closing a connection with more than `--max-outbound-bytes` unsent: the Close frame
+/// goes to `out`. Does nothing if it is not open (already closing).
+fn close_slow_consumer(key: usize, conn: &mut Conn, metrics: &Metrics, out: &mut Vec<u8>) {
+    if !conn.transport.is_open() {
+        return;
+    }
+    warn!(
+        "conn {key}: slow consumer ({} bytes unsent), closing with 1008",
+        conn.outbox.len()
+    );
+    conn.transport
+        .close(code::POLICY_VIOLATION, "slow consumer", out);
+    metrics.slow_consumer_kills.inc();
+    metrics.close(code::POLICY_VIOLATION, "server");
 }
 
 /// A plain GET on the public listener: 426 on a WebSocket path, else the web demo.

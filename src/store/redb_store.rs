@@ -50,10 +50,12 @@ fn commit_err(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl RedbStore {
-    /// Opens (or creates) `dir/imgate.redb`.
-    pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
+    /// Opens (or creates) `dir/imgate.redb` with a page cache of at most `cache_bytes`.
+    pub fn open(dir: &Path, cache_bytes: usize) -> Result<RedbStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Open(e.to_string()))?;
-        let db = Database::create(dir.join("imgate.redb"))
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(dir.join("imgate.redb"))
             .map_err(|e| StoreError::Open(e.to_string()))?;
         // Create the tables so readers never see them missing.
         let txn = db
@@ -304,7 +306,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("imgate-redb-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         {
-            let s = RedbStore::open(&dir).unwrap();
+            let s = RedbStore::open(&dir, 1 << 20).unwrap();
             let batch = WriteBatch {
                 appends: (1..=3).map(|i| ("b".to_owned(), msg(i, "hi"))).collect(),
                 dedupe: vec![("a".into(), "c1".into(), 1)],
@@ -316,7 +318,7 @@ mod tests {
             };
             s.commit(&[batch], true).unwrap();
         }
-        let s = RedbStore::open(&dir).unwrap();
+        let s = RedbStore::open(&dir, 1 << 20).unwrap();
         assert_eq!(s.max_seq("b"), 3);
         assert_eq!(s.max_seq("a"), 0);
         assert_eq!(
@@ -347,7 +349,7 @@ mod tests {
     fn keeps_the_newest_dedupe_keys() {
         let dir = std::env::temp_dir().join(format!("imgate-redb-dedupe-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let s = RedbStore::open(&dir).unwrap();
+        let s = RedbStore::open(&dir, 1 << 20).unwrap();
         let n = DEDUPE_KEEP as u64 + 10;
         let batch = WriteBatch {
             dedupe: (1..=n)
