@@ -2,6 +2,8 @@
 //! talk to it.
 #![allow(dead_code)]
 
+pub mod im_client;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
