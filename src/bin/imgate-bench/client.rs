@@ -834,7 +834,7 @@ impl Fleet {
 
     fn on_message(&mut self, i: usize, m: imgate::im::proto::Message, now_ns: u64) {
         if let Some(fault) = self.cfg.inject_fault {
-            if m.seq % 97 == 0 {
+            if m.seq.is_multiple_of(97) {
                 match fault {
                     crate::Fault::Drop => return,
                     crate::Fault::Dup => self.on_message_checked(i, m.clone(), now_ns),
