@@ -85,6 +85,16 @@ fn serve(args: &ServeArgs) -> ExitCode {
         log::error!("invalid configuration: {e}");
         return ExitCode::from(2);
     }
+    match imgate::server::rlimit::raise_fd_limit() {
+        // A few descriptors go to listeners, the store, the waker and the signal pipe.
+        Ok(n) if (n as usize) < cfg.max_connections + 32 => log::warn!(
+            "open-file limit {n} is below --max-connections ({}) + 32: past it, new \
+             connections get 503 (raise the hard limit, e.g. ulimit -Hn)",
+            cfg.max_connections
+        ),
+        Ok(n) => log::info!("open-file limit {n}"),
+        Err(e) => log::warn!("cannot read the open-file limit: {e}"),
+    }
     let cfg_im = cfg.im.clone();
     let server = match Server::bind(cfg) {
         Ok(s) => s,

@@ -14,6 +14,7 @@ pub mod conn;
 pub mod event_loop;
 pub mod metrics;
 pub mod outbox;
+pub mod rlimit;
 pub mod signals;
 pub mod timer_wheel;
 pub mod transport;
