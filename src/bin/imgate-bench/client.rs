@@ -446,6 +446,14 @@ impl Fleet {
             } else {
                 Duration::ZERO
             };
+        let timeout = match self.traffic {
+            // Wake up for the next message the rate says is due, not before.
+            Traffic::Rate { per_s, t0_ns, done } if per_s > 0.0 && !self.senders.is_empty() => {
+                let next = t0_ns + ((done + 1) as f64 * 1e9 / per_s) as u64;
+                timeout.min(Duration::from_nanos(next.saturating_sub(mono_ns())))
+            }
+            _ => timeout,
+        };
         let (events, arena) = self.net.poll(Some(timeout))?;
         let now_ns = mono_ns();
         for e in &events {

@@ -134,8 +134,9 @@ impl Coord {
         }
     }
 
-    /// About once a second: a progress line on stderr (or to the parent).
-    pub fn progress(&mut self, phase: &str, p: &Progress) {
+    /// About once a second: a progress line on stderr (or to the parent). `p` is only
+    /// called then.
+    pub fn progress(&mut self, phase: &str, p: impl FnOnce() -> Progress) {
         match self {
             Coord::Local {
                 label,
@@ -147,14 +148,14 @@ impl Coord {
                 if last_progress.elapsed() >= Duration::from_secs(1) {
                     *last_progress = Instant::now();
                     if !*quiet {
-                        eprintln!("{}", progress_line(label, t0.elapsed(), phase, p));
+                        eprintln!("{}", progress_line(label, t0.elapsed(), phase, &p()));
                     }
                 }
             }
             Coord::Child { last_progress, .. } => {
                 if last_progress.elapsed() >= Duration::from_secs(1) {
                     *last_progress = Instant::now();
-                    let json = serde_json::to_string(&(phase, p)).unwrap_or_default();
+                    let json = serde_json::to_string(&(phase, p())).unwrap_or_default();
                     let mut out = std::io::stdout().lock();
                     let _ = writeln!(out, "@progress {json}");
                     let _ = out.flush();

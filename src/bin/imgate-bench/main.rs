@@ -165,9 +165,12 @@ pub struct RelayArgs {
     /// Seconds allowed after sending stops for every SendOk and delivery.
     #[arg(long, default_value_t = 15.0)]
     pub drain: f64,
-    /// Ack after this many messages (and on every 10 ms tick).
+    /// Ack after this many messages...
     #[arg(long, default_value_t = 32)]
     pub ack_every: u64,
+    /// ...and whatever is unacked every this many milliseconds.
+    #[arg(long, default_value_t = 100)]
+    pub ack_tick_ms: u64,
     /// Processes to spread the connections over (default: as many as the file limit needs).
     #[arg(long)]
     pub procs: Option<usize>,

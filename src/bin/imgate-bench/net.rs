@@ -110,6 +110,7 @@ pub struct Net {
     conns: Slab<Conn>,
     scratch: Vec<u8>,
     dirty: Vec<usize>,
+    ready: Vec<(usize, bool, bool, bool)>,
     out: Vec<Event>,
     arena: Vec<u8>,
     pub target: SocketAddr,
@@ -147,6 +148,7 @@ impl Net {
             conns: Slab::new(),
             scratch: vec![0; SCRATCH],
             dirty: Vec::new(),
+            ready: Vec::new(),
             out: Vec::new(),
             arena: Vec::new(),
             target,
@@ -304,21 +306,20 @@ impl Net {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
-        let ready: Vec<(usize, bool, bool, bool)> = self
-            .events
-            .iter()
-            .map(|e| {
-                (
-                    e.token().0,
-                    e.is_readable() || e.is_read_closed() || e.is_error(),
-                    e.is_writable() || e.is_error(),
-                    e.is_read_closed() || e.is_error(),
-                )
-            })
-            .collect();
-        for (key, readable, writable, closed) in ready {
+        let mut ready = std::mem::take(&mut self.ready);
+        ready.clear();
+        ready.extend(self.events.iter().map(|e| {
+            (
+                e.token().0,
+                e.is_readable() || e.is_read_closed() || e.is_error(),
+                e.is_writable() || e.is_error(),
+                e.is_read_closed() || e.is_error(),
+            )
+        }));
+        for &(key, readable, writable, closed) in &ready {
             self.on_event(key, readable, writable, closed);
         }
+        self.ready = ready;
         Ok((
             std::mem::take(&mut self.out),
             std::mem::take(&mut self.arena),

@@ -293,7 +293,7 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
     }
     let n = fleet.clients.len();
     fleet.bring_online(0..n);
-    let tick = Duration::from_millis(2);
+    let tick = Duration::from_millis(10);
     let setup_end = Instant::now() + Duration::from_secs_f64(common.setup_timeout);
     run_until(&mut fleet, &mut coord, "connect", setup_end, tick, |f| {
         f.online() == n
@@ -321,7 +321,7 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
     let mut start_error = None;
     while Instant::now() < end {
         fleet.step(tick).map_err(|e| format!("poll failed: {e}"))?;
-        coord.progress("chaos", &fleet.progress());
+        coord.progress("chaos", || fleet.progress());
         let now = Instant::now();
         let elapsed = now.duration_since(t0).as_secs_f64();
         if server.is_up() && (kills as usize) < kill_at.len() && elapsed >= kill_at[kills as usize]

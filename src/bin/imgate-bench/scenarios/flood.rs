@@ -106,7 +106,7 @@ pub fn run(a: FloodArgs) -> Result<ExitCode, String> {
     }
     let n = fleet.clients.len();
     fleet.bring_online(0..n);
-    let tick = Duration::from_millis(1);
+    let tick = Duration::from_millis(10);
     let setup_end = Instant::now() + Duration::from_secs_f64(a.common.setup_timeout);
     run_until(&mut fleet, &mut coord, "connect", setup_end, tick, |f| {
         f.setting_up() == 0
@@ -180,7 +180,7 @@ pub fn run(a: FloodArgs) -> Result<ExitCode, String> {
             }
         }
         fleet.step(tick).map_err(|e| format!("poll failed: {e}"))?;
-        coord.progress("flood", &fleet.progress());
+        coord.progress("flood", || fleet.progress());
     }
     let flood_secs = t_flood.elapsed().as_secs_f64();
     let cpu1 = self_cpu_s();

@@ -80,7 +80,7 @@ pub fn fleet_cfg(common: &Common, s: &Setup, size: usize) -> Result<FleetCfg, St
         reconnect: false,
         resume_cursor: false,
         ack_every: 32,
-        ack_tick_ms: 10,
+        ack_tick_ms: 100,
         size: size.max(crate::im::HEADER_LEN),
         seed: s.seed,
         inject_fault: common.inject_fault,
@@ -130,7 +130,7 @@ pub fn run_until(
             return Ok(false);
         }
         fleet.step(tick).map_err(|e| format!("poll failed: {e}"))?;
-        coord.progress(phase, &fleet.progress());
+        coord.progress(phase, || fleet.progress());
     }
 }
 
@@ -153,7 +153,7 @@ pub fn barrier(fleet: &mut Fleet, coord: &mut Coord, name: &str) -> Result<(), S
         fleet
             .step(Duration::from_millis(2))
             .map_err(|e| format!("poll failed: {e}"))?;
-        coord.progress(name, &fleet.progress());
+        coord.progress(name, || fleet.progress());
     }
     Ok(())
 }

@@ -39,6 +39,7 @@ pub fn run(a: RelayArgs) -> Result<ExitCode, String> {
     };
     let mut cfg = fleet_cfg(&a.common, &s, a.size)?;
     cfg.ack_every = a.ack_every.max(1);
+    cfg.ack_tick_ms = a.ack_tick_ms.max(1);
     let (lo, hi) = share(a.users, s.child);
     let mut fleet = Fleet::new(cfg, vec![devices; a.users as usize], conns as usize)
         .map_err(|e| format!("cannot create the event loop: {e}"))?;
@@ -70,7 +71,7 @@ pub fn run(a: RelayArgs) -> Result<ExitCode, String> {
     }
     barrier(&mut fleet, &mut coord, "up")?;
 
-    let tick = Duration::from_millis(1);
+    let tick = Duration::from_millis(10);
     fleet.traffic = match a.inflight {
         Some(k) => Traffic::Inflight(k.max(1)),
         None => Traffic::Rate {
