@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Proof under load and faults: every imgate-bench scenario against the release server, each
+# run against a fresh server and data directory, the server pinned to core 0 and the load to
+# core 1 (when there are two). Any lost, duplicated-after-ack or reordered message, any error,
+# fails the run.
+#
+#   scripts/proof.sh short   # CI: 2,000 idle connections, 20 s of kill -9 chaos, ... (~2 min)
+#   scripts/proof.sh full    # the sizes of BENCHMARKS.md: 19,000 idle connections, ...
+#
+# Results: one summary line per scenario on stdout and in $OUT/summary.txt, JSON reports and
+# server logs in $OUT (default target/proof).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-short}
+OUT=${2:-target/proof}
+BIN=${IMGATE_BIN:-target/release/imgate}
+BENCH=${IMGATE_BENCH_BIN:-target/release/imgate-bench}
+SECRET=proof-secret-0123456789abcdef0123456789
+case "$mode" in
+short | full) ;;
+*)
+    echo "usage: $0 short|full [OUTDIR]" >&2
+    exit 2
+    ;;
+esac
+[ -x "$BIN" ] && [ -x "$BENCH" ] || cargo build --release --bins
+rm -rf "$OUT"
+mkdir -p "$OUT"
+
+if [ "$(nproc)" -ge 2 ]; then
+    pin_server=(taskset -c 0)
+    pin_load=(taskset -c 1)
+else
+    pin_server=()
+    pin_load=()
+fi
+
+server_pid=""
+addr=""
+stop_server() {
+    if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
+        kill -TERM "$server_pid"
+        wait "$server_pid" || true
+    fi
+    server_pid=""
+}
+trap stop_server EXIT
+
+# start_server NAME [serve flags...]: a fresh server on 127.0.0.1:0; sets $addr, $server_pid.
+start_server() {
+    local name=$1
+    shift
+    "${pin_server[@]}" "$BIN" serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
+        --jwt-secret "$SECRET" --data-dir "$OUT/$name.data" --log-level warn "$@" \
+        >"$OUT/$name.server.out" 2>"$OUT/$name.server.err" &
+    server_pid=$!
+    for _ in $(seq 200); do
+        addr=$(grep -o 'ws://[0-9.]*:[0-9]*' "$OUT/$name.server.out" 2>/dev/null | head -n 1 || true)
+        [ -n "$addr" ] && break
+        sleep 0.05
+    done
+    if [ -z "$addr" ]; then
+        cat "$OUT/$name.server.err" >&2
+        echo "server for $name did not start" >&2
+        exit 1
+    fi
+    addr=${addr#ws://}
+}
+
+# run NAME SCENARIO [bench flags...]: runs one scenario against the current server.
+run() {
+    local name=$1 scenario=$2
+    shift 2
+    echo "--- $name: imgate-bench $scenario $*" >&2
+    "${pin_load[@]}" "$BENCH" "$scenario" --addr "$addr" --jwt-secret "$SECRET" \
+        --server-pid "$server_pid" --json "$OUT/$name.json" "$@" | tee -a "$OUT/summary.txt"
+}
+
+# Settings that take the server's per-connection send limits out of a load test's way.
+UNLIMITED=(--rate-limit 1000000 --rate-burst 1000000)
+
+if [ "$mode" = short ]; then
+    IDLE=(--conns 2000 --hold 5)
+    IDLE_SERVER=(--ping-interval 1s --idle-timeout 4s)
+    RELAY=(--users 200 --inflight 4 --duration 5 --warmup 1)
+    STORM=(--users 1000 --msgs 5)
+    ECHO=(--conns 100 --inflight 1 --duration 3 --warmup 1)
+    FLOOD=(--users 50 --rate 2000 --flood-conns 200 --duration 5)
+    CHAOS=(--users 50 --rate 1000 --duration 20 --kills 5)
+else
+    IDLE=(--conns 19000 --hold 40 --procs 2 --src-ips 4)
+    IDLE_SERVER=(--ping-interval 10s --idle-timeout 30s --max-connections 19500)
+    RELAY=(--users 1000 --inflight 4 --duration 10 --warmup 2)
+    STORM=(--users 10000 --msgs 10 --src-ips 2)
+    ECHO=(--conns 1000 --inflight 1 --duration 10 --warmup 2)
+    FLOOD=(--users 200 --rate 5000 --flood-conns 1000 --duration 20)
+    CHAOS=(--users 200 --rate 2000 --duration 120 --kills 20)
+fi
+
+start_server idle "${IDLE_SERVER[@]}"
+run idle idle "${IDLE[@]}"
+stop_server
+
+start_server relay-none --durability none "${UNLIMITED[@]}"
+run relay-none relay "${RELAY[@]}"
+stop_server
+
+start_server relay-full --durability full "${UNLIMITED[@]}"
+run relay-full relay "${RELAY[@]}"
+stop_server
+
+start_server storm "${UNLIMITED[@]}"
+run storm storm "${STORM[@]}"
+stop_server
+
+start_server echo --echo
+run echo echo "${ECHO[@]}"
+stop_server
+
+start_server flood "${UNLIMITED[@]}"
+run flood flood "${FLOOD[@]}"
+stop_server
+
+# Chaos starts (and kills, and restarts) its own server on a fixed data directory.
+echo "--- chaos: imgate-bench chaos ${CHAOS[*]}" >&2
+"${pin_load[@]}" "$BENCH" chaos --jwt-secret "$SECRET" --json "$OUT/chaos.json" \
+    --server-log "$OUT/chaos.server.err" "${CHAOS[@]}" \
+    --server-cmd "${pin_server[*]} $BIN serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --jwt-secret $SECRET --data-dir $OUT/chaos.data --log-level warn ${UNLIMITED[*]}" |
+    tee -a "$OUT/summary.txt"
+
+echo "all scenarios passed; summaries in $OUT/summary.txt" >&2
