@@ -80,6 +80,8 @@ pub struct Stats {
     pub rate_skipped: u64,
     /// Sends the server refused (Error) and the bench retried (reconnect mode).
     pub refused: u64,
+    /// Clients not tried because a hard limit (EMFILE, EADDRNOTAVAIL, 503) came first.
+    pub not_attempted: u64,
     pub errors: BTreeMap<String, u64>,
     /// The first violations, for diagnosis.
     pub notes: Vec<String>,
@@ -114,7 +116,8 @@ impl Stats {
             gaps,
             unconfirmed,
             rate_skipped,
-            refused
+            refused,
+            not_attempted
         );
         for (k, v) in &o.errors {
             *self.errors.entry(k.clone()).or_default() += v;
@@ -522,6 +525,18 @@ impl Fleet {
     }
 
     fn start_connects(&mut self, now_ms: u64) {
+        if self.limit.is_some() && !self.cfg.reconnect {
+            // A hard limit was hit: the clients still queued are not attempted.
+            while let Some(i) = self.queue.pop_front() {
+                let c = &mut self.clients[i];
+                if c.state == CState::Queued {
+                    c.state = CState::Off;
+                    c.failed = Some("not attempted".into());
+                    self.stats.not_attempted += 1;
+                }
+            }
+            return;
+        }
         while self.in_progress < self.cfg.connect_concurrency
             && self.limit.is_none()
             && !self.paused

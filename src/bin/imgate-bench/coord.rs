@@ -204,6 +204,7 @@ pub fn run_children(
     run_id: u32,
     server_pid: Option<u32>,
     limit: Duration,
+    quiet: bool,
 ) -> Result<(Vec<serde_json::Value>, Vec<Snap>), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
@@ -258,7 +259,7 @@ pub fn run_children(
             break;
         }
         let msg = rx.recv_timeout((deadline - now).min(Duration::from_millis(200)));
-        if last_print.elapsed() >= Duration::from_secs(1) {
+        if !quiet && last_print.elapsed() >= Duration::from_secs(1) {
             last_print = Instant::now();
             let mut sum = Progress::default();
             for (_, p) in &progress {

@@ -19,7 +19,14 @@ pub fn run(a: IdleArgs) -> Result<ExitCode, String> {
     let procs = decide_procs(u64::from(a.conns), a.procs, s.nofile);
     if s.child.is_none() && procs > 1 {
         let limit = Duration::from_secs_f64(a.common.setup_timeout + a.hold + 120.0);
-        let (values, snaps) = run_children("idle", procs, s.run_id, a.common.server_pid, limit)?;
+        let (values, snaps) = run_children(
+            "idle",
+            procs,
+            s.run_id,
+            a.common.server_pid,
+            limit,
+            a.common.quiet,
+        )?;
         let parts = parse_parts(values)?;
         return Ok(report(&a, &parts, &snaps, procs));
     }
@@ -95,6 +102,7 @@ fn report(a: &IdleArgs, parts: &[Part], snaps: &[crate::coord::Snap], procs: usi
         .addf("hold_s", a.hold, 1)
         .add("pings", st.pings)
         .add("errors", st.error_count())
+        .add("not_attempted", st.not_attempted)
         .add("limit", limit.clone())
         .add("procs", procs as u64)
         .add("src_ips", a.common.src_ips)

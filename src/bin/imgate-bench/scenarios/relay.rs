@@ -29,7 +29,14 @@ pub fn run(a: RelayArgs) -> Result<ExitCode, String> {
         let limit = Duration::from_secs_f64(
             a.common.setup_timeout + a.warmup + a.duration + 2.0 * a.drain + 120.0,
         );
-        let (values, snaps) = run_children("relay", procs, s.run_id, a.common.server_pid, limit)?;
+        let (values, snaps) = run_children(
+            "relay",
+            procs,
+            s.run_id,
+            a.common.server_pid,
+            limit,
+            a.common.quiet,
+        )?;
         let parts = parse_parts(values)?;
         return Ok(report(&a, &parts, &snaps, procs));
     }
