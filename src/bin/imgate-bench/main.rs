@@ -61,7 +61,8 @@ pub struct Common {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
 
-    /// The server's JWT secret, to sign login tokens.
+    /// The server's JWT secret, to sign login tokens (chaos: taken from --server-cmd when
+    /// not given).
     #[arg(long, env = "IMGATE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 

@@ -110,6 +110,18 @@ impl ServerCtl {
         })
     }
 
+    /// The value of `--jwt-secret` in the server command, if it has one.
+    pub fn jwt_secret(&self) -> Option<String> {
+        let w = &self.words;
+        w.iter()
+            .position(|x| x == "--jwt-secret")
+            .and_then(|i| w.get(i + 1).cloned())
+            .or_else(|| {
+                w.iter()
+                    .find_map(|x| x.strip_prefix("--jwt-secret=").map(str::to_owned))
+            })
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
@@ -265,6 +277,9 @@ impl Drop for ServerCtl {
 pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
     let mut common = a.common.clone();
     let mut server = ServerCtl::new(&a.server_cmd, a.server_log.clone())?;
+    if common.jwt_secret.is_none() {
+        common.jwt_secret = server.jwt_secret();
+    }
     let addr = server.start()?;
     common.addr = addr;
     let s = setup(&common)?;

@@ -106,7 +106,8 @@ fn report(a: &IdleArgs, parts: &[Part], snaps: &[crate::coord::Snap], procs: usi
         .add("limit", limit.clone())
         .add("procs", procs as u64)
         .add("src_ips", a.common.src_ips)
-        .add("cli_nofile", all.nofile);
+        .add("cli_nofile", all.nofile)
+        .add("cli_rss_kib", all.rss_kib);
     let hold_s = crate::coord::secs_between(snaps, "up", "held");
     if let (Some(start), Some(up), Some(end)) = (
         snap(snaps, "start").and_then(|s| s.srv),

@@ -199,6 +199,8 @@ pub struct Part {
     /// A hard limit that stopped new connections.
     pub limit: Option<String>,
     pub nofile: u64,
+    /// This process's own VmRSS (KiB).
+    pub rss_kib: u64,
 }
 
 impl Part {
@@ -210,6 +212,7 @@ impl Part {
             online_end: fleet.online() as u64,
             limit: fleet.limit.clone(),
             nofile,
+            rss_kib: crate::sys::sample_proc(std::process::id()).map_or(0, |p| p.rss_kib),
         }
     }
 }
@@ -225,6 +228,7 @@ pub fn merge_parts(parts: &[Part]) -> (Part, hdrhistogram::Histogram<u64>) {
             all.limit.clone_from(&p.limit);
         }
         all.nofile = all.nofile.max(p.nofile);
+        all.rss_kib += p.rss_kib;
     }
     let hist = merge_hist(parts.iter().map(|p| p.hist.as_slice()));
     (all, hist)
