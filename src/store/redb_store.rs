@@ -15,8 +15,9 @@ use crate::im::proto;
 const INBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("inbox");
 /// (uid, device_id) -> cursor seq.
 const CURSORS: TableDefinition<(&str, &str), u64> = TableDefinition::new("cursors");
-/// (uid, client_msg_id) -> sender seq.
-const DEDUPE: TableDefinition<(&str, &str), u64> = TableDefinition::new("dedupe");
+/// (uid, client_msg_id) -> (sender seq, n): n is the key's number in DEDUPE_ORDER, so that
+/// forgetting the oldest key is a lookup, not a scan (ids may be reused once forgotten).
+const DEDUPE: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("dedupe_v2");
 /// (uid, n) -> client_msg_id, the n-th key of the user, for keeping the newest ones.
 const DEDUPE_ORDER: TableDefinition<(&str, u64), &str> = TableDefinition::new("dedupe_order");
 /// uid -> number of dedupe keys ever written.
@@ -99,9 +100,6 @@ impl RedbStore {
                         .map_err(commit_err)?;
                 }
                 for (uid, cmid, seq) in &batch.dedupe {
-                    dedupe
-                        .insert((uid.as_str(), cmid.as_str()), *seq)
-                        .map_err(commit_err)?;
                     let n = count
                         .get(uid.as_str())
                         .map_err(commit_err)?
@@ -109,6 +107,9 @@ impl RedbStore {
                         .unwrap_or(0)
                         + 1;
                     count.insert(uid.as_str(), n).map_err(commit_err)?;
+                    dedupe
+                        .insert((uid.as_str(), cmid.as_str()), (*seq, n))
+                        .map_err(commit_err)?;
                     order
                         .insert((uid.as_str(), n), cmid.as_str())
                         .map_err(commit_err)?;
@@ -120,15 +121,11 @@ impl RedbStore {
                             .map_err(commit_err)?
                             .map(|v| v.value().to_owned());
                         if let Some(old_cmid) = gone {
-                            let still = dedupe
-                                .get((uid.as_str(), old_cmid.as_str()))
-                                .map_err(commit_err)?
-                                .map(|v| v.value());
+                            let key = (uid.as_str(), old_cmid.as_str());
+                            let at = dedupe.get(key).map_err(commit_err)?.map(|v| v.value().1);
                             // Only if no newer send reused the same id.
-                            if still.is_some() && !recent_has(&order, uid, &old_cmid, n)? {
-                                dedupe
-                                    .remove((uid.as_str(), old_cmid.as_str()))
-                                    .map_err(commit_err)?;
+                            if at == Some(old) {
+                                dedupe.remove(key).map_err(commit_err)?;
                             }
                         }
                     }
@@ -177,23 +174,6 @@ impl RedbStore {
     }
 }
 
-/// Whether one of the DEDUPE_KEEP newest keys of `uid` is `cmid` (ids may be reused after they
-/// were forgotten).
-fn recent_has(
-    order: &redb::Table<(&str, u64), &str>,
-    uid: &str,
-    cmid: &str,
-    n: u64,
-) -> Result<bool, StoreError> {
-    let from = n.saturating_sub(DEDUPE_KEEP as u64) + 1;
-    for entry in order.range((uid, from)..=(uid, n)).map_err(commit_err)? {
-        let (_, v) = entry.map_err(commit_err)?;
-        if v.value() == cmid {
-            return Ok(true);
-        }
-    }
-    Ok(false)
-}
 
 impl Store for RedbStore {
     fn commit(&self, batches: &[WriteBatch], sync: bool) -> Result<(), String> {
@@ -252,7 +232,7 @@ impl StoreRead for RedbStore {
     fn dedupe(&self, uid: &str, client_msg_id: &str) -> Option<u64> {
         self.read(|txn| {
             let t = txn.open_table(DEDUPE)?;
-            Ok(t.get((uid, client_msg_id))?.map(|v| v.value()))
+            Ok(t.get((uid, client_msg_id))?.map(|v| v.value().0))
         })
         .flatten()
     }
@@ -361,6 +341,20 @@ mod tests {
         assert_eq!(s.dedupe("a", "k1"), None, "the oldest are forgotten");
         assert_eq!(s.dedupe("a", "k11"), Some(11), "the newest 1000 are kept");
         assert_eq!(s.dedupe("a", &format!("k{n}")), Some(n));
+        // A forgotten id used again is a new key; forgetting its old entry must not drop it.
+        let reuse = |id: &str, seq| WriteBatch {
+            dedupe: vec![("a".to_owned(), id.to_owned(), seq)],
+            ..WriteBatch::default()
+        };
+        s.commit(&[reuse("k5", n + 1)], false).unwrap();
+        let fillers: Vec<WriteBatch> = (0..DEDUPE_KEEP as u64)
+            .map(|i| reuse(&format!("f{i}"), n + 2 + i))
+            .collect();
+        // k11..k1010 and then the filler keys push out k5's old number long before its new one.
+        s.commit(&fillers[..DEDUPE_KEEP - 10], false).unwrap();
+        assert_eq!(s.dedupe("a", "k5"), Some(n + 1), "the reused id is still known");
+        s.commit(&fillers[DEDUPE_KEEP - 10..], false).unwrap();
+        assert_eq!(s.dedupe("a", "k5"), None, "and forgotten after 1000 newer ones");
         drop(s);
         let _ = std::fs::remove_dir_all(&dir);
     }
