@@ -104,7 +104,7 @@ for rate in 2000 5000; do
 done
 
 # 4. Reconnect storm: 10,000 clients with 10 messages each waiting.
-imgate storm "${UNLIMITED[@]}"
+imgate storm --max-connections 12000 "${UNLIMITED[@]}"
 log "storm-10000: $(bench storm --addr "$addr" --jwt-secret "$SECRET" --server-pid "$pid" \
     -u 10000 -m 10 --senders 50 --send-rate 10000 --src-ips 2)"
 stop

@@ -109,7 +109,7 @@ start_server relay-full --durability full "${UNLIMITED[@]}"
 run relay-full relay "${RELAY[@]}"
 stop_server
 
-start_server storm "${UNLIMITED[@]}"
+start_server storm --max-connections 12000 "${UNLIMITED[@]}"
 run storm storm "${STORM[@]}"
 stop_server
 
