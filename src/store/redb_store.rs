@@ -174,7 +174,6 @@ impl RedbStore {
     }
 }
 
-
 impl Store for RedbStore {
     fn commit(&self, batches: &[WriteBatch], sync: bool) -> Result<(), String> {
         RedbStore::commit(self, batches, sync).map_err(|e| e.to_string())
@@ -352,9 +351,17 @@ mod tests {
             .collect();
         // k11..k1010 and then the filler keys push out k5's old number long before its new one.
         s.commit(&fillers[..DEDUPE_KEEP - 10], false).unwrap();
-        assert_eq!(s.dedupe("a", "k5"), Some(n + 1), "the reused id is still known");
+        assert_eq!(
+            s.dedupe("a", "k5"),
+            Some(n + 1),
+            "the reused id is still known"
+        );
         s.commit(&fillers[DEDUPE_KEEP - 10..], false).unwrap();
-        assert_eq!(s.dedupe("a", "k5"), None, "and forgotten after 1000 newer ones");
+        assert_eq!(
+            s.dedupe("a", "k5"),
+            None,
+            "and forgotten after 1000 newer ones"
+        );
         drop(s);
         let _ = std::fs::remove_dir_all(&dir);
     }
