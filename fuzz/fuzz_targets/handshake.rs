@@ -1,7 +1,10 @@
 //! The Upgrade request parser on arbitrary bytes: never panics, errors always carry a response,
-//! and a complete request never claims more bytes than it was given.
+//! and a complete request never claims more bytes than it was given. Plain GETs go through the
+//! web demo's router.
 #![no_main]
 
+use imgate::server::admin::AdminAction;
+use imgate::web;
 use imgate::ws::handshake::{self, Endpoint, Parse, Policy};
 use libfuzzer_sys::fuzz_target;
 
@@ -18,6 +21,15 @@ fuzz_target!(|data: &[u8]| {
             match handshake::accept(&request, &endpoints, &Policy::default()) {
                 Ok(a) => assert!(a.response.starts_with(b"HTTP/1.1 101 ")),
                 Err(e) => assert_eq!(e.status(), 404),
+            }
+        }
+        Ok(Parse::Plain { request, head_len }) => {
+            assert!(head_len <= data.len() && head_len <= handshake::MAX_REQUEST_HEAD);
+            // The web demo's router takes any plain GET, with and without --dev.
+            for secret in [None, Some(&b"fuzz-secret"[..])] {
+                if let AdminAction::Respond(r) = web::route(&request, secret, 0) {
+                    assert!(matches!(r.status, 200 | 204 | 400 | 404), "{}", r.status);
+                }
             }
         }
         Err(e) => {
