@@ -17,7 +17,10 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use super::admin::{self, AdminAction, Response};
+mod http;
+
+use self::http::{serve_get, AdminConn};
+use super::admin::{AdminAction, Response};
 use super::conn::{Conn, Service, TimerKind};
 use super::metrics::Metrics;
 use super::signals::ShutdownSignals;
@@ -31,8 +34,7 @@ use crate::im::tcp_framing::TooLarge;
 use crate::store::redb_store::RedbStore;
 use crate::store::writer::{Done, Writer};
 use crate::store::Store;
-use crate::web;
-use crate::ws::handshake::{self, Endpoint, HttpError, PlainRequest, Policy, UpgradeRequest};
+use crate::ws::handshake::{self, Endpoint, HttpError, Policy, UpgradeRequest};
 use crate::ws::{code, frame, Event, Failure, MessageKind, State};
 use prost::Message as _;
 use std::sync::Arc;
@@ -99,18 +101,6 @@ pub struct Server {
     /// Admin connections whose answer became ready.
     admin_ready: Vec<usize>,
     metrics: Metrics,
-}
-
-/// One admin HTTP request/response exchange.
-struct AdminConn {
-    sock: TcpStream,
-    request: Vec<u8>,
-    response: Vec<u8>,
-    written: usize,
-    /// Answer 204 once this batch is durable.
-    waiting_for: Option<u64>,
-    /// A `POST /v1/messages` waits for the core's `AdminSent`.
-    awaiting_send: bool,
 }
 
 /// The IM endpoint's state: the sans-IO core, its store and the storage thread.
@@ -416,248 +406,6 @@ impl Server {
                 im.core.on_open(key, now);
             }
             self.arm_timer(key);
-        }
-    }
-
-    fn accept_admin(&mut self) {
-        let Some(im) = self.im.as_mut() else {
-            return;
-        };
-        loop {
-            match im.admin_listener.accept() {
-                Ok((mut sock, _)) => {
-                    let entry = im.admins.vacant_entry();
-                    let token = Token(ADMIN_BASE + entry.key());
-                    if self
-                        .poll
-                        .registry()
-                        .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
-                        .is_ok()
-                    {
-                        entry.insert(AdminConn {
-                            sock,
-                            request: Vec::new(),
-                            response: Vec::new(),
-                            written: 0,
-                            waiting_for: None,
-                            awaiting_send: false,
-                        });
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if is_transient_accept_error(&e) => {}
-                Err(e) => {
-                    warn!("admin accept failed: {e}");
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Reads the admin request, routes it, and writes the answer; closes when it is sent.
-    fn on_admin(&mut self, key: usize) {
-        let Some(im) = self.im.as_mut() else {
-            return;
-        };
-        let Some(a) = im.admins.get_mut(key) else {
-            return;
-        };
-        if a.response.is_empty() && a.waiting_for.is_none() && !a.awaiting_send {
-            let mut buf = [0u8; 4096];
-            let mut eof = false;
-            loop {
-                match a.sock.read(&mut buf) {
-                    Ok(0) => {
-                        eof = true;
-                        break;
-                    }
-                    Ok(n) => {
-                        a.request.extend_from_slice(&buf[..n]);
-                        if a.request.len() > admin::MAX_ADMIN_REQUEST {
-                            break;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => break,
-                }
-            }
-            match admin::handle(&a.request, im.admin_token.as_deref()) {
-                admin::Parsed::Partial => {
-                    if eof {
-                        let mut a = im.admins.remove(key);
-                        let _ = self.poll.registry().deregister(&mut a.sock);
-                    }
-                    return;
-                }
-                admin::Parsed::Done(action) => {
-                    if !self.admin_execute(key, action) {
-                        return;
-                    }
-                }
-            }
-        }
-        self.admin_write(key);
-    }
-
-    /// Carries out a routed admin (or web demo) request for the HTTP exchange `key`. Returns
-    /// whether its answer is ready to write now; otherwise it waits for the store or the core.
-    fn admin_execute(&mut self, key: usize, action: AdminAction) -> bool {
-        let now = self.now_value();
-        let Some(im) = self.im.as_mut() else {
-            return false;
-        };
-        let Some(a) = im.admins.get_mut(key) else {
-            return false;
-        };
-        match action {
-            AdminAction::Respond(r) => a.response = r.to_bytes(),
-            AdminAction::SetFriendship {
-                a: x,
-                b: y,
-                present,
-            } => {
-                im.core.set_friendship(&x, &y, present);
-                a.waiting_for = Some(im.core.pending_batch_id());
-                return false;
-            }
-            AdminAction::Send {
-                from_uid,
-                to_uid,
-                client_msg_id,
-                content,
-            } => {
-                match im.core.admin_send(
-                    key,
-                    &from_uid,
-                    &to_uid,
-                    client_msg_id,
-                    content,
-                    now,
-                    &*im.store,
-                ) {
-                    Ok(()) => {
-                        a.awaiting_send = true;
-                        // A duplicate of a durable send is answered at once.
-                        self.dispatch_im();
-                        return false;
-                    }
-                    Err(why) => a.response = Response::error(400, why).to_bytes(),
-                }
-            }
-            AdminAction::GetUser { uid } => {
-                let cursors: serde_json::Map<String, serde_json::Value> = im
-                    .store
-                    .cursors(&uid)
-                    .into_iter()
-                    .map(|(d, seq)| (d, seq.into()))
-                    .collect();
-                let body = serde_json::json!({
-                    "uid": uid,
-                    "online_devices": im.core.online_devices(&uid),
-                    "max_seq": im.store.max_seq(&uid),
-                    "cursors": cursors,
-                });
-                a.response = Response::json(200, &body).to_bytes();
-            }
-            AdminAction::Metrics => {
-                let mut counts: Vec<(&'static str, &'static str, i64)> = Vec::new();
-                for (_, c) in self.conns.iter() {
-                    let state = match c.transport.state() {
-                        State::Handshaking | State::AwaitingAccept => "handshaking",
-                        State::Open => "open",
-                        State::CloseSent | State::Closed => "closing",
-                    };
-                    let transport = match c.transport {
-                        Transport::Ws(_) => "ws",
-                        Transport::Tcp { .. } => "tcp",
-                    };
-                    match counts
-                        .iter_mut()
-                        .find(|(s, t, _)| *s == state && *t == transport)
-                    {
-                        Some(entry) => entry.2 += 1,
-                        None => counts.push((state, transport, 1)),
-                    }
-                }
-                a.response = Response::metrics(self.metrics.render(&counts)).to_bytes();
-            }
-            AdminAction::GetFriends { uid } => {
-                let friends: Vec<serde_json::Value> = im
-                    .store
-                    .friends(&uid)
-                    .into_iter()
-                    .map(|f| {
-                        let online = !im.core.online_devices(&f).is_empty();
-                        serde_json::json!({"uid": f, "online": online})
-                    })
-                    .collect();
-                let body = serde_json::json!({"uid": uid, "friends": friends});
-                a.response = Response::json(200, &body).to_bytes();
-            }
-        }
-        true
-    }
-
-    /// Writes what the socket takes of the answer; the exchange ends once all of it is sent.
-    fn admin_write(&mut self, key: usize) {
-        let Some(im) = self.im.as_mut() else {
-            return;
-        };
-        let Some(a) = im.admins.get_mut(key) else {
-            return;
-        };
-        while a.written < a.response.len() {
-            match a.sock.write(&a.response[a.written..]) {
-                Ok(n) if n > 0 => a.written += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                _ => break,
-            }
-        }
-        if a.waiting_for.is_none() && !a.response.is_empty() {
-            let mut a = im.admins.remove(key);
-            let _ = self.poll.registry().deregister(&mut a.sock);
-        }
-    }
-
-    /// Moves a public connection whose plain GET needs the store or the core (the web demo's
-    /// `/dev/*` routes) over to an HTTP exchange like an admin request's, and carries it out.
-    fn hand_over_to_http(&mut self, key: usize, action: AdminAction) {
-        let Some(mut conn) = self.conns.try_remove(key) else {
-            return;
-        };
-        if let Some(id) = conn.timer.take() {
-            self.wheel.cancel(id);
-        }
-        conn.transport.release_buffers(&mut self.pool);
-        let registry = self.poll.registry();
-        let _ = registry.deregister(&mut conn.sock);
-        let Some(im) = self.im.as_mut() else {
-            return;
-        };
-        let entry = im.admins.vacant_entry();
-        let admin_key = entry.key();
-        let mut sock = conn.sock;
-        if registry
-            .register(
-                &mut sock,
-                Token(ADMIN_BASE + admin_key),
-                Interest::READABLE | Interest::WRITABLE,
-            )
-            .is_err()
-        {
-            return;
-        }
-        entry.insert(AdminConn {
-            sock,
-            request: Vec::new(),
-            response: Vec::new(),
-            written: 0,
-            waiting_for: None,
-            awaiting_send: false,
-        });
-        if self.admin_execute(admin_key, action) {
-            self.admin_write(admin_key);
         }
     }
 
@@ -1295,22 +1043,6 @@ fn close_slow_consumer(key: usize, conn: &mut Conn, metrics: &Metrics, out: &mut
         .close(code::POLICY_VIOLATION, "slow consumer", out);
     metrics.slow_consumer_kills.inc();
     metrics.close(code::POLICY_VIOLATION, "server");
-}
-
-/// A plain GET on the public listener: 426 on a WebSocket path, else the web demo.
-fn serve_get(ws: &mut crate::ws::Connection, request: &PlainRequest, cx: &mut Cx<'_>) {
-    if cx.endpoints.iter().any(|e| e.path == request.path) {
-        ws.reject(&HttpError::UpgradeRequired, cx.staging);
-        return;
-    }
-    let Some(im) = cx.im.as_deref() else {
-        ws.reject(&HttpError::NotFound, cx.staging);
-        return;
-    };
-    match web::route(request, im.dev_secret.as_deref(), cx.now.unix_ms) {
-        AdminAction::Respond(r) => ws.respond(&r.to_bytes(), cx.staging),
-        action => cx.handover = Some(action),
-    }
 }
 
 /// When the keep-alive timer must next look at an open connection: the idle deadline, or the
