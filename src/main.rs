@@ -154,9 +154,3 @@ fn serve(args: &ServeArgs) -> ExitCode {
         }
     }
 }
-
-/// glibc malloc was about a fifth of the server's CPU under relay load (the store's pages and
-/// the per-message frames). mimalloc: +24 % relayed messages/s (median of 3, 200 users x 4 in
-/// flight) for +267 B of RSS per idle connection (911 -> 1,178 B at 10,000). BENCHMARKS.md.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
