@@ -2,9 +2,10 @@
 # Runs every test on a fresh machine: the unit tests of the sans-IO parts and of the load
 # generator's frame reader and verifier (debug build, with debug assertions), the loopback
 # integration tests against the release binary, the interop tests with Python's `websockets`
-# and `protobuf` (installed into a private virtualenv on first use), and the web demo's end-to-end test in Debian's Chromium driven by playwright-core
-# (Chromium installed with apt-get, playwright-core with npm, on first use). Screenshots of the
-# browser test land in target/screenshots/.
+# and `protobuf` (installed into a private virtualenv on first use), and the web demo's
+# end-to-end test in Debian's Chromium driven by playwright-core (Chromium installed with
+# apt-get, playwright-core with npm, on first use). Screenshots of the browser test land in
+# target/screenshots/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
