@@ -18,7 +18,9 @@ const state = {
   deviceId: null,
   ws: null,
   nextId: 1,
-  /** Highest inbox seq this page holds (history or live); the resume point. */
+  /** Highest seq that reached this page in a Message or SyncResult: the resume point and what
+   *  is acked. The seqs of this page's own sends (from SendOk) do not count: a SendOk can
+   *  arrive before a Message with a lower seq, and acking past that would skip it. */
   maxSeq: 0,
   /** Highest seq acknowledged to the server. */
   ackedSeq: 0,
@@ -177,10 +179,10 @@ function onFrame(f) {
     for (const [cmid, p] of state.pending) transmit(cmid, p);
     renderFriends();
   } else if (f.message) {
-    addMessage(f.message, true);
+    addMessage(f.message, true, true);
     ack();
   } else if (f.syncResult) {
-    for (const m of f.syncResult.messages || []) addMessage(m, false);
+    for (const m of f.syncResult.messages || []) addMessage(m, false, true);
     const last = (f.syncResult.messages || []).at(-1);
     if (f.syncResult.hasMore && last && ++state.syncPages < HISTORY_MAX_PAGES) {
       requestHistory(num(last.seq));
@@ -197,7 +199,7 @@ function onFrame(f) {
       addMessage({
         seq: f.sendOk.seq, fromUid: state.uid, toUid: p.to, clientMsgId: cmid,
         content: toBase64(p.text), serverTimeMs: f.sendOk.serverTimeMs,
-      }, false);
+      }, false, false);
       ack();
     }
   } else if (f.presence) {
@@ -243,11 +245,12 @@ function peer(uid) {
   return state.peers.get(uid);
 }
 
-function addMessage(m, live) {
+/** `live`: pushed now (may count as unread); `delivered`: came in a Message or SyncResult. */
+function addMessage(m, live, delivered) {
   const seq = num(m.seq);
+  if (delivered) state.maxSeq = Math.max(state.maxSeq, seq);
   if (!seq || state.messages.has(seq)) return;
   state.messages.set(seq, m);
-  state.maxSeq = Math.max(state.maxSeq, seq);
   const other = m.fromUid === state.uid ? m.toUid : m.fromUid;
   const p = peer(other);
   if (live && m.fromUid !== state.uid && (other !== state.selected || document.hidden)) {
