@@ -202,7 +202,7 @@ fn presence_follows_friendships_set_on_the_admin_api() {
     // Unfriended: no more presence.
     let r = server.admin_request("DELETE", "/v1/friendships/frank/erin", auth);
     assert!(r.starts_with("HTTP/1.1 204 "), "{r}");
-    let (_frank, ok) = Client::login(&server, "frank", "phone", 0);
+    let (mut frank, ok) = Client::login(&server, "frank", "phone", 0);
     assert!(ok.online_friends.is_empty());
     let id = erin.request(C::Ping(proto::Ping { client_time_ms: 3 }));
     match erin.next() {
@@ -211,6 +211,15 @@ fn presence_follows_friendships_set_on_the_admin_api() {
             body: Some(S::Pong(p)),
         } => assert_eq!((got, p.client_time_ms), (id, 3)),
         other => panic!("expected only the Pong, got {other:?}"),
+    }
+    // Befriended again while both are online: each is told of the other at once.
+    let r = server.admin_request("PUT", "/v1/friendships/erin/frank", auth);
+    assert!(r.starts_with("HTTP/1.1 204 "), "{r}");
+    for (c, other) in [(&mut erin, "frank"), (&mut frank, "erin")] {
+        match c.next().body {
+            Some(S::Presence(p)) => assert_eq!((p.uid.as_str(), p.online), (other, true)),
+            got => panic!("{got:?}"),
+        }
     }
 }
 

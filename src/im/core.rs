@@ -379,6 +379,19 @@ impl Core {
                 }
             }
             self.out.extend(deferred);
+            // A friendship made (or ended) while both are online is news to both now: each
+            // learns the other's presence as if it had just come online (or gone offline).
+            for (a, b, present) in &batch.friendships {
+                for (x, y) in [(a, b), (b, a)] {
+                    let x_online = self
+                        .users
+                        .get(x.as_str())
+                        .is_some_and(|u| !u.devices.is_empty());
+                    if x_online {
+                        self.tell_presence(y, x, *present);
+                    }
+                }
+            }
             for uid in touched {
                 let conns: Vec<ConnId> = self
                     .users
@@ -523,22 +536,27 @@ impl Core {
 
     fn broadcast_presence(&mut self, uid: &str, online: bool, store: &dyn StoreRead) {
         for friend in store.friends(uid) {
-            let Some(u) = self.users.get(friend.as_str()) else {
-                continue;
-            };
-            let conns: Vec<ConnId> = u.devices.values().copied().collect();
-            for conn in conns {
-                self.reply(
-                    conn,
-                    frame(
-                        0,
-                        server_frame::Body::Presence(proto::Presence {
-                            uid: uid.to_owned(),
-                            online,
-                        }),
-                    ),
-                );
-            }
+            self.tell_presence(&friend, uid, online);
+        }
+    }
+
+    /// Sends `Presence{uid, online}` to every online device of `to`.
+    fn tell_presence(&mut self, to: &str, uid: &str, online: bool) {
+        let Some(u) = self.users.get(to) else {
+            return;
+        };
+        let conns: Vec<ConnId> = u.devices.values().copied().collect();
+        for conn in conns {
+            self.reply(
+                conn,
+                frame(
+                    0,
+                    server_frame::Body::Presence(proto::Presence {
+                        uid: uid.to_owned(),
+                        online,
+                    }),
+                ),
+            );
         }
     }
 
@@ -1299,6 +1317,37 @@ mod tests {
         h.close(2);
         let out = h.close(4);
         assert_eq!(presence(&out, 1), vec![("bob".into(), false)]);
+    }
+
+    #[test]
+    fn a_friendship_made_or_ended_while_online_is_pushed_once_durable() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "bob", "phone", 0);
+        let presence = |out: &[Output], conn| -> Vec<(String, bool)> {
+            frames_to(out, conn)
+                .into_iter()
+                .filter_map(|b| match b {
+                    S::Presence(p) => Some((p.uid, p.online)),
+                    _ => None,
+                })
+                .collect()
+        };
+        h.core.set_friendship("alice", "bob", true);
+        assert!(
+            h.core.drain_output().next().is_none(),
+            "nothing before it is durable"
+        );
+        let out = h.turn();
+        assert_eq!(presence(&out, 1), vec![("bob".into(), true)]);
+        assert_eq!(presence(&out, 2), vec![("alice".into(), true)]);
+        // With carol offline, only she would have news: nothing is sent.
+        h.core.set_friendship("alice", "carol", true);
+        assert!(presence(&h.turn(), 1).is_empty());
+        h.core.set_friendship("alice", "bob", false);
+        let out = h.turn();
+        assert_eq!(presence(&out, 1), vec![("bob".into(), false)]);
+        assert_eq!(presence(&out, 2), vec![("alice".into(), false)]);
     }
 
     #[test]
