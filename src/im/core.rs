@@ -939,6 +939,17 @@ mod tests {
         }
     }
 
+    /// The (uid, online) of every Presence frame to `conn`.
+    fn presence(out: &[Output], conn: ConnId) -> Vec<(String, bool)> {
+        frames_to(out, conn)
+            .into_iter()
+            .filter_map(|b| match b {
+                S::Presence(p) => Some((p.uid, p.online)),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn frames_to(out: &[Output], conn: ConnId) -> Vec<S> {
         out.iter()
             .filter_map(|o| match o {
@@ -1291,15 +1302,6 @@ mod tests {
             panic!()
         };
         assert_eq!(ok.online_friends, vec!["alice".to_owned()]);
-        let presence = |out: &[Output], conn| -> Vec<(String, bool)> {
-            frames_to(out, conn)
-                .into_iter()
-                .filter_map(|b| match b {
-                    S::Presence(p) => Some((p.uid, p.online)),
-                    _ => None,
-                })
-                .collect()
-        };
         assert_eq!(presence(&out, 1), vec![("bob".into(), true)]);
         // A second device: no presence change.
         let out = h.login(3, "bob", "laptop", 0);
@@ -1324,15 +1326,6 @@ mod tests {
         let mut h = H::new(ImConfig::default());
         h.login(1, "alice", "phone", 0);
         h.login(2, "bob", "phone", 0);
-        let presence = |out: &[Output], conn| -> Vec<(String, bool)> {
-            frames_to(out, conn)
-                .into_iter()
-                .filter_map(|b| match b {
-                    S::Presence(p) => Some((p.uid, p.online)),
-                    _ => None,
-                })
-                .collect()
-        };
         h.core.set_friendship("alice", "bob", true);
         assert!(
             h.core.drain_output().next().is_none(),
