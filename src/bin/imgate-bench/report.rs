@@ -7,6 +7,7 @@ use serde_json::{json, Map, Value};
 
 use crate::client::{new_hist, Stats};
 use crate::coord::{secs_between, snap, Snap};
+use crate::verify::LedgerCheck;
 
 pub struct Report {
     label: String,
@@ -59,6 +60,22 @@ impl Report {
 
     pub fn fail(&mut self, why: impl Into<String>) {
         self.failures.push(why.into());
+    }
+
+    /// Fails the run for every delivery-guarantee violation the stats and the ledger found.
+    pub fn fail_on_violations(&mut self, st: &Stats, check: &LedgerCheck) {
+        for (what, n) in [
+            ("gaps", st.gaps),
+            ("duplicates", st.dups + check.extra),
+            ("reorderings", st.reorders),
+            ("missing deliveries", check.missing),
+            ("senders with swapped messages", check.mismatched),
+            ("sends without SendOk", st.unconfirmed),
+        ] {
+            if n > 0 {
+                self.fail(format!("{n} {what}"));
+            }
+        }
     }
 
     pub fn line(&self) -> String {

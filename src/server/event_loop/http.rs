@@ -27,6 +27,19 @@ pub(super) struct AdminConn {
     pub(super) awaiting_send: bool,
 }
 
+impl AdminConn {
+    fn new(sock: TcpStream) -> AdminConn {
+        AdminConn {
+            sock,
+            request: Vec::new(),
+            response: Vec::new(),
+            written: 0,
+            waiting_for: None,
+            awaiting_send: false,
+        }
+    }
+}
+
 impl Server {
     pub(super) fn accept_admin(&mut self) {
         let Some(im) = self.im.as_mut() else {
@@ -43,14 +56,7 @@ impl Server {
                         .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
                         .is_ok()
                     {
-                        entry.insert(AdminConn {
-                            sock,
-                            request: Vec::new(),
-                            response: Vec::new(),
-                            written: 0,
-                            waiting_for: None,
-                            awaiting_send: false,
-                        });
+                        entry.insert(AdminConn::new(sock));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -257,14 +263,7 @@ impl Server {
         {
             return;
         }
-        entry.insert(AdminConn {
-            sock,
-            request: Vec::new(),
-            response: Vec::new(),
-            written: 0,
-            waiting_for: None,
-            awaiting_send: false,
-        });
+        entry.insert(AdminConn::new(sock));
         if self.admin_execute(admin_key, action) {
             self.admin_write(admin_key);
         }

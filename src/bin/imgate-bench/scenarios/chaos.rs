@@ -444,18 +444,7 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
     if st.error_count() > 0 {
         r.fail(format!("{} errors", st.error_count()));
     }
-    for (what, n) in [
-        ("gaps", st.gaps),
-        ("duplicates", dups),
-        ("reorderings", st.reorders),
-        ("missing deliveries", check.missing),
-        ("senders with swapped messages", check.mismatched),
-        ("sends without SendOk", st.unconfirmed),
-    ] {
-        if n > 0 {
-            r.fail(format!("{n} {what}"));
-        }
-    }
+    r.fail_on_violations(st, &check);
     if st.sent == 0 {
         r.fail("no traffic");
     }

@@ -168,18 +168,7 @@ fn report(a: &RelayArgs, parts: &[Part], snaps: &[Snap], procs: usize) -> ExitCo
     if st.dropped > 0 {
         r.fail(format!("{} connections dropped", st.dropped));
     }
-    for (what, n) in [
-        ("gaps", st.gaps),
-        ("duplicates", dups),
-        ("reorderings", st.reorders),
-        ("missing deliveries", check.missing),
-        ("senders with swapped messages", check.mismatched),
-        ("sends without SendOk", st.unconfirmed),
-    ] {
-        if n > 0 {
-            r.fail(format!("{n} {what}"));
-        }
-    }
+    r.fail_on_violations(st, &check);
     if st.rate_skipped > 0 {
         eprintln!(
             "imgate-bench relay: {} sends skipped: the bench (or the connections it had online) could not keep up with --rate",

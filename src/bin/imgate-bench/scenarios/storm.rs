@@ -176,18 +176,7 @@ pub fn run(a: StormArgs) -> Result<ExitCode, String> {
     if st.error_count() > 0 {
         r.fail(format!("{} errors", st.error_count()));
     }
-    for (what, n) in [
-        ("gaps", st.gaps),
-        ("duplicates", st.dups + check.extra),
-        ("reorderings", st.reorders),
-        ("missing deliveries", check.missing),
-        ("senders with swapped messages", check.mismatched),
-        ("sends without SendOk", st.unconfirmed),
-    ] {
-        if n > 0 {
-            r.fail(format!("{n} {what}"));
-        }
-    }
+    r.fail_on_violations(st, &check);
     if queued != u64::from(a.users) * u64::from(a.msgs) {
         r.fail(format!(
             "{queued} of {} messages were queued",
