@@ -12,8 +12,9 @@
 //! - A device's stream is `sent_upto` over the committed inbox: messages go out in seq order,
 //!   without gaps, at most `delivery_window` beyond the device's cumulative ack.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use super::auth::{Verifier, MAX_ID_BYTES};
 use super::proto::{self, client_frame, server_frame, ClientFrame, ErrorCode, ServerFrame};
@@ -125,7 +126,7 @@ struct User {
     committed_seq: u64,
     /// The most recently committed messages, contiguous up to `committed_seq`, so live
     /// delivery needs no store read.
-    recent: VecDeque<Rc<StoredMessage>>,
+    recent: VecDeque<Arc<StoredMessage>>,
     /// Idempotency keys of sends not committed yet.
     pending_dedupe: HashMap<String, u64>,
     /// Uncommitted appends to this inbox; the user stays cached while any are in flight.
@@ -141,7 +142,7 @@ pub struct Core {
     batch: WriteBatch,
     /// Acknowledgements released when the current batch is durable.
     deferred: Vec<Output>,
-    in_flight: VecDeque<(BatchId, WriteBatch, Vec<Output>)>,
+    in_flight: VecDeque<(BatchId, Arc<WriteBatch>, Vec<Output>)>,
     next_batch: BatchId,
 }
 
@@ -338,13 +339,13 @@ impl Core {
     }
 
     /// The writes of this turn, if any. Commit it, then call [`Core::on_committed`].
-    pub fn take_batch(&mut self) -> Option<(BatchId, WriteBatch)> {
+    pub fn take_batch(&mut self) -> Option<(BatchId, Arc<WriteBatch>)> {
         if self.batch.is_empty() && self.deferred.is_empty() {
             return None;
         }
         let id = self.next_batch;
         self.next_batch += 1;
-        let batch = std::mem::take(&mut self.batch);
+        let batch = Arc::new(std::mem::take(&mut self.batch));
         let deferred = std::mem::take(&mut self.deferred);
         self.in_flight.push_back((id, batch.clone(), deferred));
         Some((id, batch))
@@ -357,7 +358,7 @@ impl Core {
                 break;
             };
             let mut touched: Vec<Rc<str>> = Vec::new();
-            for (owner, msg) in batch.appends {
+            for (owner, msg) in &batch.appends {
                 let Some((key, _)) = self.users.get_key_value(owner.as_str()) else {
                     continue;
                 };
@@ -365,14 +366,15 @@ impl Core {
                 let user = self.users.get_mut(&key).expect("just found");
                 user.committed_seq = msg.seq;
                 user.uncommitted -= 1;
-                user.recent.push_back(Rc::new(msg));
+                user.recent.push_back(msg.clone());
                 while user.recent.len() > RECENT_KEEP {
                     user.recent.pop_front();
                 }
-                if !touched.contains(&key) {
-                    touched.push(key);
-                }
+                touched.push(key);
             }
+            // Each user once, in order of first append (a sort would reorder deliveries).
+            let mut seen = HashSet::with_capacity(touched.len());
+            touched.retain(|k| seen.insert(k.clone()));
             for (uid, cmid, _) in &batch.dedupe {
                 if let Some(u) = self.users.get_mut(uid.as_str()) {
                     u.pending_dedupe.remove(cmid);
@@ -730,7 +732,9 @@ impl Core {
             if owner == from {
                 sender_seq = msg.seq;
             }
-            self.batch.appends.push((owner.to_string(), msg.clone()));
+            self.batch
+                .appends
+                .push((owner.to_string(), Arc::new(msg.clone())));
         }
         let sender = self.users.get_mut(&from).expect("cached");
         sender
@@ -811,14 +815,14 @@ impl Core {
         while dev.sent_upto < user.committed_seq && dev.sent_upto - dev.acked < window {
             let room = (window - (dev.sent_upto - dev.acked)) as usize;
             let first_recent = user.committed_seq + 1 - user.recent.len() as u64;
-            let batch: Vec<Rc<StoredMessage>> = if dev.sent_upto + 1 >= first_recent {
+            let batch: Vec<Arc<StoredMessage>> = if dev.sent_upto + 1 >= first_recent {
                 let skip = (dev.sent_upto + 1 - first_recent) as usize;
                 user.recent.iter().skip(skip).take(room).cloned().collect()
             } else {
                 store
                     .messages_after(&dev.uid, dev.sent_upto, room)
                     .into_iter()
-                    .map(Rc::new)
+                    .map(Arc::new)
                     .collect()
             };
             if batch.is_empty() {

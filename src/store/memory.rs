@@ -19,7 +19,7 @@ impl MemoryStore {
             let inbox = self.inboxes.entry(owner.clone()).or_default();
             let next = inbox.keys().next_back().copied().unwrap_or(0) + 1;
             assert_eq!(msg.seq, next, "inbox of {owner} must grow by exactly 1");
-            inbox.insert(msg.seq, msg.clone());
+            inbox.insert(msg.seq, (**msg).clone());
         }
         for (uid, id, seq) in &batch.dedupe {
             let (map, order) = self.dedupe.entry(uid.clone()).or_default();

@@ -9,6 +9,8 @@ pub mod memory;
 pub mod redb_store;
 pub mod writer;
 
+use std::sync::Arc;
+
 /// A message as stored in one user's inbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
@@ -50,10 +52,14 @@ impl From<crate::im::proto::Message> for StoredMessage {
 }
 
 /// Everything one loop turn changes, committed atomically.
+///
+/// A taken batch is shared (`Arc`) by the storage thread, which commits it, and the IM core,
+/// which acknowledges and delivers from it once committed: it is never copied.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct WriteBatch {
-    /// (owner uid, message): appends to inboxes, each at the owner's next seq.
-    pub appends: Vec<(String, StoredMessage)>,
+    /// (owner uid, message): appends to inboxes, each at the owner's next seq. The message is
+    /// shared with the core's cache of recent messages.
+    pub appends: Vec<(String, Arc<StoredMessage>)>,
     /// (uid, client_msg_id, seq in the sender's inbox): idempotency keys.
     pub dedupe: Vec<(String, String, u64)>,
     /// (uid, device_id, seq): delivery cursors moved by acks.
@@ -91,7 +97,7 @@ pub trait StoreRead {
 /// another.
 pub trait Store: StoreRead + Send + Sync {
     /// Applies the batches atomically, in order. With `sync`, they are durable on return.
-    fn commit(&self, batches: &[WriteBatch], sync: bool) -> Result<(), String>;
+    fn commit(&self, batches: &[&WriteBatch], sync: bool) -> Result<(), String>;
 }
 
 /// How many idempotency keys a store keeps per user, at least.

@@ -77,7 +77,7 @@ impl RedbStore {
     }
 
     /// Applies batches in one transaction. With `sync`, it is on disk when this returns.
-    pub fn commit(&self, batches: &[WriteBatch], sync: bool) -> Result<(), StoreError> {
+    pub fn commit(&self, batches: &[&WriteBatch], sync: bool) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write().map_err(commit_err)?;
         txn.set_durability(if sync {
             Durability::Immediate
@@ -94,7 +94,7 @@ impl RedbStore {
             let mut friends = txn.open_table(FRIENDS).map_err(commit_err)?;
             for batch in batches {
                 for (owner, m) in &batch.appends {
-                    let bytes = proto::Message::from(m).encode_to_vec();
+                    let bytes = proto::Message::from(&**m).encode_to_vec();
                     inbox
                         .insert((owner.as_str(), m.seq), bytes.as_slice())
                         .map_err(commit_err)?;
@@ -175,7 +175,7 @@ impl RedbStore {
 }
 
 impl Store for RedbStore {
-    fn commit(&self, batches: &[WriteBatch], sync: bool) -> Result<(), String> {
+    fn commit(&self, batches: &[&WriteBatch], sync: bool) -> Result<(), String> {
         RedbStore::commit(self, batches, sync).map_err(|e| e.to_string())
     }
 }
@@ -287,7 +287,9 @@ mod tests {
         {
             let s = RedbStore::open(&dir, 1 << 20).unwrap();
             let batch = WriteBatch {
-                appends: (1..=3).map(|i| ("b".to_owned(), msg(i, "hi"))).collect(),
+                appends: (1..=3)
+                    .map(|i| ("b".to_owned(), std::sync::Arc::new(msg(i, "hi"))))
+                    .collect(),
                 dedupe: vec![("a".into(), "c1".into(), 1)],
                 cursors: vec![("b".into(), "phone".into(), 2)],
                 friendships: vec![
@@ -295,7 +297,7 @@ mod tests {
                     ("a".into(), "c".into(), true),
                 ],
             };
-            s.commit(&[batch], true).unwrap();
+            s.commit(&[&batch], true).unwrap();
         }
         let s = RedbStore::open(&dir, 1 << 20).unwrap();
         assert_eq!(s.max_seq("b"), 3);
@@ -317,7 +319,7 @@ mod tests {
             friendships: vec![("b".into(), "a".into(), false)],
             ..WriteBatch::default()
         };
-        s.commit(&[batch], false).unwrap();
+        s.commit(&[&batch], false).unwrap();
         assert_eq!(s.cursor("b", "phone"), 2);
         assert!(s.friends("a") == vec!["c".to_owned()] && s.friends("b").is_empty());
         drop(s);
@@ -336,7 +338,7 @@ mod tests {
                 .collect(),
             ..WriteBatch::default()
         };
-        s.commit(&[batch], false).unwrap();
+        s.commit(&[&batch], false).unwrap();
         assert_eq!(s.dedupe("a", "k1"), None, "the oldest are forgotten");
         assert_eq!(s.dedupe("a", "k11"), Some(11), "the newest 1000 are kept");
         assert_eq!(s.dedupe("a", &format!("k{n}")), Some(n));
@@ -345,10 +347,11 @@ mod tests {
             dedupe: vec![("a".to_owned(), id.to_owned(), seq)],
             ..WriteBatch::default()
         };
-        s.commit(&[reuse("k5", n + 1)], false).unwrap();
+        s.commit(&[&reuse("k5", n + 1)], false).unwrap();
         let fillers: Vec<WriteBatch> = (0..DEDUPE_KEEP as u64)
             .map(|i| reuse(&format!("f{i}"), n + 2 + i))
             .collect();
+        let fillers: Vec<&WriteBatch> = fillers.iter().collect();
         // k11..k1010 and then the filler keys push out k5's old number long before its new one.
         s.commit(&fillers[..DEDUPE_KEEP - 10], false).unwrap();
         assert_eq!(

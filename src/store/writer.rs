@@ -20,7 +20,7 @@ pub enum Done {
 }
 
 pub struct Writer {
-    jobs: Option<mpsc::Sender<(BatchId, WriteBatch)>>,
+    jobs: Option<mpsc::Sender<(BatchId, Arc<WriteBatch>)>>,
     done: mpsc::Receiver<Done>,
     thread: Option<JoinHandle<()>>,
 }
@@ -32,7 +32,7 @@ impl Writer {
         sync: bool,
         waker: Arc<mio::Waker>,
     ) -> std::io::Result<Writer> {
-        let (jobs_tx, jobs_rx) = mpsc::channel::<(BatchId, WriteBatch)>();
+        let (jobs_tx, jobs_rx) = mpsc::channel::<(BatchId, Arc<WriteBatch>)>();
         let (done_tx, done_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("imgate-store".into())
@@ -45,7 +45,8 @@ impl Writer {
                         batches.push(b);
                     }
                     let started = std::time::Instant::now();
-                    let report = match store.commit(&batches, sync) {
+                    let refs: Vec<&WriteBatch> = batches.iter().map(|b| &**b).collect();
+                    let report = match store.commit(&refs, sync) {
                         Ok(()) => Done::Committed(last, started.elapsed()),
                         Err(e) => Done::Failed(e),
                     };
@@ -73,7 +74,7 @@ impl Writer {
     }
 
     /// Queues a batch; never blocks.
-    pub fn submit(&self, id: BatchId, batch: WriteBatch) {
+    pub fn submit(&self, id: BatchId, batch: Arc<WriteBatch>) {
         if let Some(jobs) = &self.jobs {
             let _ = jobs.send((id, batch));
         }
