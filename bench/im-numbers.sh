@@ -2,7 +2,7 @@
 # The numbers of BENCHMARKS.md ("IM gateway" part), from one command:
 #
 #   bench/build-tools.sh            # once: wsload, raw-echo, tungstenite-echo from ../shared/bench
-#   bench/im-numbers.sh [OUTDIR]    # ~12 minutes; every summary line goes to OUTDIR/results.txt
+#   bench/im-numbers.sh [OUTDIR]    # ~15 minutes; every summary line goes to OUTDIR/results.txt
 #
 # Each run gets a fresh server and data directory; the server is pinned to core 0, the load to
 # core 1. Repeated runs alternate between the servers being compared (A B A B ...).
@@ -68,6 +68,11 @@ for round in $(seq "$ROUNDS"); do
     log "round=$round raw-echo: $(taskset -c 1 "$TOOLS/wsload" --raw -c 200 -k 4 -s 64 -d 8 -w 1 \
         "ws://$addr/" --server-pid "$pid" --label wsload-raw)"
     stop
+    # imgate's own WebSocket engine at the same connections and depth: is the gap the engine?
+    imgate echo200-$round --echo
+    log "round=$round imgate-echo-200x4: $(taskset -c 1 "$TOOLS/wsload" -c 200 -k 4 -s 64 -d 8 -w 1 \
+        "ws://$addr/echo" --server-pid "$pid")"
+    stop
     imgate relay-none-$round --durability none "${UNLIMITED[@]}"
     log "round=$round relay-none: $(bench relay --addr "$addr" --jwt-secret "$SECRET" \
         --server-pid "$pid" -u 200 -k 4 -s 64 -d 8 -w 1)"
@@ -96,7 +101,7 @@ imgate idle --ping-interval 10s --idle-timeout 30s --max-connections 19500
 log "idle-19000: $(bench idle --addr "$addr" --jwt-secret "$SECRET" --server-pid "$pid" \
     -c 19000 --hold 45 --procs 2 --src-ips 4)"
 stop
-for rate in 2000 5000; do
+for rate in 2000 3000 5000; do
     imgate scale-$rate --ping-interval 10s --idle-timeout 30s --max-connections 19500 "${UNLIMITED[@]}"
     log "relay-19000-rate-$rate: $(bench relay --addr "$addr" --jwt-secret "$SECRET" \
         --server-pid "$pid" -u 19000 --rate "$rate" -d 20 -w 2 --procs 2 --src-ips 4)"
