@@ -18,10 +18,12 @@ const CURSORS: TableDefinition<(&str, &str), u64> = TableDefinition::new("cursor
 /// (uid, client_msg_id) -> (sender seq, n): n is the key's number in DEDUPE_ORDER, so that
 /// forgetting the oldest key is a lookup, not a scan (ids may be reused once forgotten).
 const DEDUPE: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("dedupe_v2");
-/// (uid, n) -> client_msg_id, the n-th key of the user, for keeping the newest ones.
+/// (uid, n) -> client_msg_id, the n-th key of the user, for keeping the newest ones. The newest
+/// entry is never removed, so the user's last n is the number of keys ever written: no
+/// separate counter, whose page would be one more rewritten per send.
 const DEDUPE_ORDER: TableDefinition<(&str, u64), &str> = TableDefinition::new("dedupe_order");
-/// uid -> number of dedupe keys ever written.
-const DEDUPE_COUNT: TableDefinition<&str, u64> = TableDefinition::new("dedupe_count");
+/// The per-user key counter of an earlier layout, dropped at open (DEDUPE_ORDER replaces it).
+const RETIRED_DEDUPE_COUNT: TableDefinition<&str, u64> = TableDefinition::new("dedupe_count");
 /// (a, b) -> () for each direction of a friendship.
 const FRIENDS: TableDefinition<(&str, &str), ()> = TableDefinition::new("friends");
 
@@ -69,7 +71,8 @@ impl RedbStore {
             open(txn.open_table(CURSORS).map(drop))?;
             open(txn.open_table(DEDUPE).map(drop))?;
             open(txn.open_table(DEDUPE_ORDER).map(drop))?;
-            open(txn.open_table(DEDUPE_COUNT).map(drop))?;
+            txn.delete_table(RETIRED_DEDUPE_COUNT)
+                .map_err(|e| StoreError::Open(e.to_string()))?;
             open(txn.open_table(FRIENDS).map(drop))?;
         }
         txn.commit().map_err(|e| StoreError::Open(e.to_string()))?;
@@ -90,7 +93,6 @@ impl RedbStore {
             let mut cursors = txn.open_table(CURSORS).map_err(commit_err)?;
             let mut dedupe = txn.open_table(DEDUPE).map_err(commit_err)?;
             let mut order = txn.open_table(DEDUPE_ORDER).map_err(commit_err)?;
-            let mut count = txn.open_table(DEDUPE_COUNT).map_err(commit_err)?;
             let mut friends = txn.open_table(FRIENDS).map_err(commit_err)?;
             for batch in batches {
                 for (owner, m) in &batch.appends {
@@ -100,13 +102,14 @@ impl RedbStore {
                         .map_err(commit_err)?;
                 }
                 for (uid, cmid, seq) in &batch.dedupe {
-                    let n = count
-                        .get(uid.as_str())
+                    let last = order
+                        .range((uid.as_str(), 0)..=(uid.as_str(), u64::MAX))
                         .map_err(commit_err)?
-                        .map(|v| v.value())
-                        .unwrap_or(0)
-                        + 1;
-                    count.insert(uid.as_str(), n).map_err(commit_err)?;
+                        .next_back()
+                        .transpose()
+                        .map_err(commit_err)?
+                        .map(|(k, _)| k.value().1);
+                    let n = last.unwrap_or(0) + 1;
                     dedupe
                         .insert((uid.as_str(), cmid.as_str()), (*seq, n))
                         .map_err(commit_err)?;
@@ -366,6 +369,51 @@ mod tests {
             "and forgotten after 1000 newer ones"
         );
         drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_older_data_dir_keeps_its_dedupe_numbering_and_loses_the_counter_table() {
+        let dir = std::env::temp_dir().join(format!("imgate-redb-counter-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        {
+            // The earlier layout: keys 1..=3 of "a", counted in a table of their own.
+            let db = Database::create(dir.join("imgate.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut order = txn.open_table(DEDUPE_ORDER).unwrap();
+                let mut dedupe = txn.open_table(DEDUPE).unwrap();
+                for n in 1..=3u64 {
+                    let id = format!("k{n}");
+                    order.insert(("a", n), id.as_str()).unwrap();
+                    dedupe.insert(("a", id.as_str()), (n, n)).unwrap();
+                }
+                txn.open_table(RETIRED_DEDUPE_COUNT)
+                    .unwrap()
+                    .insert("a", 3)
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let s = RedbStore::open(&dir, 1 << 20).unwrap();
+        let batch = WriteBatch {
+            dedupe: vec![("a".to_owned(), "k4".to_owned(), 9)],
+            ..WriteBatch::default()
+        };
+        s.commit(&[&batch], false).unwrap();
+        let txn = s.db.begin_read().unwrap();
+        let names: Vec<String> = txn
+            .list_tables()
+            .unwrap()
+            .map(|t| redb::TableHandle::name(&t).to_owned())
+            .collect();
+        assert!(!names.iter().any(|n| n == "dedupe_count"), "{names:?}");
+        let order = txn.open_table(DEDUPE_ORDER).unwrap();
+        assert_eq!(order.get(("a", 4)).unwrap().unwrap().value(), "k4");
+        assert_eq!(s.dedupe("a", "k1"), Some(1));
+        assert_eq!(s.dedupe("a", "k4"), Some(9));
+        drop((order, txn, s));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
