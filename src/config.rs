@@ -161,6 +161,10 @@ pub struct ServeArgs {
     /// When set, every admin request must carry `Authorization: Bearer <token>` (else 401).
     #[arg(long, env = "IMGATE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+
+    /// Most admin API connections at once; further ones get HTTP 503 and are closed.
+    #[arg(long, env = "IMGATE_MAX_ADMIN_CONNECTIONS", default_value_t = 64)]
+    pub max_admin_connections: usize,
 }
 
 /// Exports the settings of a `--config` TOML file as the `IMGATE_*` variables of the same
@@ -217,6 +221,7 @@ pub struct ImSettings {
     pub tcp_listen: Option<SocketAddr>,
     pub admin_listen: SocketAddr,
     pub admin_token: Option<String>,
+    pub max_admin_connections: usize,
     pub jwt_secret: Vec<u8>,
     pub data_dir: PathBuf,
     pub sync: bool,
@@ -284,6 +289,9 @@ impl ServerConfig {
             return Err("--ping-interval and --idle-timeout must be positive".into());
         }
         if let Some(im) = &self.im {
+            if im.max_admin_connections == 0 {
+                return Err("--max-admin-connections must be positive".into());
+            }
             // A reader that keeps up must never count as a slow consumer: one full delivery
             // window of the largest messages, as JSON (base64 grows content by 4/3) with room
             // for the other fields, has to fit in the outbound allowance.
@@ -324,6 +332,7 @@ impl From<&ServeArgs> for ServerConfig {
                 tcp_listen: a.tcp_listen,
                 admin_listen: a.admin_listen,
                 admin_token: a.admin_token.clone(),
+                max_admin_connections: a.max_admin_connections,
                 jwt_secret: secret.as_bytes().to_vec(),
                 data_dir: a.data_dir.clone(),
                 sync: a.durability == Durability::Full,

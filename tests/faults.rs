@@ -296,3 +296,38 @@ fn a_reader_that_never_acks_holds_one_window_until_the_ack_timeout() {
     assert_eq!(code, 1008);
     assert_eq!(seqs, (1..=16).collect::<Vec<u64>>());
 }
+
+/// Reads whatever the server sends until it closes (or `within` passes).
+fn read_until_closed(s: &mut TcpStream, within: Duration) -> String {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn admin_connections_are_capped_and_a_slow_request_gets_408() {
+    let server = ServerProc::start(&["--handshake-timeout", "1s", "--max-admin-connections", "2"]);
+    // Two exchanges that never finish their request hold both slots...
+    let mut idle = TcpStream::connect(server.admin).unwrap();
+    let mut slow = TcpStream::connect(server.admin).unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // ...so a third is refused at once with 503.
+    let mut third = TcpStream::connect(server.admin).unwrap();
+    let r = read_until_closed(&mut third, Duration::from_secs(5));
+    assert!(r.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{r}");
+    // At the deadline the incomplete request is answered 408 and both slots are freed.
+    let started = Instant::now();
+    let r = read_until_closed(&mut slow, Duration::from_secs(10));
+    assert!(r.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{r}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "held past its deadline"
+    );
+    let r = read_until_closed(&mut idle, Duration::from_secs(10));
+    assert!(r.starts_with("HTTP/1.1 408 "), "{r}");
+    let r = server.admin_request("GET", "/healthz", "");
+    assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+}

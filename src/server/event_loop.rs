@@ -115,6 +115,7 @@ struct ImService {
     admin_addr: SocketAddr,
     admin_token: Option<String>,
     admins: Slab<AdminConn>,
+    max_admins: usize,
     tcp_listener: Option<TcpListener>,
     /// The JWT secret when `--dev` is on: the web demo's `/dev/*` routes use it.
     dev_secret: Option<Vec<u8>>,
@@ -174,6 +175,7 @@ impl Server {
                     admin_addr: admin_listener.local_addr()?,
                     admin_listener,
                     admin_token: settings.admin_token.clone(),
+                    max_admins: settings.max_admin_connections,
                     admins: Slab::new(),
                     tcp_listener,
                     dev_secret: settings.dev_routes.then(|| settings.jwt_secret.clone()),
@@ -757,6 +759,9 @@ impl Server {
     }
 
     fn on_timer(&mut self, key: usize) {
+        if key >= ADMIN_BASE {
+            return self.on_admin_timer(key - ADMIN_BASE);
+        }
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };

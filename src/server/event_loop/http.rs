@@ -1,6 +1,11 @@
 //! HTTP exchanges beside the WebSocket traffic: admin API requests on `--admin-listen`, and the
 //! web demo's plain GETs on the public listener. One request per connection; an answer that
 //! needs the store waits for its batch to commit (or for the core's `AdminSent`).
+//!
+//! Bounds: at most `--max-admin-connections` admin exchanges at once (more get 503), and each
+//! phase of an exchange (the request arriving, the answer being taken) gets
+//! `--handshake-timeout`: a request still incomplete then gets 408, an answer the peer does not
+//! read is dropped. Waiting for the store does not count against the peer.
 
 use std::io::{self, Read, Write};
 
@@ -8,8 +13,9 @@ use log::warn;
 use mio::net::TcpStream;
 use mio::{Interest, Token};
 
-use super::{is_transient_accept_error, Cx, Server, ADMIN_BASE};
+use super::{is_transient_accept_error, millis, Cx, Server, ADMIN_BASE};
 use crate::server::admin::{self, AdminAction, Response};
+use crate::server::timer_wheel::TimerId;
 use crate::server::transport::Transport;
 use crate::web;
 use crate::ws::handshake::{HttpError, PlainRequest};
@@ -25,6 +31,8 @@ pub(super) struct AdminConn {
     pub(super) waiting_for: Option<u64>,
     /// A `POST /v1/messages` waits for the core's `AdminSent`.
     pub(super) awaiting_send: bool,
+    /// The deadline of the current phase (see the module docs).
+    timer: Option<TimerId>,
 }
 
 impl AdminConn {
@@ -36,7 +44,12 @@ impl AdminConn {
             written: 0,
             waiting_for: None,
             awaiting_send: false,
+            timer: None,
         }
+    }
+
+    fn waiting(&self) -> bool {
+        self.waiting_for.is_some() || self.awaiting_send
     }
 }
 
@@ -48,15 +61,28 @@ impl Server {
         loop {
             match im.admin_listener.accept() {
                 Ok((mut sock, _)) => {
+                    if im.admins.len() >= im.max_admins {
+                        // Best effort on a fresh socket, whose send buffer is empty.
+                        let busy = Response::error(503, "too many admin connections");
+                        let _ = sock.write(&busy.to_bytes());
+                        continue;
+                    }
                     let entry = im.admins.vacant_entry();
-                    let token = Token(ADMIN_BASE + entry.key());
+                    let key = entry.key();
                     if self
                         .poll
                         .registry()
-                        .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
+                        .register(
+                            &mut sock,
+                            Token(ADMIN_BASE + key),
+                            Interest::READABLE | Interest::WRITABLE,
+                        )
                         .is_ok()
                     {
-                        entry.insert(AdminConn::new(sock));
+                        let mut a = AdminConn::new(sock);
+                        let deadline = self.now + millis(self.cfg.handshake_timeout);
+                        a.timer = Some(self.wheel.insert(deadline, ADMIN_BASE + key));
+                        entry.insert(a);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -99,12 +125,15 @@ impl Server {
             match admin::handle(&a.request, im.admin_token.as_deref()) {
                 admin::Parsed::Partial => {
                     if eof {
-                        let mut a = im.admins.remove(key);
-                        let _ = self.poll.registry().deregister(&mut a.sock);
+                        self.close_admin(key);
                     }
                     return;
                 }
                 admin::Parsed::Done(action) => {
+                    // The request phase is over; the answer phase starts when it is written.
+                    if let Some(id) = a.timer.take() {
+                        self.wheel.cancel(id);
+                    }
                     if !self.admin_execute(key, action) {
                         return;
                     }
@@ -225,14 +254,48 @@ impl Server {
             match a.sock.write(&a.response[a.written..]) {
                 Ok(n) if n > 0 => a.written += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if a.timer.is_none() {
+                        // The peer has one period to take the rest of the answer.
+                        let deadline = self.now + millis(self.cfg.handshake_timeout);
+                        a.timer = Some(self.wheel.insert(deadline, ADMIN_BASE + key));
+                    }
+                    return;
+                }
                 _ => break,
             }
         }
         if a.waiting_for.is_none() && !a.response.is_empty() {
-            let mut a = im.admins.remove(key);
-            let _ = self.poll.registry().deregister(&mut a.sock);
+            self.close_admin(key);
         }
+    }
+
+    /// Ends the HTTP exchange `key`: closes its socket and cancels its deadline.
+    pub(super) fn close_admin(&mut self, key: usize) {
+        let Some(mut a) = self.im.as_mut().and_then(|im| im.admins.try_remove(key)) else {
+            return;
+        };
+        if let Some(id) = a.timer.take() {
+            self.wheel.cancel(id);
+        }
+        let _ = self.poll.registry().deregister(&mut a.sock);
+    }
+
+    /// A phase of the exchange `key` ran out of time: a request still incomplete gets 408, an
+    /// answer still unread is dropped. (No deadline runs while the answer waits for the store.)
+    pub(super) fn on_admin_timer(&mut self, key: usize) {
+        let Some(a) = self.im.as_mut().and_then(|im| im.admins.get_mut(key)) else {
+            return;
+        };
+        a.timer = None;
+        if a.waiting() {
+            return;
+        }
+        if a.response.is_empty() {
+            a.response = Response::error(408, "request not complete in time").to_bytes();
+            self.admin_write(key);
+        }
+        self.close_admin(key);
     }
 
     /// Moves a public connection whose plain GET needs the store or the core (the web demo's
