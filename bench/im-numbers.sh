@@ -97,9 +97,18 @@ done
 
 # 3. Scale: 19,000 logged-in idle connections through several ping intervals, then 19,000
 #    users with 1:1 traffic among them.
+#    Kernel memory: slab and TCP buffer pages before and while the 19,000 are held (both ends
+#    of each loopback connection are on this machine, so half the growth is the server's).
+kmem() { echo "$(awk '/^(Slab|SReclaimable|SUnreclaim):/{printf "%s %s kB ", $1, $2}' /proc/meminfo)$(grep '^TCP:' /proc/net/sockstat)"; }
 imgate idle --ping-interval 10s --idle-timeout 30s --max-connections 19500
-log "idle-19000: $(bench idle --addr "$addr" --jwt-secret "$SECRET" --server-pid "$pid" \
-    -c 19000 --hold 45 --procs 2 --src-ips 4)"
+log "kernel-before-idle: $(kmem)"
+bench idle --addr "$addr" --jwt-secret "$SECRET" --server-pid "$pid" \
+    -c 19000 --hold 45 --procs 2 --src-ips 4 >"$OUT/idle.txt" &
+idle_bench=$!
+sleep 35
+log "kernel-during-idle: $(kmem)"
+wait "$idle_bench"
+log "idle-19000: $(cat "$OUT/idle.txt")"
 stop
 for rate in 2000 3000 5000; do
     imgate scale-$rate --ping-interval 10s --idle-timeout 30s --max-connections 19500 "${UNLIMITED[@]}"
