@@ -121,6 +121,12 @@ pub struct ServeArgs {
     #[arg(long, env = "IMGATE_STORE_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub store_cache_bytes: usize,
 
+    /// Committed messages, keys and cursors held in the commit log (and in memory, for reads)
+    /// before they are moved into the per-user tables, in bytes. Larger: fewer, bigger moves;
+    /// smaller: less memory and a shorter log to read back at start-up.
+    #[arg(long, env = "IMGATE_STORE_LOG_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub store_log_bytes: usize,
+
     /// Close (1008) a connection on /ws that has not logged in within this time.
     #[arg(long, env = "IMGATE_AUTH_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub auth_timeout: Duration,
@@ -226,6 +232,7 @@ pub struct ImSettings {
     pub data_dir: PathBuf,
     pub sync: bool,
     pub store_cache_bytes: usize,
+    pub store_log_bytes: usize,
     pub auth_timeout: Duration,
     pub core: ImConfig,
     /// `--dev`: the web demo's `/dev/*` routes issue tokens and make friendships.
@@ -337,6 +344,7 @@ impl From<&ServeArgs> for ServerConfig {
                 data_dir: a.data_dir.clone(),
                 sync: a.durability == Durability::Full,
                 store_cache_bytes: a.store_cache_bytes,
+                store_log_bytes: a.store_log_bytes,
                 auth_timeout: a.auth_timeout,
                 dev_routes: a.dev,
                 core: ImConfig {

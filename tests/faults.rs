@@ -62,6 +62,8 @@ fn a_consumer_that_stops_reading_stays_bounded_and_loses_nothing() {
         "none",
         "--store-cache-bytes",
         "4194304",
+        "--store-log-bytes",
+        "1048576",
         "--ack-timeout",
         "2s",
         "--ping-interval",

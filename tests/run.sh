@@ -9,11 +9,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The experiment BENCHMARKS.md quotes (relay without store writes) must still apply.
-if command -v git >/dev/null 2>&1; then
-    git apply --check bench/no-store-writes.patch
-fi
-
 cargo test --lib
 cargo test --bins
 cargo build --release --bins

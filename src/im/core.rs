@@ -6,19 +6,25 @@
 //! when the shell reports it durable ([`Core::on_committed`]) does the core acknowledge the
 //! sends in it and deliver their messages, so nothing a client was told about can be lost.
 //!
+//! A message is encoded once, when it is accepted (`wire::encode_body`), and that body is
+//! shared by both inboxes, the store and every delivery ([`Output::Deliver`]).
+//!
 //! Invariants:
 //! - Each inbox's seqs are assigned densely (`assigned_seq`) and become visible in the same
 //!   order once committed (`committed_seq`).
 //! - A device's stream is `sent_upto` over the committed inbox: messages go out in seq order,
 //!   without gaps, at most `delivery_window` beyond the device's cumulative ack.
+//! - A cached user's send filter, once loaded, covers its newest idempotency keys: the
+//!   committed ones the store had, then every send accepted since.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::rc::Rc;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use super::auth::{Verifier, MAX_ID_BYTES};
 use super::proto::{self, client_frame, server_frame, ClientFrame, ErrorCode, ServerFrame};
-use crate::store::{StoreRead, StoredMessage, WriteBatch};
+use super::wire;
+use crate::store::{Append, StoreRead, StoredMessage, WriteBatch, DEDUPE_KEEP};
 
 /// The shell's identifier of a connection (its slab key).
 pub type ConnId = usize;
@@ -72,6 +78,11 @@ pub enum Output {
         code: u16,
         reason: &'static str,
     },
+    /// A message of the connection's inbox (a `ServerFrame` with id 0; see `wire`).
+    Deliver {
+        conn: ConnId,
+        msg: StoredMessage,
+    },
     /// The answer to an admin API send (`POST /v1/messages`), once durable.
     AdminSent {
         admin: usize,
@@ -99,16 +110,17 @@ struct Bucket {
 
 #[derive(Debug)]
 struct Device {
-    uid: Rc<str>,
-    device_id: Rc<str>,
+    uid: Arc<str>,
+    device_id: Arc<str>,
     /// Highest seq sent on this connection.
     sent_upto: u64,
     /// Cumulative ack (the cursor).
     acked: u64,
     /// When `acked` last moved, or when messages started to be outstanding.
     progress_ms: u64,
-    /// Messages this device sends in this session, above this seq, are not echoed to it.
-    session_start_seq: u64,
+    /// Seqs (in its own inbox, ascending) of what this connection sent and has not passed
+    /// yet: it learnt them from SendOk, so they are not delivered back to it.
+    own: VecDeque<u64>,
 }
 
 #[derive(Debug)]
@@ -121,29 +133,102 @@ struct Session {
 #[derive(Debug, Default)]
 struct User {
     /// Online devices: device id -> connection.
-    devices: HashMap<Rc<str>, ConnId>,
+    devices: HashMap<Arc<str>, ConnId>,
     assigned_seq: u64,
     committed_seq: u64,
     /// The most recently committed messages, contiguous up to `committed_seq`, so live
     /// delivery needs no store read.
-    recent: VecDeque<Arc<StoredMessage>>,
-    /// Idempotency keys of sends not committed yet.
-    pending_dedupe: HashMap<String, u64>,
+    recent: VecDeque<StoredMessage>,
+    /// The ids of its newest sends, loaded at the first send of this cache lifetime.
+    sends: Option<SendFilter>,
     /// Uncommitted appends to this inbox; the user stays cached while any are in flight.
     uncommitted: usize,
+    /// The last batch whose commit touched this user (to visit each user once per commit).
+    touched_by: BatchId,
+}
+
+/// Which client_msg_ids a user may have used lately: two generations of blocked Bloom filters
+/// over a keyed 64-bit hash of the id, each of at most [`DEDUPE_KEEP`] keys, so that the
+/// newest `DEDUPE_KEEP` are always covered. A miss is certain; a hit (a retry, or fewer than
+/// one in 1,000 new ids) is confirmed exactly against the pending sends and the store. 8 KiB for
+/// a user that sends, where a map of the keys would take several times that, and a key's
+/// bits share one cache line.
+#[derive(Debug)]
+struct SendFilter {
+    current: Box<[u64; FILTER_WORDS]>,
+    previous: Option<Box<[u64; FILTER_WORDS]>>,
+    /// Keys in `current`.
+    count: usize,
+}
+
+const FILTER_WORDS: usize = 512;
+/// A key's bits all fall in one block of 8 words (a cache line).
+const BLOCK_WORDS: usize = 8;
+const BLOCK_BITS: u64 = 64 * BLOCK_WORDS as u64;
+const FILTER_PROBES: u64 = 8;
+
+impl SendFilter {
+    fn new() -> SendFilter {
+        SendFilter {
+            current: Box::new([0; FILTER_WORDS]),
+            previous: None,
+            count: 0,
+        }
+    }
+
+    /// The bits of `hash`: a block, then double hashing within it.
+    fn bits(hash: u64) -> impl Iterator<Item = (usize, u64)> {
+        let blocks = (FILTER_WORDS / BLOCK_WORDS) as u64;
+        let block = (hash % blocks) as usize * BLOCK_WORDS;
+        let mixed = (hash / blocks).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let (first, step) = (mixed >> 32, (mixed & 0xFFFF_FFFF) | 1);
+        (0..FILTER_PROBES).map(move |i| {
+            let bit = first.wrapping_add(i.wrapping_mul(step)) % BLOCK_BITS;
+            (block + (bit / 64) as usize, 1 << (bit % 64))
+        })
+    }
+
+    fn may_contain(&self, hash: u64) -> bool {
+        let has = |f: &[u64; FILTER_WORDS]| Self::bits(hash).all(|(w, m)| f[w] & m != 0);
+        has(&self.current) || self.previous.as_deref().is_some_and(has)
+    }
+
+    fn insert(&mut self, hash: u64) {
+        if self.count == DEDUPE_KEEP {
+            let fresh = self
+                .previous
+                .take()
+                .map(|mut f| {
+                    f.fill(0);
+                    f
+                })
+                .unwrap_or_else(|| Box::new([0; FILTER_WORDS]));
+            self.previous = Some(std::mem::replace(&mut self.current, fresh));
+            self.count = 0;
+        }
+        for (w, m) in Self::bits(hash) {
+            self.current[w] |= m;
+        }
+        self.count += 1;
+    }
 }
 
 pub struct Core {
     cfg: ImConfig,
     verifier: Verifier,
+    /// Hashes client_msg_ids for send windows; keyed per process, so ids cannot be chosen to
+    /// collide.
+    hasher: RandomState,
     sessions: HashMap<ConnId, Session>,
-    users: HashMap<Rc<str>, User>,
+    users: HashMap<Arc<str>, User>,
     out: Vec<Output>,
     batch: WriteBatch,
     /// Acknowledgements released when the current batch is durable.
     deferred: Vec<Output>,
     in_flight: VecDeque<(BatchId, Arc<WriteBatch>, Vec<Output>)>,
     next_batch: BatchId,
+    /// Reused for encoding message bodies.
+    scratch: Vec<u8>,
 }
 
 fn frame(id: u64, body: server_frame::Body) -> ServerFrame {
@@ -170,14 +255,18 @@ fn valid_id(s: &str) -> bool {
 /// Most content bytes in one SyncResult (a page holds at least one message).
 pub const SYNC_MAX_BYTES: usize = 1024 * 1024;
 
-/// How many committed messages per cached user are kept for live delivery.
-const RECENT_KEEP: usize = 512;
+/// How many committed messages per cached user are kept for live delivery. A device that
+/// keeps up needs only what the last commit added; one that lags reads the store, whose
+/// newest messages are in memory too. Kept small: the oldest of them is dropped on every
+/// append, and it should still be in the cache then.
+const RECENT_KEEP: usize = 16;
 
 impl Core {
     pub fn new(cfg: ImConfig, jwt_secret: &[u8]) -> Core {
         Core {
             cfg,
             verifier: Verifier::new(jwt_secret),
+            hasher: RandomState::new(),
             sessions: HashMap::new(),
             users: HashMap::new(),
             out: Vec::new(),
@@ -185,6 +274,7 @@ impl Core {
             deferred: Vec::new(),
             in_flight: VecDeque::new(),
             next_batch: 1,
+            scratch: Vec::new(),
         }
     }
 
@@ -353,31 +443,26 @@ impl Core {
 
     /// The batch `id` (and every one taken before it) is durable: acknowledge and deliver.
     pub fn on_committed(&mut self, id: BatchId, now: Now, store: &dyn StoreRead) {
+        let mut touched: Vec<Arc<str>> = Vec::new();
+        let mut conns: Vec<ConnId> = Vec::new();
         while self.in_flight.front().is_some_and(|(b, _, _)| *b <= id) {
-            let Some((_, batch, deferred)) = self.in_flight.pop_front() else {
+            let Some((bid, batch, deferred)) = self.in_flight.pop_front() else {
                 break;
             };
-            let mut touched: Vec<Rc<str>> = Vec::new();
-            for (owner, msg) in &batch.appends {
-                let Some((key, _)) = self.users.get_key_value(owner.as_str()) else {
+            for a in &batch.appends {
+                let Some(user) = self.users.get_mut(&*a.owner) else {
                     continue;
                 };
-                let key = key.clone();
-                let user = self.users.get_mut(&key).expect("just found");
-                user.committed_seq = msg.seq;
+                user.committed_seq = a.msg.seq;
                 user.uncommitted -= 1;
-                user.recent.push_back(msg.clone());
-                while user.recent.len() > RECENT_KEEP {
+                user.recent.push_back(a.msg.clone());
+                if user.recent.len() > RECENT_KEEP {
                     user.recent.pop_front();
                 }
-                touched.push(key);
-            }
-            // Each user once, in order of first append (a sort would reorder deliveries).
-            let mut seen = HashSet::with_capacity(touched.len());
-            touched.retain(|k| seen.insert(k.clone()));
-            for (uid, cmid, _) in &batch.dedupe {
-                if let Some(u) = self.users.get_mut(uid.as_str()) {
-                    u.pending_dedupe.remove(cmid);
+                // Each user once, in order of first append (a sort would reorder deliveries).
+                if user.touched_by != bid {
+                    user.touched_by = bid;
+                    touched.push(a.owner.clone());
                 }
             }
             self.out.extend(deferred);
@@ -394,13 +479,11 @@ impl Core {
                     }
                 }
             }
-            for uid in touched {
-                let conns: Vec<ConnId> = self
-                    .users
-                    .get(&uid)
-                    .map(|u| u.devices.values().copied().collect())
-                    .unwrap_or_default();
-                for conn in conns {
+            for uid in touched.drain(..) {
+                if let Some(u) = self.users.get(&uid) {
+                    conns.extend(u.devices.values());
+                }
+                for conn in conns.drain(..) {
                     self.pump(conn, now, store);
                 }
                 self.maybe_evict(&uid);
@@ -422,11 +505,11 @@ impl Core {
     }
 
     /// Loads (or finds) the cached state of `uid`.
-    fn user(&mut self, uid: &str, store: &dyn StoreRead) -> Rc<str> {
+    fn user(&mut self, uid: &str, store: &dyn StoreRead) -> Arc<str> {
         if let Some((k, _)) = self.users.get_key_value(uid) {
             return k.clone();
         }
-        let key: Rc<str> = uid.into();
+        let key: Arc<str> = uid.into();
         let max = store.max_seq(uid);
         self.users.insert(
             key.clone(),
@@ -441,9 +524,11 @@ impl Core {
 
     /// Drops the cache of a user nobody needs right now; the store has everything.
     fn maybe_evict(&mut self, uid: &str) {
-        if self.users.get(uid).is_some_and(|u| {
-            u.devices.is_empty() && u.uncommitted == 0 && u.pending_dedupe.is_empty()
-        }) {
+        if self
+            .users
+            .get(uid)
+            .is_some_and(|u| u.devices.is_empty() && u.uncommitted == 0)
+        {
             self.users.remove(uid);
         }
     }
@@ -463,7 +548,7 @@ impl Core {
             );
         }
         let uid = self.user(&uid, store);
-        let device_id: Rc<str> = l.device_id.as_str().into();
+        let device_id: Arc<str> = l.device_id.as_str().into();
         let user = self.users.get_mut(&uid).expect("loaded");
         let replaced = user.devices.get(&device_id).copied();
         if replaced.is_none() && user.devices.len() >= self.cfg.max_devices {
@@ -505,7 +590,7 @@ impl Core {
                 sent_upto: cursor,
                 acked: cursor,
                 progress_ms: now.mono_ms,
-                session_start_seq: committed,
+                own: VecDeque::new(),
             });
         }
         let friends = store.friends(&uid);
@@ -683,7 +768,7 @@ impl Core {
     #[allow(clippy::too_many_arguments)]
     fn accept_send(
         &mut self,
-        from: Rc<str>,
+        from: Arc<str>,
         device: &str,
         to_uid: &str,
         client_msg_id: String,
@@ -692,14 +777,8 @@ impl Core {
         store: &dyn StoreRead,
         req: Requester,
     ) {
-        let sender = self.users.get(&from).expect("the sender is cached");
-        let earlier = sender
-            .pending_dedupe
-            .get(&client_msg_id)
-            .copied()
-            .map(|seq| (seq, true))
-            .or_else(|| store.dedupe(&from, &client_msg_id).map(|seq| (seq, false)));
-        if let Some((seq, pending)) = earlier {
+        let hash = self.hasher.hash_one(client_msg_id.as_str());
+        if let Some((seq, pending)) = self.earlier_send(&from, hash, &client_msg_id, store) {
             let ok = Self::acknowledgement(req, seq, true, now);
             // A duplicate of a send not yet durable is answered when it is.
             if pending {
@@ -710,41 +789,89 @@ impl Core {
             return;
         }
         let to = self.user(to_uid, store);
-        let mut msg = StoredMessage {
-            seq: 0,
-            from_uid: from.to_string(),
-            to_uid: to.to_string(),
-            client_msg_id: client_msg_id.clone(),
-            from_device: device.to_owned(),
-            content,
-            server_time_ms: now.unix_ms,
+        let body = wire::encode_body(
+            &wire::Body {
+                from_uid: &from,
+                to_uid: &to,
+                client_msg_id: &client_msg_id,
+                content: &content,
+                server_time_ms: now.unix_ms,
+                from_device: device,
+            },
+            &mut self.scratch,
+        );
+        let owners = if to == from {
+            [Some(from.clone()), None]
+        } else {
+            [Some(from.clone()), Some(to)]
         };
-        let mut owners = vec![from.clone()];
-        if to != from {
-            owners.push(to);
-        }
         let mut sender_seq = 0;
-        for owner in owners {
+        for owner in owners.into_iter().flatten() {
             let user = self.users.get_mut(&owner).expect("loaded");
             user.assigned_seq += 1;
             user.uncommitted += 1;
-            msg.seq = user.assigned_seq;
-            if owner == from {
-                sender_seq = msg.seq;
+            let seq = user.assigned_seq;
+            if sender_seq == 0 {
+                sender_seq = seq;
             }
-            self.batch
-                .appends
-                .push((owner.to_string(), Arc::new(msg.clone())));
+            self.batch.appends.push(Append {
+                owner,
+                msg: StoredMessage {
+                    seq,
+                    server_time_ms: now.unix_ms,
+                    body: body.clone(),
+                },
+            });
         }
-        let sender = self.users.get_mut(&from).expect("cached");
-        sender
-            .pending_dedupe
-            .insert(client_msg_id.clone(), sender_seq);
-        self.batch
-            .dedupe
-            .push((from.to_string(), client_msg_id, sender_seq));
+        if let Some(f) = self.users.get_mut(&from).and_then(|u| u.sends.as_mut()) {
+            f.insert(hash);
+        }
+        self.batch.sends.push((from, client_msg_id, sender_seq));
+        if let Requester::Conn { conn, .. } = req {
+            if let Some(dev) = self.sessions.get_mut(&conn).and_then(|s| s.device.as_mut()) {
+                dev.own.push_back(sender_seq);
+            }
+        }
         self.deferred
             .push(Self::acknowledgement(req, sender_seq, false, now));
+    }
+
+    /// The sender-inbox seq of an earlier send of `uid` with this client_msg_id (`hash` is its
+    /// hash), and whether it is still pending. Loads the user's send filter at its first send.
+    fn earlier_send(
+        &mut self,
+        uid: &Arc<str>,
+        hash: u64,
+        client_msg_id: &str,
+        store: &dyn StoreRead,
+    ) -> Option<(u64, bool)> {
+        let user = self.users.get_mut(uid)?;
+        let filter = user.sends.get_or_insert_with(|| {
+            let mut f = SendFilter::new();
+            for (id, _) in store.recent_sends(uid) {
+                f.insert(self.hasher.hash_one(id.as_str()));
+            }
+            f
+        });
+        if !filter.may_contain(hash) {
+            return None;
+        }
+        // A pending id is in one batch at most: a second send of it was a duplicate.
+        let mut pending = self
+            .batch
+            .sends
+            .iter()
+            .chain(self.in_flight.iter().flat_map(|(_, b, _)| b.sends.iter()));
+        let same = |(u, id, _): &&(Arc<str>, String, u64)| u == uid && id == client_msg_id;
+        if let Some((_, _, seq)) = pending.find(same) {
+            return Some((*seq, true));
+        }
+        store
+            .recent_sends(uid)
+            .into_iter()
+            .rev()
+            .find(|(id, _)| id == client_msg_id)
+            .map(|(_, seq)| (seq, false))
     }
 
     fn ack(&mut self, conn: ConnId, seq: u64, now: Now, store: &dyn StoreRead) {
@@ -759,7 +886,7 @@ impl Core {
         dev.progress_ms = now.mono_ms;
         self.batch
             .cursors
-            .push((dev.uid.to_string(), dev.device_id.to_string(), seq));
+            .push((dev.uid.clone(), dev.device_id.clone(), seq));
         self.pump(conn, now, store);
     }
 
@@ -784,7 +911,7 @@ impl Core {
             .iter()
             .take(limit)
             .position(|m| {
-                bytes += m.content.len();
+                bytes += m.body.len();
                 bytes > SYNC_MAX_BYTES
             })
             .unwrap_or(limit)
@@ -796,7 +923,7 @@ impl Core {
             frame(
                 id,
                 server_frame::Body::SyncResult(proto::SyncResult {
-                    messages: msgs.iter().map(proto::Message::from).collect(),
+                    messages: msgs.iter().filter_map(decode_logged).collect(),
                     has_more,
                 }),
             ),
@@ -815,48 +942,67 @@ impl Core {
         while dev.sent_upto < user.committed_seq && dev.sent_upto - dev.acked < window {
             let room = (window - (dev.sent_upto - dev.acked)) as usize;
             let first_recent = user.committed_seq + 1 - user.recent.len() as u64;
-            let batch: Vec<Arc<StoredMessage>> = if dev.sent_upto + 1 >= first_recent {
+            if dev.sent_upto + 1 >= first_recent {
                 let skip = (dev.sent_upto + 1 - first_recent) as usize;
-                user.recent.iter().skip(skip).take(room).cloned().collect()
-            } else {
-                store
-                    .messages_after(&dev.uid, dev.sent_upto, room)
-                    .into_iter()
-                    .map(Arc::new)
-                    .collect()
-            };
-            if batch.is_empty() {
-                break;
-            }
-            for m in batch {
-                if m.seq != dev.sent_upto + 1 {
-                    // The store and the cache disagree: stop rather than leave a gap.
-                    log::error!("inbox of {} not contiguous at {}", dev.uid, m.seq);
-                    return;
-                }
-                if dev.sent_upto == dev.acked {
-                    // Nothing was outstanding: the ack timeout starts now.
-                    dev.progress_ms = now.mono_ms;
-                }
-                dev.sent_upto = m.seq;
-                let own_live = m.seq > dev.session_start_seq
-                    && m.from_uid == *dev.uid
-                    && m.from_device == *dev.device_id;
-                if own_live {
-                    // The sending device learnt this seq from its SendOk; count it as acked
-                    // if nothing before it is outstanding, so the window does not fill up.
-                    if dev.acked + 1 == m.seq {
-                        dev.acked = m.seq;
+                for m in user.recent.range(skip..).take(room) {
+                    if !advance(dev, m, conn, now, &mut self.out) {
+                        return;
                     }
-                    continue;
                 }
-                self.out.push(Output::Frame {
-                    conn,
-                    frame: frame(0, server_frame::Body::Message(proto::Message::from(&*m))),
-                });
+            } else {
+                let older = store.messages_after(&dev.uid, dev.sent_upto, room);
+                if older.is_empty() {
+                    break;
+                }
+                for m in &older {
+                    if !advance(dev, m, conn, now, &mut self.out) {
+                        return;
+                    }
+                }
             }
         }
     }
+}
+
+/// Moves the device's stream past `m`, delivering it unless the device sent it. False when
+/// `m` does not follow on: then the stream stops rather than leave a gap.
+fn advance(
+    dev: &mut Device,
+    m: &StoredMessage,
+    conn: ConnId,
+    now: Now,
+    out: &mut Vec<Output>,
+) -> bool {
+    if m.seq != dev.sent_upto + 1 {
+        log::error!("inbox of {} not contiguous at {}", dev.uid, m.seq);
+        return false;
+    }
+    if dev.sent_upto == dev.acked {
+        // Nothing was outstanding: the ack timeout starts now.
+        dev.progress_ms = now.mono_ms;
+    }
+    dev.sent_upto = m.seq;
+    if dev.own.front() == Some(&m.seq) {
+        dev.own.pop_front();
+        // The sending device learnt this seq from its SendOk; count it as acked if nothing
+        // before it is outstanding, so the window does not fill up.
+        if dev.acked + 1 == m.seq {
+            dev.acked = m.seq;
+        }
+        return true;
+    }
+    out.push(Output::Deliver {
+        conn,
+        msg: m.clone(),
+    });
+    true
+}
+
+/// A stored message as a protobuf struct, or None (logged) if it does not decode.
+fn decode_logged(m: &StoredMessage) -> Option<proto::Message> {
+    wire::to_proto(m)
+        .map_err(|e| log::error!("undecodable stored message (seq {}): {e}", m.seq))
+        .ok()
 }
 
 #[cfg(test)]
@@ -963,11 +1109,15 @@ mod tests {
             .collect()
     }
 
+    /// (seq, content) of every message delivered to `conn`.
     fn messages_to(out: &[Output], conn: ConnId) -> Vec<(u64, String)> {
-        frames_to(out, conn)
-            .into_iter()
-            .filter_map(|b| match b {
-                S::Message(m) => Some((m.seq, String::from_utf8(m.content).unwrap())),
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Deliver { conn: c, msg } if *c == conn => {
+                    let m = wire::to_proto(msg).unwrap();
+                    assert_eq!(m.seq, msg.seq);
+                    Some((m.seq, String::from_utf8(m.content).unwrap()))
+                }
                 _ => None,
             })
             .collect()
@@ -1216,6 +1366,50 @@ mod tests {
         assert_eq!(error_code(&out, 1), Some(ErrorCode::BadRequest));
         let out = h.send(1, &"b".repeat(65), "id", "x");
         assert_eq!(error_code(&out, 1), Some(ErrorCode::BadRequest));
+    }
+
+    #[test]
+    fn the_send_filter_covers_the_newest_keys_and_rarely_more() {
+        let keys = RandomState::new();
+        let mut f = SendFilter::new();
+        for i in 0..5_000u64 {
+            f.insert(keys.hash_one(i));
+            if i % 250 == 0 || i == 4_999 {
+                let newest = i.saturating_sub(DEDUPE_KEEP as u64 - 1)..=i;
+                assert!(newest.into_iter().all(|k| f.may_contain(keys.hash_one(k))));
+            }
+        }
+        let false_hits = (1_000_000..1_100_000u64)
+            .filter(|k| f.may_contain(keys.hash_one(k)))
+            .count();
+        assert!(
+            false_hits < 100,
+            "{false_hits} of 100,000 new ids looked used"
+        );
+    }
+
+    #[test]
+    fn idempotency_outlives_the_session_and_covers_the_newest_thousand() {
+        let mut h = H::new(ImConfig {
+            rate_burst: 1e9,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        for i in 0..1100 {
+            h.send(1, "bob", &format!("m{i}"), "x");
+        }
+        // A new session of a user the core had forgotten: its ids come from the store.
+        h.close(1);
+        h.login(2, "alice", "laptop", 0);
+        let retry = |h: &mut H, id: &str| {
+            let ok = send_ok(&h.send(2, "bob", id, "x"), 2).unwrap();
+            (ok.seq, ok.duplicate)
+        };
+        assert_eq!(retry(&mut h, "m1099"), (1100, true));
+        assert_eq!(retry(&mut h, "m100"), (101, true));
+        // Older than the newest 1,000: a new message.
+        assert_eq!(retry(&mut h, "m99"), (1101, false));
+        assert_eq!(retry(&mut h, "m99"), (1101, true));
     }
 
     #[test]

@@ -4,3 +4,4 @@ pub mod auth;
 pub mod core;
 pub mod proto;
 pub mod tcp_framing;
+pub mod wire;

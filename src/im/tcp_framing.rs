@@ -32,8 +32,16 @@ impl LengthPrefixed {
 
     /// Appends one frame carrying `payload`.
     pub fn encode(payload: &[u8], out: &mut Vec<u8>) {
-        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        out.extend_from_slice(payload);
+        Self::encode_parts(&[payload], out);
+    }
+
+    /// Appends one frame whose payload is `parts` in order.
+    pub fn encode_parts(parts: &[&[u8]], out: &mut Vec<u8>) {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+        for p in parts {
+            out.extend_from_slice(p);
+        }
     }
 
     /// Frees the partial-frame buffer when no frame is in progress.

@@ -29,8 +29,9 @@ use super::transport::Transport;
 use crate::buffer_pool::BufferPool;
 use crate::config::ServerConfig;
 use crate::im::core::{Core, Now, Output};
-use crate::im::proto::{server_frame, ClientFrame};
+use crate::im::proto::{server_frame, ClientFrame, ServerFrame};
 use crate::im::tcp_framing::TooLarge;
+use crate::im::wire;
 use crate::store::redb_store::RedbStore;
 use crate::store::writer::{Done, Writer};
 use crate::store::Store;
@@ -141,8 +142,12 @@ impl Server {
         let im = match &cfg.im {
             Some(settings) => {
                 let store: Arc<dyn Store> = Arc::new(
-                    RedbStore::open(&settings.data_dir, settings.store_cache_bytes)
-                        .map_err(|e| io::Error::other(e.to_string()))?,
+                    RedbStore::open(
+                        &settings.data_dir,
+                        settings.store_cache_bytes,
+                        settings.store_log_bytes,
+                    )
+                    .map_err(|e| io::Error::other(e.to_string()))?,
                 );
                 let waker = Arc::new(mio::Waker::new(poll.registry(), STORE_WAKER)?);
                 let writer = Writer::spawn(store.clone(), settings.sync, waker)?;
@@ -420,7 +425,9 @@ impl Server {
         let mut admin_answers = Vec::new();
         for out in im.core.drain_output() {
             let conn = match &out {
-                Output::Frame { conn, .. } | Output::Close { conn, .. } => *conn,
+                Output::Frame { conn, .. }
+                | Output::Deliver { conn, .. }
+                | Output::Close { conn, .. } => *conn,
                 Output::AdminSent {
                     admin,
                     seq,
@@ -437,21 +444,45 @@ impl Server {
                 continue;
             };
             im.scratch.clear();
-            let json = c.json;
+            if matches!(out, Output::Frame { .. } | Output::Deliver { .. })
+                && c.outbox.len() > self.cfg.max_outbound_bytes
+            {
+                // One commit can release a whole delivery window: hand the socket what it
+                // takes now, and if it still lags, close it here, so that the limit bounds
+                // its memory. Once closed, `send` queues nothing more; what it missed is
+                // durable and comes again after its cursor.
+                if let Ok(n) = c.outbox.flush(&mut c.sock, &[], &mut self.pool) {
+                    self.metrics.bytes_out.inc_by(n as u64);
+                }
+                if c.outbox.len() > self.cfg.max_outbound_bytes {
+                    close_slow_consumer(conn, c, &self.metrics, &mut im.scratch);
+                }
+            }
             match out {
-                Output::Frame { frame, .. } => {
-                    if c.outbox.len() > self.cfg.max_outbound_bytes {
-                        // One commit can release a whole delivery window: hand the socket
-                        // what it takes now, and if it still lags, close it here, so that the
-                        // limit bounds its memory. Once closed, `send` queues nothing more;
-                        // what it missed is durable and comes again after its cursor.
-                        if let Ok(n) = c.outbox.flush(&mut c.sock, &[], &mut self.pool) {
-                            self.metrics.bytes_out.inc_by(n as u64);
-                        }
-                        if c.outbox.len() > self.cfg.max_outbound_bytes {
-                            close_slow_consumer(conn, c, &self.metrics, &mut im.scratch);
-                        }
+                Output::Deliver { msg, .. } => {
+                    self.metrics.messages_out.inc();
+                    let ms = self.unix_ms.saturating_sub(msg.server_time_ms).max(0);
+                    self.metrics.delivery_latency.observe(ms as f64 / 1000.0);
+                    if c.json {
+                        let Ok(m) = wire::to_proto(&msg) else {
+                            continue;
+                        };
+                        let frame = ServerFrame {
+                            id: 0,
+                            body: Some(server_frame::Body::Message(m)),
+                        };
+                        send_json(c, &frame, &mut body, &mut im.scratch);
+                    } else {
+                        let mut head = [0; wire::MAX_HEAD];
+                        let n = wire::delivery_head(msg.seq, msg.body.len(), &mut head);
+                        c.transport.send_parts(
+                            MessageKind::Binary,
+                            &[&head[..n], &msg.body],
+                            &mut im.scratch,
+                        );
                     }
+                }
+                Output::Frame { frame, .. } => {
                     match &frame.body {
                         Some(server_frame::Body::LoginOk(_)) => {
                             self.metrics.logins.inc();
@@ -459,21 +490,16 @@ impl Server {
                         Some(server_frame::Body::SendOk(ok)) if !ok.duplicate => {
                             self.metrics.messages_in.inc();
                         }
-                        Some(server_frame::Body::Message(m)) => {
-                            self.metrics.messages_out.inc();
-                            let ms = self.unix_ms.saturating_sub(m.server_time_ms).max(0);
-                            self.metrics.delivery_latency.observe(ms as f64 / 1000.0);
-                        }
                         _ => {}
                     }
-                    body.clear();
-                    if json {
-                        if serde_json::to_writer(&mut body, &frame).is_ok() {
-                            c.transport.send(MessageKind::Text, &body, &mut im.scratch);
+                    if c.json {
+                        send_json(c, &frame, &mut body, &mut im.scratch);
+                    } else {
+                        body.clear();
+                        if frame.encode(&mut body).is_ok() {
+                            c.transport
+                                .send(MessageKind::Binary, &body, &mut im.scratch);
                         }
-                    } else if frame.encode(&mut body).is_ok() {
-                        c.transport
-                            .send(MessageKind::Binary, &body, &mut im.scratch);
                     }
                 }
                 Output::Close { code, reason, .. } => {
@@ -1031,6 +1057,14 @@ fn upgrade(
             debug!("upgrade refused: {} {}", e.status(), e.detail());
             ws.reject(&e, cx.staging);
         }
+    }
+}
+
+/// Appends `frame` as a JSON text message (subprotocol `imgate.v1.json`).
+fn send_json(c: &Conn, frame: &ServerFrame, body: &mut Vec<u8>, out: &mut Vec<u8>) {
+    body.clear();
+    if serde_json::to_writer(&mut *body, frame).is_ok() {
+        c.transport.send(MessageKind::Text, body, out);
     }
 }
 

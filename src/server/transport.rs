@@ -45,10 +45,15 @@ impl Transport {
     /// Appends one message (one IM frame). Raw TCP frames are always binary. False unless
     /// open.
     pub fn send(&self, kind: MessageKind, payload: &[u8], out: &mut Vec<u8>) -> bool {
+        self.send_parts(kind, &[payload], out)
+    }
+
+    /// Like [`Transport::send`], for a payload in parts.
+    pub fn send_parts(&self, kind: MessageKind, parts: &[&[u8]], out: &mut Vec<u8>) -> bool {
         match self {
-            Transport::Ws(c) => c.send(kind, payload, out),
+            Transport::Ws(c) => c.send_parts(kind, parts, out),
             Transport::Tcp { closed: false, .. } => {
-                LengthPrefixed::encode(payload, out);
+                LengthPrefixed::encode_parts(parts, out);
                 true
             }
             Transport::Tcp { closed: true, .. } => false,

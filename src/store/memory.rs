@@ -7,7 +7,8 @@ use super::{StoreRead, StoredMessage, WriteBatch, DEDUPE_KEEP};
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     inboxes: HashMap<String, BTreeMap<u64, StoredMessage>>,
-    dedupe: HashMap<String, (HashMap<String, u64>, VecDeque<String>)>,
+    /// Idempotency keys per user, in send order.
+    sends: HashMap<String, VecDeque<(String, u64)>>,
     cursors: HashMap<(String, String), u64>,
     friends: HashMap<String, BTreeSet<String>>,
 }
@@ -15,27 +16,27 @@ pub struct MemoryStore {
 impl MemoryStore {
     /// Applies a batch. Appends must continue each inbox without a gap.
     pub fn apply(&mut self, batch: &WriteBatch) {
-        for (owner, msg) in &batch.appends {
-            let inbox = self.inboxes.entry(owner.clone()).or_default();
+        for a in &batch.appends {
+            let inbox = self.inboxes.entry(a.owner.to_string()).or_default();
             let next = inbox.keys().next_back().copied().unwrap_or(0) + 1;
-            assert_eq!(msg.seq, next, "inbox of {owner} must grow by exactly 1");
-            inbox.insert(msg.seq, (**msg).clone());
+            assert_eq!(
+                a.msg.seq, next,
+                "inbox of {} must grow by exactly 1",
+                a.owner
+            );
+            inbox.insert(a.msg.seq, a.msg.clone());
         }
-        for (uid, id, seq) in &batch.dedupe {
-            let (map, order) = self.dedupe.entry(uid.clone()).or_default();
-            if map.insert(id.clone(), *seq).is_none() {
-                order.push_back(id.clone());
-            }
-            while order.len() > DEDUPE_KEEP {
-                if let Some(old) = order.pop_front() {
-                    map.remove(&old);
-                }
+        for (uid, id, seq) in &batch.sends {
+            let keys = self.sends.entry(uid.to_string()).or_default();
+            keys.push_back((id.clone(), *seq));
+            while keys.len() > DEDUPE_KEEP {
+                keys.pop_front();
             }
         }
         for (uid, device, seq) in &batch.cursors {
             let c = self
                 .cursors
-                .entry((uid.clone(), device.clone()))
+                .entry((uid.to_string(), device.to_string()))
                 .or_default();
             *c = (*c).max(*seq);
         }
@@ -90,8 +91,11 @@ impl StoreRead for MemoryStore {
         v
     }
 
-    fn dedupe(&self, uid: &str, client_msg_id: &str) -> Option<u64> {
-        self.dedupe.get(uid)?.0.get(client_msg_id).copied()
+    fn recent_sends(&self, uid: &str) -> Vec<(String, u64)> {
+        self.sends
+            .get(uid)
+            .map(|k| k.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     fn friends(&self, uid: &str) -> Vec<String> {

@@ -6,49 +6,34 @@
 //! the network thread (group commit) before the core releases any acknowledgement for it.
 
 pub mod memory;
+pub mod records;
 pub mod redb_store;
+pub mod tail;
 pub mod writer;
 
 use std::sync::Arc;
 
+/// An encoded message body, shared (never copied) by both inboxes it is appended to, the
+/// storage thread and every delivery.
+pub type Body = Arc<[u8]>;
+
 /// A message as stored in one user's inbox.
+///
+/// `body` is the `imgate.v1.Message` encoding of every field but `seq` (see `im::wire`): the
+/// two inboxes a send goes to share it. `server_time_ms` repeats the body's field so that
+/// delivery metrics need no decoding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
     pub seq: u64,
-    pub from_uid: String,
-    pub to_uid: String,
-    pub client_msg_id: String,
-    pub from_device: String,
-    pub content: Vec<u8>,
     pub server_time_ms: i64,
+    pub body: Body,
 }
 
-impl From<&StoredMessage> for crate::im::proto::Message {
-    fn from(m: &StoredMessage) -> Self {
-        crate::im::proto::Message {
-            seq: m.seq,
-            from_uid: m.from_uid.clone(),
-            to_uid: m.to_uid.clone(),
-            client_msg_id: m.client_msg_id.clone(),
-            content: m.content.clone(),
-            server_time_ms: m.server_time_ms,
-            from_device: m.from_device.clone(),
-        }
-    }
-}
-
-impl From<crate::im::proto::Message> for StoredMessage {
-    fn from(m: crate::im::proto::Message) -> Self {
-        StoredMessage {
-            seq: m.seq,
-            from_uid: m.from_uid,
-            to_uid: m.to_uid,
-            client_msg_id: m.client_msg_id,
-            from_device: m.from_device,
-            content: m.content,
-            server_time_ms: m.server_time_ms,
-        }
-    }
+/// An append to `owner`'s inbox, at the owner's next seq (`msg.seq`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Append {
+    pub owner: Arc<str>,
+    pub msg: StoredMessage,
 }
 
 /// Everything one loop turn changes, committed atomically.
@@ -57,13 +42,12 @@ impl From<crate::im::proto::Message> for StoredMessage {
 /// which acknowledges and delivers from it once committed: it is never copied.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct WriteBatch {
-    /// (owner uid, message): appends to inboxes, each at the owner's next seq. The message is
-    /// shared with the core's cache of recent messages.
-    pub appends: Vec<(String, Arc<StoredMessage>)>,
-    /// (uid, client_msg_id, seq in the sender's inbox): idempotency keys.
-    pub dedupe: Vec<(String, String, u64)>,
+    /// Appends to inboxes, each inbox in seq order.
+    pub appends: Vec<Append>,
+    /// (uid, client_msg_id, seq in the sender's inbox): idempotency keys, in send order.
+    pub sends: Vec<(Arc<str>, String, u64)>,
     /// (uid, device_id, seq): delivery cursors moved by acks.
-    pub cursors: Vec<(String, String, u64)>,
+    pub cursors: Vec<(Arc<str>, Arc<str>, u64)>,
     /// (a, b, present): symmetric friendships set or removed.
     pub friendships: Vec<(String, String, bool)>,
 }
@@ -71,7 +55,7 @@ pub struct WriteBatch {
 impl WriteBatch {
     pub fn is_empty(&self) -> bool {
         self.appends.is_empty()
-            && self.dedupe.is_empty()
+            && self.sends.is_empty()
             && self.cursors.is_empty()
             && self.friendships.is_empty()
     }
@@ -87,8 +71,9 @@ pub trait StoreRead {
     fn cursor(&self, uid: &str, device_id: &str) -> u64;
     /// Every stored cursor of `uid`: (device_id, seq), by device id.
     fn cursors(&self, uid: &str) -> Vec<(String, u64)>;
-    /// The sender-inbox seq of an earlier accepted send with this client_msg_id.
-    fn dedupe(&self, uid: &str, client_msg_id: &str) -> Option<u64>;
+    /// The newest idempotency keys of `uid` (client_msg_id, seq in the sender's inbox), at most
+    /// [`DEDUPE_KEEP`], oldest first.
+    fn recent_sends(&self, uid: &str) -> Vec<(String, u64)>;
     fn friends(&self, uid: &str) -> Vec<String>;
 }
 
@@ -97,7 +82,14 @@ pub trait StoreRead {
 /// another.
 pub trait Store: StoreRead + Send + Sync {
     /// Applies the batches atomically, in order. With `sync`, they are durable on return.
+    /// Reads see them once this returns.
     fn commit(&self, batches: &[&WriteBatch], sync: bool) -> Result<(), String>;
+    /// One bounded step of upkeep that commits may leave behind (for the redb store: moving
+    /// the commit log into the per-user tables). Returns whether more is due. The storage
+    /// thread runs it between commits, so no step delays a commit by much.
+    fn maintain(&self) -> Result<bool, String> {
+        Ok(false)
+    }
 }
 
 /// How many idempotency keys a store keeps per user, at least.

@@ -1,31 +1,62 @@
 //! The durable store on redb: one file in `--data-dir`, ACID transactions, MVCC reads.
 //!
-//! Readers (the network thread) never wait for the writer (the storage thread): redb readers
-//! see the last committed snapshot. Messages are stored as the wire `imgate.v1.Message`.
+//! A commit is one sequential write: every append, idempotency key and cursor of the batches
+//! goes into a single record of the `log` table, keyed by a growing id, so a transaction
+//! touches the few pages at the end of one B-tree whatever the number of users. (Writing each
+//! message into a per-user table at commit time dirtied one scattered page per user and table,
+//! and cost 5 to 20 µs of the storage thread per message; see DESIGN.md.)
+//!
+//! The logged entries stay readable from memory ([`Tails`]) until the storage thread moves
+//! them, a generation of `--store-log-bytes` at a time and a few hundred users per
+//! transaction, into the per-user tables: inbox chunks keyed (uid, first seq), send chunks
+//! keyed (uid, first key number), cursors. The log records of a generation are deleted in the
+//! transaction that moves its last users, so every entry is always in the log, in a table, or
+//! (for a moment) both; at start-up the log is read back into memory, skipping what the tables
+//! already hold.
+//!
+//! Readers (the network thread) never wait for the writer (the storage thread): they copy the
+//! user's entries from memory under a short lock, then read the tables in a redb snapshot
+//! taken after it. An entry that moved in between is in the snapshot, and the seqs make the
+//! two parts fit together without duplicates.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use prost::Message as _;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition, TableHandle,
+    WriteTransaction,
+};
 
+use super::records::{self, Corrupt, LogEntry};
+use super::tail::{Tails, UserTail};
 use super::{Store, StoreRead, StoredMessage, WriteBatch, DEDUPE_KEEP};
 use crate::im::proto;
 
-/// (uid, seq) -> encoded `imgate.v1.Message`.
-const INBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("inbox");
+/// log id -> a commit's appends, keys and cursors ([`records::encode_log`]).
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+/// (uid, first seq) -> consecutive inbox messages ([`records::encode_inbox_chunk`]).
+const INBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("inbox_chunks");
+/// (uid, number of its first key) -> consecutive idempotency keys
+/// ([`records::encode_send_chunk`]). Keys are numbered 1, 2, ... per user; the last chunk's
+/// end is the number of keys ever written.
+const SENDS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("send_chunks");
 /// (uid, device_id) -> cursor seq.
 const CURSORS: TableDefinition<(&str, &str), u64> = TableDefinition::new("cursors");
-/// (uid, client_msg_id) -> (sender seq, n): n is the key's number in DEDUPE_ORDER, so that
-/// forgetting the oldest key is a lookup, not a scan (ids may be reused once forgotten).
-const DEDUPE: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("dedupe_v2");
-/// (uid, n) -> client_msg_id, the n-th key of the user, for keeping the newest ones. The newest
-/// entry is never removed, so the user's last n is the number of keys ever written: no
-/// separate counter, whose page would be one more rewritten per send.
-const DEDUPE_ORDER: TableDefinition<(&str, u64), &str> = TableDefinition::new("dedupe_order");
-/// The per-user key counter of an earlier layout, dropped at open (DEDUPE_ORDER replaces it).
-const RETIRED_DEDUPE_COUNT: TableDefinition<&str, u64> = TableDefinition::new("dedupe_count");
 /// (a, b) -> () for each direction of a friendship.
 const FRIENDS: TableDefinition<(&str, &str), ()> = TableDefinition::new("friends");
+
+/// The layout before the commit log: one row per message and per key. Converted at open.
+const OLD_INBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("inbox");
+const OLD_DEDUPE: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("dedupe_v2");
+const OLD_DEDUPE_ORDER: TableDefinition<(&str, u64), &str> = TableDefinition::new("dedupe_order");
+const OLD_DEDUPE_COUNT: TableDefinition<&str, u64> = TableDefinition::new("dedupe_count");
+
+/// Users moved out of the log per maintenance transaction: bounds how long a commit can wait
+/// behind one (each user costs one or a few scattered pages).
+const SLICE_USERS: usize = 256;
 
 #[derive(Debug)]
 pub enum StoreError {
@@ -46,41 +77,121 @@ impl std::error::Error for StoreError {}
 
 pub struct RedbStore {
     db: Database,
+    tails: Mutex<Tails>,
+    /// The id of the next log record. Only the storage thread commits.
+    next_log: AtomicU64,
+    /// A generation of logged entries is moved into the tables once it holds this many bytes.
+    log_bytes: usize,
 }
 
 fn commit_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Commit(e.to_string())
 }
 
+fn open_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Open(e.to_string())
+}
+
 impl RedbStore {
-    /// Opens (or creates) `dir/imgate.redb` with a page cache of at most `cache_bytes`.
-    pub fn open(dir: &Path, cache_bytes: usize) -> Result<RedbStore, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open(e.to_string()))?;
+    /// Opens (or creates) `dir/imgate.redb` with a page cache of at most `cache_bytes`, and
+    /// reads its log back into memory. Logged entries are moved into the per-user tables once
+    /// they hold more than `log_bytes`.
+    pub fn open(dir: &Path, cache_bytes: usize, log_bytes: usize) -> Result<RedbStore, StoreError> {
+        std::fs::create_dir_all(dir).map_err(open_err)?;
         let db = redb::Builder::new()
             .set_cache_size(cache_bytes)
             .create(dir.join("imgate.redb"))
-            .map_err(|e| StoreError::Open(e.to_string()))?;
-        // Create the tables so readers never see them missing.
-        let txn = db
-            .begin_write()
-            .map_err(|e| StoreError::Open(e.to_string()))?;
+            .map_err(open_err)?;
+        let txn = db.begin_write().map_err(open_err)?;
         {
-            let open =
-                |r: Result<(), redb::TableError>| r.map_err(|e| StoreError::Open(e.to_string()));
-            open(txn.open_table(INBOX).map(drop))?;
-            open(txn.open_table(CURSORS).map(drop))?;
-            open(txn.open_table(DEDUPE).map(drop))?;
-            open(txn.open_table(DEDUPE_ORDER).map(drop))?;
-            txn.delete_table(RETIRED_DEDUPE_COUNT)
-                .map_err(|e| StoreError::Open(e.to_string()))?;
-            open(txn.open_table(FRIENDS).map(drop))?;
+            // Create the tables so readers never see them missing.
+            txn.open_table(LOG).map_err(open_err)?;
+            let mut inbox = txn.open_table(INBOX).map_err(open_err)?;
+            let mut sends = txn.open_table(SENDS).map_err(open_err)?;
+            txn.open_table(CURSORS).map_err(open_err)?;
+            txn.open_table(FRIENDS).map_err(open_err)?;
+            migrate(&txn, &mut inbox, &mut sends)?;
         }
-        txn.commit().map_err(|e| StoreError::Open(e.to_string()))?;
-        Ok(RedbStore { db })
+        txn.commit().map_err(open_err)?;
+        let store = RedbStore {
+            db,
+            tails: Mutex::new(Tails::default()),
+            next_log: AtomicU64::new(1),
+            log_bytes,
+        };
+        store.replay()?;
+        Ok(store)
     }
 
-    /// Applies batches in one transaction. With `sync`, it is on disk when this returns.
+    fn tails(&self) -> MutexGuard<'_, Tails> {
+        // The lock guards plain data and no code panics while holding it.
+        self.tails.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the log into memory: the entries the tables do not hold yet.
+    fn replay(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_read().map_err(open_err)?;
+        let log = txn.open_table(LOG).map_err(open_err)?;
+        let inbox = txn.open_table(INBOX).map_err(open_err)?;
+        let sends = txn.open_table(SENDS).map_err(open_err)?;
+        // Per user: the last seq its inbox chunks and its send chunks hold.
+        let mut moved: HashMap<String, (u64, u64)> = HashMap::new();
+        let mut tails = self.tails();
+        let mut last_id = 0;
+        for entry in log.iter().map_err(open_err)? {
+            let (id, rec) = entry.map_err(open_err)?;
+            last_id = id.value();
+            let rec = rec.value();
+            for e in records::decode_log(rec).map_err(open_err)? {
+                let uid = match &e {
+                    LogEntry::Append { owner, .. } => *owner,
+                    LogEntry::Send { uid, .. } | LogEntry::Cursor { uid, .. } => *uid,
+                };
+                let (in_inbox, in_sends) = match moved.get(uid) {
+                    Some(m) => *m,
+                    None => {
+                        let m = (
+                            last_inbox_seq(&inbox, uid).map_err(open_err)?,
+                            last_send(&sends, uid).map_err(open_err)?.map_or(0, |k| k.1),
+                        );
+                        moved.insert(uid.to_owned(), m);
+                        m
+                    }
+                };
+                let key: std::sync::Arc<str> = uid.into();
+                let active = tails.active_mut();
+                match e {
+                    LogEntry::Append {
+                        seq,
+                        server_time_ms,
+                        body,
+                        ..
+                    } if seq > in_inbox => {
+                        active.with_user(&key, |u| u.push_message(seq, server_time_ms, body))
+                    }
+                    LogEntry::Send {
+                        client_msg_id, seq, ..
+                    } if seq > in_sends => {
+                        active.with_user(&key, |u| u.push_send(client_msg_id, seq))
+                    }
+                    LogEntry::Cursor { device_id, seq, .. } => {
+                        let device: std::sync::Arc<str> = device_id.into();
+                        active.with_user(&key, |u| u.set_cursor(&device, seq))
+                    }
+                    _ => {}
+                }
+                active.set_last_log(last_id);
+            }
+        }
+        self.next_log.store(last_id + 1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Logs the batches in one transaction. With `sync`, it is on disk when this returns.
     pub fn commit(&self, batches: &[&WriteBatch], sync: bool) -> Result<(), StoreError> {
+        let id = self.next_log.fetch_add(1, Ordering::Relaxed);
+        let mut record = Vec::new();
+        records::encode_log(batches, &mut record);
         let mut txn = self.db.begin_write().map_err(commit_err)?;
         txn.set_durability(if sync {
             Durability::Immediate
@@ -89,62 +200,14 @@ impl RedbStore {
         })
         .map_err(commit_err)?;
         {
-            let mut inbox = txn.open_table(INBOX).map_err(commit_err)?;
-            let mut cursors = txn.open_table(CURSORS).map_err(commit_err)?;
-            let mut dedupe = txn.open_table(DEDUPE).map_err(commit_err)?;
-            let mut order = txn.open_table(DEDUPE_ORDER).map_err(commit_err)?;
-            let mut friends = txn.open_table(FRIENDS).map_err(commit_err)?;
-            for batch in batches {
-                for (owner, m) in &batch.appends {
-                    let bytes = proto::Message::from(&**m).encode_to_vec();
-                    inbox
-                        .insert((owner.as_str(), m.seq), bytes.as_slice())
-                        .map_err(commit_err)?;
-                }
-                for (uid, cmid, seq) in &batch.dedupe {
-                    let last = order
-                        .range((uid.as_str(), 0)..=(uid.as_str(), u64::MAX))
-                        .map_err(commit_err)?
-                        .next_back()
-                        .transpose()
-                        .map_err(commit_err)?
-                        .map(|(k, _)| k.value().1);
-                    let n = last.unwrap_or(0) + 1;
-                    dedupe
-                        .insert((uid.as_str(), cmid.as_str()), (*seq, n))
-                        .map_err(commit_err)?;
-                    order
-                        .insert((uid.as_str(), n), cmid.as_str())
-                        .map_err(commit_err)?;
-                    // Forget the oldest key once more than DEDUPE_KEEP are kept.
-                    if n > DEDUPE_KEEP as u64 {
-                        let old = n - DEDUPE_KEEP as u64;
-                        let gone = order
-                            .remove((uid.as_str(), old))
-                            .map_err(commit_err)?
-                            .map(|v| v.value().to_owned());
-                        if let Some(old_cmid) = gone {
-                            let key = (uid.as_str(), old_cmid.as_str());
-                            let at = dedupe.get(key).map_err(commit_err)?.map(|v| v.value().1);
-                            // Only if no newer send reused the same id.
-                            if at == Some(old) {
-                                dedupe.remove(key).map_err(commit_err)?;
-                            }
-                        }
-                    }
-                }
-                for (uid, device, seq) in &batch.cursors {
-                    let key = (uid.as_str(), device.as_str());
-                    let cur = cursors
-                        .get(key)
-                        .map_err(commit_err)?
-                        .map(|v| v.value())
-                        .unwrap_or(0);
-                    if *seq > cur {
-                        cursors.insert(key, *seq).map_err(commit_err)?;
-                    }
-                }
-                for (a, b, present) in &batch.friendships {
+            if !record.is_empty() {
+                let mut log = txn.open_table(LOG).map_err(commit_err)?;
+                log.insert(id, record.as_slice()).map_err(commit_err)?;
+            }
+            let friendships: Vec<_> = batches.iter().flat_map(|b| &b.friendships).collect();
+            if !friendships.is_empty() {
+                let mut friends = txn.open_table(FRIENDS).map_err(commit_err)?;
+                for (a, b, present) in friendships {
                     for (x, y) in [(a, b), (b, a)] {
                         if *present {
                             friends
@@ -159,15 +222,80 @@ impl RedbStore {
                 }
             }
         }
-        txn.commit().map_err(commit_err)
+        txn.commit().map_err(commit_err)?;
+        let mut tails = self.tails();
+        for b in batches {
+            tails.apply(id, b);
+        }
+        Ok(())
+    }
+
+    /// Moves users of a full generation from the log into the tables: one slice of
+    /// [`SLICE_USERS`], or as many as it takes to bring the memory held back under twice
+    /// `--store-log-bytes` when commits outpace the moves (then commits wait: backpressure).
+    /// Returns whether more is due.
+    pub fn maintain(&self) -> Result<bool, StoreError> {
+        loop {
+            let more = self.move_slice()?;
+            if !more || self.tails().bytes() <= 2 * self.log_bytes {
+                return Ok(more);
+            }
+        }
+    }
+
+    /// Moves up to [`SLICE_USERS`] users of a full generation from the log into the tables,
+    /// in one transaction. Its durability comes with the next synced commit: until then a
+    /// crash only puts the entries back into the log's care. Returns whether more is due.
+    fn move_slice(&self) -> Result<bool, StoreError> {
+        let slice = {
+            let mut t = self.tails();
+            if !t.rotate(self.log_bytes) {
+                return Ok(false);
+            }
+            t.next_slice(SLICE_USERS)
+        };
+        let Some(slice) = slice else {
+            return Ok(false);
+        };
+        let mut txn = self.db.begin_write().map_err(commit_err)?;
+        txn.set_durability(Durability::None).map_err(commit_err)?;
+        {
+            let mut inbox = txn.open_table(INBOX).map_err(commit_err)?;
+            let mut sends = txn.open_table(SENDS).map_err(commit_err)?;
+            let mut cursors = txn.open_table(CURSORS).map_err(commit_err)?;
+            for uid in &slice.users {
+                if let Some(u) = slice.generation.user(uid) {
+                    write_user(uid, u, &mut inbox, &mut sends, &mut cursors).map_err(commit_err)?;
+                }
+            }
+            if slice.drop_log_upto > 0 {
+                let mut log = txn.open_table(LOG).map_err(commit_err)?;
+                log.retain_in(..=slice.drop_log_upto, |_, _| false)
+                    .map_err(commit_err)?;
+            }
+        }
+        txn.commit().map_err(commit_err)?;
+        let (done, more) = {
+            let mut t = self.tails();
+            let done = t.flushed(&slice);
+            (done, t.rotate(self.log_bytes))
+        };
+        // A whole generation is freed here, not under the lock readers take.
+        drop((done, slice));
+        Ok(more)
+    }
+
+    /// Bytes of logged entries held in memory.
+    pub fn log_bytes_held(&self) -> usize {
+        self.tails().bytes()
     }
 
     fn read<T>(
         &self,
-        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, Box<dyn std::error::Error>>,
     ) -> Option<T> {
-        let txn = self.db.begin_read().ok()?;
-        match f(&txn) {
+        let run = || -> Result<T, Box<dyn std::error::Error>> { f(&self.db.begin_read()?) };
+        match run() {
             Ok(v) => Some(v),
             Err(e) => {
                 log::error!("store read failed: {e}");
@@ -177,66 +305,283 @@ impl RedbStore {
     }
 }
 
+/// Writes one user's logged entries into the tables.
+fn write_user(
+    uid: &str,
+    u: &UserTail,
+    inbox: &mut Table<(&str, u64), &[u8]>,
+    sends: &mut Table<(&str, u64), &[u8]>,
+    cursors: &mut Table<(&str, &str), u64>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    for chunk in &u.inbox {
+        inbox.insert((uid, chunk.first_seq), chunk.bytes.as_slice())?;
+    }
+    write_sends(sends, uid, u.send_count, &u.sends)?;
+    for (device, seq) in &u.cursors {
+        let key = (uid, &**device);
+        let cur = cursors.get(key)?.map(|v| v.value()).unwrap_or(0);
+        if *seq > cur {
+            cursors.insert(key, *seq)?;
+        }
+    }
+    Ok(())
+}
+
+/// Appends `count` idempotency keys (encoded by [`records::put_send`]) to `uid`'s send
+/// chunks and drops the chunks that hold only keys older than the newest [`DEDUPE_KEEP`].
+fn write_sends(
+    table: &mut Table<(&str, u64), &[u8]>,
+    uid: &str,
+    count: usize,
+    keys: &[u8],
+) -> Result<(), Box<dyn std::error::Error>> {
+    if count == 0 {
+        return Ok(());
+    }
+    let total = match table.range((uid, 0)..=(uid, u64::MAX))?.next_back() {
+        Some(entry) => {
+            let (k, v) = entry?;
+            k.value().1 + records::send_chunk_len(v.value())? - 1
+        }
+        None => 0,
+    };
+    let mut buf = Vec::new();
+    records::encode_send_chunk(count, keys, &mut buf);
+    table.insert((uid, total + 1), buf.as_slice())?;
+    let total = total + count as u64;
+    let mut old = Vec::new();
+    for entry in table.range((uid, 0)..=(uid, u64::MAX))? {
+        let (k, v) = entry?;
+        let first = k.value().1;
+        let last = first + records::send_chunk_len(v.value())? - 1;
+        if last + DEDUPE_KEEP as u64 > total {
+            break;
+        }
+        old.push(first);
+    }
+    for first in old {
+        table.remove((uid, first))?;
+    }
+    Ok(())
+}
+
+/// The highest seq in `uid`'s inbox chunks (0 when none).
+fn last_inbox_seq<T>(table: &T, uid: &str) -> Result<u64, Box<dyn std::error::Error>>
+where
+    T: ReadableTable<(&'static str, u64), &'static [u8]>,
+{
+    match table.range((uid, 0)..=(uid, u64::MAX))?.next_back() {
+        Some(entry) => {
+            let (k, v) = entry?;
+            Ok(k.value().1 + records::inbox_chunk_len(v.value())? - 1)
+        }
+        None => Ok(0),
+    }
+}
+
+/// The newest idempotency key in `uid`'s send chunks.
+fn last_send<T>(table: &T, uid: &str) -> Result<Option<(String, u64)>, Box<dyn std::error::Error>>
+where
+    T: ReadableTable<(&'static str, u64), &'static [u8]>,
+{
+    match table.range((uid, 0)..=(uid, u64::MAX))?.next_back() {
+        Some(entry) => Ok(records::decode_send_chunk(entry?.1.value())?.pop()),
+        None => Ok(None),
+    }
+}
+
+/// Converts the layout with one row per message and per key into chunks, and drops its
+/// tables. Old rows hold the whole `Message`, seq included; as a body that still decodes to
+/// the same message (the delivery's seq comes first, the stored one, equal, last).
+fn migrate(
+    txn: &WriteTransaction,
+    inbox: &mut Table<(&str, u64), &[u8]>,
+    sends: &mut Table<(&str, u64), &[u8]>,
+) -> Result<(), StoreError> {
+    let names: Vec<String> = txn
+        .list_tables()
+        .map_err(open_err)?
+        .map(|t| t.name().to_owned())
+        .collect();
+    let has = |t: &str| names.iter().any(|n| n == t);
+    if has(OLD_INBOX.name()) {
+        let old = txn.open_table(OLD_INBOX).map_err(open_err)?;
+        let mut user: Option<(String, UserTail)> = None;
+        let mut write = |user: Option<(String, UserTail)>| -> Result<(), StoreError> {
+            if let Some((uid, u)) = user {
+                for chunk in &u.inbox {
+                    inbox
+                        .insert((uid.as_str(), chunk.first_seq), chunk.bytes.as_slice())
+                        .map_err(open_err)?;
+                }
+            }
+            Ok(())
+        };
+        for entry in old.iter().map_err(open_err)? {
+            let (k, v) = entry.map_err(open_err)?;
+            let (uid, seq) = k.value();
+            if user.as_ref().is_none_or(|(u, _)| u != uid) {
+                write(user.replace((uid.to_owned(), UserTail::default())))?;
+            }
+            let m = proto::Message::decode(v.value())
+                .map_err(|_| open_err(Corrupt("an old inbox row")))?;
+            if let Some((_, u)) = user.as_mut() {
+                u.push_message(seq, m.server_time_ms, v.value());
+            }
+        }
+        write(user)?;
+        drop(old);
+        txn.delete_table(OLD_INBOX).map_err(open_err)?;
+    }
+    if has(OLD_DEDUPE_ORDER.name()) {
+        let order = txn.open_table(OLD_DEDUPE_ORDER).map_err(open_err)?;
+        let dedupe = txn.open_table(OLD_DEDUPE).map_err(open_err)?;
+        let mut keys: Vec<(String, String, u64)> = Vec::new();
+        for entry in order.iter().map_err(open_err)? {
+            let (k, v) = entry.map_err(open_err)?;
+            let (uid, n) = k.value();
+            let id = v.value();
+            // A key used again later is numbered by its last use only.
+            if let Some(at) = dedupe.get((uid, id)).map_err(open_err)? {
+                let (seq, at) = at.value();
+                if at == n {
+                    keys.push((uid.to_owned(), id.to_owned(), seq));
+                }
+            }
+        }
+        drop((order, dedupe));
+        for group in keys.chunk_by(|a, b| a.0 == b.0) {
+            let mut buf = Vec::new();
+            for (_, id, seq) in group {
+                records::put_send(id, *seq, &mut buf);
+            }
+            write_sends(sends, &group[0].0, group.len(), &buf).map_err(open_err)?;
+        }
+    }
+    txn.delete_table(OLD_DEDUPE_ORDER).map_err(open_err)?;
+    txn.delete_table(OLD_DEDUPE).map_err(open_err)?;
+    txn.delete_table(OLD_DEDUPE_COUNT).map_err(open_err)?;
+    Ok(())
+}
+
 impl Store for RedbStore {
     fn commit(&self, batches: &[&WriteBatch], sync: bool) -> Result<(), String> {
         RedbStore::commit(self, batches, sync).map_err(|e| e.to_string())
+    }
+
+    fn maintain(&self) -> Result<bool, String> {
+        RedbStore::maintain(self).map_err(|e| e.to_string())
     }
 }
 
 impl StoreRead for RedbStore {
     fn max_seq(&self, uid: &str) -> u64 {
-        self.read(|txn| {
-            let t = txn.open_table(INBOX)?;
-            let last = t.range((uid, 0)..=(uid, u64::MAX))?.next_back();
-            Ok(match last {
-                Some(entry) => entry?.0.value().1,
-                None => 0,
-            })
-        })
-        .unwrap_or(0)
+        if let Some(seq) = self.tails().max_seq(uid) {
+            return seq;
+        }
+        self.read(|txn| last_inbox_seq(&txn.open_table(INBOX)?, uid))
+            .unwrap_or(0)
     }
 
     fn messages_after(&self, uid: &str, after: u64, limit: usize) -> Vec<StoredMessage> {
-        if after == u64::MAX {
+        if after == u64::MAX || limit == 0 {
             return Vec::new();
         }
-        self.read(|txn| {
-            let t = txn.open_table(INBOX)?;
-            let mut out = Vec::new();
-            for entry in t.range((uid, after + 1)..=(uid, u64::MAX))?.take(limit) {
-                let (_, v) = entry?;
-                match proto::Message::decode(v.value()) {
-                    Ok(m) => out.push(m.into()),
-                    Err(e) => {
-                        log::error!("corrupt message in the inbox of {uid}: {e}");
+        let (held_from, held) = {
+            let t = self.tails();
+            (t.min_seq(uid), t.messages_after(uid, after, limit))
+        };
+        if held_from.is_some_and(|first| first <= after + 1) {
+            return held;
+        }
+        let mut out = self
+            .read(|txn| {
+                let t = txn.open_table(INBOX)?;
+                let start = match t.range((uid, 0)..=(uid, after + 1))?.next_back() {
+                    Some(entry) => entry?.0.value().1,
+                    None => 0,
+                };
+                let mut out = Vec::new();
+                for entry in t.range((uid, start)..=(uid, u64::MAX))? {
+                    let (k, v) = entry?;
+                    let chunk = records::decode_inbox_chunk(k.value().1, v.value())?;
+                    out.extend(chunk.into_iter().filter(|m| m.seq > after));
+                    if out.len() >= limit {
                         break;
                     }
                 }
-            }
-            Ok(out)
-        })
-        .unwrap_or_default()
+                out.truncate(limit);
+                Ok(out)
+            })
+            .unwrap_or_default();
+        let last = out.last().map_or(after, |m| m.seq);
+        let room = limit - out.len();
+        out.extend(held.into_iter().filter(|m| m.seq > last).take(room));
+        out
     }
 
     fn cursor(&self, uid: &str, device_id: &str) -> u64 {
-        self.read(|txn| {
-            let t = txn.open_table(CURSORS)?;
-            Ok(t.get((uid, device_id))?.map(|v| v.value()).unwrap_or(0))
-        })
-        .unwrap_or(0)
+        let held = self
+            .tails()
+            .cursors(uid)
+            .into_iter()
+            .find(|(d, _)| &**d == device_id)
+            .map_or(0, |(_, s)| s);
+        let stored = self
+            .read(|txn| {
+                let t = txn.open_table(CURSORS)?;
+                Ok(t.get((uid, device_id))?.map(|v| v.value()).unwrap_or(0))
+            })
+            .unwrap_or(0);
+        held.max(stored)
     }
 
     fn cursors(&self, uid: &str) -> Vec<(String, u64)> {
-        self.read(|txn| scan_prefix(&txn.open_table(CURSORS)?, uid, |v| v))
-            .unwrap_or_default()
+        let held = self.tails().cursors(uid);
+        let mut out = self
+            .read(|txn| scan_prefix(&txn.open_table(CURSORS)?, uid, |v| v))
+            .unwrap_or_default();
+        for (d, s) in held {
+            match out.iter_mut().find(|(o, _)| *o == *d) {
+                Some((_, o)) => *o = (*o).max(s),
+                None => out.push((d.to_string(), s)),
+            }
+        }
+        out.sort();
+        out
     }
 
-    fn dedupe(&self, uid: &str, client_msg_id: &str) -> Option<u64> {
-        self.read(|txn| {
-            let t = txn.open_table(DEDUPE)?;
-            Ok(t.get((uid, client_msg_id))?.map(|v| v.value().0))
-        })
-        .flatten()
+    fn recent_sends(&self, uid: &str) -> Vec<(String, u64)> {
+        let held = self.tails().sends(uid);
+        if held.len() >= DEDUPE_KEEP {
+            return held[held.len() - DEDUPE_KEEP..].to_vec();
+        }
+        let first_held = held.first().map_or(u64::MAX, |k| k.1);
+        let mut out = self
+            .read(|txn| {
+                let t = txn.open_table(SENDS)?;
+                let mut chunks = Vec::new();
+                let mut n = held.len();
+                for entry in t.range((uid, 0)..=(uid, u64::MAX))?.rev() {
+                    let keys = records::decode_send_chunk(entry?.1.value())?;
+                    n += keys.len();
+                    chunks.push(keys);
+                    if n >= DEDUPE_KEEP {
+                        break;
+                    }
+                }
+                Ok(chunks
+                    .into_iter()
+                    .rev()
+                    .flatten()
+                    .filter(|k| k.1 < first_held)
+                    .collect::<Vec<_>>())
+            })
+            .unwrap_or_default();
+        out.extend(held);
+        let excess = out.len().saturating_sub(DEDUPE_KEEP);
+        out.drain(..excess);
+        out
     }
 
     fn friends(&self, uid: &str) -> Vec<String> {
@@ -251,7 +596,7 @@ fn scan_prefix<V, T>(
     table: &redb::ReadOnlyTable<(&str, &str), V>,
     uid: &str,
     value: impl Fn(V::SelfType<'_>) -> T,
-) -> Result<Vec<(String, T)>, redb::Error>
+) -> Result<Vec<(String, T)>, Box<dyn std::error::Error>>
 where
     V: redb::Value + 'static,
 {
@@ -270,150 +615,267 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::im::wire;
+    use crate::store::{Append, Body};
+    use redb::ReadableTableMetadata;
+    use std::path::PathBuf;
 
-    fn msg(seq: u64, text: &str) -> StoredMessage {
-        StoredMessage {
+    /// A data directory removed when the test ends.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(name: &str) -> Dir {
+            let d = std::env::temp_dir().join(format!("imgate-redb-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            Dir(d)
+        }
+
+        fn open(&self, log_bytes: usize) -> RedbStore {
+            RedbStore::open(&self.0, 1 << 20, log_bytes).unwrap()
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn body(owner: &str, seq: u64) -> Body {
+        format!("{owner}:{seq}").into_bytes().into()
+    }
+
+    /// Appends seq `seq` to each owner's inbox, with an idempotency key `k{seq}` for the first.
+    fn batch(owners: &[&str], seq: u64) -> WriteBatch {
+        WriteBatch {
+            appends: owners
+                .iter()
+                .map(|o| Append {
+                    owner: (*o).into(),
+                    msg: StoredMessage {
+                        seq,
+                        server_time_ms: seq as i64,
+                        body: body(o, seq),
+                    },
+                })
+                .collect(),
+            sends: vec![(owners[0].into(), format!("k{seq}"), seq)],
+            ..WriteBatch::default()
+        }
+    }
+
+    /// Checks `uid`'s inbox holds exactly seqs 1..=n, each with its own body.
+    fn assert_inbox(s: &RedbStore, uid: &str, n: u64) {
+        assert_eq!(s.max_seq(uid), n, "{uid}");
+        let all = s.messages_after(uid, 0, 10_000);
+        assert_eq!(all.len() as u64, n, "{uid}");
+        for (i, m) in all.iter().enumerate() {
+            assert_eq!(m.seq, i as u64 + 1, "{uid}");
+            assert_eq!(m.body, body(uid, m.seq), "{uid}");
+            assert_eq!(m.server_time_ms, m.seq as i64);
+        }
+        // Any page starts right after `after`.
+        for after in [0, n / 3, n.saturating_sub(1), n] {
+            let page = s.messages_after(uid, after, 7);
+            let want: Vec<u64> = (after + 1..=n).take(7).collect();
+            assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), want);
+        }
+    }
+
+    fn log_len(s: &RedbStore) -> u64 {
+        let txn = s.db.begin_read().unwrap();
+        let t = txn.open_table(LOG).unwrap();
+        ReadableTableMetadata::len(&t).unwrap()
+    }
+
+    #[test]
+    fn reads_see_every_commit_across_moves_and_reopens() {
+        let d = Dir::new("moves");
+        {
+            // A limit of one byte: every maintenance step moves what is logged.
+            let s = d.open(1);
+            for seq in 1..=300 {
+                s.commit(&[&batch(&["a", "b"], seq)], seq % 50 == 0)
+                    .unwrap();
+                if seq % 7 == 0 {
+                    s.maintain().unwrap();
+                }
+                assert_eq!(s.max_seq("a"), seq);
+            }
+            assert_inbox(&s, "a", 300);
+            assert_inbox(&s, "b", 300);
+            assert_eq!(s.recent_sends("a").len(), 300);
+            assert!(s.recent_sends("b").is_empty());
+        }
+        // Reopened: what was only logged is read back from the log.
+        let s = d.open(usize::MAX);
+        assert_inbox(&s, "a", 300);
+        let keys = s.recent_sends("a");
+        assert_eq!(keys.first(), Some(&("k1".to_owned(), 1)));
+        assert_eq!(keys.last(), Some(&("k300".to_owned(), 300)));
+        assert!(log_len(&s) > 0);
+        drop(s);
+        // Everything moved: the log is empty and nothing changed for readers.
+        let s = d.open(1);
+        while s.maintain().unwrap() {}
+        assert_eq!(log_len(&s), 0);
+        assert_eq!(s.tails().bytes(), 0);
+        assert_inbox(&s, "a", 300);
+        assert_inbox(&s, "b", 300);
+        assert_eq!(s.recent_sends("a"), keys);
+    }
+
+    #[test]
+    fn a_stop_in_the_middle_of_a_generation_reads_back_only_what_was_not_moved() {
+        let d = Dir::new("half");
+        let users: Vec<String> = (0..600).map(|i| format!("u{i:03}")).collect();
+        {
+            let s = d.open(1);
+            for u in &users {
+                s.commit(&[&batch(&[u], 1)], false).unwrap();
+            }
+            // One slice moves SLICE_USERS of the 600; the log stays whole until the last.
+            assert!(s.move_slice().unwrap());
+            s.commit(&[], true).unwrap();
+            assert_eq!(log_len(&s), 600);
+        }
+        let s = d.open(usize::MAX);
+        for u in &users {
+            assert_inbox(&s, u, 1);
+            assert_eq!(s.recent_sends(u), vec![("k1".to_owned(), 1)], "{u}");
+            s.commit(&[&batch(&[u], 2)], false).unwrap();
+            assert_inbox(&s, u, 2);
+        }
+    }
+
+    #[test]
+    fn keeps_the_newest_send_keys_and_drops_older_chunks() {
+        let d = Dir::new("sends");
+        let s = d.open(1);
+        let n = DEDUPE_KEEP as u64 + 333;
+        for first in (1..=n).step_by(50) {
+            let mut b = WriteBatch::default();
+            for seq in first..(first + 50).min(n + 1) {
+                b.sends.push(("a".into(), format!("k{seq}"), seq));
+            }
+            s.commit(&[&b], false).unwrap();
+            while s.maintain().unwrap() {}
+        }
+        let keys = s.recent_sends("a");
+        let want: Vec<(String, u64)> = (n - DEDUPE_KEEP as u64 + 1..=n)
+            .map(|seq| (format!("k{seq}"), seq))
+            .collect();
+        assert_eq!(keys, want);
+        // Chunks of only older keys are gone: at most one chunk's worth beyond the newest.
+        let txn = s.db.begin_read().unwrap();
+        let t = txn.open_table(SENDS).unwrap();
+        let stored: u64 = t
+            .range(("a", 0)..=("a", u64::MAX))
+            .unwrap()
+            .map(|e| records::send_chunk_len(e.unwrap().1.value()).unwrap())
+            .sum();
+        assert!(stored < DEDUPE_KEEP as u64 + 50, "{stored} keys kept");
+    }
+
+    #[test]
+    fn cursors_only_move_forward_and_friendships_go_both_ways() {
+        let d = Dir::new("cursors");
+        let s = d.open(usize::MAX);
+        let cursor = |seq| WriteBatch {
+            cursors: vec![("b".into(), "phone".into(), seq)],
+            friendships: vec![
+                ("a".into(), "b".into(), true),
+                ("a".into(), "c".into(), true),
+            ],
+            ..WriteBatch::default()
+        };
+        s.commit(&[&cursor(5), &cursor(3)], false).unwrap();
+        assert_eq!(s.cursor("b", "phone"), 5);
+        assert_eq!(s.cursors("b"), vec![("phone".to_owned(), 5)]);
+        assert_eq!(s.friends("a"), vec!["b".to_owned(), "c".to_owned()]);
+        assert_eq!(s.friends("b"), vec!["a".to_owned()]);
+        drop(s);
+        let s = d.open(1);
+        s.commit(&[&cursor(2)], false).unwrap();
+        while s.maintain().unwrap() {}
+        assert_eq!(s.cursor("b", "phone"), 5, "a cursor never moves back");
+        s.commit(
+            &[&WriteBatch {
+                friendships: vec![("b".into(), "a".into(), false)],
+                ..WriteBatch::default()
+            }],
+            false,
+        )
+        .unwrap();
+        assert!(s.friends("a") == vec!["c".to_owned()] && s.friends("b").is_empty());
+    }
+
+    #[test]
+    fn the_layout_with_a_row_per_message_is_converted_at_open() {
+        let d = Dir::new("convert");
+        std::fs::create_dir_all(&d.0).unwrap();
+        let old_message = |seq: u64| proto::Message {
             seq,
             from_uid: "a".into(),
             to_uid: "b".into(),
-            client_msg_id: format!("c{seq}"),
-            from_device: "d".into(),
-            content: text.as_bytes().to_vec(),
-            server_time_ms: 5,
-        }
-    }
-
-    #[test]
-    fn survives_reopen_and_reads_what_it_wrote() {
-        let dir = std::env::temp_dir().join(format!("imgate-redb-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+            client_msg_id: format!("k{seq}"),
+            content: format!("hello {seq}").into_bytes(),
+            server_time_ms: 1_000 + seq as i64,
+            from_device: "phone".into(),
+        };
         {
-            let s = RedbStore::open(&dir, 1 << 20).unwrap();
-            let batch = WriteBatch {
-                appends: (1..=3)
-                    .map(|i| ("b".to_owned(), std::sync::Arc::new(msg(i, "hi"))))
-                    .collect(),
-                dedupe: vec![("a".into(), "c1".into(), 1)],
-                cursors: vec![("b".into(), "phone".into(), 2)],
-                friendships: vec![
-                    ("a".into(), "b".into(), true),
-                    ("a".into(), "c".into(), true),
-                ],
-            };
-            s.commit(&[&batch], true).unwrap();
-        }
-        let s = RedbStore::open(&dir, 1 << 20).unwrap();
-        assert_eq!(s.max_seq("b"), 3);
-        assert_eq!(s.max_seq("a"), 0);
-        assert_eq!(
-            s.messages_after("b", 1, 10),
-            vec![msg(2, "hi"), msg(3, "hi")]
-        );
-        assert_eq!(s.messages_after("b", 0, 1).len(), 1);
-        assert_eq!(s.cursor("b", "phone"), 2);
-        assert_eq!(s.cursors("b"), vec![("phone".to_owned(), 2)]);
-        assert!(s.cursors("a").is_empty());
-        assert_eq!(s.dedupe("a", "c1"), Some(1));
-        assert_eq!(s.friends("a"), vec!["b".to_owned(), "c".to_owned()]);
-        assert_eq!(s.friends("b"), vec!["a".to_owned()]);
-        // Cursors never move back; friendships can be removed.
-        let batch = WriteBatch {
-            cursors: vec![("b".into(), "phone".into(), 1)],
-            friendships: vec![("b".into(), "a".into(), false)],
-            ..WriteBatch::default()
-        };
-        s.commit(&[&batch], false).unwrap();
-        assert_eq!(s.cursor("b", "phone"), 2);
-        assert!(s.friends("a") == vec!["c".to_owned()] && s.friends("b").is_empty());
-        drop(s);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn keeps_the_newest_dedupe_keys() {
-        let dir = std::env::temp_dir().join(format!("imgate-redb-dedupe-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let s = RedbStore::open(&dir, 1 << 20).unwrap();
-        let n = DEDUPE_KEEP as u64 + 10;
-        let batch = WriteBatch {
-            dedupe: (1..=n)
-                .map(|i| ("a".to_owned(), format!("k{i}"), i))
-                .collect(),
-            ..WriteBatch::default()
-        };
-        s.commit(&[&batch], false).unwrap();
-        assert_eq!(s.dedupe("a", "k1"), None, "the oldest are forgotten");
-        assert_eq!(s.dedupe("a", "k11"), Some(11), "the newest 1000 are kept");
-        assert_eq!(s.dedupe("a", &format!("k{n}")), Some(n));
-        // A forgotten id used again is a new key; forgetting its old entry must not drop it.
-        let reuse = |id: &str, seq| WriteBatch {
-            dedupe: vec![("a".to_owned(), id.to_owned(), seq)],
-            ..WriteBatch::default()
-        };
-        s.commit(&[&reuse("k5", n + 1)], false).unwrap();
-        let fillers: Vec<WriteBatch> = (0..DEDUPE_KEEP as u64)
-            .map(|i| reuse(&format!("f{i}"), n + 2 + i))
-            .collect();
-        let fillers: Vec<&WriteBatch> = fillers.iter().collect();
-        // k11..k1010 and then the filler keys push out k5's old number long before its new one.
-        s.commit(&fillers[..DEDUPE_KEEP - 10], false).unwrap();
-        assert_eq!(
-            s.dedupe("a", "k5"),
-            Some(n + 1),
-            "the reused id is still known"
-        );
-        s.commit(&fillers[DEDUPE_KEEP - 10..], false).unwrap();
-        assert_eq!(
-            s.dedupe("a", "k5"),
-            None,
-            "and forgotten after 1000 newer ones"
-        );
-        drop(s);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn an_older_data_dir_keeps_its_dedupe_numbering_and_loses_the_counter_table() {
-        let dir = std::env::temp_dir().join(format!("imgate-redb-counter-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        {
-            // The earlier layout: keys 1..=3 of "a", counted in a table of their own.
-            let db = Database::create(dir.join("imgate.redb")).unwrap();
+            let db = Database::create(d.0.join("imgate.redb")).unwrap();
             let txn = db.begin_write().unwrap();
             {
-                let mut order = txn.open_table(DEDUPE_ORDER).unwrap();
-                let mut dedupe = txn.open_table(DEDUPE).unwrap();
-                for n in 1..=3u64 {
-                    let id = format!("k{n}");
-                    order.insert(("a", n), id.as_str()).unwrap();
-                    dedupe.insert(("a", id.as_str()), (n, n)).unwrap();
+                let mut inbox = txn.open_table(OLD_INBOX).unwrap();
+                let mut order = txn.open_table(OLD_DEDUPE_ORDER).unwrap();
+                let mut dedupe = txn.open_table(OLD_DEDUPE).unwrap();
+                for seq in 1..=300u64 {
+                    for uid in ["a", "b"] {
+                        let m = old_message(seq).encode_to_vec();
+                        inbox.insert((uid, seq), m.as_slice()).unwrap();
+                    }
+                    let id = format!("k{seq}");
+                    order.insert(("a", seq), id.as_str()).unwrap();
+                    dedupe.insert(("a", id.as_str()), (seq, seq)).unwrap();
                 }
-                txn.open_table(RETIRED_DEDUPE_COUNT)
+                // An id used again later counts at its last use only.
+                order.insert(("a", 301), "k1").unwrap();
+                dedupe.insert(("a", "k1"), (301, 301)).unwrap();
+                txn.open_table(OLD_DEDUPE_COUNT)
                     .unwrap()
-                    .insert("a", 3)
+                    .insert("a", 301)
+                    .unwrap();
+                txn.open_table(CURSORS)
+                    .unwrap()
+                    .insert(("b", "phone"), 7)
                     .unwrap();
             }
             txn.commit().unwrap();
         }
-        let s = RedbStore::open(&dir, 1 << 20).unwrap();
-        let batch = WriteBatch {
-            dedupe: vec![("a".to_owned(), "k4".to_owned(), 9)],
-            ..WriteBatch::default()
-        };
-        s.commit(&[&batch], false).unwrap();
+        let s = d.open(usize::MAX);
+        for uid in ["a", "b"] {
+            assert_eq!(s.max_seq(uid), 300);
+            let msgs = s.messages_after(uid, 0, 1000);
+            assert_eq!(msgs.len(), 300);
+            for m in &msgs {
+                assert_eq!(wire::to_proto(m).unwrap(), old_message(m.seq));
+                assert_eq!(m.server_time_ms, 1_000 + m.seq as i64);
+            }
+        }
+        let keys = s.recent_sends("a");
+        assert_eq!(keys.len(), 300);
+        assert_eq!(keys.first(), Some(&("k2".to_owned(), 2)));
+        assert_eq!(keys.last(), Some(&("k1".to_owned(), 301)));
+        assert_eq!(s.cursor("b", "phone"), 7);
         let txn = s.db.begin_read().unwrap();
         let names: Vec<String> = txn
             .list_tables()
             .unwrap()
-            .map(|t| redb::TableHandle::name(&t).to_owned())
+            .map(|t| t.name().to_owned())
             .collect();
-        assert!(!names.iter().any(|n| n == "dedupe_count"), "{names:?}");
-        let order = txn.open_table(DEDUPE_ORDER).unwrap();
-        assert_eq!(order.get(("a", 4)).unwrap().unwrap().value(), "k4");
-        assert_eq!(s.dedupe("a", "k1"), Some(1));
-        assert_eq!(s.dedupe("a", "k4"), Some(9));
-        drop((order, txn, s));
-        let _ = std::fs::remove_dir_all(&dir);
+        for old in ["inbox", "dedupe_v2", "dedupe_order", "dedupe_count"] {
+            assert!(!names.iter().any(|n| n == old), "{old} in {names:?}");
+        }
     }
 }

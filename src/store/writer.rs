@@ -37,7 +37,27 @@ impl Writer {
         let thread = std::thread::Builder::new()
             .name("imgate-store".into())
             .spawn(move || {
-                while let Ok(first) = jobs_rx.recv() {
+                // Whether the store has upkeep due: then waiting for a job must not block.
+                let mut upkeep = false;
+                loop {
+                    let first = if upkeep {
+                        match jobs_rx.try_recv() {
+                            Ok(job) => job,
+                            Err(mpsc::TryRecvError::Empty) => {
+                                match store.maintain() {
+                                    Ok(more) => upkeep = more,
+                                    Err(e) => return fail(&done_tx, &waker, e),
+                                }
+                                continue;
+                            }
+                            Err(mpsc::TryRecvError::Disconnected) => break,
+                        }
+                    } else {
+                        match jobs_rx.recv() {
+                            Ok(job) => job,
+                            Err(_) => break,
+                        }
+                    };
                     let mut last = first.0;
                     let mut batches = vec![first.1];
                     while let Ok((id, b)) = jobs_rx.try_recv() {
@@ -46,24 +66,26 @@ impl Writer {
                     }
                     let started = std::time::Instant::now();
                     let refs: Vec<&WriteBatch> = batches.iter().map(|b| &**b).collect();
-                    let report = match store.commit(&refs, sync) {
-                        Ok(()) => Done::Committed(last, started.elapsed()),
-                        Err(e) => Done::Failed(e),
-                    };
-                    let failed = matches!(report, Done::Failed(_));
-                    if done_tx.send(report).is_err() {
+                    if let Err(e) = store.commit(&refs, sync) {
+                        return fail(&done_tx, &waker, e);
+                    }
+                    if done_tx
+                        .send(Done::Committed(last, started.elapsed()))
+                        .is_err()
+                    {
                         return;
                     }
                     let _ = waker.wake();
-                    if failed {
-                        return;
+                    // One step after every commit, so that upkeep keeps pace under steady
+                    // load, when a job is always waiting.
+                    match store.maintain() {
+                        Ok(more) => upkeep = more,
+                        Err(e) => return fail(&done_tx, &waker, e),
                     }
                 }
-                // The loop is gone: make whatever a no-sync commit left in memory durable.
-                if !sync {
-                    if let Err(e) = store.commit(&[], true) {
-                        log::error!("final store sync failed: {e}");
-                    }
+                // The loop is gone: make everything durable, whatever the durability setting.
+                if let Err(e) = store.commit(&[], true) {
+                    log::error!("final store sync failed: {e}");
                 }
             })?;
         Ok(Writer {
@@ -84,6 +106,12 @@ impl Writer {
     pub fn completed(&self) -> mpsc::TryIter<'_, Done> {
         self.done.try_iter()
     }
+}
+
+/// Reports a failed write and stops the thread: nothing may be acknowledged after it.
+fn fail(done: &mpsc::Sender<Done>, waker: &mio::Waker, e: String) {
+    let _ = done.send(Done::Failed(e));
+    let _ = waker.wake();
 }
 
 impl Drop for Writer {

@@ -252,10 +252,15 @@ impl Connection {
 
     /// Appends a data message. Returns false (and writes nothing) unless the connection is open.
     pub fn send(&self, kind: MessageKind, payload: &[u8], out: &mut Vec<u8>) -> bool {
+        self.send_parts(kind, &[payload], out)
+    }
+
+    /// Appends a data message whose payload is `parts` in order, without joining them first.
+    pub fn send_parts(&self, kind: MessageKind, parts: &[&[u8]], out: &mut Vec<u8>) -> bool {
         if self.state != State::Open {
             return false;
         }
-        frame::write_frame(out, kind.opcode(), payload);
+        frame::write_frame_parts(out, kind.opcode(), parts);
         true
     }
 

@@ -157,9 +157,17 @@ pub fn write_header(out: &mut Vec<u8>, fin: bool, opcode: OpCode, len: usize) {
 
 /// Appends a complete unmasked server frame.
 pub fn write_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
-    out.reserve(MAX_HEADER_LEN + payload.len());
-    write_header(out, true, opcode, payload.len());
-    out.extend_from_slice(payload);
+    write_frame_parts(out, opcode, &[payload]);
+}
+
+/// Appends a complete unmasked server frame whose payload is `parts` in order.
+pub fn write_frame_parts(out: &mut Vec<u8>, opcode: OpCode, parts: &[&[u8]]) {
+    let len = parts.iter().map(|p| p.len()).sum();
+    out.reserve(MAX_HEADER_LEN + len);
+    write_header(out, true, opcode, len);
+    for p in parts {
+        out.extend_from_slice(p);
+    }
 }
 
 /// Appends a Close frame carrying `code` and `reason` (§5.5.1).

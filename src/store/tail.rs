@@ -1,0 +1,359 @@
+//! Committed writes that so far live only in the commit log, kept in memory per user so that
+//! reads see them: inbox messages, idempotency keys and cursors.
+//!
+//! Two generations. `active` takes every commit. Once it holds more than the configured
+//! bytes it is frozen as `flushing` and a fresh `active` starts; the storage thread then moves
+//! the users of `flushing` into the per-user tables a few at a time, reading the frozen
+//! generation without the lock, and the log records up to its last one go with its last
+//! users.
+//!
+//! Invariants: for one user, `flushing` holds older entries than `active`; each keeps the
+//! user's inbox seqs contiguous and ascending, and its keys in send order. A user of
+//! `flushing` listed in `flushed` is in the tables and no longer read from here.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use super::records::{self, InboxChunk};
+use super::{StoredMessage, WriteBatch};
+
+/// What entries weigh, roughly, beyond their strings and bodies.
+const KEY_OVERHEAD: usize = 10;
+const CURSOR_OVERHEAD: usize = 48;
+/// An inbox chunk ends after this many messages or once it holds this many bytes.
+const CHUNK_MESSAGES: u64 = 256;
+const CHUNK_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct UserTail {
+    /// Inbox messages, encoded as the chunks they will be stored as (so moving them is one
+    /// insert per chunk and no copy of a message body is kept alive): consecutive seqs.
+    pub inbox: Vec<InboxChunk>,
+    /// Idempotency keys in send order, encoded by [`records::put_send`].
+    pub sends: Vec<u8>,
+    pub send_count: usize,
+    /// (device_id, seq), the newest per device.
+    pub cursors: Vec<(Arc<str>, u64)>,
+}
+
+impl UserTail {
+    /// Appends the message of seq `seq` (the next one, or it starts a new chunk).
+    pub fn push_message(&mut self, seq: u64, server_time_ms: i64, body: &[u8]) -> usize {
+        let room = self.inbox.last().is_some_and(|c| {
+            c.next_seq() == seq && c.len() < CHUNK_MESSAGES && c.bytes.len() < CHUNK_BYTES
+        });
+        if !room {
+            // A user whose last chunk filled up will likely fill the next: size it for that
+            // at once instead of growing it by doubling.
+            let capacity = self
+                .inbox
+                .last()
+                .map_or(512, |c| c.bytes.len().min(CHUNK_BYTES + CHUNK_BYTES / 16));
+            self.inbox.push(InboxChunk::new(seq, capacity));
+        }
+        let Some(chunk) = self.inbox.last_mut() else {
+            return 0;
+        };
+        let before = chunk.bytes.capacity();
+        chunk.push(server_time_ms, body);
+        // What the chunk's buffer grew by, so that the limit counts real memory.
+        chunk.bytes.capacity() - if room { before } else { 0 }
+    }
+
+    pub fn push_send(&mut self, id: &str, seq: u64) -> usize {
+        let before = self.sends.len();
+        records::put_send(id, seq, &mut self.sends);
+        self.send_count += 1;
+        KEY_OVERHEAD + self.sends.len() - before
+    }
+
+    pub fn set_cursor(&mut self, device: &Arc<str>, seq: u64) -> usize {
+        match self.cursors.iter_mut().find(|(d, _)| d == device) {
+            Some((_, s)) => {
+                *s = (*s).max(seq);
+                0
+            }
+            None => {
+                self.cursors.push((device.clone(), seq));
+                CURSOR_OVERHEAD + device.len()
+            }
+        }
+    }
+
+    fn sends(&self) -> impl Iterator<Item = (String, u64)> {
+        // Written by `push_send` only: it always decodes.
+        records::decode_sends(&self.sends)
+            .unwrap_or_default()
+            .into_iter()
+    }
+}
+
+/// One generation.
+#[derive(Debug, Default)]
+pub struct Tail {
+    users: HashMap<Arc<str>, UserTail>,
+    bytes: usize,
+    /// The newest log record whose entries are in here.
+    last_log: u64,
+}
+
+impl Tail {
+    /// The entries of `uid`, created if missing; `bytes` grows by what `f` reports.
+    pub fn with_user(&mut self, uid: &Arc<str>, f: impl FnOnce(&mut UserTail) -> usize) {
+        let user = match self.users.get_mut(&**uid) {
+            Some(u) => u,
+            None => self.users.entry(uid.clone()).or_default(),
+        };
+        self.bytes += f(user);
+    }
+
+    pub fn set_last_log(&mut self, id: u64) {
+        self.last_log = self.last_log.max(id);
+    }
+
+    pub fn user(&self, uid: &str) -> Option<&UserTail> {
+        self.users.get(uid)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Tails {
+    active: Tail,
+    flushing: Arc<Tail>,
+    /// The users of `flushing`, in the order they are moved; `flushed` of them are done.
+    order: Vec<Arc<str>>,
+    flushed: usize,
+    /// `order[..flushed]`, for reads.
+    done: HashSet<Arc<str>>,
+}
+
+/// Users of the flushing generation to move into the tables in one transaction.
+#[derive(Debug)]
+pub struct Slice {
+    pub generation: Arc<Tail>,
+    pub users: Vec<Arc<str>>,
+    /// The log records up to this id can go in the same transaction (none when 0): these
+    /// are the last users of the generation.
+    pub drop_log_upto: u64,
+}
+
+impl Tails {
+    /// Adds a committed batch, logged as record `log_id`.
+    pub fn apply(&mut self, log_id: u64, batch: &WriteBatch) {
+        let t = &mut self.active;
+        for a in &batch.appends {
+            let m = &a.msg;
+            t.with_user(&a.owner, |u| {
+                u.push_message(m.seq, m.server_time_ms, &m.body)
+            });
+        }
+        for (uid, id, seq) in &batch.sends {
+            t.with_user(uid, |u| u.push_send(id, *seq));
+        }
+        for (uid, device, seq) in &batch.cursors {
+            t.with_user(uid, |u| u.set_cursor(device, *seq));
+        }
+        t.set_last_log(log_id);
+    }
+
+    /// The generation that takes new entries (for replaying the log at start-up).
+    pub fn active_mut(&mut self) -> &mut Tail {
+        &mut self.active
+    }
+
+    /// Bytes held in both generations.
+    pub fn bytes(&self) -> usize {
+        self.active.bytes + self.flushing.bytes
+    }
+
+    /// `uid`'s entries, oldest generation first.
+    fn user(&self, uid: &str) -> impl Iterator<Item = &UserTail> {
+        let flushing = self.flushing.user(uid).filter(|_| !self.done.contains(uid));
+        [flushing, self.active.user(uid)].into_iter().flatten()
+    }
+
+    /// The highest seq of `uid`'s inbox held here.
+    pub fn max_seq(&self, uid: &str) -> Option<u64> {
+        self.user(uid)
+            .filter_map(|u| u.inbox.last())
+            .map(|c| c.next_seq() - 1)
+            .last()
+    }
+
+    /// The lowest seq of `uid`'s inbox held here: everything from it up is here.
+    pub fn min_seq(&self, uid: &str) -> Option<u64> {
+        self.user(uid)
+            .find_map(|u| u.inbox.first())
+            .map(|c| c.first_seq)
+    }
+
+    /// Up to `limit` messages of `uid` held here with seq > `after`, in seq order.
+    pub fn messages_after(&self, uid: &str, after: u64, limit: usize) -> Vec<StoredMessage> {
+        let mut out = Vec::new();
+        for u in self.user(uid) {
+            let skip = u.inbox.partition_point(|c| c.next_seq() <= after + 1);
+            for c in &u.inbox[skip..] {
+                if out.len() >= limit {
+                    return out;
+                }
+                c.messages_after(after, limit - out.len(), &mut out);
+            }
+        }
+        out
+    }
+
+    /// `uid`'s idempotency keys held here, in send order.
+    pub fn sends(&self, uid: &str) -> Vec<(String, u64)> {
+        self.user(uid).flat_map(|u| u.sends()).collect()
+    }
+
+    /// `uid`'s cursors held here: (device, seq), the newest per device.
+    pub fn cursors(&self, uid: &str) -> Vec<(Arc<str>, u64)> {
+        let mut out: Vec<(Arc<str>, u64)> = Vec::new();
+        for (d, s) in self.user(uid).flat_map(|u| u.cursors.iter()) {
+            match out.iter_mut().find(|(o, _)| o == d) {
+                Some((_, o)) => *o = (*o).max(*s),
+                None => out.push((d.clone(), *s)),
+            }
+        }
+        out
+    }
+
+    /// Freezes the active generation for flushing when it holds more than `limit` bytes and
+    /// no other generation is being flushed. Returns whether a generation is being flushed.
+    pub fn rotate(&mut self, limit: usize) -> bool {
+        if self.order.is_empty() && self.active.bytes > limit {
+            let frozen = std::mem::take(&mut self.active);
+            self.order = frozen.users.keys().cloned().collect();
+            self.flushed = 0;
+            self.flushing = Arc::new(frozen);
+        }
+        !self.order.is_empty()
+    }
+
+    /// The next (up to) `max_users` users of the flushing generation to move, if any.
+    pub fn next_slice(&self, max_users: usize) -> Option<Slice> {
+        if self.order.is_empty() {
+            return None;
+        }
+        let end = (self.flushed + max_users).min(self.order.len());
+        Some(Slice {
+            generation: self.flushing.clone(),
+            users: self.order[self.flushed..end].to_vec(),
+            drop_log_upto: if end == self.order.len() {
+                self.flushing.last_log
+            } else {
+                0
+            },
+        })
+    }
+
+    /// The users of `slice` are in the tables now (committed). When they were the last, the
+    /// generation is returned, for the caller to free outside the lock.
+    pub fn flushed(&mut self, slice: &Slice) -> Option<Arc<Tail>> {
+        self.flushed += slice.users.len();
+        if self.flushed < self.order.len() {
+            self.done.extend(slice.users.iter().cloned());
+            return None;
+        }
+        self.order.clear();
+        self.done.clear();
+        self.flushed = 0;
+        Some(std::mem::take(&mut self.flushing))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Append;
+
+    fn batch(owner: &str, seqs: std::ops::RangeInclusive<u64>) -> WriteBatch {
+        WriteBatch {
+            appends: seqs
+                .clone()
+                .map(|seq| Append {
+                    owner: owner.into(),
+                    msg: StoredMessage {
+                        seq,
+                        server_time_ms: 1,
+                        body: vec![b'x'; 100].into(),
+                    },
+                })
+                .collect(),
+            sends: seqs.map(|s| (owner.into(), format!("k{s}"), s)).collect(),
+            cursors: vec![(owner.into(), "phone".into(), 1)],
+            friendships: vec![],
+        }
+    }
+
+    fn seqs(v: &[StoredMessage]) -> Vec<u64> {
+        v.iter().map(|m| m.seq).collect()
+    }
+
+    #[test]
+    fn reads_span_both_generations_in_order() {
+        let mut t = Tails::default();
+        t.apply(1, &batch("a", 1..=3));
+        assert!(!t.rotate(1_000_000), "under the limit: nothing to flush");
+        assert!(t.rotate(100));
+        t.apply(2, &batch("a", 4..=5));
+        t.apply(2, &batch("b", 1..=1));
+        assert_eq!(t.max_seq("a"), Some(5));
+        assert_eq!(t.min_seq("a"), Some(1));
+        assert_eq!(t.min_seq("b"), Some(1));
+        assert_eq!(t.max_seq("c"), None);
+        assert_eq!(seqs(&t.messages_after("a", 0, 10)), vec![1, 2, 3, 4, 5]);
+        assert_eq!(seqs(&t.messages_after("a", 2, 2)), vec![3, 4]);
+        assert_eq!(seqs(&t.messages_after("a", 5, 2)), Vec::<u64>::new());
+        assert_eq!(
+            t.sends("a"),
+            (1..=5).map(|s| (format!("k{s}"), s)).collect::<Vec<_>>()
+        );
+        // One cursor per device, the newest.
+        let mut b = WriteBatch::default();
+        b.cursors.push(("a".into(), "phone".into(), 4));
+        b.cursors.push(("a".into(), "laptop".into(), 2));
+        t.apply(3, &b);
+        assert_eq!(
+            t.cursors("a"),
+            vec![(Arc::from("phone"), 4), (Arc::from("laptop"), 2)]
+        );
+        assert!(t.rotate(0));
+        let s = t.next_slice(10).unwrap();
+        assert_eq!(
+            s.users.iter().map(|u| &**u).collect::<Vec<_>>(),
+            vec!["a"],
+            "one generation flushes at a time"
+        );
+    }
+
+    #[test]
+    fn flushing_goes_a_slice_at_a_time_and_the_last_one_drops_the_log() {
+        let mut t = Tails::default();
+        for (i, u) in ["a", "b", "c"].iter().enumerate() {
+            t.apply(i as u64 + 1, &batch(u, 1..=2));
+        }
+        let before = t.bytes();
+        assert!(before > 3 * 200);
+        assert!(t.rotate(0));
+        t.apply(9, &batch("a", 3..=3));
+        let s = t.next_slice(2).unwrap();
+        assert_eq!((s.users.len(), s.drop_log_upto), (2, 0));
+        assert!(t.flushed(&s).is_none());
+        // Moved users are read from the tables, no longer from here.
+        for u in &s.users {
+            let want: &[u64] = if &**u == "a" { &[3] } else { &[] };
+            assert_eq!(seqs(&t.messages_after(u, 0, 10)), want);
+        }
+        let s = t.next_slice(2).unwrap();
+        assert_eq!((s.users.len(), s.drop_log_upto), (1, 3));
+        let generation = t.flushed(&s).expect("the last slice frees the generation");
+        assert_eq!(generation.user("b").map(|u| u.inbox[0].len()), Some(2));
+        assert!(t.next_slice(2).is_none());
+        // Only the active generation's entries are left, and the next rotation may start.
+        assert_eq!(seqs(&t.messages_after("a", 0, 10)), vec![3]);
+        assert!(t.bytes() < before / 3);
+        assert!(t.rotate(0));
+    }
+}
