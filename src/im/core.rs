@@ -255,10 +255,10 @@ fn valid_id(s: &str) -> bool {
 /// Most content bytes in one SyncResult (a page holds at least one message).
 pub const SYNC_MAX_BYTES: usize = 1024 * 1024;
 
-/// How many committed messages per cached user are kept for live delivery. A device that
-/// keeps up needs only what the last commit added; one that lags reads the store, whose
-/// newest messages are in memory too. Kept small: the oldest of them is dropped on every
-/// append, and it should still be in the cache then.
+/// How many committed messages per cached user are kept, at most, for live delivery of
+/// devices that lag a little (a window that waits for an ack); messages every device has
+/// been sent are dropped at once. A device that lags more reads the store, whose newest
+/// messages are in memory too.
 const RECENT_KEEP: usize = 16;
 
 impl Core {
@@ -435,8 +435,15 @@ impl Core {
         }
         let id = self.next_batch;
         self.next_batch += 1;
-        let batch = Arc::new(std::mem::take(&mut self.batch));
-        let deferred = std::mem::take(&mut self.deferred);
+        // The next turn likely writes as much: room for it at once, not by doubling.
+        let next = WriteBatch {
+            appends: Vec::with_capacity(self.batch.appends.len()),
+            sends: Vec::with_capacity(self.batch.sends.len()),
+            ..WriteBatch::default()
+        };
+        let batch = Arc::new(std::mem::replace(&mut self.batch, next));
+        let room = self.deferred.len();
+        let deferred = std::mem::replace(&mut self.deferred, Vec::with_capacity(room));
         self.in_flight.push_back((id, batch.clone(), deferred));
         Some((id, batch))
     }
@@ -486,8 +493,27 @@ impl Core {
                 for conn in conns.drain(..) {
                     self.pump(conn, now, store);
                 }
+                self.trim_recent(&uid);
                 self.maybe_evict(&uid);
             }
+        }
+    }
+
+    /// Forgets the recent messages every online device of `uid` has been sent: a lagging
+    /// device reads the store, and a message's body is freed while it is still in the cache.
+    fn trim_recent(&mut self, uid: &str) {
+        let Some(user) = self.users.get_mut(uid) else {
+            return;
+        };
+        let passed = user
+            .devices
+            .values()
+            .filter_map(|c| self.sessions.get(c)?.device.as_ref())
+            .map(|d| d.sent_upto)
+            .min()
+            .unwrap_or(u64::MAX);
+        while user.recent.front().is_some_and(|m| m.seq <= passed) {
+            user.recent.pop_front();
         }
     }
 
@@ -866,12 +892,7 @@ impl Core {
         if let Some((_, _, seq)) = pending.find(same) {
             return Some((*seq, true));
         }
-        store
-            .recent_sends(uid)
-            .into_iter()
-            .rev()
-            .find(|(id, _)| id == client_msg_id)
-            .map(|(_, seq)| (seq, false))
+        store.sent(uid, client_msg_id).map(|seq| (seq, false))
     }
 
     fn ack(&mut self, conn: ConnId, seq: u64, now: Now, store: &dyn StoreRead) {

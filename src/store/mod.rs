@@ -74,6 +74,15 @@ pub trait StoreRead {
     /// The newest idempotency keys of `uid` (client_msg_id, seq in the sender's inbox), at most
     /// [`DEDUPE_KEEP`], oldest first.
     fn recent_sends(&self, uid: &str) -> Vec<(String, u64)>;
+    /// The sender-inbox seq of the send of `uid` with this client_msg_id, if it is among the
+    /// newest [`DEDUPE_KEEP`] (the newest such send, should an id have been used again).
+    fn sent(&self, uid: &str, client_msg_id: &str) -> Option<u64> {
+        self.recent_sends(uid)
+            .into_iter()
+            .rev()
+            .find(|(id, _)| id == client_msg_id)
+            .map(|(_, seq)| seq)
+    }
     fn friends(&self, uid: &str) -> Vec<String>;
 }
 

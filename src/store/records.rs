@@ -3,8 +3,7 @@
 //! - a **log record** holds every inbox append, idempotency key and cursor of one commit, in
 //!   order;
 //! - an **inbox chunk** holds consecutive messages of one inbox (its first seq is in the key):
-//!   a `u32` little-endian count, then per message its time and its length-prefixed body. The
-//!   count has a fixed width so that a chunk can be built a message at a time;
+//!   per message its time and its length-prefixed body, so that a chunk grows by appending;
 //! - a **send chunk** holds consecutive idempotency keys of one user.
 //!
 //! Integers are protobuf varints (prost's encoding primitives), strings and bodies are
@@ -162,43 +161,42 @@ pub fn decode_log(mut buf: &[u8]) -> Result<Vec<LogEntry<'_>>, Corrupt> {
     Ok(out)
 }
 
-/// Bytes of an inbox chunk's count.
-const COUNT: usize = 4;
-
 /// An inbox chunk being built a message at a time; always a complete chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboxChunk {
     pub first_seq: u64,
     pub bytes: Vec<u8>,
+    count: u64,
 }
 
 impl InboxChunk {
     /// An empty chunk with room for `capacity` bytes.
     pub fn new(first_seq: u64, capacity: usize) -> InboxChunk {
-        let mut bytes = Vec::with_capacity(capacity.max(COUNT));
-        bytes.extend_from_slice(&[0; COUNT]);
-        InboxChunk { first_seq, bytes }
+        InboxChunk {
+            first_seq,
+            bytes: Vec::with_capacity(capacity),
+            count: 0,
+        }
     }
 
     pub fn len(&self) -> u64 {
-        inbox_chunk_len(&self.bytes).unwrap_or(0)
+        self.count
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.count == 0
     }
 
     /// The seq the next message must have.
     pub fn next_seq(&self) -> u64 {
-        self.first_seq + self.len()
+        self.first_seq + self.count
     }
 
     /// Appends the message of seq `next_seq()`.
     pub fn push(&mut self, server_time_ms: i64, body: &[u8]) {
-        let n = self.len() as u32 + 1;
-        self.bytes[..COUNT].copy_from_slice(&n.to_le_bytes());
         encode_varint(server_time_ms as u64, &mut self.bytes);
         put_bytes(body, &mut self.bytes);
+        self.count += 1;
     }
 
     /// Up to `limit` of its messages with seq > `after`, appended to `out`.
@@ -209,11 +207,14 @@ impl InboxChunk {
 }
 
 /// How many messages an inbox chunk holds.
-pub fn inbox_chunk_len(buf: &[u8]) -> Result<u64, Corrupt> {
-    let count = buf.get(..COUNT).ok_or(Corrupt("truncated inbox chunk"))?;
-    let mut n = [0; COUNT];
-    n.copy_from_slice(count);
-    Ok(u64::from(u32::from_le_bytes(n)))
+pub fn inbox_chunk_len(mut buf: &[u8]) -> Result<u64, Corrupt> {
+    let mut n = 0;
+    while !buf.is_empty() {
+        varint(&mut buf)?;
+        bytes_field(&mut buf)?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// The messages of the inbox chunk that starts at `first_seq`.
@@ -231,14 +232,13 @@ pub fn decode_inbox_chunk_into(
     limit: usize,
     out: &mut Vec<StoredMessage>,
 ) -> Result<(), Corrupt> {
-    let n = inbox_chunk_len(value)?;
-    let mut buf = &value[COUNT..];
+    let mut buf = value;
+    let mut seq = first_seq;
     let mut taken = 0;
-    for i in 0..n {
+    while !buf.is_empty() && taken < limit {
         let server_time_ms = varint(&mut buf)? as i64;
         let body = bytes_field(&mut buf)?;
-        let seq = first_seq + i;
-        if seq > after && taken < limit {
+        if seq > after {
             out.push(StoredMessage {
                 seq,
                 server_time_ms,
@@ -246,9 +246,7 @@ pub fn decode_inbox_chunk_into(
             });
             taken += 1;
         }
-    }
-    if !buf.is_empty() {
-        return Err(Corrupt("trailing bytes in an inbox chunk"));
+        seq += 1;
     }
     Ok(())
 }
@@ -266,13 +264,26 @@ pub fn encode_send_chunk(count: usize, keys: &[u8], out: &mut Vec<u8>) {
 }
 
 /// Keys encoded by [`put_send`] one after the other, in order.
-pub fn decode_sends(mut buf: &[u8]) -> Result<Vec<(String, u64)>, Corrupt> {
+pub fn decode_sends(buf: &[u8]) -> Result<Vec<(String, u64)>, Corrupt> {
     let mut out = Vec::new();
-    while !buf.is_empty() {
-        let id = str_field(&mut buf)?.to_owned();
-        out.push((id, varint(&mut buf)?));
-    }
+    for_each_send(buf, |id, seq| out.push((id.to_owned(), seq)))?;
     Ok(out)
+}
+
+/// Calls `f` with each key encoded by [`put_send`] in `buf`, in order, without copying.
+pub fn for_each_send(mut buf: &[u8], mut f: impl FnMut(&str, u64)) -> Result<(), Corrupt> {
+    while !buf.is_empty() {
+        let id = str_field(&mut buf)?;
+        f(id, varint(&mut buf)?);
+    }
+    Ok(())
+}
+
+/// The keys of a send chunk without its count.
+pub fn send_chunk_keys(buf: &[u8]) -> Result<&[u8], Corrupt> {
+    let mut rest = buf;
+    varint(&mut rest)?;
+    Ok(rest)
 }
 
 /// The keys of a send chunk, in send order.

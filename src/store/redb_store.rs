@@ -584,6 +584,39 @@ impl StoreRead for RedbStore {
         out
     }
 
+    fn sent(&self, uid: &str, client_msg_id: &str) -> Option<u64> {
+        let (held, held_count) = self.tails().find_send(uid, client_msg_id);
+        if let Some((seq, newer)) = held {
+            return (newer < DEDUPE_KEEP).then_some(seq);
+        }
+        if held_count >= DEDUPE_KEEP {
+            return None;
+        }
+        // The newest chunks, newest key first, until DEDUPE_KEEP keys in all were looked at.
+        self.read(|txn| {
+            let t = txn.open_table(SENDS)?;
+            let mut seen = held_count;
+            for entry in t.range((uid, 0)..=(uid, u64::MAX))?.rev() {
+                let (_, v) = entry?;
+                let mut keys = Vec::new();
+                records::for_each_send(records::send_chunk_keys(v.value())?, |k, seq| {
+                    keys.push((k == client_msg_id, seq));
+                })?;
+                for (same, seq) in keys.into_iter().rev() {
+                    if seen >= DEDUPE_KEEP {
+                        return Ok(None);
+                    }
+                    if same {
+                        return Ok(Some(seq));
+                    }
+                    seen += 1;
+                }
+            }
+            Ok(None)
+        })
+        .flatten()
+    }
+
     fn friends(&self, uid: &str) -> Vec<String> {
         self.read(|txn| scan_prefix(&txn.open_table(FRIENDS)?, uid, |()| ()))
             .map(|v| v.into_iter().map(|(friend, ())| friend).collect())
@@ -775,6 +808,30 @@ mod tests {
             .map(|e| records::send_chunk_len(e.unwrap().1.value()).unwrap())
             .sum();
         assert!(stored < DEDUPE_KEEP as u64 + 50, "{stored} keys kept");
+        drop((t, txn));
+        // `sent` knows exactly the newest DEDUPE_KEEP, moved or still logged.
+        let check = |s: &RedbStore, newest: u64| {
+            let oldest = newest - DEDUPE_KEEP as u64 + 1;
+            for seq in [newest, newest - 1, oldest + 1, oldest] {
+                assert_eq!(s.sent("a", &format!("k{seq}")), Some(seq), "k{seq}");
+            }
+            assert_eq!(s.sent("a", &format!("k{}", oldest - 1)), None);
+            assert_eq!(s.sent("a", "never"), None);
+        };
+        check(&s, n);
+        let mut b = WriteBatch::default();
+        for seq in n + 1..=n + 10 {
+            b.sends.push(("a".into(), format!("k{seq}"), seq));
+        }
+        s.commit(&[&b], false).unwrap();
+        check(&s, n + 10);
+        // An id used again counts at its newest use.
+        let reuse = WriteBatch {
+            sends: vec![("a".into(), format!("k{n}"), n + 11)],
+            ..WriteBatch::default()
+        };
+        s.commit(&[&reuse], false).unwrap();
+        assert_eq!(s.sent("a", &format!("k{n}")), Some(n + 11));
     }
 
     #[test]

@@ -207,6 +207,22 @@ impl Tails {
         self.user(uid).flat_map(|u| u.sends()).collect()
     }
 
+    /// The newest key of `uid` held here with this id: its seq and how many keys of `uid`
+    /// came after it; and how many keys of `uid` are held here in all.
+    pub fn find_send(&self, uid: &str, id: &str) -> (Option<(u64, usize)>, usize) {
+        let mut total = 0;
+        let mut found = None;
+        for u in self.user(uid) {
+            let _ = records::for_each_send(&u.sends, |k, seq| {
+                if k == id {
+                    found = Some((seq, total));
+                }
+                total += 1;
+            });
+        }
+        (found.map(|(seq, at)| (seq, total - at - 1)), total)
+    }
+
     /// `uid`'s cursors held here: (device, seq), the newest per device.
     pub fn cursors(&self, uid: &str) -> Vec<(Arc<str>, u64)> {
         let mut out: Vec<(Arc<str>, u64)> = Vec::new();
