@@ -782,6 +782,40 @@ mod tests {
     }
 
     #[test]
+    fn logged_entries_held_in_memory_stay_within_twice_the_limit() {
+        let d = Dir::new("bound");
+        let limit = 64 * 1024;
+        let s = d.open(limit);
+        // More users than one step moves: a generation takes several steps.
+        let users: Vec<String> = (0..600).map(|i| format!("u{i}")).collect();
+        let mut most = 0;
+        for seq in 1..=30u64 {
+            let mut b = WriteBatch::default();
+            for u in &users {
+                b.appends.push(Append {
+                    owner: u.as_str().into(),
+                    msg: StoredMessage {
+                        seq,
+                        server_time_ms: 0,
+                        body: vec![7; 100].into(),
+                    },
+                });
+            }
+            // As the storage thread does: one maintenance step after every commit.
+            s.commit(&[&b], false).unwrap();
+            s.maintain().unwrap();
+            most = most.max(s.log_bytes_held());
+        }
+        // One commit adds about 100 KiB (chunk buffers count by capacity): the first step
+        // after it rotates a generation, and the steps go on until the bound holds.
+        assert!(most <= 2 * limit + 200 * 1024, "held {most} bytes");
+        assert!(log_len(&s) < 30, "moved generations leave the log");
+        for u in &users {
+            assert_eq!(s.messages_after(u, 0, 1000).len(), 30);
+        }
+    }
+
+    #[test]
     fn keeps_the_newest_send_keys_and_drops_older_chunks() {
         let d = Dir::new("sends");
         let s = d.open(1);
