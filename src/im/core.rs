@@ -148,37 +148,67 @@ struct User {
 }
 
 /// Which client_msg_ids a user may have used lately: two generations of blocked Bloom filters
-/// over a keyed 64-bit hash of the id, each of at most [`DEDUPE_KEEP`] keys, so that the
-/// newest `DEDUPE_KEEP` are always covered. A miss is certain; a hit (a retry, or fewer than
-/// one in 1,000 new ids) is confirmed exactly against the pending sends and the store. 8 KiB for
-/// a user that sends, where a map of the keys would take several times that, and a key's
-/// bits share one cache line.
+/// over a keyed 64-bit hash of the id, so that the user's newest [`DEDUPE_KEEP`] ids are
+/// always covered. A miss is certain; a hit (a retry, or fewer than one in 1,000 new ids) is
+/// confirmed exactly against the pending sends and the store.
+///
+/// Sized by use: 32 bits per key, from one 64-byte block for a user with a few sends up to
+/// 4 KiB per generation for one with `DEDUPE_KEEP` (a map of the ids would take several times
+/// that, and miss the cache on every send). A filter smaller than that is rebuilt twice as
+/// large, from the store, when it fills up; a full-size one starts a new generation instead.
 #[derive(Debug)]
 struct SendFilter {
-    current: Box<[u64; FILTER_WORDS]>,
-    previous: Option<Box<[u64; FILTER_WORDS]>>,
-    /// Keys in `current`.
+    current: Box<[u64]>,
+    previous: Option<Box<[u64]>>,
+    /// Keys in `current`, and how many it is sized for.
     count: usize,
+    capacity: usize,
 }
 
-const FILTER_WORDS: usize = 512;
 /// A key's bits all fall in one block of 8 words (a cache line).
 const BLOCK_WORDS: usize = 8;
 const BLOCK_BITS: u64 = 64 * BLOCK_WORDS as u64;
 const FILTER_PROBES: u64 = 8;
+const FILTER_BITS_PER_KEY: usize = 32;
+/// The smallest filter's capacity: one block.
+const FILTER_MIN_KEYS: usize = BLOCK_WORDS * 64 / FILTER_BITS_PER_KEY;
 
 impl SendFilter {
-    fn new() -> SendFilter {
-        SendFilter {
-            current: Box::new([0; FILTER_WORDS]),
+    /// A filter holding `hashes`, sized for twice as many (at most [`DEDUPE_KEEP`]).
+    fn with(mut hashes: Vec<u64>) -> SendFilter {
+        // The same key twice would count twice towards the next generation.
+        hashes.sort_unstable();
+        hashes.dedup();
+        let capacity = (2 * hashes.len())
+            .next_power_of_two()
+            .clamp(FILTER_MIN_KEYS, DEDUPE_KEEP);
+        let mut f = SendFilter {
+            current: Self::blank(capacity),
             previous: None,
             count: 0,
+            capacity,
+        };
+        for h in hashes {
+            f.insert(h);
         }
+        f
     }
 
-    /// The bits of `hash`: a block, then double hashing within it.
-    fn bits(hash: u64) -> impl Iterator<Item = (usize, u64)> {
-        let blocks = (FILTER_WORDS / BLOCK_WORDS) as u64;
+    fn blank(capacity: usize) -> Box<[u64]> {
+        let words = (capacity * FILTER_BITS_PER_KEY / 64)
+            .next_power_of_two()
+            .max(BLOCK_WORDS);
+        vec![0; words].into_boxed_slice()
+    }
+
+    /// Whether it must be rebuilt larger before it takes another key.
+    fn must_grow(&self) -> bool {
+        self.count >= self.capacity && self.capacity < DEDUPE_KEEP
+    }
+
+    /// The bits of `hash` in a filter of `words`: a block, then double hashing within it.
+    fn bits(hash: u64, words: usize) -> impl Iterator<Item = (usize, u64)> {
+        let blocks = (words / BLOCK_WORDS) as u64;
         let block = (hash % blocks) as usize * BLOCK_WORDS;
         let mixed = (hash / blocks).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let (first, step) = (mixed >> 32, (mixed & 0xFFFF_FFFF) | 1);
@@ -189,24 +219,24 @@ impl SendFilter {
     }
 
     fn may_contain(&self, hash: u64) -> bool {
-        let has = |f: &[u64; FILTER_WORDS]| Self::bits(hash).all(|(w, m)| f[w] & m != 0);
+        let has = |f: &[u64]| Self::bits(hash, f.len()).all(|(w, m)| f[w] & m != 0);
         has(&self.current) || self.previous.as_deref().is_some_and(has)
     }
 
     fn insert(&mut self, hash: u64) {
-        if self.count == DEDUPE_KEEP {
-            let fresh = self
-                .previous
-                .take()
-                .map(|mut f| {
+        if self.count >= self.capacity {
+            // Full size: the current generation becomes the previous one.
+            let fresh = match self.previous.take() {
+                Some(mut f) if f.len() == self.current.len() => {
                     f.fill(0);
                     f
-                })
-                .unwrap_or_else(|| Box::new([0; FILTER_WORDS]));
+                }
+                _ => Self::blank(self.capacity),
+            };
             self.previous = Some(std::mem::replace(&mut self.current, fresh));
             self.count = 0;
         }
-        for (w, m) in Self::bits(hash) {
+        for (w, m) in Self::bits(hash, self.current.len()) {
             self.current[w] |= m;
         }
         self.count += 1;
@@ -871,14 +901,27 @@ impl Core {
         client_msg_id: &str,
         store: &dyn StoreRead,
     ) -> Option<(u64, bool)> {
-        let user = self.users.get_mut(uid)?;
-        let filter = user.sends.get_or_insert_with(|| {
-            let mut f = SendFilter::new();
-            for (id, _) in store.recent_sends(uid) {
-                f.insert(self.hasher.hash_one(id.as_str()));
-            }
-            f
-        });
+        let user = self.users.get(uid)?;
+        if user.sends.as_ref().is_none_or(SendFilter::must_grow) {
+            // First send of this cache lifetime, or more ids than the filter was sized for:
+            // (re)build it from the store's newest ids and those still in flight.
+            let pending = self
+                .batch
+                .sends
+                .iter()
+                .chain(self.in_flight.iter().flat_map(|(_, b, _)| b.sends.iter()))
+                .filter(|(u, _, _)| u == uid);
+            let hashes: Vec<u64> = store
+                .recent_sends(uid)
+                .iter()
+                .map(|(id, _)| id.as_str())
+                .chain(pending.map(|(_, id, _)| id.as_str()))
+                .map(|id| self.hasher.hash_one(id))
+                .collect();
+            let f = SendFilter::with(hashes);
+            self.users.get_mut(uid)?.sends = Some(f);
+        }
+        let filter = self.users.get(uid)?.sends.as_ref()?;
         if !filter.may_contain(hash) {
             return None;
         }
@@ -1392,8 +1435,12 @@ mod tests {
     #[test]
     fn the_send_filter_covers_the_newest_keys_and_rarely_more() {
         let keys = RandomState::new();
-        let mut f = SendFilter::new();
+        let mut f = SendFilter::with(Vec::new());
+        assert_eq!(f.current.len() * 8, 64, "one block to start with");
         for i in 0..5_000u64 {
+            if f.must_grow() {
+                f = SendFilter::with((0..i).map(|k| keys.hash_one(k)).collect());
+            }
             f.insert(keys.hash_one(i));
             if i % 250 == 0 || i == 4_999 {
                 let newest = i.saturating_sub(DEDUPE_KEEP as u64 - 1)..=i;
