@@ -24,6 +24,7 @@ log() { echo "$*" | tee -a "$OUT/results.txt"; }
 
 pid=""
 addr=""
+admin=""
 stop() {
     if [ -n "$pid" ]; then
         kill -TERM "$pid" 2>/dev/null || true
@@ -47,6 +48,22 @@ imgate() {
         sleep 0.05
     done
     addr=${addr#ws://}
+    admin=$(grep -o 'http://[0-9.]*:[0-9]*' "$OUT/$name.out" | head -n 1 || true)
+}
+
+# The server's own view of the last run: its delivery-latency histogram (accept to the write
+# of the Message; whole milliseconds) as the upper bound of the buckets holding p50 and p99,
+# and its commits.
+server_view() {
+    curl -s "$admin/metrics" | awk '
+        /^imgate_delivery_latency_seconds_bucket/ { split($0, a, "\""); le[n] = a[2]; c[n++] = $2 }
+        /^imgate_store_commit_latency_seconds_sum/ { sum = $2 }
+        /^imgate_store_commit_latency_seconds_count/ { cnt = $2 }
+        END {
+            total = c[n - 1]
+            for (i = 0; i < n; i++) { if (!p50 && c[i] >= total * 0.5) p50 = le[i]; if (!p99 && c[i] >= total * 0.99) p99 = le[i] }
+            printf "srv_delivery_p50_le_s=%s srv_delivery_p99_le_s=%s commits=%d mean_commit_us=%.0f", p50, p99, cnt, cnt ? sum / cnt * 1e6 : 0
+        }'
 }
 
 # other CMD...: a reference server on core 0 at a free port; sets $addr, $pid.
@@ -75,11 +92,11 @@ for round in $(seq "$ROUNDS"); do
     stop
     imgate relay-none-$round --durability none "${UNLIMITED[@]}"
     log "round=$round relay-none: $(bench relay --addr "$addr" --jwt-secret "$SECRET" \
-        --server-pid "$pid" -u 200 -k 4 -s 64 -d 8 -w 1)"
+        --server-pid "$pid" -u 200 -k 4 -s 64 -d 8 -w 1) $(server_view)"
     stop
     imgate relay-full-$round --durability full "${UNLIMITED[@]}"
     log "round=$round relay-full: $(bench relay --addr "$addr" --jwt-secret "$SECRET" \
-        --server-pid "$pid" -u 200 -k 4 -s 64 -d 8 -w 1)"
+        --server-pid "$pid" -u 200 -k 4 -s 64 -d 8 -w 1) $(server_view)"
     stop
 done
 
@@ -110,12 +127,20 @@ log "kernel-during-idle: $(kmem)"
 wait "$idle_bench"
 log "idle-19000: $(cat "$OUT/idle.txt")"
 stop
-for rate in 2000 3000 5000; do
-    imgate scale-$rate --ping-interval 10s --idle-timeout 30s --max-connections 19500 "${UNLIMITED[@]}"
-    log "relay-19000-rate-$rate: $(bench relay --addr "$addr" --jwt-secret "$SECRET" \
-        --server-pid "$pid" -u 19000 --rate "$rate" -d 20 -w 2 --procs 2 --src-ips 4)"
-    stop
+for round in 1 2; do
+    for rate in 2000 5000 10000; do
+        imgate scale-$rate-$round --ping-interval 10s --idle-timeout 30s --max-connections 19500 "${UNLIMITED[@]}"
+        log "round=$round relay-19000-rate-$rate: $(bench relay --addr "$addr" --jwt-secret "$SECRET" \
+            --server-pid "$pid" -u 19000 --rate "$rate" -d 20 -w 2 --procs 2 --src-ips 4) $(server_view)"
+        stop
+    done
 done
+
+# 3b. Host hiccups: a busy loop on the server's core while the load's core is busy too, as
+#     during the runs above; gaps it sees are time the machine did not give that core.
+taskset -c 1 timeout 22 python3 -c 'while True: pass' >/dev/null 2>&1 &
+log "hiccups: $(taskset -c 0 python3 bench/hiccup.py 20)"
+wait
 
 # 4. Reconnect storm: 10,000 clients with 10 messages each waiting.
 imgate storm --max-connections 12000 "${UNLIMITED[@]}"
