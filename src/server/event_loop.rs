@@ -464,14 +464,16 @@ impl Server {
                     let ms = self.unix_ms.saturating_sub(msg.server_time_ms).max(0);
                     self.metrics.delivery_latency.observe(ms as f64 / 1000.0);
                     if c.json {
-                        let Ok(m) = wire::to_proto(&msg) else {
-                            continue;
-                        };
-                        let frame = ServerFrame {
-                            id: 0,
-                            body: Some(server_frame::Body::Message(m)),
-                        };
-                        send_json(c, &frame, &mut body, &mut im.scratch);
+                        match wire::to_proto(&msg) {
+                            Ok(m) => {
+                                let frame = ServerFrame {
+                                    id: 0,
+                                    body: Some(server_frame::Body::Message(m)),
+                                };
+                                send_json(c, &frame, &mut body, &mut im.scratch);
+                            }
+                            Err(e) => warn!("undecodable stored message {}: {e}", msg.seq),
+                        }
                     } else {
                         let mut head = [0; wire::MAX_HEAD];
                         let n = wire::delivery_head(msg.seq, msg.body.len(), &mut head);

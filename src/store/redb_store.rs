@@ -54,9 +54,13 @@ const OLD_DEDUPE: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::n
 const OLD_DEDUPE_ORDER: TableDefinition<(&str, u64), &str> = TableDefinition::new("dedupe_order");
 const OLD_DEDUPE_COUNT: TableDefinition<&str, u64> = TableDefinition::new("dedupe_count");
 
-/// Users moved out of the log per maintenance transaction: bounds how long a commit can wait
-/// behind one (each user costs one or a few scattered pages).
+/// A maintenance transaction moves at most this many users, and stops taking more once it
+/// has run this long: a commit waits behind one step at most (each user costs one or a few
+/// scattered pages, 10 to 40 µs).
 const SLICE_USERS: usize = 256;
+const STEP_BUDGET: std::time::Duration = std::time::Duration::from_millis(1);
+/// Log records deleted per maintenance transaction once their generation is moved.
+const DROP_RECORDS: usize = 4096;
 
 #[derive(Debug)]
 pub enum StoreError {
@@ -230,55 +234,81 @@ impl RedbStore {
         Ok(())
     }
 
-    /// Moves users of a full generation from the log into the tables: one slice of
-    /// [`SLICE_USERS`], or as many as it takes to bring the memory held back under twice
-    /// `--store-log-bytes` when commits outpace the moves (then commits wait: backpressure).
-    /// Returns whether more is due.
+    /// One maintenance step, or as many as it takes to bring the memory held back under
+    /// twice `--store-log-bytes` when commits outpace the moves (then commits wait:
+    /// backpressure). Returns whether more is due.
     pub fn maintain(&self) -> Result<bool, StoreError> {
         loop {
-            let more = self.move_slice()?;
+            let more = self.step()?;
             if !more || self.tails().bytes() <= 2 * self.log_bytes {
                 return Ok(more);
             }
         }
     }
 
-    /// Moves up to [`SLICE_USERS`] users of a full generation from the log into the tables,
-    /// in one transaction. Its durability comes with the next synced commit: until then a
-    /// crash only puts the entries back into the log's care. Returns whether more is due.
-    fn move_slice(&self) -> Result<bool, StoreError> {
-        let slice = {
+    /// Deletes a piece of the log a moved generation left, or moves a few users of a full
+    /// generation into the tables, in one transaction of about [`STEP_BUDGET`]. Its
+    /// durability comes with the next synced commit: until then a crash only puts the
+    /// entries back into the log's care. Returns whether more is due.
+    fn step(&self) -> Result<bool, StoreError> {
+        let (drop_upto, slice) = {
             let mut t = self.tails();
-            if !t.rotate(self.log_bytes) {
-                return Ok(false);
+            let busy = t.rotate(self.log_bytes);
+            match t.log_to_drop() {
+                0 if busy => (0, t.next_slice(SLICE_USERS)),
+                0 => return Ok(false),
+                upto => (upto, None),
             }
-            t.next_slice(SLICE_USERS)
-        };
-        let Some(slice) = slice else {
-            return Ok(false);
         };
         let mut txn = self.db.begin_write().map_err(commit_err)?;
         txn.set_durability(Durability::None).map_err(commit_err)?;
+        let mut moved = 0;
+        let mut dropped = 0;
         {
-            let mut inbox = txn.open_table(INBOX).map_err(commit_err)?;
-            let mut sends = txn.open_table(SENDS).map_err(commit_err)?;
-            let mut cursors = txn.open_table(CURSORS).map_err(commit_err)?;
-            for uid in &slice.users {
-                if let Some(u) = slice.generation.user(uid) {
-                    write_user(uid, u, &mut inbox, &mut sends, &mut cursors).map_err(commit_err)?;
-                }
-            }
-            if slice.drop_log_upto > 0 {
+            if drop_upto > 0 {
                 let mut log = txn.open_table(LOG).map_err(commit_err)?;
-                log.retain_in(..=slice.drop_log_upto, |_, _| false)
+                let ids: Vec<u64> = log
+                    .range(..=drop_upto)
+                    .map_err(commit_err)?
+                    .take(DROP_RECORDS)
+                    .map(|e| e.map(|(k, _)| k.value()))
+                    .collect::<Result<_, _>>()
                     .map_err(commit_err)?;
+                if let (Some(first), Some(last)) = (ids.first(), ids.last()) {
+                    log.retain_in(*first..=*last, |_, _| false)
+                        .map_err(commit_err)?;
+                }
+                // Fewer than a piece left: this was the last one.
+                dropped = match ids.last() {
+                    Some(last) if ids.len() == DROP_RECORDS => *last,
+                    _ => drop_upto,
+                };
+            }
+            if let Some(slice) = &slice {
+                let mut inbox = txn.open_table(INBOX).map_err(commit_err)?;
+                let mut sends = txn.open_table(SENDS).map_err(commit_err)?;
+                let mut cursors = txn.open_table(CURSORS).map_err(commit_err)?;
+                let started = std::time::Instant::now();
+                for uid in &slice.users {
+                    if let Some(u) = slice.generation.user(uid) {
+                        write_user(uid, u, &mut inbox, &mut sends, &mut cursors)
+                            .map_err(commit_err)?;
+                    }
+                    moved += 1;
+                    if started.elapsed() >= STEP_BUDGET {
+                        break;
+                    }
+                }
             }
         }
         txn.commit().map_err(commit_err)?;
         let (done, more) = {
             let mut t = self.tails();
-            let done = t.flushed(&slice);
-            (done, t.rotate(self.log_bytes))
+            if drop_upto > 0 {
+                t.log_dropped(dropped);
+            }
+            let done = slice.as_ref().and_then(|s| t.flushed(s, moved));
+            (done, t.rotate(self.log_bytes) || t.log_to_drop() > 0)
         };
         // A whole generation is freed here, not under the lock readers take.
         drop((done, slice));
@@ -767,8 +797,8 @@ mod tests {
             for u in &users {
                 s.commit(&[&batch(&[u], 1)], false).unwrap();
             }
-            // One slice moves SLICE_USERS of the 600; the log stays whole until the last.
-            assert!(s.move_slice().unwrap());
+            // One step moves some of the 600; the log stays whole until the last.
+            assert!(s.step().unwrap());
             s.commit(&[], true).unwrap();
             assert_eq!(log_len(&s), 600);
         }

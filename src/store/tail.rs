@@ -4,8 +4,8 @@
 //! Two generations. `active` takes every commit. Once it holds more than the configured
 //! bytes it is frozen as `flushing` and a fresh `active` starts; the storage thread then moves
 //! the users of `flushing` into the per-user tables a few at a time, reading the frozen
-//! generation without the lock, and the log records up to its last one go with its last
-//! users.
+//! generation without the lock. Once its last users are moved, its log records can go
+//! (`log_to_drop`).
 //!
 //! Invariants: for one user, `flushing` holds older entries than `active`; each keeps the
 //! user's inbox seqs contiguous and ascending, and its keys in send order. A user of
@@ -125,6 +125,8 @@ pub struct Tails {
     flushed: usize,
     /// `order[..flushed]`, for reads.
     done: HashSet<Arc<str>>,
+    /// Log records up to this id hold only moved entries: they can be deleted.
+    log_to_drop: u64,
 }
 
 /// Users of the flushing generation to move into the tables in one transaction.
@@ -132,9 +134,6 @@ pub struct Tails {
 pub struct Slice {
     pub generation: Arc<Tail>,
     pub users: Vec<Arc<str>>,
-    /// The log records up to this id can go in the same transaction (none when 0): these
-    /// are the last users of the generation.
-    pub drop_log_upto: u64,
 }
 
 impl Tails {
@@ -247,6 +246,18 @@ impl Tails {
         !self.order.is_empty()
     }
 
+    /// Log records up to this id can be deleted (0: none).
+    pub fn log_to_drop(&self) -> u64 {
+        self.log_to_drop
+    }
+
+    /// The log records up to `id` are deleted (committed).
+    pub fn log_dropped(&mut self, id: u64) {
+        if id >= self.log_to_drop {
+            self.log_to_drop = 0;
+        }
+    }
+
     /// The next (up to) `max_users` users of the flushing generation to move, if any.
     pub fn next_slice(&self, max_users: usize) -> Option<Slice> {
         if self.order.is_empty() {
@@ -256,25 +267,22 @@ impl Tails {
         Some(Slice {
             generation: self.flushing.clone(),
             users: self.order[self.flushed..end].to_vec(),
-            drop_log_upto: if end == self.order.len() {
-                self.flushing.last_log
-            } else {
-                0
-            },
         })
     }
 
-    /// The users of `slice` are in the tables now (committed). When they were the last, the
-    /// generation is returned, for the caller to free outside the lock.
-    pub fn flushed(&mut self, slice: &Slice) -> Option<Arc<Tail>> {
-        self.flushed += slice.users.len();
+    /// The first `moved` users of `slice` are in the tables now (committed). When they were
+    /// the generation's last, its log records may go, and the generation is returned, for the
+    /// caller to free outside the lock.
+    pub fn flushed(&mut self, slice: &Slice, moved: usize) -> Option<Arc<Tail>> {
+        self.flushed += moved;
         if self.flushed < self.order.len() {
-            self.done.extend(slice.users.iter().cloned());
+            self.done.extend(slice.users[..moved].iter().cloned());
             return None;
         }
         self.order.clear();
         self.done.clear();
         self.flushed = 0;
+        self.log_to_drop = self.log_to_drop.max(self.flushing.last_log);
         Some(std::mem::take(&mut self.flushing))
     }
 }
@@ -355,16 +363,32 @@ mod tests {
         assert!(t.rotate(0));
         t.apply(9, &batch("a", 3..=3));
         let s = t.next_slice(2).unwrap();
-        assert_eq!((s.users.len(), s.drop_log_upto), (2, 0));
-        assert!(t.flushed(&s).is_none());
+        assert_eq!(s.users.len(), 2);
+        assert!(t.flushed(&s, 1).is_none(), "a slice may be moved in part");
+        let mut moved = vec![s.users[0].clone()];
+        let s = t.next_slice(2).unwrap();
+        assert_eq!(s.users.len(), 2, "the rest of the generation");
+        assert!(!moved.contains(&s.users[0]));
+        assert!(t.flushed(&s, 1).is_none());
+        moved.push(s.users[0].clone());
+        assert_eq!(
+            t.log_to_drop(),
+            0,
+            "the log stays until the generation is moved"
+        );
         // Moved users are read from the tables, no longer from here.
-        for u in &s.users {
+        for u in &moved {
             let want: &[u64] = if &**u == "a" { &[3] } else { &[] };
             assert_eq!(seqs(&t.messages_after(u, 0, 10)), want);
         }
         let s = t.next_slice(2).unwrap();
-        assert_eq!((s.users.len(), s.drop_log_upto), (1, 3));
-        let generation = t.flushed(&s).expect("the last slice frees the generation");
+        assert_eq!(s.users.len(), 1);
+        let generation = t
+            .flushed(&s, 1)
+            .expect("the last slice frees the generation");
+        assert_eq!(t.log_to_drop(), 3);
+        t.log_dropped(3);
+        assert_eq!(t.log_to_drop(), 0);
         assert_eq!(generation.user("b").map(|u| u.inbox[0].len()), Some(2));
         assert!(t.next_slice(2).is_none());
         // Only the active generation's entries are left, and the next rotation may start.
