@@ -152,20 +152,26 @@ struct User {
 /// always covered. A miss is certain; a hit (a retry, or fewer than one in 1,000 new ids) is
 /// confirmed exactly against the pending sends and the store.
 ///
-/// Sized by use: 32 bits per key, from one 64-byte block for a user with a few sends up to
-/// 4 KiB per generation for one with `DEDUPE_KEEP` (a map of the ids would take several times
-/// that, and miss the cache on every send). A filter smaller than that is rebuilt twice as
-/// large, from the store, when it fills up; a full-size one starts a new generation instead.
+/// Sized by use: 32 bits per key, from one block for a user with a few sends up to 4 KiB per
+/// generation for one with `DEDUPE_KEEP` (a map of the ids would take several times that, and
+/// miss the cache on every send). A filter smaller than that is rebuilt twice as large, from
+/// the store, when it fills up; a full-size one starts a new generation instead.
+///
+/// A key's bits fall in one 64-byte block per generation, and the two generations' blocks
+/// for it are neighbours, so a lookup costs about one cache miss.
 #[derive(Debug)]
 struct SendFilter {
-    current: Box<[u64]>,
-    previous: Option<Box<[u64]>>,
-    /// Keys in `current`, and how many it is sized for.
+    /// Pairs of blocks: for block `i`, generation `g`'s words are at
+    /// `(2 * i + g) * BLOCK_WORDS`.
+    words: Box<[u64]>,
+    /// The generation that takes new keys (0 or 1).
+    current: usize,
+    /// Keys in the current generation, and how many one is sized for.
     count: usize,
     capacity: usize,
 }
 
-/// A key's bits all fall in one block of 8 words (a cache line).
+/// A key's bits all fall in one block of 8 words (a cache line) per generation.
 const BLOCK_WORDS: usize = 8;
 const BLOCK_BITS: u64 = 64 * BLOCK_WORDS as u64;
 const FILTER_PROBES: u64 = 8;
@@ -182,9 +188,10 @@ impl SendFilter {
         let capacity = (2 * hashes.len())
             .next_power_of_two()
             .clamp(FILTER_MIN_KEYS, DEDUPE_KEEP);
+        let blocks = (capacity * FILTER_BITS_PER_KEY / 64 / BLOCK_WORDS).next_power_of_two();
         let mut f = SendFilter {
-            current: Self::blank(capacity),
-            previous: None,
+            words: vec![0; 2 * blocks * BLOCK_WORDS].into_boxed_slice(),
+            current: 0,
             count: 0,
             capacity,
         };
@@ -194,50 +201,47 @@ impl SendFilter {
         f
     }
 
-    fn blank(capacity: usize) -> Box<[u64]> {
-        let words = (capacity * FILTER_BITS_PER_KEY / 64)
-            .next_power_of_two()
-            .max(BLOCK_WORDS);
-        vec![0; words].into_boxed_slice()
-    }
-
     /// Whether it must be rebuilt larger before it takes another key.
     fn must_grow(&self) -> bool {
         self.count >= self.capacity && self.capacity < DEDUPE_KEEP
     }
 
-    /// The bits of `hash` in a filter of `words`: a block, then double hashing within it.
-    fn bits(hash: u64, words: usize) -> impl Iterator<Item = (usize, u64)> {
-        let blocks = (words / BLOCK_WORDS) as u64;
-        let block = (hash % blocks) as usize * BLOCK_WORDS;
+    /// Where `hash` falls: its block pair's first word, then its bits (double hashing).
+    fn place(&self, hash: u64) -> (usize, impl Iterator<Item = (usize, u64)>) {
+        let blocks = (self.words.len() / (2 * BLOCK_WORDS)) as u64;
+        let pair = (hash % blocks) as usize * 2 * BLOCK_WORDS;
         let mixed = (hash / blocks).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let (first, step) = (mixed >> 32, (mixed & 0xFFFF_FFFF) | 1);
-        (0..FILTER_PROBES).map(move |i| {
+        let bits = (0..FILTER_PROBES).map(move |i| {
             let bit = first.wrapping_add(i.wrapping_mul(step)) % BLOCK_BITS;
-            (block + (bit / 64) as usize, 1 << (bit % 64))
-        })
+            ((bit / 64) as usize, 1 << (bit % 64))
+        });
+        (pair, bits)
     }
 
     fn may_contain(&self, hash: u64) -> bool {
-        let has = |f: &[u64]| Self::bits(hash, f.len()).all(|(w, m)| f[w] & m != 0);
-        has(&self.current) || self.previous.as_deref().is_some_and(has)
+        (0..2).any(|g| {
+            let (pair, bits) = self.place(hash);
+            let block = &self.words[pair + g * BLOCK_WORDS..][..BLOCK_WORDS];
+            { bits }.all(|(w, m)| block[w] & m != 0)
+        })
     }
 
     fn insert(&mut self, hash: u64) {
         if self.count >= self.capacity {
-            // Full size: the current generation becomes the previous one.
-            let fresh = match self.previous.take() {
-                Some(mut f) if f.len() == self.current.len() => {
-                    f.fill(0);
-                    f
-                }
-                _ => Self::blank(self.capacity),
-            };
-            self.previous = Some(std::mem::replace(&mut self.current, fresh));
+            // Full size: the current generation becomes the previous one, and the previous
+            // one's bits are cleared for the new current one.
+            self.current ^= 1;
+            let g = self.current;
+            for pair in self.words.chunks_mut(2 * BLOCK_WORDS) {
+                pair[g * BLOCK_WORDS..][..BLOCK_WORDS].fill(0);
+            }
             self.count = 0;
         }
-        for (w, m) in Self::bits(hash, self.current.len()) {
-            self.current[w] |= m;
+        let (pair, bits) = self.place(hash);
+        let block = &mut self.words[pair + self.current * BLOCK_WORDS..][..BLOCK_WORDS];
+        for (w, m) in bits {
+            block[w] |= m;
         }
         self.count += 1;
     }
@@ -1436,7 +1440,11 @@ mod tests {
     fn the_send_filter_covers_the_newest_keys_and_rarely_more() {
         let keys = RandomState::new();
         let mut f = SendFilter::with(Vec::new());
-        assert_eq!(f.current.len() * 8, 64, "one block to start with");
+        assert_eq!(
+            f.words.len() * 8,
+            128,
+            "one block per generation to start with"
+        );
         for i in 0..5_000u64 {
             if f.must_grow() {
                 f = SendFilter::with((0..i).map(|k| keys.hash_one(k)).collect());
