@@ -59,6 +59,8 @@ const OLD_DEDUPE_COUNT: TableDefinition<&str, u64> = TableDefinition::new("dedup
 /// scattered pages, 10 to 40 µs).
 const SLICE_USERS: usize = 256;
 const STEP_BUDGET: std::time::Duration = std::time::Duration::from_millis(1);
+/// The log record buffer is kept between commits up to this size.
+const RECORD_KEEP: usize = 4 << 20;
 /// Log records deleted per maintenance transaction once their generation is moved.
 const DROP_RECORDS: usize = 4096;
 
@@ -86,6 +88,9 @@ pub struct RedbStore {
     next_log: AtomicU64,
     /// A generation of logged entries is moved into the tables once it holds this many bytes.
     log_bytes: usize,
+    /// The log record being encoded, kept between commits so that it is not grown anew each
+    /// time (only the storage thread commits: never contended).
+    record: Mutex<Vec<u8>>,
 }
 
 fn commit_err(e: impl std::fmt::Display) -> StoreError {
@@ -122,6 +127,7 @@ impl RedbStore {
             tails: Mutex::new(Tails::default()),
             next_log: AtomicU64::new(1),
             log_bytes,
+            record: Mutex::new(Vec::new()),
         };
         store.replay()?;
         Ok(store)
@@ -194,7 +200,8 @@ impl RedbStore {
     /// Logs the batches in one transaction. With `sync`, it is on disk when this returns.
     pub fn commit(&self, batches: &[&WriteBatch], sync: bool) -> Result<(), StoreError> {
         let id = self.next_log.fetch_add(1, Ordering::Relaxed);
-        let mut record = Vec::new();
+        let mut record = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        record.clear();
         records::encode_log(batches, &mut record);
         let mut txn = self.db.begin_write().map_err(commit_err)?;
         txn.set_durability(if sync {
@@ -227,6 +234,11 @@ impl RedbStore {
             }
         }
         txn.commit().map_err(commit_err)?;
+        // A burst's buffer is not kept for good.
+        if record.capacity() > RECORD_KEEP {
+            *record = Vec::with_capacity(RECORD_KEEP / 4);
+        }
+        drop(record);
         let mut tails = self.tails();
         for b in batches {
             tails.apply(id, b);
