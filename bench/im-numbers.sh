@@ -15,6 +15,15 @@ BENCH=target/release/imgate-bench
 SECRET=bench-secret-0123456789abcdef0123456789
 ROUNDS=${ROUNDS:-3}
 cargo build --release --bins
+# The relay ceiling without a store: the same server with bench/no-store.patch applied (its
+# commits write and keep nothing), built from a copy of this tree.
+NO_STORE_BIN=target/no-store/release/imgate
+nostore_src=$(mktemp -d)
+git archive HEAD | tar -x -C "$nostore_src"
+(cd "$nostore_src" && git apply "$OLDPWD/bench/no-store.patch")
+CARGO_TARGET_DIR=$PWD/target/no-store cargo build --release --bin imgate \
+    --manifest-path "$nostore_src/Cargo.toml"
+rm -rf "$nostore_src"
 for t in wsload raw-echo tungstenite-echo; do
     [ -x "$TOOLS/$t" ] || { echo "missing $TOOLS/$t: run bench/build-tools.sh" >&2; exit 1; }
 done
@@ -34,11 +43,11 @@ stop() {
 }
 trap stop EXIT
 
-# imgate NAME [flags]: a fresh imgate on core 0.
+# imgate NAME [flags]: a fresh imgate ($BIN, or $SERVER_BIN when set) on core 0.
 imgate() {
     local name=$1
     shift
-    taskset -c 0 "$BIN" serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
+    taskset -c 0 "${SERVER_BIN:-$BIN}" serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
         --jwt-secret "$SECRET" --data-dir "$OUT/$name.data" --log-level warn "$@" \
         >"$OUT/$name.out" 2>"$OUT/$name.err" &
     pid=$!
@@ -97,6 +106,10 @@ for round in $(seq "$ROUNDS"); do
     imgate relay-full-$round --durability full "${UNLIMITED[@]}"
     log "round=$round relay-full: $(bench relay --addr "$addr" --jwt-secret "$SECRET" \
         --server-pid "$pid" -u 200 -k 4 -s 64 -d 8 -w 1) $(server_view)"
+    stop
+    SERVER_BIN=$NO_STORE_BIN imgate relay-nostore-$round --durability none "${UNLIMITED[@]}"
+    log "round=$round relay-no-store: $(bench relay --addr "$addr" --jwt-secret "$SECRET" \
+        --server-pid "$pid" -u 200 -k 4 -s 64 -d 8 -w 1)"
     stop
 done
 
