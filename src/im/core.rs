@@ -17,14 +17,14 @@
 //! - A cached user's send filter, once loaded, covers its newest idempotency keys: the
 //!   committed ones the store had, then every send accepted since.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use super::auth::{Verifier, MAX_ID_BYTES};
 use super::proto::{self, client_frame, server_frame, ClientFrame, ErrorCode, ServerFrame};
 use super::wire;
-use crate::store::{Append, StoreRead, StoredMessage, WriteBatch, DEDUPE_KEEP};
+use crate::store::{Append, ReadError, StoreRead, StoredMessage, WriteBatch, DEDUPE_KEEP};
 
 /// The shell's identifier of a connection (its slab key).
 pub type ConnId = usize;
@@ -33,6 +33,20 @@ pub type ConnId = usize;
 pub const CLOSE_REPLACED: u16 = 4000;
 /// Close code for policy violations (failed login, too many bad frames, ack timeout).
 pub const CLOSE_POLICY: u16 = 1008;
+/// Close code for a login the store could not serve (RFC 6455: an unexpected condition).
+pub const CLOSE_UNAVAILABLE: u16 = 1011;
+
+/// What the store could not tell right now, so a request is refused instead of guessed.
+const STORE_UNAVAILABLE: &str = "the store cannot be read; try again later";
+
+/// Why an admin API send was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminSendError {
+    /// Bad ids or content (HTTP 400).
+    Invalid(&'static str),
+    /// The store could not be read (HTTP 503).
+    Unavailable,
+}
 
 #[derive(Debug, Clone)]
 pub struct ImConfig {
@@ -180,11 +194,19 @@ const FILTER_BITS_PER_KEY: usize = 32;
 const FILTER_MIN_KEYS: usize = BLOCK_WORDS * 64 / FILTER_BITS_PER_KEY;
 
 impl SendFilter {
-    /// A filter holding `hashes`, sized for twice as many (at most [`DEDUPE_KEEP`]).
-    fn with(mut hashes: Vec<u64>) -> SendFilter {
-        // The same key twice would count twice towards the next generation.
-        hashes.sort_unstable();
-        hashes.dedup();
+    /// A filter holding the newest [`DEDUPE_KEEP`] of `hashes` (oldest first), sized for
+    /// twice as many (at most `DEDUPE_KEEP`).
+    fn with(hashes: Vec<u64>) -> SendFilter {
+        // Each key once (the same key twice would count twice towards the next generation),
+        // the newest ones, still oldest first: all of them fit in one generation.
+        let mut seen = HashSet::with_capacity(hashes.len());
+        let mut hashes: Vec<u64> = hashes
+            .into_iter()
+            .rev()
+            .filter(|h| seen.insert(*h))
+            .collect();
+        hashes.truncate(DEDUPE_KEEP);
+        hashes.reverse();
         let capacity = (2 * hashes.len())
             .next_power_of_two()
             .clamp(FILTER_MIN_KEYS, DEDUPE_KEEP);
@@ -464,8 +486,15 @@ impl Core {
 
     /// The writes of this turn, if any. Commit it, then call [`Core::on_committed`].
     pub fn take_batch(&mut self) -> Option<(BatchId, Arc<WriteBatch>)> {
-        if self.batch.is_empty() && self.deferred.is_empty() {
-            return None;
+        if self.batch.is_empty() {
+            // Only answers to duplicates of pending sends: they wait for the newest batch in
+            // flight, which holds or follows the originals, instead of a commit of their own.
+            if let Some((_, _, waiting)) = self.in_flight.back_mut() {
+                waiting.append(&mut self.deferred);
+            }
+            if self.deferred.is_empty() {
+                return None;
+            }
         }
         let id = self.next_batch;
         self.next_batch += 1;
@@ -564,13 +593,20 @@ impl Core {
         });
     }
 
-    /// Loads (or finds) the cached state of `uid`.
-    fn user(&mut self, uid: &str, store: &dyn StoreRead) -> Arc<str> {
+    /// Loads (or finds) the cached state of `uid`; None when the store cannot tell its
+    /// inbox's last seq (nothing may then be appended to it).
+    fn user(&mut self, uid: &str, store: &dyn StoreRead) -> Option<Arc<str>> {
         if let Some((k, _)) = self.users.get_key_value(uid) {
-            return k.clone();
+            return Some(k.clone());
         }
         let key: Arc<str> = uid.into();
-        let max = store.max_seq(uid);
+        let max = match store.max_seq(uid) {
+            Ok(max) => max,
+            Err(e) => {
+                log::error!("{e}: user {uid} not loaded");
+                return None;
+            }
+        };
         self.users.insert(
             key.clone(),
             User {
@@ -579,7 +615,7 @@ impl Core {
                 ..User::default()
             },
         );
-        key
+        Some(key)
     }
 
     /// Drops the cache of a user nobody needs right now; the store has everything.
@@ -607,7 +643,14 @@ impl Core {
                 "device_id must be 1-64 bytes",
             );
         }
-        let uid = self.user(&uid, store);
+        let Some(uid) = self.user(&uid, store) else {
+            self.reply(conn, error(id, ErrorCode::Unavailable, STORE_UNAVAILABLE));
+            return self.out.push(Output::Close {
+                conn,
+                code: CLOSE_UNAVAILABLE,
+                reason: "store unavailable",
+            });
+        };
         let device_id: Arc<str> = l.device_id.as_str().into();
         let user = self.users.get_mut(&uid).expect("loaded");
         let replaced = user.devices.get(&device_id).copied();
@@ -756,7 +799,7 @@ impl Core {
         else {
             return;
         };
-        self.accept_send(
+        let accepted = self.accept_send(
             from,
             &device,
             &s.to_uid,
@@ -766,6 +809,9 @@ impl Core {
             store,
             Requester::Conn { conn, id },
         );
+        if accepted.is_err() {
+            self.reply(conn, error(id, ErrorCode::Unavailable, STORE_UNAVAILABLE));
+        }
     }
 
     /// A send on a user's (or the system's) behalf from the admin API, with the same
@@ -780,15 +826,19 @@ impl Core {
         content: Vec<u8>,
         now: Now,
         store: &dyn StoreRead,
-    ) -> Result<(), &'static str> {
+    ) -> Result<(), AdminSendError> {
         if !valid_id(from_uid) || !valid_id(to_uid) || !valid_id(&client_msg_id) {
-            return Err("from_uid, to_uid and client_msg_id must be 1-64 bytes");
+            return Err(AdminSendError::Invalid(
+                "from_uid, to_uid and client_msg_id must be 1-64 bytes",
+            ));
         }
         if content.len() > self.cfg.max_content_bytes {
-            return Err("content too large");
+            return Err(AdminSendError::Invalid("content too large"));
         }
-        let from = self.user(from_uid, store);
-        self.accept_send(
+        let from = self
+            .user(from_uid, store)
+            .ok_or(AdminSendError::Unavailable)?;
+        let accepted = self.accept_send(
             from.clone(),
             "admin",
             to_uid,
@@ -799,7 +849,7 @@ impl Core {
             Requester::Admin(admin),
         );
         self.maybe_evict(&from);
-        Ok(())
+        accepted.map_err(|_| AdminSendError::Unavailable)
     }
 
     fn acknowledgement(req: Requester, seq: u64, duplicate: bool, now: Now) -> Output {
@@ -824,7 +874,8 @@ impl Core {
     }
 
     /// Dedupes, assigns seqs in both inboxes and queues the appends; the acknowledgement is
-    /// released when the batch is durable. `from` must be cached.
+    /// released when the batch is durable. `from` must be cached. Fails, appending nothing,
+    /// when the store cannot tell whether the id was used or where the recipient's inbox ends.
     #[allow(clippy::too_many_arguments)]
     fn accept_send(
         &mut self,
@@ -836,9 +887,9 @@ impl Core {
         now: Now,
         store: &dyn StoreRead,
         req: Requester,
-    ) {
+    ) -> Result<(), ReadError> {
         let hash = self.hasher.hash_one(client_msg_id.as_str());
-        if let Some((seq, pending)) = self.earlier_send(&from, hash, &client_msg_id, store) {
+        if let Some((seq, pending)) = self.earlier_send(&from, hash, &client_msg_id, store)? {
             let ok = Self::acknowledgement(req, seq, true, now);
             // A duplicate of a send not yet durable is answered when it is.
             if pending {
@@ -846,9 +897,13 @@ impl Core {
             } else {
                 self.out.push(ok);
             }
-            return;
+            return Ok(());
         }
-        let to = self.user(to_uid, store);
+        let Some(to) = self.user(to_uid, store) else {
+            return Err(ReadError(format!(
+                "the inbox of {to_uid} could not be read"
+            )));
+        };
         let body = wire::encode_body(
             &wire::Body {
                 from_uid: &from,
@@ -894,6 +949,7 @@ impl Core {
         }
         self.deferred
             .push(Self::acknowledgement(req, sender_seq, false, now));
+        Ok(())
     }
 
     /// The sender-inbox seq of an earlier send of `uid` with this client_msg_id (`hash` is its
@@ -904,42 +960,44 @@ impl Core {
         hash: u64,
         client_msg_id: &str,
         store: &dyn StoreRead,
-    ) -> Option<(u64, bool)> {
-        let user = self.users.get(uid)?;
+    ) -> Result<Option<(u64, bool)>, ReadError> {
+        let Some(user) = self.users.get(uid) else {
+            return Ok(None);
+        };
         if user.sends.as_ref().is_none_or(SendFilter::must_grow) {
             // First send of this cache lifetime, or more ids than the filter was sized for:
             // (re)build it from the store's newest ids and those still in flight.
-            let pending = self
-                .batch
-                .sends
-                .iter()
-                .chain(self.in_flight.iter().flat_map(|(_, b, _)| b.sends.iter()))
-                .filter(|(u, _, _)| u == uid);
             let hashes: Vec<u64> = store
-                .recent_sends(uid)
+                .recent_sends(uid)?
                 .iter()
                 .map(|(id, _)| id.as_str())
-                .chain(pending.map(|(_, id, _)| id.as_str()))
+                .chain(self.pending_sends(uid).map(|(id, _)| id))
                 .map(|id| self.hasher.hash_one(id))
                 .collect();
             let f = SendFilter::with(hashes);
-            self.users.get_mut(uid)?.sends = Some(f);
+            if let Some(u) = self.users.get_mut(uid) {
+                u.sends = Some(f);
+            }
         }
-        let filter = self.users.get(uid)?.sends.as_ref()?;
-        if !filter.may_contain(hash) {
-            return None;
+        let filter = self.users.get(uid).and_then(|u| u.sends.as_ref());
+        if !filter.is_some_and(|f| f.may_contain(hash)) {
+            return Ok(None);
         }
         // A pending id is in one batch at most: a second send of it was a duplicate.
-        let mut pending = self
-            .batch
-            .sends
-            .iter()
-            .chain(self.in_flight.iter().flat_map(|(_, b, _)| b.sends.iter()));
-        let same = |(u, id, _): &&(Arc<str>, String, u64)| u == uid && id == client_msg_id;
-        if let Some((_, _, seq)) = pending.find(same) {
-            return Some((*seq, true));
+        if let Some((_, seq)) = self.pending_sends(uid).find(|(id, _)| *id == client_msg_id) {
+            return Ok(Some((seq, true)));
         }
-        store.sent(uid, client_msg_id).map(|seq| (seq, false))
+        Ok(store.sent(uid, client_msg_id)?.map(|seq| (seq, false)))
+    }
+
+    /// The idempotency keys of `uid` not committed yet, oldest first: (client_msg_id, seq).
+    fn pending_sends<'a>(&'a self, uid: &'a str) -> impl Iterator<Item = (&'a str, u64)> + 'a {
+        let batches = self.in_flight.iter().map(|(_, b, _)| &**b);
+        batches
+            .chain(std::iter::once(&self.batch))
+            .flat_map(|b| b.sends.iter())
+            .filter(move |(u, _, _)| &**u == uid)
+            .map(|(_, id, seq)| (id.as_str(), *seq))
     }
 
     fn ack(&mut self, conn: ConnId, seq: u64, now: Now, store: &dyn StoreRead) {
@@ -971,7 +1029,13 @@ impl Core {
             0 => 100,
             n => n.min(1000) as usize,
         };
-        let mut msgs = store.messages_after(&uid, s.after_seq, limit + 1);
+        let mut msgs = match store.messages_after(&uid, s.after_seq, limit + 1) {
+            Ok(msgs) => msgs,
+            Err(e) => {
+                log::error!("{e}");
+                return self.reply(conn, error(id, ErrorCode::Unavailable, STORE_UNAVAILABLE));
+            }
+        };
         // Bound the page by bytes too (at least one message), so that one SyncResult stays far
         // below the outbound allowance whatever the message sizes.
         let mut bytes = 0;
@@ -1018,7 +1082,14 @@ impl Core {
                     }
                 }
             } else {
-                let older = store.messages_after(&dev.uid, dev.sent_upto, room);
+                // A failed read stops the stream here; the next ack or commit tries again.
+                let older = match store.messages_after(&dev.uid, dev.sent_upto, room) {
+                    Ok(older) => older,
+                    Err(e) => {
+                        log::error!("{e}");
+                        break;
+                    }
+                };
                 if older.is_empty() {
                     break;
                 }
@@ -1302,8 +1373,8 @@ mod tests {
         // Each inbox has its own seq; a message to oneself is stored once.
         h.send(2, "alice", "m2", "yo");
         h.send(1, "alice", "self", "note");
-        assert_eq!(h.store.max_seq("alice"), 3);
-        assert_eq!(h.store.max_seq("bob"), 2);
+        assert_eq!(h.store.max_seq("alice"), Ok(3));
+        assert_eq!(h.store.max_seq("bob"), Ok(2));
     }
 
     #[test]
@@ -1395,7 +1466,7 @@ mod tests {
         let first = send_ok(&h.send(1, "bob", "same", "a"), 1).unwrap();
         let again = send_ok(&h.send(1, "bob", "same", "a"), 1).unwrap();
         assert_eq!((again.seq, again.duplicate), (first.seq, true));
-        assert_eq!(h.store.max_seq("bob"), 1, "nothing appended");
+        assert_eq!(h.store.max_seq("bob"), Ok(1), "nothing appended");
         // A retry while the original is still uncommitted is answered after it commits.
         for id in [20, 21] {
             h.core.on_frame(
@@ -1429,6 +1500,46 @@ mod tests {
             })
             .collect();
         assert_eq!(oks, vec![(20, 2, false), (21, 2, true)]);
+        // A retry in a later turn, while the original's batch is still being committed, waits
+        // for that batch instead of costing a commit of its own.
+        let send = |h: &mut H, id| {
+            h.core.on_frame(
+                1,
+                ClientFrame {
+                    id,
+                    body: Some(C::Send(proto::SendMessage {
+                        to_uid: "bob".into(),
+                        client_msg_id: "later".into(),
+                        content: b"c".to_vec(),
+                    })),
+                },
+                h.now,
+                &h.store,
+            )
+        };
+        send(&mut h, 30);
+        let (first, batch) = h.core.take_batch().unwrap();
+        send(&mut h, 31);
+        assert!(h.core.drain_output().next().is_none());
+        assert!(h.core.take_batch().is_none(), "no batch of its own");
+        h.store.apply(&batch);
+        h.core.on_committed(first, h.now, &h.store);
+        let acked: Vec<(u64, bool)> = h
+            .core
+            .drain_output()
+            .filter_map(|o| match o {
+                Output::Frame {
+                    frame:
+                        ServerFrame {
+                            id,
+                            body: Some(S::SendOk(s)),
+                        },
+                    ..
+                } => Some((id, s.duplicate)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(acked, vec![(30, false), (31, true)]);
         // Validation of ids.
         let out = h.send(1, "bob", "", "x");
         assert_eq!(error_code(&out, 1), Some(ErrorCode::BadRequest));
@@ -1486,6 +1597,101 @@ mod tests {
         // Older than the newest 1,000: a new message.
         assert_eq!(retry(&mut h, "m99"), (1101, false));
         assert_eq!(retry(&mut h, "m99"), (1101, true));
+    }
+
+    /// The memory store, except that every read about `uid` that can fail does.
+    struct Failing<'a> {
+        inner: &'a MemoryStore,
+        uid: &'static str,
+    }
+
+    impl StoreRead for Failing<'_> {
+        fn max_seq(&self, uid: &str) -> Result<u64, ReadError> {
+            self.fail(uid)?;
+            self.inner.max_seq(uid)
+        }
+        fn messages_after(
+            &self,
+            uid: &str,
+            after: u64,
+            limit: usize,
+        ) -> Result<Vec<StoredMessage>, ReadError> {
+            self.fail(uid)?;
+            self.inner.messages_after(uid, after, limit)
+        }
+        fn cursor(&self, uid: &str, device_id: &str) -> u64 {
+            self.inner.cursor(uid, device_id)
+        }
+        fn cursors(&self, uid: &str) -> Vec<(String, u64)> {
+            self.inner.cursors(uid)
+        }
+        fn recent_sends(&self, uid: &str) -> Result<Vec<(String, u64)>, ReadError> {
+            self.fail(uid)?;
+            self.inner.recent_sends(uid)
+        }
+        fn friends(&self, uid: &str) -> Vec<String> {
+            self.inner.friends(uid)
+        }
+    }
+
+    impl Failing<'_> {
+        fn fail(&self, uid: &str) -> Result<(), ReadError> {
+            if uid == self.uid {
+                return Err(ReadError("disk on fire".into()));
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_store_that_cannot_be_read_refuses_instead_of_guessing() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "carol", "phone", 0);
+        let frame = |to: &str| ClientFrame {
+            id: 5,
+            body: Some(C::Send(proto::SendMessage {
+                to_uid: to.into(),
+                client_msg_id: "m1".into(),
+                content: b"x".to_vec(),
+            })),
+        };
+        // Where bob's inbox ends is unknown: nothing is appended, the sender is told.
+        let bob_fails = Failing {
+            inner: &h.store,
+            uid: "bob",
+        };
+        h.core.on_frame(1, frame("bob"), h.now, &bob_fails);
+        let out: Vec<Output> = h.core.drain_output().collect();
+        assert_eq!(error_code(&out, 1), Some(ErrorCode::Unavailable));
+        assert!(closes(&out).is_empty(), "the connection stays");
+        assert!(h.core.take_batch().is_none(), "nothing appended");
+        // Nor can bob log in.
+        h.core.on_open(3, h.now);
+        let exp = (h.now.unix_ms / 1000) as u64 + 3600;
+        let login = ClientFrame {
+            id: 1,
+            body: Some(C::Login(proto::Login {
+                token: token(SECRET, "bob", Some(exp)),
+                device_id: "phone".into(),
+                last_seq: 0,
+            })),
+        };
+        h.core.on_frame(3, login, h.now, &bob_fails);
+        let out: Vec<Output> = h.core.drain_output().collect();
+        assert_eq!(error_code(&out, 3), Some(ErrorCode::Unavailable));
+        assert_eq!(closes(&out), vec![(3, CLOSE_UNAVAILABLE)]);
+        // Whether carol used the id before is unknown: refused rather than taken for new.
+        let carol_fails = Failing {
+            inner: &h.store,
+            uid: "carol",
+        };
+        h.core.on_frame(2, frame("alice"), h.now, &carol_fails);
+        let out: Vec<Output> = h.core.drain_output().collect();
+        assert_eq!(error_code(&out, 2), Some(ErrorCode::Unavailable));
+        assert!(h.core.take_batch().is_none(), "nothing appended");
+        // Once the store reads again, the same send goes through.
+        assert!(send_ok(&h.send(2, "alice", "m1", "x"), 2).is_some());
     }
 
     #[test]

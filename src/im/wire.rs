@@ -108,11 +108,6 @@ pub fn to_proto(m: &StoredMessage) -> Result<proto::Message, prost::DecodeError>
     Ok(msg)
 }
 
-/// The `client_msg_id` of a body (to confirm an idempotency key; rare).
-pub fn client_msg_id(body: &[u8]) -> Option<String> {
-    proto::Message::decode(body).ok().map(|m| m.client_msg_id)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,7 +144,6 @@ mod tests {
             assert_eq!(m, want);
             // The same bytes prost writes for it.
             assert_eq!(&b[..], &want.encode_to_vec()[..]);
-            assert_eq!(client_msg_id(&b).as_deref(), Some("m-1"));
         }
     }
 

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
-use super::{StoreRead, StoredMessage, WriteBatch, DEDUPE_KEEP};
+use super::{ReadError, StoreRead, StoredMessage, WriteBatch, DEDUPE_KEEP};
 
 #[derive(Debug, Default)]
 pub struct MemoryStore {
@@ -54,15 +54,22 @@ impl MemoryStore {
 }
 
 impl StoreRead for MemoryStore {
-    fn max_seq(&self, uid: &str) -> u64 {
-        self.inboxes
+    fn max_seq(&self, uid: &str) -> Result<u64, ReadError> {
+        Ok(self
+            .inboxes
             .get(uid)
             .and_then(|i| i.keys().next_back().copied())
-            .unwrap_or(0)
+            .unwrap_or(0))
     }
 
-    fn messages_after(&self, uid: &str, after: u64, limit: usize) -> Vec<StoredMessage> {
-        self.inboxes
+    fn messages_after(
+        &self,
+        uid: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, ReadError> {
+        Ok(self
+            .inboxes
             .get(uid)
             .map(|i| {
                 i.range(after.saturating_add(1)..)
@@ -70,7 +77,7 @@ impl StoreRead for MemoryStore {
                     .map(|(_, m)| m.clone())
                     .collect()
             })
-            .unwrap_or_default()
+            .unwrap_or_default())
     }
 
     fn cursor(&self, uid: &str, device_id: &str) -> u64 {
@@ -91,11 +98,12 @@ impl StoreRead for MemoryStore {
         v
     }
 
-    fn recent_sends(&self, uid: &str) -> Vec<(String, u64)> {
-        self.sends
+    fn recent_sends(&self, uid: &str) -> Result<Vec<(String, u64)>, ReadError> {
+        Ok(self
+            .sends
             .get(uid)
             .map(|k| k.iter().cloned().collect())
-            .unwrap_or_default()
+            .unwrap_or_default())
     }
 
     fn friends(&self, uid: &str) -> Vec<String> {

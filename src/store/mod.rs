@@ -61,27 +61,52 @@ impl WriteBatch {
     }
 }
 
-/// Read access for the IM core.
+/// A read the store could not complete (an I/O error, a corrupt value). What depends on it
+/// is refused, never guessed: a seq assigned after a wrong `max_seq` would overwrite
+/// messages, and a duplicate taken for a new send would be stored twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadError(pub String);
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "store read failed: {}", self.0)
+    }
+}
+
+impl<E: std::error::Error> From<E> for ReadError {
+    fn from(e: E) -> Self {
+        ReadError(e.to_string())
+    }
+}
+
+/// Read access for the IM core. Cursors and friends degrade on a failed read (logged): a
+/// device then gets messages again, or friends miss a presence.
 pub trait StoreRead {
     /// Highest committed seq of `uid`'s inbox (0 when empty).
-    fn max_seq(&self, uid: &str) -> u64;
+    fn max_seq(&self, uid: &str) -> Result<u64, ReadError>;
     /// Up to `limit` committed messages of `uid`'s inbox with seq > `after`, in seq order.
-    fn messages_after(&self, uid: &str, after: u64, limit: usize) -> Vec<StoredMessage>;
+    fn messages_after(
+        &self,
+        uid: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, ReadError>;
     /// Stored delivery cursor of a device (0 when none).
     fn cursor(&self, uid: &str, device_id: &str) -> u64;
     /// Every stored cursor of `uid`: (device_id, seq), by device id.
     fn cursors(&self, uid: &str) -> Vec<(String, u64)>;
     /// The newest idempotency keys of `uid` (client_msg_id, seq in the sender's inbox), at most
     /// [`DEDUPE_KEEP`], oldest first.
-    fn recent_sends(&self, uid: &str) -> Vec<(String, u64)>;
+    fn recent_sends(&self, uid: &str) -> Result<Vec<(String, u64)>, ReadError>;
     /// The sender-inbox seq of the send of `uid` with this client_msg_id, if it is among the
     /// newest [`DEDUPE_KEEP`] (the newest such send, should an id have been used again).
-    fn sent(&self, uid: &str, client_msg_id: &str) -> Option<u64> {
-        self.recent_sends(uid)
+    fn sent(&self, uid: &str, client_msg_id: &str) -> Result<Option<u64>, ReadError> {
+        Ok(self
+            .recent_sends(uid)?
             .into_iter()
             .rev()
             .find(|(id, _)| id == client_msg_id)
-            .map(|(_, seq)| seq)
+            .map(|(_, seq)| seq))
     }
     fn friends(&self, uid: &str) -> Vec<String>;
 }

@@ -279,6 +279,15 @@ pub fn for_each_send(mut buf: &[u8], mut f: impl FnMut(&str, u64)) -> Result<(),
     Ok(())
 }
 
+/// `buf` (keys encoded by [`put_send`]) without its first `n` keys.
+pub fn skip_sends(mut buf: &[u8], n: usize) -> Result<&[u8], Corrupt> {
+    for _ in 0..n {
+        str_field(&mut buf)?;
+        varint(&mut buf)?;
+    }
+    Ok(buf)
+}
+
 /// The keys of a send chunk without its count.
 pub fn send_chunk_keys(buf: &[u8]) -> Result<&[u8], Corrupt> {
     let mut rest = buf;

@@ -7,17 +7,17 @@
 //! and cost 5 to 20 µs of the storage thread per message; see DESIGN.md.)
 //!
 //! The logged entries stay readable from memory ([`Tails`]) until the storage thread moves
-//! them, a generation of `--store-log-bytes` at a time and a few hundred users per
+//! them, a generation of `--store-log-bytes` at a time and about a millisecond of work per
 //! transaction, into the per-user tables: inbox chunks keyed (uid, first seq), send chunks
-//! keyed (uid, first key number), cursors. The log records of a generation are deleted in the
-//! transaction that moves its last users, so every entry is always in the log, in a table, or
-//! (for a moment) both; at start-up the log is read back into memory, skipping what the tables
-//! already hold.
+//! keyed (uid, first key number), cursors. Once a generation's last users are moved, its log
+//! records are deleted, a piece per transaction. So every entry is always in the log, in a
+//! table, or both; at start-up the log is read back into memory, skipping what the tables
+//! already hold (by seq).
 //!
 //! Readers (the network thread) never wait for the writer (the storage thread): they copy the
 //! user's entries from memory under a short lock, then read the tables in a redb snapshot
-//! taken after it. An entry that moved in between is in the snapshot, and the seqs make the
-//! two parts fit together without duplicates.
+//! taken after it. An entry that moved in between is in both; every read takes what memory
+//! holds from its lowest seq up, and only older entries from the tables.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -32,7 +32,7 @@ use redb::{
 
 use super::records::{self, Corrupt, LogEntry};
 use super::tail::{Tails, UserTail};
-use super::{Store, StoreRead, StoredMessage, WriteBatch, DEDUPE_KEEP};
+use super::{ReadError, Store, StoreRead, StoredMessage, WriteBatch, DEDUPE_KEEP};
 use crate::im::proto;
 
 /// log id -> a commit's appends, keys and cursors ([`records::encode_log`]).
@@ -61,6 +61,8 @@ const SLICE_USERS: usize = 256;
 const STEP_BUDGET: std::time::Duration = std::time::Duration::from_millis(1);
 /// The log record buffer is kept between commits up to this size.
 const RECORD_KEEP: usize = 4 << 20;
+/// A user's last send chunk takes more keys while it holds fewer than this.
+const SEND_CHUNK_JOIN: u64 = 128;
 /// Log records deleted per maintenance transaction once their generation is moved.
 const DROP_RECORDS: usize = 4096;
 
@@ -239,9 +241,9 @@ impl RedbStore {
             *record = Vec::with_capacity(RECORD_KEEP / 4);
         }
         drop(record);
-        let mut tails = self.tails();
+        // A batch at a time, so that a reader never waits behind a whole group commit.
         for b in batches {
-            tails.apply(id, b);
+            self.tails().apply(id, b);
         }
         Ok(())
     }
@@ -331,20 +333,6 @@ impl RedbStore {
     pub fn log_bytes_held(&self) -> usize {
         self.tails().bytes()
     }
-
-    fn read<T>(
-        &self,
-        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, Box<dyn std::error::Error>>,
-    ) -> Option<T> {
-        let run = || -> Result<T, Box<dyn std::error::Error>> { f(&self.db.begin_read()?) };
-        match run() {
-            Ok(v) => Some(v),
-            Err(e) => {
-                log::error!("store read failed: {e}");
-                None
-            }
-        }
-    }
 }
 
 /// Writes one user's logged entries into the tables.
@@ -371,6 +359,10 @@ fn write_user(
 
 /// Appends `count` idempotency keys (encoded by [`records::put_send`]) to `uid`'s send
 /// chunks and drops the chunks that hold only keys older than the newest [`DEDUPE_KEEP`].
+///
+/// Chunks stay between a few and about `DEDUPE_KEEP` keys: keys beyond the newest
+/// `DEDUPE_KEEP` are not written, and a few keys join the last chunk when it is small, so a
+/// user that sends rarely does not end up with a thousand one-key chunks to read.
 fn write_sends(
     table: &mut Table<(&str, u64), &[u8]>,
     uid: &str,
@@ -380,17 +372,38 @@ fn write_sends(
     if count == 0 {
         return Ok(());
     }
-    let total = match table.range((uid, 0)..=(uid, u64::MAX))?.next_back() {
+    let (count, keys) = if count > DEDUPE_KEEP {
+        (DEDUPE_KEEP, records::skip_sends(keys, count - DEDUPE_KEEP)?)
+    } else {
+        (count, keys)
+    };
+    let last = match table.range((uid, 0)..=(uid, u64::MAX))?.next_back() {
         Some(entry) => {
             let (k, v) = entry?;
-            k.value().1 + records::send_chunk_len(v.value())? - 1
+            let value = v.value();
+            Some((k.value().1, records::send_chunk_len(value)?, value.to_vec()))
         }
-        None => 0,
+        None => None,
     };
     let mut buf = Vec::new();
-    records::encode_send_chunk(count, keys, &mut buf);
-    table.insert((uid, total + 1), buf.as_slice())?;
-    let total = total + count as u64;
+    let total = match last {
+        Some((first, n, value)) if n < SEND_CHUNK_JOIN && (n as usize) + count <= DEDUPE_KEEP => {
+            records::encode_send_chunk(
+                n as usize + count,
+                records::send_chunk_keys(&value)?,
+                &mut buf,
+            );
+            buf.extend_from_slice(keys);
+            table.insert((uid, first), buf.as_slice())?;
+            first + n - 1 + count as u64
+        }
+        last => {
+            let total = last.map_or(0, |(first, n, _)| first + n - 1);
+            records::encode_send_chunk(count, keys, &mut buf);
+            table.insert((uid, total + 1), buf.as_slice())?;
+            total + count as u64
+        }
+    };
     let mut old = Vec::new();
     for entry in table.range((uid, 0)..=(uid, u64::MAX))? {
         let (k, v) = entry?;
@@ -408,7 +421,7 @@ fn write_sends(
 }
 
 /// The highest seq in `uid`'s inbox chunks (0 when none).
-fn last_inbox_seq<T>(table: &T, uid: &str) -> Result<u64, Box<dyn std::error::Error>>
+fn last_inbox_seq<T>(table: &T, uid: &str) -> Result<u64, ReadError>
 where
     T: ReadableTable<(&'static str, u64), &'static [u8]>,
 {
@@ -422,7 +435,7 @@ where
 }
 
 /// The newest idempotency key in `uid`'s send chunks.
-fn last_send<T>(table: &T, uid: &str) -> Result<Option<(String, u64)>, Box<dyn std::error::Error>>
+fn last_send<T>(table: &T, uid: &str) -> Result<Option<(String, u64)>, ReadError>
 where
     T: ReadableTable<(&'static str, u64), &'static [u8]>,
 {
@@ -517,49 +530,50 @@ impl Store for RedbStore {
 }
 
 impl StoreRead for RedbStore {
-    fn max_seq(&self, uid: &str) -> u64 {
+    fn max_seq(&self, uid: &str) -> Result<u64, ReadError> {
         if let Some(seq) = self.tails().max_seq(uid) {
-            return seq;
+            return Ok(seq);
         }
-        self.read(|txn| last_inbox_seq(&txn.open_table(INBOX)?, uid))
-            .unwrap_or(0)
+        let txn = self.db.begin_read()?;
+        last_inbox_seq(&txn.open_table(INBOX)?, uid)
     }
 
-    fn messages_after(&self, uid: &str, after: u64, limit: usize) -> Vec<StoredMessage> {
+    fn messages_after(
+        &self,
+        uid: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, ReadError> {
         if after == u64::MAX || limit == 0 {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let (held_from, held) = {
             let t = self.tails();
             (t.min_seq(uid), t.messages_after(uid, after, limit))
         };
         if held_from.is_some_and(|first| first <= after + 1) {
-            return held;
+            return Ok(held);
         }
-        let mut out = self
-            .read(|txn| {
-                let t = txn.open_table(INBOX)?;
-                let start = match t.range((uid, 0)..=(uid, after + 1))?.next_back() {
-                    Some(entry) => entry?.0.value().1,
-                    None => 0,
-                };
-                let mut out = Vec::new();
-                for entry in t.range((uid, start)..=(uid, u64::MAX))? {
-                    let (k, v) = entry?;
-                    let chunk = records::decode_inbox_chunk(k.value().1, v.value())?;
-                    out.extend(chunk.into_iter().filter(|m| m.seq > after));
-                    if out.len() >= limit {
-                        break;
-                    }
-                }
-                out.truncate(limit);
-                Ok(out)
-            })
-            .unwrap_or_default();
+        // The tables, then what memory holds beyond them (a move in between puts some in both).
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(INBOX)?;
+        let start = match t.range((uid, 0)..=(uid, after + 1))?.next_back() {
+            Some(entry) => entry?.0.value().1,
+            None => 0,
+        };
+        let mut out = Vec::new();
+        for entry in t.range((uid, start)..=(uid, u64::MAX))? {
+            let (k, v) = entry?;
+            let room = limit - out.len();
+            records::decode_inbox_chunk_into(k.value().1, v.value(), after, room, &mut out)?;
+            if out.len() >= limit {
+                return Ok(out);
+            }
+        }
         let last = out.last().map_or(after, |m| m.seq);
         let room = limit - out.len();
         out.extend(held.into_iter().filter(|m| m.seq > last).take(room));
-        out
+        Ok(out)
     }
 
     fn cursor(&self, uid: &str, device_id: &str) -> u64 {
@@ -569,20 +583,13 @@ impl StoreRead for RedbStore {
             .into_iter()
             .find(|(d, _)| &**d == device_id)
             .map_or(0, |(_, s)| s);
-        let stored = self
-            .read(|txn| {
-                let t = txn.open_table(CURSORS)?;
-                Ok(t.get((uid, device_id))?.map(|v| v.value()).unwrap_or(0))
-            })
-            .unwrap_or(0);
+        let stored = degrade(self.read_cursor(uid, device_id)).unwrap_or(0);
         held.max(stored)
     }
 
     fn cursors(&self, uid: &str) -> Vec<(String, u64)> {
         let held = self.tails().cursors(uid);
-        let mut out = self
-            .read(|txn| scan_prefix(&txn.open_table(CURSORS)?, uid, |v| v))
-            .unwrap_or_default();
+        let mut out = degrade(self.scan(CURSORS, uid, |v| v)).unwrap_or_default();
         for (d, s) in held {
             match out.iter_mut().find(|(o, _)| *o == *d) {
                 Some((_, o)) => *o = (*o).max(s),
@@ -593,98 +600,109 @@ impl StoreRead for RedbStore {
         out
     }
 
-    fn recent_sends(&self, uid: &str) -> Vec<(String, u64)> {
+    fn recent_sends(&self, uid: &str) -> Result<Vec<(String, u64)>, ReadError> {
         let held = self.tails().sends(uid);
         if held.len() >= DEDUPE_KEEP {
-            return held[held.len() - DEDUPE_KEEP..].to_vec();
+            return Ok(held[held.len() - DEDUPE_KEEP..].to_vec());
         }
+        // Keys at or above the first held one were moved after memory was read: counted there.
         let first_held = held.first().map_or(u64::MAX, |k| k.1);
-        let mut out = self
-            .read(|txn| {
-                let t = txn.open_table(SENDS)?;
-                let mut chunks = Vec::new();
-                let mut n = held.len();
-                for entry in t.range((uid, 0)..=(uid, u64::MAX))?.rev() {
-                    let keys = records::decode_send_chunk(entry?.1.value())?;
-                    n += keys.len();
-                    chunks.push(keys);
-                    if n >= DEDUPE_KEEP {
-                        break;
-                    }
-                }
-                Ok(chunks
-                    .into_iter()
-                    .rev()
-                    .flatten()
-                    .filter(|k| k.1 < first_held)
-                    .collect::<Vec<_>>())
-            })
-            .unwrap_or_default();
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(SENDS)?;
+        let mut older: Vec<Vec<(String, u64)>> = Vec::new();
+        let mut n = held.len();
+        for entry in t.range((uid, 0)..=(uid, u64::MAX))?.rev() {
+            let mut keys = records::decode_send_chunk(entry?.1.value())?;
+            keys.retain(|k| k.1 < first_held);
+            n += keys.len();
+            older.push(keys);
+            if n >= DEDUPE_KEEP {
+                break;
+            }
+        }
+        let mut out: Vec<(String, u64)> = older.into_iter().rev().flatten().collect();
         out.extend(held);
         let excess = out.len().saturating_sub(DEDUPE_KEEP);
         out.drain(..excess);
-        out
+        Ok(out)
     }
 
-    fn sent(&self, uid: &str, client_msg_id: &str) -> Option<u64> {
-        let (held, held_count) = self.tails().find_send(uid, client_msg_id);
-        if let Some((seq, newer)) = held {
-            return (newer < DEDUPE_KEEP).then_some(seq);
+    fn sent(&self, uid: &str, client_msg_id: &str) -> Result<Option<u64>, ReadError> {
+        let held = self.tails().find_send(uid, client_msg_id);
+        if let Some((seq, newer)) = held.found {
+            return Ok((newer < DEDUPE_KEEP).then_some(seq));
         }
-        if held_count >= DEDUPE_KEEP {
-            return None;
+        if held.count >= DEDUPE_KEEP {
+            return Ok(None);
         }
         // The newest chunks, newest key first, until DEDUPE_KEEP keys in all were looked at.
-        self.read(|txn| {
-            let t = txn.open_table(SENDS)?;
-            let mut seen = held_count;
-            for entry in t.range((uid, 0)..=(uid, u64::MAX))?.rev() {
-                let (_, v) = entry?;
-                let mut keys = Vec::new();
-                records::for_each_send(records::send_chunk_keys(v.value())?, |k, seq| {
+        // Keys at or above the first held one were moved after memory was read: counted there.
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(SENDS)?;
+        let mut seen = held.count;
+        for entry in t.range((uid, 0)..=(uid, u64::MAX))?.rev() {
+            let (_, v) = entry?;
+            let mut keys = Vec::new();
+            records::for_each_send(records::send_chunk_keys(v.value())?, |k, seq| {
+                if seq < held.first_seq {
                     keys.push((k == client_msg_id, seq));
-                })?;
-                for (same, seq) in keys.into_iter().rev() {
-                    if seen >= DEDUPE_KEEP {
-                        return Ok(None);
-                    }
-                    if same {
-                        return Ok(Some(seq));
-                    }
-                    seen += 1;
                 }
+            })?;
+            for (same, seq) in keys.into_iter().rev() {
+                if seen >= DEDUPE_KEEP {
+                    return Ok(None);
+                }
+                if same {
+                    return Ok(Some(seq));
+                }
+                seen += 1;
             }
-            Ok(None)
-        })
-        .flatten()
+        }
+        Ok(None)
     }
 
     fn friends(&self, uid: &str) -> Vec<String> {
-        self.read(|txn| scan_prefix(&txn.open_table(FRIENDS)?, uid, |()| ()))
+        degrade(self.scan(FRIENDS, uid, |()| ()))
             .map(|v| v.into_iter().map(|(friend, ())| friend).collect())
             .unwrap_or_default()
     }
 }
 
-/// Every `(uid, key) -> value` entry of a table keyed by `(uid, key)`, in key order.
-fn scan_prefix<V, T>(
-    table: &redb::ReadOnlyTable<(&str, &str), V>,
-    uid: &str,
-    value: impl Fn(V::SelfType<'_>) -> T,
-) -> Result<Vec<(String, T)>, Box<dyn std::error::Error>>
-where
-    V: redb::Value + 'static,
-{
-    let mut out = Vec::new();
-    for entry in table.range((uid, "")..)? {
-        let (k, v) = entry?;
-        let (owner, key) = k.value();
-        if owner != uid {
-            break;
-        }
-        out.push((key.to_owned(), value(v.value())));
+/// A read whose failure costs little (a cursor, the friends): logged, then taken as empty.
+fn degrade<T>(r: Result<T, ReadError>) -> Option<T> {
+    r.map_err(|e| log::error!("{e}")).ok()
+}
+
+impl RedbStore {
+    fn read_cursor(&self, uid: &str, device_id: &str) -> Result<u64, ReadError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(CURSORS)?;
+        Ok(t.get((uid, device_id))?.map(|v| v.value()).unwrap_or(0))
     }
-    Ok(out)
+
+    /// Every `(uid, key) -> value` entry of a table keyed by `(uid, key)`, in key order.
+    fn scan<V, T>(
+        &self,
+        table: TableDefinition<(&str, &str), V>,
+        uid: &str,
+        value: impl Fn(V::SelfType<'_>) -> T,
+    ) -> Result<Vec<(String, T)>, ReadError>
+    where
+        V: redb::Value + 'static,
+    {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(table)?;
+        let mut out = Vec::new();
+        for entry in table.range((uid, "")..)? {
+            let (k, v) = entry?;
+            let (owner, key) = k.value();
+            if owner != uid {
+                break;
+            }
+            out.push((key.to_owned(), value(v.value())));
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -741,8 +759,8 @@ mod tests {
 
     /// Checks `uid`'s inbox holds exactly seqs 1..=n, each with its own body.
     fn assert_inbox(s: &RedbStore, uid: &str, n: u64) {
-        assert_eq!(s.max_seq(uid), n, "{uid}");
-        let all = s.messages_after(uid, 0, 10_000);
+        assert_eq!(s.max_seq(uid).unwrap(), n, "{uid}");
+        let all = s.messages_after(uid, 0, 10_000).unwrap();
         assert_eq!(all.len() as u64, n, "{uid}");
         for (i, m) in all.iter().enumerate() {
             assert_eq!(m.seq, i as u64 + 1, "{uid}");
@@ -751,7 +769,7 @@ mod tests {
         }
         // Any page starts right after `after`.
         for after in [0, n / 3, n.saturating_sub(1), n] {
-            let page = s.messages_after(uid, after, 7);
+            let page = s.messages_after(uid, after, 7).unwrap();
             let want: Vec<u64> = (after + 1..=n).take(7).collect();
             assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), want);
         }
@@ -775,17 +793,17 @@ mod tests {
                 if seq % 7 == 0 {
                     s.maintain().unwrap();
                 }
-                assert_eq!(s.max_seq("a"), seq);
+                assert_eq!(s.max_seq("a").unwrap(), seq);
             }
             assert_inbox(&s, "a", 300);
             assert_inbox(&s, "b", 300);
-            assert_eq!(s.recent_sends("a").len(), 300);
-            assert!(s.recent_sends("b").is_empty());
+            assert_eq!(s.recent_sends("a").unwrap().len(), 300);
+            assert!(s.recent_sends("b").unwrap().is_empty());
         }
         // Reopened: what was only logged is read back from the log.
         let s = d.open(usize::MAX);
         assert_inbox(&s, "a", 300);
-        let keys = s.recent_sends("a");
+        let keys = s.recent_sends("a").unwrap();
         assert_eq!(keys.first(), Some(&("k1".to_owned(), 1)));
         assert_eq!(keys.last(), Some(&("k300".to_owned(), 300)));
         assert!(log_len(&s) > 0);
@@ -797,7 +815,7 @@ mod tests {
         assert_eq!(s.tails().bytes(), 0);
         assert_inbox(&s, "a", 300);
         assert_inbox(&s, "b", 300);
-        assert_eq!(s.recent_sends("a"), keys);
+        assert_eq!(s.recent_sends("a").unwrap(), keys);
     }
 
     #[test]
@@ -817,7 +835,11 @@ mod tests {
         let s = d.open(usize::MAX);
         for u in &users {
             assert_inbox(&s, u, 1);
-            assert_eq!(s.recent_sends(u), vec![("k1".to_owned(), 1)], "{u}");
+            assert_eq!(
+                s.recent_sends(u).unwrap(),
+                vec![("k1".to_owned(), 1)],
+                "{u}"
+            );
             s.commit(&[&batch(&[u], 2)], false).unwrap();
             assert_inbox(&s, u, 2);
         }
@@ -853,7 +875,7 @@ mod tests {
         assert!(most <= 2 * limit + 200 * 1024, "held {most} bytes");
         assert!(log_len(&s) < 30, "moved generations leave the log");
         for u in &users {
-            assert_eq!(s.messages_after(u, 0, 1000).len(), 30);
+            assert_eq!(s.messages_after(u, 0, 1000).unwrap().len(), 30);
         }
     }
 
@@ -870,7 +892,7 @@ mod tests {
             s.commit(&[&b], false).unwrap();
             while s.maintain().unwrap() {}
         }
-        let keys = s.recent_sends("a");
+        let keys = s.recent_sends("a").unwrap();
         let want: Vec<(String, u64)> = (n - DEDUPE_KEEP as u64 + 1..=n)
             .map(|seq| (format!("k{seq}"), seq))
             .collect();
@@ -889,10 +911,14 @@ mod tests {
         let check = |s: &RedbStore, newest: u64| {
             let oldest = newest - DEDUPE_KEEP as u64 + 1;
             for seq in [newest, newest - 1, oldest + 1, oldest] {
-                assert_eq!(s.sent("a", &format!("k{seq}")), Some(seq), "k{seq}");
+                assert_eq!(
+                    s.sent("a", &format!("k{seq}")).unwrap(),
+                    Some(seq),
+                    "k{seq}"
+                );
             }
-            assert_eq!(s.sent("a", &format!("k{}", oldest - 1)), None);
-            assert_eq!(s.sent("a", "never"), None);
+            assert_eq!(s.sent("a", &format!("k{}", oldest - 1)).unwrap(), None);
+            assert_eq!(s.sent("a", "never").unwrap(), None);
         };
         check(&s, n);
         let mut b = WriteBatch::default();
@@ -907,7 +933,81 @@ mod tests {
             ..WriteBatch::default()
         };
         s.commit(&[&reuse], false).unwrap();
-        assert_eq!(s.sent("a", &format!("k{n}")), Some(n + 11));
+        assert_eq!(s.sent("a", &format!("k{n}")).unwrap(), Some(n + 11));
+    }
+
+    #[test]
+    fn send_chunks_stay_few_and_bounded() {
+        let d = Dir::new("chunks");
+        let s = d.open(1);
+        let chunks = |s: &RedbStore| -> Vec<u64> {
+            let txn = s.db.begin_read().unwrap();
+            let t = txn.open_table(SENDS).unwrap();
+            let v: Vec<u64> = t
+                .range(("a", 0)..=("a", u64::MAX))
+                .unwrap()
+                .map(|e| records::send_chunk_len(e.unwrap().1.value()).unwrap())
+                .collect();
+            v
+        };
+        // A user that sends once per move: its keys gather in a few chunks.
+        for seq in 1..=1500u64 {
+            let b = WriteBatch {
+                sends: vec![("a".into(), format!("k{seq}"), seq)],
+                ..WriteBatch::default()
+            };
+            s.commit(&[&b], false).unwrap();
+            while s.maintain().unwrap() {}
+        }
+        let c = chunks(&s);
+        assert!(c.len() <= 12, "{} chunks", c.len());
+        let want: Vec<(String, u64)> = (501..=1500).map(|q| (format!("k{q}"), q)).collect();
+        assert_eq!(s.recent_sends("a").unwrap(), want);
+        // A burst of 3,000 in one move: only the newest 1,000 are written.
+        let b = WriteBatch {
+            sends: (1501..=4500)
+                .map(|q| ("a".into(), format!("k{q}"), q))
+                .collect(),
+            ..WriteBatch::default()
+        };
+        s.commit(&[&b], false).unwrap();
+        while s.maintain().unwrap() {}
+        assert_eq!(chunks(&s).iter().sum::<u64>(), DEDUPE_KEEP as u64);
+        assert_eq!(s.sent("a", "k3501").unwrap(), Some(3501));
+        assert_eq!(s.sent("a", "k3500").unwrap(), None);
+    }
+
+    #[test]
+    fn keys_moved_while_memory_is_read_are_not_counted_twice() {
+        let d = Dir::new("overlap");
+        let s = d.open(1);
+        let keys = |range: std::ops::RangeInclusive<u64>| WriteBatch {
+            sends: range
+                .map(|seq| ("a".into(), format!("k{seq}"), seq))
+                .collect(),
+            ..WriteBatch::default()
+        };
+        s.commit(&[&keys(1..=700)], false).unwrap();
+        while s.maintain().unwrap() {}
+        s.commit(&[&keys(701..=1100)], false).unwrap();
+        // As if a move of the 400 held keys committed after memory was read and before the
+        // snapshot: they are in both.
+        let txn = s.db.begin_write().unwrap();
+        {
+            let mut sends = txn.open_table(SENDS).unwrap();
+            let mut held = Vec::new();
+            for seq in 701..=1100u64 {
+                records::put_send(&format!("k{seq}"), seq, &mut held);
+            }
+            write_sends(&mut sends, "a", 400, &held).unwrap();
+        }
+        txn.commit().unwrap();
+        // The newest 1,000 are k101..k1100, each once.
+        assert_eq!(s.sent("a", "k101").unwrap(), Some(101));
+        assert_eq!(s.sent("a", "k100").unwrap(), None);
+        let recent = s.recent_sends("a").unwrap();
+        let want: Vec<(String, u64)> = (101..=1100).map(|q| (format!("k{q}"), q)).collect();
+        assert_eq!(recent, want);
     }
 
     #[test]
@@ -988,15 +1088,15 @@ mod tests {
         }
         let s = d.open(usize::MAX);
         for uid in ["a", "b"] {
-            assert_eq!(s.max_seq(uid), 300);
-            let msgs = s.messages_after(uid, 0, 1000);
+            assert_eq!(s.max_seq(uid).unwrap(), 300);
+            let msgs = s.messages_after(uid, 0, 1000).unwrap();
             assert_eq!(msgs.len(), 300);
             for m in &msgs {
                 assert_eq!(wire::to_proto(m).unwrap(), old_message(m.seq));
                 assert_eq!(m.server_time_ms, 1_000 + m.seq as i64);
             }
         }
-        let keys = s.recent_sends("a");
+        let keys = s.recent_sends("a").unwrap();
         assert_eq!(keys.len(), 300);
         assert_eq!(keys.first(), Some(&("k2".to_owned(), 2)));
         assert_eq!(keys.last(), Some(&("k1".to_owned(), 301)));

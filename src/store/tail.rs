@@ -9,7 +9,7 @@
 //!
 //! Invariants: for one user, `flushing` holds older entries than `active`; each keeps the
 //! user's inbox seqs contiguous and ascending, and its keys in send order. A user of
-//! `flushing` listed in `flushed` is in the tables and no longer read from here.
+//! `flushing` listed in `done` is in the tables and no longer read from here.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -80,6 +80,18 @@ impl UserTail {
         }
     }
 
+    /// Roughly what it holds in memory (as counted into [`Tail::bytes`]).
+    fn weight(&self) -> usize {
+        self.inbox.iter().map(|c| c.bytes.capacity()).sum::<usize>()
+            + self.sends.len()
+            + KEY_OVERHEAD * self.send_count
+            + self
+                .cursors
+                .iter()
+                .map(|(d, _)| CURSOR_OVERHEAD + d.len())
+                .sum::<usize>()
+    }
+
     fn sends(&self) -> impl Iterator<Item = (String, u64)> {
         // Written by `push_send` only: it always decodes.
         records::decode_sends(&self.sends)
@@ -125,8 +137,21 @@ pub struct Tails {
     flushed: usize,
     /// `order[..flushed]`, for reads.
     done: HashSet<Arc<str>>,
+    /// What the users in `done` weigh: memory the move gave back, in effect.
+    moved_bytes: usize,
     /// Log records up to this id hold only moved entries: they can be deleted.
     log_to_drop: u64,
+}
+
+/// A user's idempotency keys held here, as [`Tails::find_send`] found them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldSends {
+    /// The newest held key with the id looked for: its seq, and how many keys came after it.
+    pub found: Option<(u64, usize)>,
+    /// Keys held.
+    pub count: usize,
+    /// The lowest seq held (`u64::MAX` when none): every key from it up is held here.
+    pub first_seq: u64,
 }
 
 /// Users of the flushing generation to move into the tables in one transaction.
@@ -160,9 +185,9 @@ impl Tails {
         &mut self.active
     }
 
-    /// Bytes held in both generations.
+    /// Bytes held in both generations, not counting users already moved.
     pub fn bytes(&self) -> usize {
-        self.active.bytes + self.flushing.bytes
+        self.active.bytes + self.flushing.bytes.saturating_sub(self.moved_bytes)
     }
 
     /// `uid`'s entries, oldest generation first.
@@ -206,20 +231,28 @@ impl Tails {
         self.user(uid).flat_map(|u| u.sends()).collect()
     }
 
-    /// The newest key of `uid` held here with this id: its seq and how many keys of `uid`
-    /// came after it; and how many keys of `uid` are held here in all.
-    pub fn find_send(&self, uid: &str, id: &str) -> (Option<(u64, usize)>, usize) {
-        let mut total = 0;
-        let mut found = None;
+    /// What is held here of `uid`'s keys, looking for one id.
+    pub fn find_send(&self, uid: &str, id: &str) -> HeldSends {
+        let mut held = HeldSends {
+            found: None,
+            count: 0,
+            first_seq: u64::MAX,
+        };
+        let mut at = 0;
         for u in self.user(uid) {
             let _ = records::for_each_send(&u.sends, |k, seq| {
+                held.first_seq = held.first_seq.min(seq);
                 if k == id {
-                    found = Some((seq, total));
+                    held.found = Some((seq, 0));
+                    at = held.count;
                 }
-                total += 1;
+                held.count += 1;
             });
         }
-        (found.map(|(seq, at)| (seq, total - at - 1)), total)
+        if let Some((_, newer)) = held.found.as_mut() {
+            *newer = held.count - at - 1;
+        }
+        held
     }
 
     /// `uid`'s cursors held here: (device, seq), the newest per device.
@@ -276,11 +309,15 @@ impl Tails {
     pub fn flushed(&mut self, slice: &Slice, moved: usize) -> Option<Arc<Tail>> {
         self.flushed += moved;
         if self.flushed < self.order.len() {
-            self.done.extend(slice.users[..moved].iter().cloned());
+            for uid in &slice.users[..moved] {
+                self.moved_bytes += slice.generation.user(uid).map_or(0, UserTail::weight);
+                self.done.insert(uid.clone());
+            }
             return None;
         }
         self.order.clear();
         self.done.clear();
+        self.moved_bytes = 0;
         self.flushed = 0;
         self.log_to_drop = self.log_to_drop.max(self.flushing.last_log);
         Some(std::mem::take(&mut self.flushing))

@@ -37,8 +37,9 @@ impl Writer {
         let thread = std::thread::Builder::new()
             .name("imgate-store".into())
             .spawn(move || {
-                // Whether the store has upkeep due: then waiting for a job must not block.
-                let mut upkeep = false;
+                // Whether the store may have upkeep due (a log read back at start-up, say):
+                // then waiting for a job must not block.
+                let mut upkeep = true;
                 loop {
                     let first = if upkeep {
                         match jobs_rx.try_recv() {

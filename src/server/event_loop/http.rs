@@ -14,6 +14,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Token};
 
 use super::{is_transient_accept_error, millis, Cx, Server, ADMIN_BASE};
+use crate::im::core::AdminSendError;
 use crate::server::admin::{self, AdminAction, Response};
 use crate::server::timer_wheel::TimerId;
 use crate::server::transport::Transport;
@@ -185,24 +186,35 @@ impl Server {
                         self.dispatch_im();
                         return false;
                     }
-                    Err(why) => a.response = Response::error(400, why).to_bytes(),
+                    Err(AdminSendError::Invalid(why)) => {
+                        a.response = Response::error(400, why).to_bytes()
+                    }
+                    Err(AdminSendError::Unavailable) => {
+                        a.response = Response::error(503, "the store cannot be read").to_bytes()
+                    }
                 }
             }
-            AdminAction::GetUser { uid } => {
-                let cursors: serde_json::Map<String, serde_json::Value> = im
-                    .store
-                    .cursors(&uid)
-                    .into_iter()
-                    .map(|(d, seq)| (d, seq.into()))
-                    .collect();
-                let body = serde_json::json!({
-                    "uid": uid,
-                    "online_devices": im.core.online_devices(&uid),
-                    "max_seq": im.store.max_seq(&uid),
-                    "cursors": cursors,
-                });
-                a.response = Response::json(200, &body).to_bytes();
-            }
+            AdminAction::GetUser { uid } => match im.store.max_seq(&uid) {
+                Ok(max_seq) => {
+                    let cursors: serde_json::Map<String, serde_json::Value> = im
+                        .store
+                        .cursors(&uid)
+                        .into_iter()
+                        .map(|(d, seq)| (d, seq.into()))
+                        .collect();
+                    let body = serde_json::json!({
+                        "uid": uid,
+                        "online_devices": im.core.online_devices(&uid),
+                        "max_seq": max_seq,
+                        "cursors": cursors,
+                    });
+                    a.response = Response::json(200, &body).to_bytes();
+                }
+                Err(e) => {
+                    log::error!("{e}");
+                    a.response = Response::error(503, "the store cannot be read").to_bytes();
+                }
+            },
             AdminAction::Metrics => {
                 let mut counts: Vec<(&'static str, &'static str, i64)> = Vec::new();
                 for (_, c) in self.conns.iter() {
