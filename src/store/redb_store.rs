@@ -377,22 +377,23 @@ fn write_sends(
     } else {
         (count, keys)
     };
+    // The last chunk, and its keys when the new ones join it.
+    let mut buf = Vec::new();
     let last = match table.range((uid, 0)..=(uid, u64::MAX))?.next_back() {
         Some(entry) => {
             let (k, v) = entry?;
-            let value = v.value();
-            Some((k.value().1, records::send_chunk_len(value)?, value.to_vec()))
+            let n = records::send_chunk_len(v.value())?;
+            let join = n < SEND_CHUNK_JOIN && n as usize + count <= DEDUPE_KEEP;
+            if join {
+                let old_keys = records::send_chunk_keys(v.value())?;
+                records::encode_send_chunk(n as usize + count, old_keys, &mut buf);
+            }
+            Some((k.value().1, n, join))
         }
         None => None,
     };
-    let mut buf = Vec::new();
     let total = match last {
-        Some((first, n, value)) if n < SEND_CHUNK_JOIN && (n as usize) + count <= DEDUPE_KEEP => {
-            records::encode_send_chunk(
-                n as usize + count,
-                records::send_chunk_keys(&value)?,
-                &mut buf,
-            );
+        Some((first, n, true)) => {
             buf.extend_from_slice(keys);
             table.insert((uid, first), buf.as_slice())?;
             first + n - 1 + count as u64
