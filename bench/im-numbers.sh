@@ -167,8 +167,9 @@ log "flood: $(bench flood --addr "$addr" --jwt-secret "$SECRET" --server-pid "$p
     -u 200 --rate 2000 --flood-conns 500 -d 15 -w 3)"
 stop
 
-# 6. kill -9 chaos with the durable store: 100 users on 2 devices each, 10 kills in 60 s.
+# 6. kill -9 chaos with the durable store: 100 users on 2 devices each, 10 kills in 60 s; a
+#    64 KiB log keeps the store moving generations, so that kills land mid-move too.
 log "chaos: $(taskset -c 1 "$BENCH" chaos --quiet -u 100 --devices 2 --rate 1000 -d 60 --kills 10 \
     --server-log "$OUT/chaos.err" \
-    --server-cmd "taskset -c 0 $BIN serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --jwt-secret $SECRET --data-dir $OUT/chaos.data --log-level warn ${UNLIMITED[*]}")"
+    --server-cmd "taskset -c 0 $BIN serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --jwt-secret $SECRET --data-dir $OUT/chaos.data --log-level warn --store-log-bytes 65536 ${UNLIMITED[*]}")"
 echo "done: $OUT/results.txt" >&2

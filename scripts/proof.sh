@@ -121,11 +121,12 @@ start_server flood "${UNLIMITED[@]}"
 run flood flood "${FLOOD[@]}"
 stop_server
 
-# Chaos starts (and kills, and restarts) its own server on a fixed data directory.
+# Chaos starts (and kills, and restarts) its own server on a fixed data directory. A 64 KiB
+# log keeps the store moving generations all the time, so that kills land mid-move too.
 echo "--- chaos: imgate-bench chaos ${CHAOS[*]}" >&2
 "${pin_load[@]}" "$BENCH" chaos --jwt-secret "$SECRET" --json "$OUT/chaos.json" \
     --server-log "$OUT/chaos.server.err" "${CHAOS[@]}" \
-    --server-cmd "${pin_server[*]} $BIN serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --jwt-secret $SECRET --data-dir $OUT/chaos.data --log-level warn ${UNLIMITED[*]}" |
+    --server-cmd "${pin_server[*]} $BIN serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --jwt-secret $SECRET --data-dir $OUT/chaos.data --log-level warn --store-log-bytes 65536 ${UNLIMITED[*]}" |
     tee -a "$OUT/summary.txt"
 
 echo "all scenarios passed; summaries in $OUT/summary.txt" >&2
