@@ -412,12 +412,7 @@ impl Server {
         }
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        if let Err(e) = self.poll.registry().register(
-            &mut sock,
-            Token(key),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            warn!("register: {e}");
+        if !watch(self.poll.registry(), &mut sock, Token(key)) {
             return;
         }
         entry.insert(Conn::new(sock, self.cfg.max_message_bytes, self.now));
@@ -694,6 +689,18 @@ fn keepalive_deadline(conn: &Conn, cfg: &ServerConfig) -> u64 {
     let idle = conn.last_inbound + millis(cfg.idle_timeout);
     let ping = conn.last_inbound.max(conn.last_ping) + millis(cfg.ping_interval);
     idle.min(ping)
+}
+
+/// Registers an accepted socket for reading and writing (edge-triggered); false, logged,
+/// when the poller refuses it (the socket is then dropped).
+fn watch(registry: &mio::Registry, sock: &mut TcpStream, token: Token) -> bool {
+    match registry.register(sock, token, Interest::READABLE | Interest::WRITABLE) {
+        Ok(()) => true,
+        Err(e) => {
+            warn!("register: {e}");
+            false
+        }
+    }
 }
 
 fn unix_ms() -> i64 {

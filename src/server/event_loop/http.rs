@@ -11,9 +11,9 @@ use std::io::{self, Read, Write};
 
 use log::warn;
 use mio::net::TcpStream;
-use mio::{Interest, Token};
+use mio::Token;
 
-use super::{is_transient_accept_error, millis, Cx, Server, ADMIN_BASE};
+use super::{is_transient_accept_error, millis, watch, Cx, Server, ADMIN_BASE};
 use crate::im::core::AdminSendError;
 use crate::server::admin::{self, AdminAction, Response};
 use crate::server::timer_wheel::TimerId;
@@ -70,16 +70,7 @@ impl Server {
                     }
                     let entry = im.admins.vacant_entry();
                     let key = entry.key();
-                    if self
-                        .poll
-                        .registry()
-                        .register(
-                            &mut sock,
-                            Token(ADMIN_BASE + key),
-                            Interest::READABLE | Interest::WRITABLE,
-                        )
-                        .is_ok()
-                    {
+                    if watch(self.poll.registry(), &mut sock, Token(ADMIN_BASE + key)) {
                         let mut a = AdminConn::new(sock);
                         let deadline = self.now + millis(self.cfg.handshake_timeout);
                         a.timer = Some(self.wheel.insert(deadline, ADMIN_BASE + key));
@@ -328,14 +319,7 @@ impl Server {
         let entry = im.admins.vacant_entry();
         let admin_key = entry.key();
         let mut sock = conn.sock;
-        if registry
-            .register(
-                &mut sock,
-                Token(ADMIN_BASE + admin_key),
-                Interest::READABLE | Interest::WRITABLE,
-            )
-            .is_err()
-        {
+        if !watch(registry, &mut sock, Token(ADMIN_BASE + admin_key)) {
             return;
         }
         entry.insert(AdminConn::new(sock));

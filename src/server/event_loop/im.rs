@@ -4,9 +4,9 @@
 use std::io;
 
 use log::{debug, warn};
-use mio::{Interest, Token};
+use mio::Token;
 
-use super::{close_slow_consumer, is_transient_accept_error, ImService, Server};
+use super::{close_slow_consumer, is_transient_accept_error, watch, ImService, Server};
 use crate::im::core::{Now, Output};
 use crate::im::proto::{server_frame, ClientFrame, ServerFrame};
 use crate::im::wire;
@@ -78,16 +78,7 @@ impl Server {
             let _ = sock.set_nodelay(true);
             let entry = self.conns.vacant_entry();
             let key = entry.key();
-            if self
-                .poll
-                .registry()
-                .register(
-                    &mut sock,
-                    Token(key),
-                    Interest::READABLE | Interest::WRITABLE,
-                )
-                .is_err()
-            {
+            if !watch(self.poll.registry(), &mut sock, Token(key)) {
                 continue;
             }
             let mut conn = Conn::new_tcp(sock, self.cfg.max_message_bytes, self.now);
