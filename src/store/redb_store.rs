@@ -192,8 +192,9 @@ impl RedbStore {
                     }
                     _ => {}
                 }
-                active.set_last_log(last_id);
             }
+            // Even a record whose entries were all moved already: its id is the generation's.
+            tails.active_mut().set_last_log(last_id);
         }
         self.next_log.store(last_id + 1, Ordering::Relaxed);
         Ok(())
