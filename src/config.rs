@@ -85,6 +85,18 @@ pub struct ServeArgs {
     #[arg(long, env = "IMGATE_MAX_OUTBOUND_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub max_outbound_bytes: usize,
 
+    /// While this many bytes are unsent to a connection, the server reads nothing more from
+    /// it and builds no new output for it; both resume once under half of it. A connection
+    /// that stays there for --idle-timeout is closed as a slow consumer (1008). Default: 1 MiB,
+    /// or half of --max-outbound-bytes if that is less.
+    #[arg(long, env = "IMGATE_OUTBOUND_HIGH_WATER")]
+    pub outbound_high_water: Option<usize>,
+
+    /// Frames that carry no data (pings, pongs, empty fragments) allowed per connection per
+    /// second, in bursts of as many; more close the connection with 1008.
+    #[arg(long, env = "IMGATE_MAX_EMPTY_FRAMES", default_value_t = 100)]
+    pub max_empty_frames: u32,
+
     /// Comma-separated Origin allow-list for WebSocket upgrades (403 otherwise); empty allows
     /// every origin.
     #[arg(long, env = "IMGATE_ALLOWED_ORIGINS", value_delimiter = ',')]
@@ -221,6 +233,9 @@ pub enum Durability {
     None,
 }
 
+/// `--outbound-high-water` unless `--max-outbound-bytes` is less than twice as much.
+const DEFAULT_HIGH_WATER: usize = 1024 * 1024;
+
 /// Settings of the IM endpoint `/ws`.
 #[derive(Debug, Clone)]
 pub struct ImSettings {
@@ -251,6 +266,10 @@ pub struct ServerConfig {
     pub max_message_bytes: usize,
     pub max_connections: usize,
     pub max_outbound_bytes: usize,
+    /// Unsent bytes above which a connection's input and new output wait for it to drain.
+    pub outbound_high_water: usize,
+    /// Empty frames (pings, pongs, empty fragments) per connection per second.
+    pub max_empty_frames: u32,
     pub allowed_origins: Vec<String>,
     pub shutdown_timeout: Duration,
     /// The IM endpoint; `None` serves only the diagnostic endpoints.
@@ -269,6 +288,8 @@ impl Default for ServerConfig {
             max_message_bytes: 64 * 1024,
             max_connections: 10_000,
             max_outbound_bytes: 8 * 1024 * 1024,
+            outbound_high_water: 1024 * 1024,
+            max_empty_frames: 100,
             allowed_origins: Vec::new(),
             shutdown_timeout: Duration::from_secs(5),
             im: None,
@@ -288,6 +309,15 @@ impl ServerConfig {
                 "--max-outbound-bytes ({}) must be at least --max-message-bytes ({}) + {frame_overhead}",
                 self.max_outbound_bytes, self.max_message_bytes
             ));
+        }
+        if self.outbound_high_water == 0 || self.outbound_high_water > self.max_outbound_bytes {
+            return Err(format!(
+                "--outbound-high-water ({}) must be positive and at most --max-outbound-bytes ({})",
+                self.outbound_high_water, self.max_outbound_bytes
+            ));
+        }
+        if self.max_empty_frames == 0 {
+            return Err("--max-empty-frames must be positive".into());
         }
         if self.max_message_bytes == 0 || self.max_connections == 0 {
             return Err("--max-message-bytes and --max-connections must be positive".into());
@@ -316,6 +346,14 @@ impl ServerConfig {
     }
 }
 
+impl ServeArgs {
+    /// `--outbound-high-water`, or its default for the `--max-outbound-bytes` given.
+    fn high_water(&self) -> usize {
+        self.outbound_high_water
+            .unwrap_or((self.max_outbound_bytes / 2).min(DEFAULT_HIGH_WATER))
+    }
+}
+
 impl From<&ServeArgs> for ServerConfig {
     fn from(a: &ServeArgs) -> Self {
         ServerConfig {
@@ -328,6 +366,8 @@ impl From<&ServeArgs> for ServerConfig {
             max_message_bytes: a.max_message_bytes,
             max_connections: a.max_connections,
             max_outbound_bytes: a.max_outbound_bytes,
+            outbound_high_water: a.high_water(),
+            max_empty_frames: a.max_empty_frames,
             allowed_origins: a
                 .allowed_origins
                 .iter()
@@ -355,6 +395,7 @@ impl From<&ServeArgs> for ServerConfig {
                     rate_per_sec: a.rate_limit,
                     rate_burst: a.rate_burst,
                     max_bad_frames: 10,
+                    output_room: a.high_water(),
                 },
             }),
         }

@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
         let mut off = 0;
         while off < buf.len() {
             let before = conn.state();
-            let progress = match conn.handle(&mut buf[off..], &mut out, &mut pool) {
+            let progress = match conn.handle(&mut buf[off..], 0, &mut out, &mut pool) {
                 Ok(p) => p,
                 Err(_) => {
                     assert_eq!(conn.state(), State::Closed);

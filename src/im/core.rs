@@ -58,6 +58,9 @@ pub struct ImConfig {
     pub rate_burst: f64,
     /// Undecodable frames in a row before the connection is closed.
     pub max_bad_frames: u32,
+    /// Output a new connection can take before the shell first reports its room
+    /// (`--outbound-high-water`; see [`Core::handle_room`]).
+    pub output_room: usize,
 }
 
 impl Default for ImConfig {
@@ -70,6 +73,7 @@ impl Default for ImConfig {
             rate_per_sec: 50.0,
             rate_burst: 100.0,
             max_bad_frames: 10,
+            output_room: 1024 * 1024,
         }
     }
 }
@@ -142,6 +146,10 @@ struct Session {
     device: Option<Device>,
     bucket: Bucket,
     bad_in_row: u32,
+    /// Bytes of output the connection can still take: what the shell last reported, less an
+    /// estimate of what was produced since. Deliveries stop at zero, and Sync pages shrink to
+    /// fit, so that output is bounded before it is built (see [`Core::handle_room`]).
+    room: usize,
 }
 
 #[derive(Debug, Default)]
@@ -350,8 +358,39 @@ impl Core {
                     at_ms: now.mono_ms,
                 },
                 bad_in_row: 0,
+                room: self.cfg.output_room,
             },
         );
+    }
+
+    /// Whether the connection can take more output now (true for one the core does not
+    /// know). While it cannot, the shell feeds it no input: every answer is then built only
+    /// once there is room for it.
+    pub fn has_room(&self, conn: ConnId) -> bool {
+        self.sessions.get(&conn).is_none_or(|s| s.room > 0)
+    }
+
+    /// The shell's report of how many more bytes the connection can take (its high-water mark
+    /// less what is unsent, or zero while it drains). When room comes back after it ran out,
+    /// the delivery window moves on. Returns whether that produced output.
+    pub fn handle_room(
+        &mut self,
+        conn: ConnId,
+        room: usize,
+        now: Now,
+        store: &dyn StoreRead,
+    ) -> bool {
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return false;
+        };
+        let starved = s.room == 0;
+        s.room = room;
+        if !starved || room == 0 || s.device.is_none() {
+            return false;
+        }
+        let before = self.out.len();
+        self.pump(conn, now, store);
+        self.out.len() > before
     }
 
     /// Device ids of `uid` online now, sorted.
@@ -581,6 +620,11 @@ impl Core {
     }
 
     fn reply(&mut self, conn: ConnId, frame: ServerFrame) {
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            s.room = s
+                .room
+                .saturating_sub(output_cost(prost::Message::encoded_len(&frame)));
+        }
         self.out.push(Output::Frame { conn, frame });
     }
 
@@ -1017,14 +1061,14 @@ impl Core {
     }
 
     fn sync(&mut self, conn: ConnId, id: u64, s: proto::Sync, store: &dyn StoreRead) {
-        let Some(uid) = self
+        let Some((uid, room)) = self
             .sessions
             .get(&conn)
-            .and_then(|s| s.device.as_ref())
-            .map(|d| d.uid.clone())
+            .and_then(|s| Some((s.device.as_ref()?.uid.clone(), s.room)))
         else {
             return;
         };
+        let page_bytes = SYNC_MAX_BYTES.min(room / 2);
         let limit = match s.limit {
             0 => 100,
             n => n.min(1000) as usize,
@@ -1037,14 +1081,15 @@ impl Core {
             }
         };
         // Bound the page by bytes too (at least one message), so that one SyncResult stays far
-        // below the outbound allowance whatever the message sizes.
+        // below the outbound allowance whatever the message sizes, and within the room the
+        // connection has now (as JSON it can be up to twice the stored size).
         let mut bytes = 0;
         let fit = msgs
             .iter()
             .take(limit)
             .position(|m| {
                 bytes += m.body.len();
-                bytes > SYNC_MAX_BYTES
+                bytes > page_bytes
             })
             .unwrap_or(limit)
             .max(1);
@@ -1065,24 +1110,42 @@ impl Core {
     /// Sends the device as much of its committed inbox as the delivery window allows.
     fn pump(&mut self, conn: ConnId, now: Now, store: &dyn StoreRead) {
         let window = self.cfg.delivery_window;
-        let Some(dev) = self.sessions.get_mut(&conn).and_then(|s| s.device.as_mut()) else {
+        let Some(Session {
+            device: Some(dev),
+            room: bytes_room,
+            ..
+        }) = self.sessions.get_mut(&conn)
+        else {
             return;
         };
         let Some(user) = self.users.get(&dev.uid) else {
             return;
         };
-        while dev.sent_upto < user.committed_seq && dev.sent_upto - dev.acked < window {
+        while *bytes_room > 0
+            && dev.sent_upto < user.committed_seq
+            && dev.sent_upto - dev.acked < window
+        {
             let room = (window - (dev.sent_upto - dev.acked)) as usize;
             let first_recent = user.committed_seq + 1 - user.recent.len() as u64;
             if dev.sent_upto + 1 >= first_recent {
                 let skip = (dev.sent_upto + 1 - first_recent) as usize;
                 for m in user.recent.range(skip..).take(room) {
+                    if *bytes_room == 0 {
+                        return;
+                    }
+                    let before = self.out.len();
                     if !advance(dev, m, conn, now, &mut self.out) {
                         return;
+                    }
+                    if self.out.len() > before {
+                        *bytes_room = bytes_room.saturating_sub(output_cost(m.body.len()));
                     }
                 }
             } else {
                 // A failed read stops the stream here; the next ack or commit tries again.
+                // Read no more than the room can take, counting each message as at least
+                // MIN_DELIVERY_COST, so that a connection with little room reads little.
+                let room = room.min(*bytes_room / MIN_DELIVERY_COST + 1);
                 let older = match store.messages_after(&dev.uid, dev.sent_upto, room) {
                     Ok(older) => older,
                     Err(e) => {
@@ -1094,8 +1157,15 @@ impl Core {
                     break;
                 }
                 for m in &older {
+                    if *bytes_room == 0 {
+                        return;
+                    }
+                    let before = self.out.len();
                     if !advance(dev, m, conn, now, &mut self.out) {
                         return;
+                    }
+                    if self.out.len() > before {
+                        *bytes_room = bytes_room.saturating_sub(output_cost(m.body.len()));
                     }
                 }
             }
@@ -1135,6 +1205,15 @@ fn advance(
         msg: m.clone(),
     });
     true
+}
+
+/// The least a delivery is taken to cost a connection's room (see [`output_cost`]).
+const MIN_DELIVERY_COST: usize = 256;
+
+/// What an output of `encoded` protobuf bytes is taken to cost a connection's room: JSON
+/// grows content by 4/3 and adds field names, and each frame has a header.
+fn output_cost(encoded: usize) -> usize {
+    encoded + encoded / 2 + 64
 }
 
 /// A stored message as a protobuf struct, or None (logged) if it does not decode.
@@ -1698,6 +1777,7 @@ mod tests {
     fn sync_pages_are_bounded_by_bytes_too() {
         let mut h = H::new(ImConfig {
             max_content_bytes: 2 * SYNC_MAX_BYTES,
+            output_room: 8 * SYNC_MAX_BYTES,
             ..ImConfig::default()
         });
         h.login(1, "alice", "phone", 0);
@@ -1724,6 +1804,82 @@ mod tests {
         assert_eq!(page(0), (2, true));
         assert_eq!(page(2), (2, true));
         assert_eq!(page(4), (1, false));
+    }
+
+    #[test]
+    fn deliveries_stop_when_the_connection_has_no_room_and_go_on_when_it_does() {
+        let mut h = H::new(ImConfig {
+            output_room: 10_000,
+            rate_burst: 1000.0,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        for i in 1..=20 {
+            h.send(1, "bob", &format!("m{i}"), &"x".repeat(1000));
+        }
+        // Each delivery is taken to cost about 1.5 times its size: 7 fit in 10,000 bytes.
+        let out = h.login(2, "bob", "phone", 0);
+        let first: Vec<u64> = messages_to(&out, 2).iter().map(|m| m.0).collect();
+        assert_eq!(first, (1..=7).collect::<Vec<_>>());
+        assert!(
+            !h.core.has_room(2),
+            "no input is taken while there is no room"
+        );
+        // A report of no room changes nothing; room again moves the stream on, in order.
+        assert!(!h.core.handle_room(2, 0, h.now, &h.store));
+        assert!(h.core.handle_room(2, 10_000, h.now, &h.store));
+        let next: Vec<u64> = messages_to(&h.turn(), 2).iter().map(|m| m.0).collect();
+        assert_eq!(next, (8..=14).collect::<Vec<_>>());
+        // Room reported while the stream was not starved does not deliver twice.
+        assert!(h.core.handle_room(2, 100_000, h.now, &h.store));
+        let rest: Vec<u64> = messages_to(&h.turn(), 2).iter().map(|m| m.0).collect();
+        assert_eq!(rest, (15..=20).collect::<Vec<_>>());
+        assert!(!h.core.handle_room(2, 100_000, h.now, &h.store));
+        assert!(h.core.has_room(2));
+    }
+
+    #[test]
+    fn a_sync_page_fits_half_the_room_and_an_answer_uses_it_up() {
+        let mut h = H::new(ImConfig {
+            output_room: 40_000,
+            rate_burst: 1000.0,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        for i in 1..=30 {
+            h.send(1, "alice", &format!("m{i}"), &"x".repeat(1000));
+        }
+        h.core.handle_room(1, 40_000, h.now, &h.store);
+        let page = |h: &mut H| match frames_to(
+            &h.req(
+                1,
+                5,
+                C::Sync(proto::Sync {
+                    after_seq: 0,
+                    limit: 1000,
+                }),
+            ),
+            1,
+        )
+        .pop()
+        {
+            Some(S::SyncResult(r)) => (r.messages.len(), r.has_more),
+            other => panic!("{other:?}"),
+        };
+        // Half the room is 20,000 bytes: 19 stored messages of about 1,030 bytes (a 20th
+        // would pass it).
+        assert_eq!(page(&mut h), (19, true));
+        // Each answer uses up room (about 1.5 times its size), so the next pages shrink until
+        // there is none; with no room a page still holds one message, so Sync progresses.
+        let mut sizes = Vec::new();
+        while h.core.has_room(1) {
+            sizes.push(page(&mut h).0);
+        }
+        assert!(
+            sizes.windows(2).all(|w| w[0] >= w[1]) && sizes[0] < 19,
+            "{sizes:?}"
+        );
+        assert_eq!(page(&mut h), (1, true));
     }
 
     #[test]

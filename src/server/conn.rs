@@ -62,6 +62,14 @@ pub struct Conn {
     pub opened_ms: u64,
     /// IM frames are JSON text messages (subprotocol `imgate.v1.json`), not binary protobuf.
     pub json: bool,
+    /// Set when the unsent output reached `--outbound-high-water`, cleared once it is under
+    /// half of it. While set, nothing is read from the socket (the peer's bytes wait in the
+    /// kernel, and TCP flow control slows it down) and the IM core builds no new output.
+    pub throttled: bool,
+    /// Bytes read from the socket but not handled yet, because the connection became
+    /// throttled or used its share of the loop turn: handled before the socket is read again.
+    /// At most one read's worth; empty (no allocation) otherwise.
+    pub held: Vec<u8>,
 }
 
 impl Conn {
@@ -88,6 +96,8 @@ impl Conn {
             counted_open: false,
             opened_ms: now,
             json: false,
+            throttled: false,
+            held: Vec::new(),
         }
     }
 }

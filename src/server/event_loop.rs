@@ -22,14 +22,16 @@ mod im;
 mod input;
 
 use self::http::AdminConn;
-use self::input::{process_input, Cx};
+use self::input::{process_input, Cx, Stop};
 use super::conn::{Conn, Service, TimerKind};
 use super::metrics::Metrics;
 use super::signals::ShutdownSignals;
 use super::timer_wheel::TimerWheel;
+use super::transport::Transport;
 use crate::buffer_pool::BufferPool;
 use crate::config::ServerConfig;
 use crate::im::core::{Core, Now};
+use crate::server::admin::Response;
 use crate::store::redb_store::RedbStore;
 use crate::store::writer::Writer;
 use crate::store::Store;
@@ -52,6 +54,9 @@ const ADMIN_BASE: usize = usize::MAX / 2;
 const READ_BUF: usize = 64 * 1024;
 /// Bytes read from one connection per loop turn before the others get their turn.
 const READ_BUDGET: usize = 256 * 1024;
+/// Frames handled for one connection per loop turn, besides the byte budget: a flood of tiny
+/// frames gets no bigger share of the turn than a flood of bytes.
+const FRAMES_PER_TURN: usize = 512;
 /// Size of pooled per-connection buffers (partial messages, unsent output).
 const POOL_BUF: usize = 16 * 1024;
 /// Idle pooled buffers kept warm (at most 16 MiB).
@@ -266,10 +271,10 @@ impl Server {
             self.unix_ms = unix_ms();
             for ev in events.iter() {
                 match ev.token() {
-                    LISTENER => self.accept_all(),
+                    LISTENER => self.accept_all(Listener::Public),
                     STORE_WAKER => self.on_store_done()?,
-                    ADMIN_LISTENER => self.accept_admin(),
-                    TCP_LISTENER => self.accept_tcp(),
+                    ADMIN_LISTENER => self.accept_all(Listener::Admin),
+                    TCP_LISTENER => self.accept_all(Listener::RawTcp),
                     SIGNALS => {
                         if self.signals.as_mut().is_some_and(|s| s.take()) {
                             self.begin_shutdown();
@@ -298,7 +303,7 @@ impl Server {
             self.fired = fired;
             if self.accept_paused_until.is_some_and(|t| self.now >= t) {
                 self.accept_paused_until = None;
-                self.accept_all();
+                self.accept_everywhere();
             }
             self.end_turn();
         }
@@ -347,25 +352,41 @@ impl Server {
         .map(|t| Duration::from_millis(t.saturating_sub(self.now)))
     }
 
-    fn accept_all(&mut self) {
+    fn listener(&self, kind: Listener) -> Option<&TcpListener> {
+        match kind {
+            Listener::Public => self.listener.as_ref(),
+            Listener::Admin => self.im.as_ref().map(|im| &im.admin_listener),
+            Listener::RawTcp => self.im.as_ref().and_then(|im| im.tcp_listener.as_ref()),
+        }
+    }
+
+    /// Accepts every waiting connection of one listener. The same for each listener: the
+    /// backlog is always drained (an edge-triggered listener left with a backlog would never
+    /// be woken again), by shedding when descriptors run out, or by a pause after which every
+    /// listener is tried again.
+    fn accept_all(&mut self, kind: Listener) {
         if self.accept_paused_until.is_some() {
             return;
         }
         loop {
-            let Some(listener) = self.listener.as_ref() else {
+            let Some(listener) = self.listener(kind) else {
                 return;
             };
             match listener.accept() {
-                Ok((sock, _)) => self.add_conn(sock),
+                Ok((sock, _)) => match kind {
+                    Listener::Public => self.add_conn(sock),
+                    Listener::Admin => self.add_admin(sock),
+                    Listener::RawTcp => self.add_tcp(sock),
+                },
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if is_transient_accept_error(&e) => {}
                 Err(e) if is_fd_exhaustion(&e) => {
-                    if !self.shed_one_connection() {
+                    if !self.shed_one_connection(kind) {
                         return;
                     }
                 }
                 Err(e) => {
-                    warn!("accept failed: {e}; pausing accepts for {ACCEPT_PAUSE_MS} ms");
+                    warn!("accept on the {kind:?} listener failed: {e}; pausing accepts for {ACCEPT_PAUSE_MS} ms");
                     self.accept_paused_until = Some(self.now + ACCEPT_PAUSE_MS);
                     return;
                 }
@@ -373,13 +394,21 @@ impl Server {
         }
     }
 
-    /// Out of descriptors: use the reserve one to accept the oldest pending connection and
-    /// close it with a 503, so the backlog drains instead of the loop spinning on EMFILE.
-    /// Returns whether a connection was shed (so accepting may continue).
-    fn shed_one_connection(&mut self) -> bool {
+    /// Accepts on every listener (after a pause).
+    fn accept_everywhere(&mut self) {
+        for kind in [Listener::Public, Listener::Admin, Listener::RawTcp] {
+            self.accept_all(kind);
+        }
+    }
+
+    /// Out of descriptors: use the reserve one to accept the oldest pending connection of the
+    /// listener and refuse it (503 on HTTP, a plain close on raw TCP), so the backlog drains
+    /// instead of the loop spinning on EMFILE or the listener stalling. Returns whether a
+    /// connection was shed (so accepting may continue).
+    fn shed_one_connection(&mut self, kind: Listener) -> bool {
         if self.last_emfile_log.is_none_or(|t| self.now >= t + 1000) {
             warn!(
-                "out of file descriptors with {} connections: refusing new ones with 503",
+                "out of file descriptors with {} connections: refusing new ones",
                 self.conns.len()
             );
             self.last_emfile_log = Some(self.now);
@@ -391,9 +420,17 @@ impl Server {
         drop(reserve);
         // Linux reports EMFILE before looking at the queue, so an empty backlog only shows
         // up here, as WouldBlock: then there is nothing left to shed.
-        let shed = match self.listener.as_ref().map(|l| l.accept()) {
+        let shed = match self.listener(kind).map(|l| l.accept()) {
             Some(Ok((mut sock, _))) => {
-                let _ = sock.write(&HttpError::Unavailable.response());
+                let refusal = match kind {
+                    Listener::Public => HttpError::Unavailable.response(),
+                    Listener::Admin => {
+                        Response::error(503, "out of file descriptors; try again").to_bytes()
+                    }
+                    Listener::RawTcp => Vec::new(),
+                };
+                // Best effort on a fresh socket, whose send buffer is empty.
+                let _ = sock.write(&refusal);
                 true
             }
             _ => false,
@@ -415,7 +452,11 @@ impl Server {
         if !watch(self.poll.registry(), &mut sock, Token(key)) {
             return;
         }
-        entry.insert(Conn::new(sock, self.cfg.max_message_bytes, self.now));
+        let mut conn = Conn::new(sock, self.cfg.max_message_bytes, self.now);
+        if let Transport::Ws(ws) = &mut conn.transport {
+            ws.set_max_empty_frames(self.cfg.max_empty_frames);
+        }
+        entry.insert(conn);
         let deadline = self.now + millis(self.cfg.handshake_timeout);
         self.conns[key].timer = Some(self.wheel.insert(deadline, key));
     }
@@ -423,83 +464,207 @@ impl Server {
     /// Reads until the socket is drained. A short read means it is (a later arrival raises a
     /// new edge), which saves the extra read that would only return WouldBlock, unless the
     /// peer's FIN is already known to be queued: then read on until EOF.
+    ///
+    /// A throttled connection is not read at all (see [`Conn::throttled`]), and one that used
+    /// its share of the turn (bytes or frames) is read again next turn, after the others.
     fn on_readable(&mut self, key: usize, expect_eof: bool) {
         let mut total = 0;
+        let mut frames_left = FRAMES_PER_TURN;
         loop {
             let Some(conn) = self.conns.get_mut(key) else {
                 return;
             };
-            match conn.sock.read(&mut self.read_buf) {
-                Ok(0) => {
-                    conn.peer_eof = true;
-                    break;
-                }
-                Ok(n) => {
-                    conn.last_inbound = self.now;
-                    total += n;
-                    self.metrics.bytes_in.inc_by(n as u64);
-                    let mut cx = Cx {
-                        key,
-                        metrics: &self.metrics,
-                        now: Now {
-                            mono_ms: self.now,
-                            unix_ms: self.unix_ms,
-                        },
-                        im: self.im.as_mut(),
-                        staging: &mut self.staging,
-                        input_refs: &mut self.input_refs,
-                        pool: &mut self.pool,
-                        endpoints: &self.endpoints,
-                        policy: &self.policy,
-                        open_count: &mut self.open_count,
-                        max_connections: self.cfg.max_connections,
-                        shutting_down: self.shutdown_deadline.is_some(),
-                        handover: None,
-                    };
-                    process_input(conn, &mut self.read_buf[..n], &mut cx);
-                    if let Some(action) = cx.handover.take() {
-                        self.hand_over_to_http(key, action);
+            if conn.throttled {
+                break;
+            }
+            let (n, from_socket) = if conn.held.is_empty() {
+                match conn.sock.read(&mut self.read_buf) {
+                    Ok(0) => {
+                        conn.peer_eof = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        conn.last_inbound = self.now;
+                        total += n;
+                        self.metrics.bytes_in.inc_by(n as u64);
+                        (n, true)
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        debug!("conn {key}: read error: {e}");
+                        self.remove(key);
                         return;
                     }
-                    if !self.input_refs.is_empty() {
-                        // The next read reuses `read_buf`: write what points into it now.
-                        if let Err(e) = self.flush(key) {
-                            debug!("conn {key}: write error: {e}");
-                            self.remove(key);
-                            return;
-                        }
-                    }
-                    if total >= READ_BUDGET {
-                        self.again.push(key);
-                        break;
-                    }
-                    if n < self.read_buf.len() && !expect_eof {
-                        break;
-                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    debug!("conn {key}: read error: {e}");
-                    self.remove(key);
-                    return;
-                }
+            } else {
+                let n = conn.held.len();
+                self.read_buf[..n].copy_from_slice(&conn.held);
+                self.pool.give(std::mem::take(&mut conn.held));
+                (n, false)
+            };
+            match self.handle_read(key, n, &mut frames_left) {
+                Handled::All => {}
+                Handled::Held => break,
+                Handled::Removed => return,
+            }
+            if total >= READ_BUDGET {
+                self.again.push(key);
+                break;
+            }
+            if from_socket && n < self.read_buf.len() && !expect_eof {
+                break;
             }
         }
         if let Some(conn) = self.conns.get_mut(key) {
             conn.transport.release_buffers(&mut self.pool);
         }
+        self.queue_staged(key);
         self.dispatch_im();
         self.after_io(key);
     }
 
+    /// Handles the first `n` bytes of `read_buf` for connection `key`, frame by frame. When
+    /// the connection's output reaches the high-water mark, what it has so far is dispatched
+    /// and written; if that does not make room, the rest of the bytes is held (as it is when
+    /// the connection's share of the turn runs out).
+    fn handle_read(&mut self, key: usize, n: usize, frames_left: &mut usize) -> Handled {
+        let mut off = 0;
+        loop {
+            let Some(conn) = self.conns.get_mut(key) else {
+                return Handled::Removed;
+            };
+            let mut cx = Cx {
+                key,
+                metrics: &self.metrics,
+                now: Now {
+                    mono_ms: self.now,
+                    unix_ms: self.unix_ms,
+                },
+                im: self.im.as_mut(),
+                staging: &mut self.staging,
+                input_refs: &mut self.input_refs,
+                pool: &mut self.pool,
+                endpoints: &self.endpoints,
+                policy: &self.policy,
+                open_count: &mut self.open_count,
+                max_connections: self.cfg.max_connections,
+                shutting_down: self.shutdown_deadline.is_some(),
+                handover: None,
+                high_water: self.cfg.outbound_high_water,
+                frames_left,
+                read_base: self.read_buf.as_ptr() as usize,
+                read_len: n,
+            };
+            let (used, stop) = process_input(conn, &mut self.read_buf[off..n], &mut cx);
+            off += used;
+            if let Some(action) = cx.handover.take() {
+                self.hand_over_to_http(key, action);
+                return Handled::Removed;
+            }
+            if !self.input_refs.is_empty() {
+                // The next read reuses `read_buf`: write what points into it now.
+                if let Err(e) = self.flush(key) {
+                    debug!("conn {key}: write error: {e}");
+                    self.remove(key);
+                    return Handled::Removed;
+                }
+            }
+            match stop {
+                None => return Handled::All,
+                Some(Stop::TurnShare) => {
+                    self.hold(key, off..n);
+                    self.again.push(key);
+                    return Handled::Held;
+                }
+                Some(Stop::OutputFull) => {
+                    self.queue_staged(key);
+                    self.dispatch_im();
+                    self.after_io(key);
+                    let Some(conn) = self.conns.get(key) else {
+                        return Handled::Removed;
+                    };
+                    let has_room = self.im.as_ref().is_none_or(|im| im.core.has_room(key));
+                    if conn.throttled || !has_room {
+                        self.hold(key, off..n);
+                        return Handled::Held;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keeps `read_buf[range]` for the connection to handle later.
+    fn hold(&mut self, key: usize, range: Range<usize>) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        debug_assert!(conn.held.is_empty());
+        if range.is_empty() {
+            return;
+        }
+        if conn.held.capacity() == 0 {
+            conn.held = self.pool.take();
+        }
+        conn.held.extend_from_slice(&self.read_buf[range]);
+    }
+
+    /// Queues the connection's staged output behind its outbox, so that what the IM core
+    /// produces next leaves after it: output leaves in the order it was produced (the `101`
+    /// before the answer to a frame pipelined behind the upgrade request).
+    fn queue_staged(&mut self, key: usize) {
+        if self.staging.is_empty() || !self.input_refs.is_empty() {
+            return;
+        }
+        if let Some(conn) = self.conns.get_mut(key) {
+            if conn.service == Some(Service::Im) {
+                conn.outbox.push(&self.staging, &mut self.pool);
+                self.staging.clear();
+            }
+        }
+    }
+
     /// Writes the turn's output, enforces the outbound limit, re-arms the timer for the
     /// current state and takes the connection through the TCP close when it is done.
+    ///
+    /// Also keeps the connection's flow control: it becomes throttled when its unsent output
+    /// reaches the high-water mark and is resumed (read again, next turn) once that is under
+    /// half of it; the IM core learns how much room is left, and a delivery window that
+    /// stopped for lack of room moves on.
     fn after_io(&mut self, key: usize) {
-        if let Err(e) = self.flush(key) {
-            debug!("conn {key}: write error: {e}");
-            self.remove(key);
-            return;
+        loop {
+            if let Err(e) = self.flush(key) {
+                debug!("conn {key}: write error: {e}");
+                self.remove(key);
+                return;
+            }
+            let Some(conn) = self.conns.get_mut(key) else {
+                return;
+            };
+            let high_water = self.cfg.outbound_high_water;
+            let queued = conn.outbox.len();
+            if conn.throttled && queued <= high_water / 2 {
+                conn.throttled = false;
+                self.again.push(key);
+            } else if !conn.throttled && queued >= high_water {
+                conn.throttled = true;
+            }
+            let room = if conn.throttled {
+                0
+            } else {
+                high_water - queued
+            };
+            let is_im = conn.service == Some(Service::Im);
+            let now = self.now_value();
+            let produced = is_im
+                && self
+                    .im
+                    .as_mut()
+                    .is_some_and(|im| im.core.handle_room(key, room, now, &*im.store));
+            if !produced {
+                break;
+            }
+            self.dispatch_im();
         }
         let Some(conn) = self.conns.get_mut(key) else {
             return;
@@ -596,7 +761,10 @@ impl Server {
             }
             State::Open => {
                 let now = self.now;
-                if now >= conn.last_inbound + millis(self.cfg.idle_timeout) {
+                if now >= conn.last_inbound + millis(self.cfg.idle_timeout) && conn.throttled {
+                    // Nothing was read from it all this time because it reads nothing.
+                    close_slow_consumer(key, conn, &self.metrics, &mut self.staging);
+                } else if now >= conn.last_inbound + millis(self.cfg.idle_timeout) {
                     debug!("conn {key}: idle timeout");
                     conn.transport
                         .close(code::GOING_AWAY, "idle timeout", &mut self.staging);
@@ -658,6 +826,7 @@ impl Server {
         }
         let _ = self.poll.registry().deregister(&mut conn.sock);
         conn.transport.release_buffers(&mut self.pool);
+        self.pool.give(std::mem::take(&mut conn.held));
         if conn.service == Some(Service::Im) {
             if let Some(im) = self.im.as_mut() {
                 im.core.on_close(key, &*im.store);
@@ -665,6 +834,27 @@ impl Server {
             }
         }
     }
+}
+
+/// The listening sockets; each accepts through [`Server::accept_all`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listener {
+    /// WebSocket upgrades and the web demo (`--listen`).
+    Public,
+    /// The admin HTTP API (`--admin-listen`).
+    Admin,
+    /// Length-prefixed IM frames (`--tcp-listen`).
+    RawTcp,
+}
+
+/// How far [`Server::handle_read`] got with a read.
+enum Handled {
+    /// Every byte was handled.
+    All,
+    /// The rest is held in [`Conn::held`] for later.
+    Held,
+    /// The connection is gone (closed, failed, or handed over to an HTTP exchange).
+    Removed,
 }
 
 /// Starts closing a connection with more than `--max-outbound-bytes` unsent: the Close frame

@@ -9,14 +9,16 @@
 //!
 //! The caller owns the socket. It passes received bytes to [`Connection::handle`] until they are
 //! consumed, writes whatever the connection appended to `out`, and once [`Connection::is_closed`]
-//! holds it flushes `out` and closes the TCP connection. Time never enters this type: timeouts
-//! are the caller's, expressed by calling [`Connection::close`].
+//! holds it flushes `out` and closes the TCP connection. Time enters only as the value passed to
+//! [`Connection::handle`] (for the empty-frame allowance); timeouts are the caller's, expressed
+//! by calling [`Connection::close`].
 //!
 //! Data payloads are unmasked in place in the caller's input buffer; a message that arrives as
 //! one complete frame in one read is handed out as a slice of that buffer without a copy. Only
 //! messages split across frames or reads are assembled in a buffer borrowed from the pool.
 
 use super::error::{code, is_valid_received_close_code, WsError};
+use super::flood::EmptyFrameLimit;
 use super::frame::{self, FrameHeader, OpCode, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN};
 use super::handshake::{self, HttpError, Parse, PlainRequest, UpgradeRequest, MAX_REQUEST_HEAD};
 use super::utf8::Utf8Validator;
@@ -109,6 +111,7 @@ pub struct Connection {
     /// Set when the last event lent out `assembled`; it is cleared on the next call.
     assembled_lent: bool,
     max_message: usize,
+    empty_frames: EmptyFrameLimit,
     /// Partial request head, partial control payload, or partial data message. Empty (no
     /// allocation) whenever nothing is half-received. Control frames interleaved in a
     /// fragmented message use `control` so they never disturb `assembled`.
@@ -116,6 +119,10 @@ pub struct Connection {
     assembled: Vec<u8>,
     control: Vec<u8>,
 }
+
+/// Frames without data (pings, pongs, empty fragments) a connection may send per second unless
+/// [`Connection::set_max_empty_frames`] says otherwise.
+pub const DEFAULT_MAX_EMPTY_FRAMES: u32 = 100;
 
 impl Connection {
     /// A connection that starts by reading an HTTP Upgrade request.
@@ -129,6 +136,7 @@ impl Connection {
             utf8: Utf8Validator::new(),
             assembled_lent: false,
             max_message,
+            empty_frames: EmptyFrameLimit::new(DEFAULT_MAX_EMPTY_FRAMES),
             handshake: Vec::new(),
             assembled: Vec::new(),
             control: Vec::new(),
@@ -140,6 +148,12 @@ impl Connection {
         let mut c = Self::new(max_message);
         c.state = State::Open;
         c
+    }
+
+    /// Sets how many frames without data (pings, pongs, empty fragments) the peer may send per
+    /// second; the next one fails the connection with 1008.
+    pub fn set_max_empty_frames(&mut self, per_sec: u32) {
+        self.empty_frames = EmptyFrameLimit::new(per_sec);
     }
 
     pub fn state(&self) -> State {
@@ -178,10 +192,17 @@ impl Connection {
     ///
     /// Call repeatedly with the unconsumed rest until it is empty. Every call consumes at least
     /// one byte or returns an event, except in [`State::AwaitingAccept`], which waits for the
-    /// caller's decision. In [`State::Closed`] all input is consumed and ignored.
+    /// caller's decision. In [`State::Closed`] all input is consumed and ignored. `now_ms` is
+    /// the caller's monotonic clock in milliseconds.
+    ///
+    /// # Errors
+    ///
+    /// A [`Failure`] when the request or a frame breaks the protocol (or the empty-frame
+    /// allowance); its answer is already in `out` and the connection is closed.
     pub fn handle<'a>(
         &'a mut self,
         input: &'a mut [u8],
+        now_ms: u64,
         out: &mut Vec<u8>,
         pool: &mut BufferPool,
     ) -> Result<Progress<'a>, Failure> {
@@ -195,7 +216,7 @@ impl Connection {
                 consumed: 0,
                 event: None,
             }),
-            State::Open | State::CloseSent => self.handle_frames(input, out, pool),
+            State::Open | State::CloseSent => self.handle_frames(input, now_ms, out, pool),
             State::Closed => Ok(Progress {
                 consumed: input.len(),
                 event: None,
@@ -331,10 +352,11 @@ impl Connection {
     fn handle_frames<'a>(
         &'a mut self,
         input: &'a mut [u8],
+        now_ms: u64,
         out: &mut Vec<u8>,
         pool: &mut BufferPool,
     ) -> Result<Progress<'a>, Failure> {
-        let step = match self.decode(input, out, pool) {
+        let step = match self.decode(input, now_ms, out, pool) {
             Ok(step) => step,
             Err(e) => {
                 // Fail the connection (§7.1.7): say why, and do not wait for the peer's Close.
@@ -373,6 +395,7 @@ impl Connection {
     fn decode(
         &mut self,
         input: &mut [u8],
+        now_ms: u64,
         out: &mut Vec<u8>,
         pool: &mut BufferPool,
     ) -> Result<Step, WsError> {
@@ -384,7 +407,7 @@ impl Connection {
                     return Ok(Step::consumed(input.len()));
                 };
                 consumed = n;
-                let header = self.start_frame()?;
+                let header = self.start_frame(now_ms)?;
                 FrameInProgress {
                     header,
                     received: 0,
@@ -507,10 +530,13 @@ impl Connection {
     }
 
     /// Applies the message-level rules to the header just read (now in `self.frame`).
-    fn start_frame(&mut self) -> Result<FrameHeader, WsError> {
+    fn start_frame(&mut self, now_ms: u64) -> Result<FrameHeader, WsError> {
         let Some(FrameInProgress { header, .. }) = self.frame else {
             unreachable!("read_header stores the frame");
         };
+        if carries_no_data(&header) && !self.empty_frames.allow(now_ms) {
+            return Err(WsError::EmptyFrameFlood);
+        }
         if !header.opcode.is_control() {
             let len = match (header.opcode, self.message) {
                 (OpCode::Continuation, None) => return Err(WsError::UnexpectedContinuation),
@@ -608,6 +634,17 @@ impl Step {
     }
 }
 
+/// Pings, pongs, and data frames with no payload that are not a whole (empty) message: frames
+/// that cost work and move nothing. A Close is not one of them; it ends the connection.
+fn carries_no_data(h: &FrameHeader) -> bool {
+    match h.opcode {
+        OpCode::Ping | OpCode::Pong => true,
+        OpCode::Close => false,
+        OpCode::Continuation => h.payload_len == 0,
+        _ => h.payload_len == 0 && !h.fin,
+    }
+}
+
 /// Validates a Close payload (§5.5.1, §7.4) and returns its status code, if any.
 fn parse_close_payload(payload: &[u8]) -> Result<Option<u16>, WsError> {
     match payload {
@@ -674,7 +711,7 @@ mod tests {
             let mut buf = piece.to_vec();
             let mut off = 0;
             while off < buf.len() {
-                match conn.handle(&mut buf[off..], &mut o.out, &mut pool) {
+                match conn.handle(&mut buf[off..], 0, &mut o.out, &mut pool) {
                     Ok(p) => {
                         off += p.consumed;
                         match p.event {
@@ -757,7 +794,7 @@ mod tests {
         let mut buf = masked(true, 0x2, b"zero-copy");
         let start = buf.as_ptr() as usize;
         let mut out = Vec::new();
-        let p = c.handle(&mut buf, &mut out, &mut pool).unwrap();
+        let p = c.handle(&mut buf, 0, &mut out, &mut pool).unwrap();
         let Some(Event::Message(_, data)) = p.event else {
             panic!("{p:?}")
         };
@@ -820,6 +857,50 @@ mod tests {
             1002
         );
         assert_eq!(fail_code(&masked(true, 0x1, &[0xc3, 0x28])), 1007);
+    }
+
+    #[test]
+    fn frames_without_data_past_the_allowance_fail_with_1008() {
+        let ping = masked(true, 0x9, b"p");
+        let empty_fragment = masked(false, 0x0, b"");
+        // Within the allowance every ping is answered; empty messages are data and never count.
+        let mut c = Connection::new_open(1024);
+        c.set_max_empty_frames(3);
+        let mut s: Vec<u8> = (0..10).flat_map(|_| masked(true, 0x2, b"")).collect();
+        s.extend((0..3).flat_map(|_| ping.clone()));
+        let o = feed(&mut c, &s, s.len());
+        assert_eq!((o.failure, o.messages.len()), (None, 10));
+        let one_more = feed(&mut c, &ping, ping.len());
+        assert_eq!(
+            one_more.failure,
+            Some(Failure::Ws(WsError::EmptyFrameFlood))
+        );
+        assert!(
+            c.is_closed()
+                && one_more.out.ends_with(&{
+                    let mut v = Vec::new();
+                    frame::write_close(&mut v, 1008, "too many empty frames");
+                    v
+                })
+        );
+
+        // Empty continuations count too, and the allowance comes back each second.
+        let mut c = Connection::new_open(1024);
+        c.set_max_empty_frames(2);
+        let mut pool = BufferPool::new(1024, 4);
+        let mut out = Vec::new();
+        let mut start = masked(false, 0x2, b"a");
+        assert!(c.handle(&mut start, 0, &mut out, &mut pool).is_ok());
+        for now in [0, 10, 1000, 1500] {
+            let mut f = empty_fragment.clone();
+            assert!(
+                c.handle(&mut f, now, &mut out, &mut pool).is_ok(),
+                "at {now}"
+            );
+        }
+        let mut f = empty_fragment.clone();
+        let err = c.handle(&mut f, 1999, &mut out, &mut pool).unwrap_err();
+        assert_eq!(err, Failure::Ws(WsError::EmptyFrameFlood));
     }
 
     #[test]
@@ -924,9 +1005,9 @@ mod tests {
         let mut out = Vec::new();
         // Deliver the request in two pieces; the second carries the pipelined frame.
         let (first, second) = bytes.split_at_mut(20);
-        let p = c.handle(first, &mut out, &mut pool).unwrap();
+        let p = c.handle(first, 0, &mut out, &mut pool).unwrap();
         assert_eq!((p.consumed, p.event), (20, None));
-        let p = c.handle(second, &mut out, &mut pool).unwrap();
+        let p = c.handle(second, 0, &mut out, &mut pool).unwrap();
         let consumed = p.consumed;
         let Some(Event::Upgrade(req)) = p.event else {
             panic!()
@@ -935,7 +1016,7 @@ mod tests {
         assert_eq!(c.state(), State::AwaitingAccept);
         c.accept(b"HTTP/1.1 101 ok\r\n\r\n", &mut out);
         let rest = &mut second[consumed..];
-        let p = c.handle(rest, &mut out, &mut pool).unwrap();
+        let p = c.handle(rest, 0, &mut out, &mut pool).unwrap();
         assert_eq!(p.event, Some(Event::Message(MessageKind::Text, b"hi")));
     }
 
@@ -945,7 +1026,7 @@ mod tests {
         let mut pool = BufferPool::new(1024, 4);
         let mut out = Vec::new();
         let mut req = b"DELETE / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
-        let err = c.handle(&mut req, &mut out, &mut pool).unwrap_err();
+        let err = c.handle(&mut req, 0, &mut out, &mut pool).unwrap_err();
         assert_eq!(err, Failure::Http(HttpError::MethodNotAllowed));
         assert!(out.starts_with(b"HTTP/1.1 405 "));
         assert!(c.is_closed());
@@ -959,12 +1040,12 @@ mod tests {
         let mut out = Vec::new();
         // Half a frame: the partial message is held.
         let mut a = f[..2000].to_vec();
-        let p = c.handle(&mut a, &mut out, &mut pool).unwrap();
+        let p = c.handle(&mut a, 0, &mut out, &mut pool).unwrap();
         assert_eq!(p.consumed, 2000);
         c.release_buffers(&mut pool);
         assert!(c.buffered() > 0);
         let mut b = f[2000..].to_vec();
-        let p = c.handle(&mut b, &mut out, &mut pool).unwrap();
+        let p = c.handle(&mut b, 0, &mut out, &mut pool).unwrap();
         assert!(matches!(p.event, Some(Event::Message(_, d)) if d.len() == 5000));
         c.release_buffers(&mut pool);
         assert_eq!(c.buffered(), 0);

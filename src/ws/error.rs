@@ -45,6 +45,8 @@ pub enum WsError {
     InvalidUtf8,
     /// A message larger than the configured limit, counted across fragments.
     MessageTooBig,
+    /// More frames without data (pings, pongs, empty fragments) than the per-second allowance.
+    EmptyFrameFlood,
 }
 
 impl WsError {
@@ -53,6 +55,7 @@ impl WsError {
         match self {
             WsError::InvalidUtf8 => code::INVALID_PAYLOAD,
             WsError::MessageTooBig => code::MESSAGE_TOO_BIG,
+            WsError::EmptyFrameFlood => code::POLICY_VIOLATION,
             _ => code::PROTOCOL_ERROR,
         }
     }
@@ -74,6 +77,7 @@ impl WsError {
             WsError::InvalidCloseReason => "close reason not UTF-8",
             WsError::InvalidUtf8 => "text not UTF-8",
             WsError::MessageTooBig => "message too big",
+            WsError::EmptyFrameFlood => "too many empty frames",
         }
     }
 }
@@ -102,6 +106,7 @@ mod tests {
     fn close_code_mapping() {
         assert_eq!(WsError::InvalidUtf8.close_code(), 1007);
         assert_eq!(WsError::MessageTooBig.close_code(), 1009);
+        assert_eq!(WsError::EmptyFrameFlood.close_code(), 1008);
         assert_eq!(WsError::InvalidCloseReason.close_code(), 1002);
         assert_eq!(WsError::CloseTooShort.close_code(), 1002);
         assert_eq!(WsError::UnmaskedFrame.close_code(), 1002);

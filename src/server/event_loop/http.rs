@@ -9,11 +9,10 @@
 
 use std::io::{self, Read, Write};
 
-use log::warn;
 use mio::net::TcpStream;
 use mio::Token;
 
-use super::{is_transient_accept_error, millis, watch, Cx, Server, ADMIN_BASE};
+use super::{millis, watch, Cx, Server, ADMIN_BASE};
 use crate::im::core::AdminSendError;
 use crate::server::admin::{self, AdminAction, Response};
 use crate::server::timer_wheel::TimerId;
@@ -55,35 +54,25 @@ impl AdminConn {
 }
 
 impl Server {
-    pub(super) fn accept_admin(&mut self) {
+    /// Takes an accepted admin connection, or refuses it with 503 beyond
+    /// `--max-admin-connections`.
+    pub(super) fn add_admin(&mut self, mut sock: TcpStream) {
         let Some(im) = self.im.as_mut() else {
             return;
         };
-        loop {
-            match im.admin_listener.accept() {
-                Ok((mut sock, _)) => {
-                    if im.admins.len() >= im.max_admins {
-                        // Best effort on a fresh socket, whose send buffer is empty.
-                        let busy = Response::error(503, "too many admin connections");
-                        let _ = sock.write(&busy.to_bytes());
-                        continue;
-                    }
-                    let entry = im.admins.vacant_entry();
-                    let key = entry.key();
-                    if watch(self.poll.registry(), &mut sock, Token(ADMIN_BASE + key)) {
-                        let mut a = AdminConn::new(sock);
-                        let deadline = self.now + millis(self.cfg.handshake_timeout);
-                        a.timer = Some(self.wheel.insert(deadline, ADMIN_BASE + key));
-                        entry.insert(a);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if is_transient_accept_error(&e) => {}
-                Err(e) => {
-                    warn!("admin accept failed: {e}");
-                    return;
-                }
-            }
+        if im.admins.len() >= im.max_admins {
+            // Best effort on a fresh socket, whose send buffer is empty.
+            let busy = Response::error(503, "too many admin connections");
+            let _ = sock.write(&busy.to_bytes());
+            return;
+        }
+        let entry = im.admins.vacant_entry();
+        let key = entry.key();
+        if watch(self.poll.registry(), &mut sock, Token(ADMIN_BASE + key)) {
+            let mut a = AdminConn::new(sock);
+            let deadline = self.now + millis(self.cfg.handshake_timeout);
+            a.timer = Some(self.wheel.insert(deadline, ADMIN_BASE + key));
+            entry.insert(a);
         }
     }
 

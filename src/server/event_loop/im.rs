@@ -4,9 +4,10 @@
 use std::io;
 
 use log::{debug, warn};
+use mio::net::TcpStream;
 use mio::Token;
 
-use super::{close_slow_consumer, is_transient_accept_error, watch, ImService, Server};
+use super::{close_slow_consumer, watch, ImService, Server};
 use crate::im::core::{Now, Output};
 use crate::im::proto::{server_frame, ClientFrame, ServerFrame};
 use crate::im::wire;
@@ -57,40 +58,27 @@ impl Server {
         Ok(())
     }
 
-    /// Accepts raw TCP IM connections; they count against `--max-connections` like upgrades.
-    pub(super) fn accept_tcp(&mut self) {
-        loop {
-            let Some(l) = self.im.as_ref().and_then(|im| im.tcp_listener.as_ref()) else {
-                return;
-            };
-            let mut sock = match l.accept() {
-                Ok((sock, _)) => sock,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if is_transient_accept_error(&e) => continue,
-                Err(e) => {
-                    warn!("raw TCP accept failed: {e}");
-                    return;
-                }
-            };
-            if self.shutdown_deadline.is_some() || self.open_count >= self.cfg.max_connections {
-                continue; // dropped: closed at once
-            }
-            let _ = sock.set_nodelay(true);
-            let entry = self.conns.vacant_entry();
-            let key = entry.key();
-            if !watch(self.poll.registry(), &mut sock, Token(key)) {
-                continue;
-            }
-            let mut conn = Conn::new_tcp(sock, self.cfg.max_message_bytes, self.now);
-            conn.counted_open = true;
-            entry.insert(conn);
-            self.open_count += 1;
-            let now = self.now_value();
-            if let Some(im) = self.im.as_mut() {
-                im.core.on_open(key, now);
-            }
-            self.arm_timer(key);
+    /// Takes an accepted raw TCP IM connection; it counts against `--max-connections` like an
+    /// upgrade, and beyond it (or while shutting down) it is closed at once.
+    pub(super) fn add_tcp(&mut self, mut sock: TcpStream) {
+        if self.shutdown_deadline.is_some() || self.open_count >= self.cfg.max_connections {
+            return;
         }
+        let _ = sock.set_nodelay(true);
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        if !watch(self.poll.registry(), &mut sock, Token(key)) {
+            return;
+        }
+        let mut conn = Conn::new_tcp(sock, self.cfg.max_message_bytes, self.now);
+        conn.counted_open = true;
+        entry.insert(conn);
+        self.open_count += 1;
+        let now = self.now_value();
+        if let Some(im) = self.im.as_mut() {
+            im.core.on_open(key, now);
+        }
+        self.arm_timer(key);
     }
 
     /// Moves the IM core's output into the connections' outboxes.
