@@ -313,7 +313,7 @@ fn max_connections_answers_503() {
 }
 
 #[test]
-fn slow_consumer_is_closed_without_hurting_others() {
+fn slow_consumer_is_throttled_then_closed_without_hurting_others() {
     let server = ServerProc::start(&[
         "--echo",
         "--max-outbound-bytes",
@@ -322,22 +322,29 @@ fn slow_consumer_is_closed_without_hurting_others() {
         "--delivery-window",
         "8",
         "--close-timeout",
+        "10s",
+        "--idle-timeout",
+        "2s",
+        "--ping-interval",
         "500ms",
     ]);
-    // Never reads: the echoes pile up until the server gives up on it.
+    // Never reads: the echoes pile up to the high-water mark, then the server stops reading
+    // it, so its own writes stall (TCP flow control) instead of the server's memory growing.
     let mut slow = Raw::open(server.addr, "/echo");
     slow.stream
-        .set_write_timeout(Some(Duration::from_secs(2)))
+        .set_write_timeout(Some(Duration::from_millis(500)))
         .unwrap();
     let mut fast = client(&server);
     let msg = frame(true, 0x2, &[7u8; 60_000]);
     let started = Instant::now();
-    let mut dropped = false;
     let mut round = 0u32;
-    while started.elapsed() < Duration::from_secs(30) {
+    let stalled = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "writes never stalled"
+        );
         if slow.stream.write_all(&msg).is_err() {
-            dropped = true;
-            break;
+            break started.elapsed();
         }
         round += 1;
         if round.is_multiple_of(16) {
@@ -347,10 +354,21 @@ fn slow_consumer_is_closed_without_hurting_others() {
                 Message::text(format!("tick {round}"))
             );
         }
-    }
-    assert!(dropped, "the slow consumer was never disconnected");
+    };
+    // Throttled for the idle timeout: closed as a slow consumer (1008), after the echoes it
+    // was owed.
     fast.send(Message::text("after")).unwrap();
     assert_eq!(next_message(&mut fast), Message::text("after"));
+    std::thread::sleep(Duration::from_secs(3));
+    slow.stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(slow.read_close_code(), 1008, "stalled after {stalled:?}");
+    let metrics = server.admin_request("GET", "/metrics", "");
+    assert!(
+        metrics.contains("imgate_slow_consumer_kills_total 1"),
+        "{metrics}"
+    );
 }
 
 #[test]

@@ -70,6 +70,9 @@ pub struct Conn {
     /// throttled or used its share of the loop turn: handled before the socket is read again.
     /// At most one read's worth; empty (no allocation) otherwise.
     pub held: Vec<u8>,
+    /// The loop turn in which input was last handled: at most once per turn, so that a
+    /// connection both woken by the poller and scheduled to go on gets one share, not two.
+    pub read_turn: u64,
 }
 
 impl Conn {
@@ -98,6 +101,7 @@ impl Conn {
             json: false,
             throttled: false,
             held: Vec::new(),
+            read_turn: u64::MAX,
         }
     }
 }

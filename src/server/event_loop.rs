@@ -84,6 +84,8 @@ pub struct Server {
     input_refs: Vec<(usize, Range<usize>)>,
     /// Connections whose read budget ran out with input possibly left in the socket.
     again: Vec<usize>,
+    /// Counts loop turns (see [`Conn::read_turn`]).
+    turn: u64,
     fired: Vec<usize>,
     endpoints: Vec<Endpoint<Service>>,
     policy: Policy,
@@ -212,6 +214,7 @@ impl Server {
             staging: Vec::with_capacity(READ_BUF + 64),
             input_refs: Vec::new(),
             again: Vec::new(),
+            turn: 0,
             fired: Vec::new(),
             endpoints,
             open_count: 0,
@@ -269,6 +272,10 @@ impl Server {
             }
             self.now = self.clock();
             self.unix_ms = unix_ms();
+            self.turn += 1;
+            // Connections scheduled in an earlier turn go on after this turn's events; those
+            // scheduled during this turn wait for the next one.
+            let scheduled = std::mem::take(&mut self.again);
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept_all(Listener::Public),
@@ -292,7 +299,7 @@ impl Server {
                     }
                 }
             }
-            for key in std::mem::take(&mut self.again) {
+            for key in scheduled {
                 self.on_readable(key, false);
             }
             let mut fired = std::mem::take(&mut self.fired);
@@ -468,6 +475,13 @@ impl Server {
     /// A throttled connection is not read at all (see [`Conn::throttled`]), and one that used
     /// its share of the turn (bytes or frames) is read again next turn, after the others.
     fn on_readable(&mut self, key: usize, expect_eof: bool) {
+        match self.conns.get_mut(key) {
+            // Already had its share this turn: the rest is scheduled for the next one, or
+            // the socket was drained (and new bytes raise a new event).
+            Some(conn) if conn.read_turn == self.turn => return,
+            Some(conn) => conn.read_turn = self.turn,
+            None => return,
+        }
         let mut total = 0;
         let mut frames_left = FRAMES_PER_TURN;
         loop {
@@ -585,8 +599,14 @@ impl Server {
                         return Handled::Removed;
                     };
                     let has_room = self.im.as_ref().is_none_or(|im| im.core.has_room(key));
-                    if conn.throttled || !has_room {
+                    if conn.throttled {
+                        // Resumed (scheduled again) once the output drains.
                         self.hold(key, off..n);
+                        return Handled::Held;
+                    }
+                    if !has_room {
+                        self.hold(key, off..n);
+                        self.again.push(key);
                         return Handled::Held;
                     }
                 }

@@ -296,6 +296,13 @@ pub struct FloodArgs {
     /// Seconds of traffic without flood first (the baseline latency).
     #[arg(long, short = 'w', default_value_t = 3.0)]
     pub warmup: f64,
+    /// What floods: garbage connections, or single logged-in attackers (sync: full Syncs
+    /// never read; empty: endless empty continuations; pings: IM Pings, answers read).
+    #[arg(long, value_enum, default_value = "garbage")]
+    pub attack: scenarios::attack::Attack,
+    /// Attacker connections at once (for --attack other than garbage).
+    #[arg(long, default_value_t = 1)]
+    pub attackers: u32,
 }
 
 /// Refuses anything but IPv4 loopback.

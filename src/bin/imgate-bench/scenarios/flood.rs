@@ -2,7 +2,9 @@
 //! garbage: non-HTTP bytes, oversized heads, wrong methods, unmasked frames, reserved
 //! opcodes, absurd lengths, undecodable protobuf, stalled frames. Each garbage connection
 //! is replaced as soon as the server drops it (or after --garbage-ms). Reports the well-behaved
-//! clients' latency before and during the flood, and verifies their deliveries.
+//! clients' latency before and during the flood, and verifies their deliveries. With
+//! `--attack sync|empty|pings` the flood is instead a few logged-in attackers (see `attack`),
+//! and the report adds the server's peak RSS.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -14,6 +16,8 @@ use crate::scenarios::{final_sync, fleet_cfg, run_for, run_until, setup, Part};
 use crate::sys::{mono_ms, mono_ns, self_cpu_s, Rng};
 use crate::ws;
 use crate::FloodArgs;
+
+use super::attack::{self, Attack};
 
 const UPGRADE: &str =
     "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -131,6 +135,21 @@ pub fn run(a: FloodArgs) -> Result<ExitCode, String> {
             kind: i,
         })
         .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let secret = crate::scenarios::secret(&a.common)?;
+    let attackers: Vec<_> = if a.attack == Attack::Garbage {
+        Vec::new()
+    } else {
+        slots.clear();
+        (0..a.attackers)
+            .map(|i| {
+                let uid = crate::im::uid(&format!("{}attacker", a.common.uid_prefix), i);
+                let token = crate::im::token(&secret, &uid);
+                attack::spawn(a.attack, a.common.addr, uid, token, stop.clone())
+            })
+            .collect()
+    };
+    let mut rss_peak_kib = 0u64;
     let mut opened = 0u64;
     let mut dropped_by_server = 0u64;
     let mut timed_out = 0u64;
@@ -142,6 +161,9 @@ pub fn run(a: FloodArgs) -> Result<ExitCode, String> {
     fleet.measure_from = Some(mono_ns());
     let end = t_flood + Duration::from_secs_f64(a.duration);
     while Instant::now() < end {
+        if let Some(p) = a.common.server_pid.and_then(crate::sys::sample_proc) {
+            rss_peak_kib = rss_peak_kib.max(p.rss_kib);
+        }
         let now_ms = mono_ms();
         for (owner, why) in std::mem::take(&mut fleet.foreign_closed) {
             if let Some(slot) = slots.get_mut(owner - FOREIGN_BASE) {
@@ -183,6 +205,11 @@ pub fn run(a: FloodArgs) -> Result<ExitCode, String> {
         coord.progress("flood", || fleet.progress());
     }
     let flood_secs = t_flood.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let attack_stats: Vec<attack::Stats> = attackers
+        .into_iter()
+        .map(|t| t.join().unwrap_or_default())
+        .collect();
     let cpu1 = self_cpu_s();
     let srv1 = a.common.server_pid.and_then(crate::sys::sample_proc);
     let delivered_flood = fleet.stats.delivered - delivered0;
@@ -209,6 +236,25 @@ pub fn run(a: FloodArgs) -> Result<ExitCode, String> {
     let st = &part.stats;
     let check = part.ledger.check();
     let mut r = Report::new("flood");
+    r.add("attack", format!("{:?}", a.attack).to_lowercase());
+    if !attack_stats.is_empty() {
+        r.add("attackers", a.attackers)
+            .add(
+                "attack_connections",
+                attack_stats.iter().map(|s| s.connections).sum::<u64>(),
+            )
+            .add(
+                "attack_bytes_sent",
+                attack_stats.iter().map(|s| s.bytes_sent).sum::<u64>(),
+            )
+            .add(
+                "attack_dropped_by_server",
+                attack_stats
+                    .iter()
+                    .map(|s| s.dropped_by_server)
+                    .sum::<u64>(),
+            );
+    }
     r.add("users", a.users)
         .addf("rate", a.rate, 1)
         .add("flood_conns", a.flood_conns)
@@ -243,7 +289,12 @@ pub fn run(a: FloodArgs) -> Result<ExitCode, String> {
         r.add(
             "srv_cpu",
             format!("{:.0}%", (y.cpu_s - x.cpu_s) / flood_secs.max(1e-9) * 100.0),
-        );
+        )
+        .add("srv_rss_before_kib", x.rss_kib)
+        .add("srv_rss_peak_kib", rss_peak_kib.max(y.rss_kib));
+        if let Some(z) = a.common.server_pid.and_then(crate::sys::sample_proc) {
+            r.add("srv_rss_after_kib", z.rss_kib);
+        }
     }
     add_errors(&mut r, st);
     if st.established < u64::from(a.users) {

@@ -1,5 +1,6 @@
 //! The scenarios, and what they share: set-up, phases, per-process results.
 
+pub mod attack;
 pub mod chaos;
 pub mod echo;
 pub mod flood;
