@@ -8,6 +8,7 @@ use base64::Engine;
 use serde::Deserialize;
 
 use crate::im::auth::MAX_ID_BYTES;
+use crate::ws::handshake::{body_framing, BodyFraming};
 
 /// Largest admin request (head and body) accepted.
 pub const MAX_ADMIN_REQUEST: usize = 128 * 1024;
@@ -96,6 +97,7 @@ impl Response {
             408 => "Request Timeout",
             413 => "Content Too Large",
             431 => "Request Header Fields Too Large",
+            501 => "Not Implemented",
             503 => "Service Unavailable",
             _ => "Internal Server Error",
         };
@@ -153,6 +155,10 @@ pub fn handle(buf: &[u8], token: Option<&str>) -> Parsed {
         ),
         Err(_) => Parsed::Done(AdminAction::Respond(Response::error(400, "malformed HTTP"))),
         Ok(httparse::Status::Complete(head_len)) => {
+            let framing = match body_framing(req.headers) {
+                Ok(framing) => framing,
+                Err(why) => return Parsed::Done(AdminAction::Respond(Response::error(400, why))),
+            };
             let authorized = token.is_none_or(|t| {
                 req.headers.iter().any(|h| {
                     h.name.eq_ignore_ascii_case("authorization")
@@ -168,28 +174,20 @@ pub fn handle(buf: &[u8], token: Option<&str>) -> Parsed {
                     "missing or wrong bearer token",
                 )));
             }
-            let content_length = req
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                .map(|h| {
-                    std::str::from_utf8(h.value)
-                        .ok()
-                        .and_then(|v| v.trim().parse::<usize>().ok())
-                });
-            let body_len = match content_length {
-                None => 0,
-                Some(Some(n)) if head_len + n <= MAX_ADMIN_REQUEST => n,
-                Some(Some(_)) => {
+            let body_len = match framing {
+                BodyFraming::None => 0,
+                BodyFraming::Length(n) if n <= MAX_ADMIN_REQUEST.saturating_sub(head_len) => n,
+                BodyFraming::Length(_) => {
                     return Parsed::Done(AdminAction::Respond(Response::error(
                         413,
                         "body too large",
                     )))
                 }
-                Some(None) => {
+                BodyFraming::TransferCoded => {
                     return Parsed::Done(AdminAction::Respond(Response::error(
-                        400,
-                        "bad Content-Length",
+                        501,
+                        "Transfer-Encoding (chunked) request bodies are not supported; \
+                         send the body with Content-Length",
                     )))
                 }
             };
@@ -406,6 +404,61 @@ mod tests {
             handle(&full.as_bytes()[..full.len() - 3], None),
             Parsed::Partial
         );
+    }
+
+    #[test]
+    fn content_length_values_must_agree() {
+        let body = r#"{"from_uid":"a","to_uid":"b","client_msg_id":"x","text":"t"}"#;
+        let n = body.len();
+        let post = |lengths: String| {
+            format!("POST /v1/messages HTTP/1.1\r\nHost: x\r\n{lengths}\r\n{body}")
+        };
+        for same in [
+            format!("Content-Length: {n}\r\nContent-Length: {n}\r\n"),
+            format!("Content-Length: {n}, {n}\r\n"),
+            format!("Content-Length: {n}\r\ncontent-length: {n} , {n}\r\n"),
+        ] {
+            assert!(
+                matches!(action(&post(same.clone()), None), AdminAction::Send { .. }),
+                "{same}"
+            );
+        }
+        for bad in [
+            format!("Content-Length: {n}\r\nContent-Length: {}\r\n", n - 1),
+            format!("Content-Length: {}\r\nContent-Length: {n}\r\n", n + 1),
+            format!("Content-Length: {n}, {}\r\n", n - 1),
+            format!("Content-Length: +{n}\r\n"),
+            format!("Content-Length: {n},\r\n"),
+            "Content-Length: \r\n".to_owned(),
+            "Content-Length: 0x10\r\n".to_owned(),
+        ] {
+            assert_eq!(status(&post(bad.clone()), None), 400, "{bad}");
+        }
+        // A length near usize::MAX must not overflow the size check.
+        let huge = format!("Content-Length: {}\r\n", usize::MAX);
+        assert_eq!(status(&post(huge), None), 413);
+    }
+
+    #[test]
+    fn transfer_coded_bodies_get_501_with_a_json_error() {
+        for te in [
+            "Transfer-Encoding: chunked\r\n",
+            "transfer-encoding: gzip, chunked\r\n",
+            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        ] {
+            let req =
+                format!("POST /v1/messages HTTP/1.1\r\nHost: x\r\n{te}\r\n5\r\nhello\r\n0\r\n\r\n");
+            match action(&req, None) {
+                AdminAction::Respond(r) => {
+                    assert_eq!(r.status, 501, "{te}");
+                    assert_eq!(r.content_type, "application/json");
+                    assert!(r.body.contains("not supported"), "{}", r.body);
+                    let bytes = String::from_utf8(r.to_bytes()).unwrap();
+                    assert!(bytes.starts_with("HTTP/1.1 501 Not Implemented\r\n"));
+                }
+                a => panic!("{te}: {a:?}"),
+            }
+        }
     }
 
     #[test]

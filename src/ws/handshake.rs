@@ -165,6 +165,13 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse, HttpError> {
     if req.version != Some(1) {
         return Err(HttpError::BadRequest("HTTP/1.1 required"));
     }
+    // Body bytes would be served as the next request, or taken for WebSocket frames.
+    match body_framing(req.headers).map_err(HttpError::BadRequest)? {
+        BodyFraming::None | BodyFraming::Length(0) => {}
+        BodyFraming::Length(_) | BodyFraming::TransferCoded => {
+            return Err(HttpError::BadRequest("a GET request must not have a body"))
+        }
+    }
     let target = req.path.unwrap_or("/");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let path = path.to_owned();
@@ -239,6 +246,52 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse, HttpError> {
         },
         head_len,
     })
+}
+
+/// How a request delimits its body (RFC 9112 §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// Neither `Content-Length` nor `Transfer-Encoding`: no body.
+    None,
+    /// `Content-Length`: one value, however often it is repeated.
+    Length(usize),
+    /// `Transfer-Encoding`, which overrides any `Content-Length` (§6.3) and which this server
+    /// does not decode.
+    TransferCoded,
+}
+
+/// The body framing of a request. Differing `Content-Length` values are an error rather than
+/// "the first one wins": a proxy that picked another one would see a different end of the
+/// request (request smuggling), so RFC 9112 §6.3 makes them a 400. Shared by every HTTP parser
+/// of the server.
+pub fn body_framing(headers: &[httparse::Header<'_>]) -> Result<BodyFraming, &'static str> {
+    let mut length = None;
+    let mut transfer_coded = false;
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            transfer_coded = true;
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            for element in h.value.split(|&b| b == b',') {
+                let n = decimal(element.trim_ascii()).ok_or("bad Content-Length")?;
+                if length.replace(n).is_some_and(|first| first != n) {
+                    return Err("conflicting Content-Length values");
+                }
+            }
+        }
+    }
+    Ok(match (transfer_coded, length) {
+        (true, _) => BodyFraming::TransferCoded,
+        (false, Some(n)) => BodyFraming::Length(n),
+        (false, None) => BodyFraming::None,
+    })
+}
+
+/// `1*DIGIT` as a number; `str::parse` alone would also take a leading `+`.
+fn decimal(digits: &[u8]) -> Option<usize> {
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// Comma-separated list elements of a header value, trimmed, empty ones skipped.
@@ -437,6 +490,75 @@ mod tests {
             let resp = String::from_utf8(err.response()).unwrap();
             assert!(resp.starts_with(&format!("HTTP/1.1 {status} ")), "{resp}");
         }
+    }
+
+    #[test]
+    fn a_get_or_upgrade_with_a_body_is_400() {
+        let plain = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        for framing in [
+            "Content-Length: 5\r\n",
+            "Transfer-Encoding: chunked\r\n",
+            "Content-Length: 0\r\nContent-Length: 5\r\n",
+            "Content-Length: 0, 5\r\n",
+            "Content-Length: +0\r\n",
+        ] {
+            for req in [plain, GOOD] {
+                let req = req.replacen("Host:", &format!("{framing}Host:"), 1);
+                let err = parse_request(req.as_bytes()).unwrap_err();
+                assert_eq!(err.status(), 400, "{req}");
+            }
+        }
+        // A zero length declares no body.
+        for req in [plain, GOOD] {
+            let req = req.replacen("Host:", "Content-Length: 0\r\nHost:", 1);
+            assert!(parse_request(req.as_bytes()).is_ok(), "{req}");
+        }
+    }
+
+    #[test]
+    fn body_framing_follows_rfc_9112() {
+        let framing = |lines: &[(&'static str, &'static str)]| {
+            let headers: Vec<httparse::Header<'_>> = lines
+                .iter()
+                .map(|(name, value)| httparse::Header {
+                    name,
+                    value: value.as_bytes(),
+                })
+                .collect();
+            body_framing(&headers)
+        };
+        assert_eq!(framing(&[]), Ok(BodyFraming::None));
+        assert_eq!(
+            framing(&[("Content-Length", "12")]),
+            Ok(BodyFraming::Length(12))
+        );
+        assert_eq!(
+            framing(&[("content-length", "12"), ("CONTENT-LENGTH", " 12 ,12")]),
+            Ok(BodyFraming::Length(12))
+        );
+        assert_eq!(
+            framing(&[("Content-Length", "12"), ("Content-Length", "13")]),
+            Err("conflicting Content-Length values")
+        );
+        for bad in [
+            "",
+            "-1",
+            "+1",
+            "1 2",
+            "0x1",
+            "1,",
+            "99999999999999999999999",
+        ] {
+            assert_eq!(
+                framing(&[("Content-Length", bad)]),
+                Err("bad Content-Length"),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            framing(&[("Transfer-Encoding", "chunked"), ("Content-Length", "3")]),
+            Ok(BodyFraming::TransferCoded)
+        );
     }
 
     #[test]
