@@ -162,10 +162,8 @@ pub fn handle(buf: &[u8], token: Option<&str>) -> Parsed {
             let authorized = token.is_none_or(|t| {
                 req.headers.iter().any(|h| {
                     h.name.eq_ignore_ascii_case("authorization")
-                        && std::str::from_utf8(h.value)
-                            .ok()
-                            .and_then(|v| v.trim().strip_prefix("Bearer "))
-                            .is_some_and(|v| constant_time_eq(v.trim().as_bytes(), t.as_bytes()))
+                        && bearer_credentials(h.value)
+                            .is_some_and(|v| constant_time_eq(v, t.as_bytes()))
                 })
             });
             if !authorized {
@@ -202,6 +200,16 @@ pub fn handle(buf: &[u8], token: Option<&str>) -> Parsed {
             ))
         }
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value. RFC 9110 §11.1 makes the scheme
+/// case-insensitive, and §11.4 separates it from the token by `1*SP`: backends and proxies
+/// send `bearer` and extra spaces too.
+fn bearer_credentials(value: &[u8]) -> Option<&[u8]> {
+    let value = value.trim_ascii();
+    let (scheme, rest) = value.split_at(value.iter().position(|&b| b == b' ')?);
+    let token = &rest[rest.iter().position(|&b| b != b' ')?..];
+    scheme.eq_ignore_ascii_case(b"bearer").then_some(token)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -470,6 +478,30 @@ mod tests {
             status("PUT /v1/friendships/a/b HTTP/1.1\r\n\r\n", Some("s3cret")),
             401
         );
+        // The scheme is case-insensitive and 1*SP separates it from the token.
+        for value in [
+            "bearer s3cret",
+            "BEARER s3cret",
+            "Bearer   s3cret",
+            " bEaReR  s3cret ",
+        ] {
+            let req = format!("PUT /v1/friendships/a/b HTTP/1.1\r\nAuthorization: {value}\r\n\r\n");
+            assert_eq!(status(&req, Some("s3cret")), 0, "{value}");
+        }
+        for value in [
+            "Bearer s3cre",
+            "Bearer s3cret2",
+            "Bearers3cret",
+            "Bearer\ts3cret",
+            "Basic s3cret",
+            "Bearer",
+            "Bearer ",
+            "s3cret",
+            "Bearer s3cret extra",
+        ] {
+            let req = format!("PUT /v1/friendships/a/b HTTP/1.1\r\nAuthorization: {value}\r\n\r\n");
+            assert_eq!(status(&req, Some("s3cret")), 401, "{value}");
+        }
         let r = Response::error(401, "x").to_bytes();
         assert!(String::from_utf8(r)
             .unwrap()
