@@ -8,7 +8,7 @@ use base64::Engine;
 use serde::Deserialize;
 
 use crate::im::auth::MAX_ID_BYTES;
-use crate::ws::handshake::{body_framing, BodyFraming};
+use crate::ws::handshake::{body_framing, check_host, BodyFraming};
 
 /// Largest admin request (head and body) accepted.
 pub const MAX_ADMIN_REQUEST: usize = 128 * 1024;
@@ -155,7 +155,9 @@ pub fn handle(buf: &[u8], token: Option<&str>) -> Parsed {
         ),
         Err(_) => Parsed::Done(AdminAction::Respond(Response::error(400, "malformed HTTP"))),
         Ok(httparse::Status::Complete(head_len)) => {
-            let framing = match body_framing(req.headers) {
+            let framing = match check_host(req.headers, req.version == Some(1))
+                .and_then(|()| body_framing(req.headers))
+            {
                 Ok(framing) => framing,
                 Err(why) => return Parsed::Done(AdminAction::Respond(Response::error(400, why))),
             };
@@ -338,7 +340,10 @@ mod tests {
             }
         );
         assert_eq!(
-            action("DELETE /v1/friendships/alice/bob HTTP/1.1\r\n\r\n", None),
+            action(
+                "DELETE /v1/friendships/alice/bob HTTP/1.1\r\nHost: x\r\n\r\n",
+                None
+            ),
             AdminAction::SetFriendship {
                 a: "alice".into(),
                 b: "bob".into(),
@@ -346,14 +351,17 @@ mod tests {
             }
         );
         assert_eq!(
-            status("GET /v1/friendships/a/b HTTP/1.1\r\n\r\n", None),
+            status("GET /v1/friendships/a/b HTTP/1.1\r\nHost: x\r\n\r\n", None),
             405
         );
         assert_eq!(
-            status("PUT /v1/friendships/a/a HTTP/1.1\r\n\r\n", None),
+            status("PUT /v1/friendships/a/a HTTP/1.1\r\nHost: x\r\n\r\n", None),
             400
         );
-        assert_eq!(status("PUT /v1/nope HTTP/1.1\r\n\r\n", None), 404);
+        assert_eq!(
+            status("PUT /v1/nope HTTP/1.1\r\nHost: x\r\n\r\n", None),
+            404
+        );
         assert_eq!(status("garbage\r\n\r\n", None), 400);
         assert_eq!(handle(b"PUT /v1/friend", None), Parsed::Partial);
     }
@@ -361,22 +369,31 @@ mod tests {
     #[test]
     fn user_routes_health_and_messages() {
         assert_eq!(
-            action("GET /v1/users/alice HTTP/1.1\r\n\r\n", None),
+            action("GET /v1/users/alice HTTP/1.1\r\nHost: x\r\n\r\n", None),
             AdminAction::GetUser {
                 uid: "alice".into()
             }
         );
         assert_eq!(
-            action("GET /v1/users/alice/friends HTTP/1.1\r\n\r\n", None),
+            action(
+                "GET /v1/users/alice/friends HTTP/1.1\r\nHost: x\r\n\r\n",
+                None
+            ),
             AdminAction::GetFriends {
                 uid: "alice".into()
             }
         );
-        assert_eq!(status("POST /v1/users/alice HTTP/1.1\r\n\r\n", None), 405);
-        assert_eq!(status("GET /healthz HTTP/1.1\r\n\r\n", None), 200);
+        assert_eq!(
+            status("POST /v1/users/alice HTTP/1.1\r\nHost: x\r\n\r\n", None),
+            405
+        );
+        assert_eq!(
+            status("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", None),
+            200
+        );
         let post = |body: &str| {
             format!(
-                "POST /v1/messages HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+                "POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
             )
         };
@@ -405,7 +422,10 @@ mod tests {
         ] {
             assert_eq!(status(&post(bad), None), 400, "{bad}");
         }
-        assert_eq!(status("GET /v1/messages HTTP/1.1\r\n\r\n", None), 405);
+        assert_eq!(
+            status("GET /v1/messages HTTP/1.1\r\nHost: x\r\n\r\n", None),
+            405
+        );
         // The body may arrive after the head.
         let full = post(r#"{"from_uid":"a","to_uid":"b","client_msg_id":"x","text":"t"}"#);
         assert_eq!(
@@ -471,11 +491,15 @@ mod tests {
 
     #[test]
     fn bearer_token() {
-        let req = "PUT /v1/friendships/a/b HTTP/1.1\r\nAuthorization: Bearer s3cret\r\n\r\n";
+        let req =
+            "PUT /v1/friendships/a/b HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n\r\n";
         assert_eq!(status(req, Some("s3cret")), 0);
         assert_eq!(status(req, Some("other")), 401);
         assert_eq!(
-            status("PUT /v1/friendships/a/b HTTP/1.1\r\n\r\n", Some("s3cret")),
+            status(
+                "PUT /v1/friendships/a/b HTTP/1.1\r\nHost: x\r\n\r\n",
+                Some("s3cret")
+            ),
             401
         );
         // The scheme is case-insensitive and 1*SP separates it from the token.
@@ -485,7 +509,9 @@ mod tests {
             "Bearer   s3cret",
             " bEaReR  s3cret ",
         ] {
-            let req = format!("PUT /v1/friendships/a/b HTTP/1.1\r\nAuthorization: {value}\r\n\r\n");
+            let req = format!(
+                "PUT /v1/friendships/a/b HTTP/1.1\r\nHost: x\r\nAuthorization: {value}\r\n\r\n"
+            );
             assert_eq!(status(&req, Some("s3cret")), 0, "{value}");
         }
         for value in [
@@ -499,7 +525,9 @@ mod tests {
             "s3cret",
             "Bearer s3cret extra",
         ] {
-            let req = format!("PUT /v1/friendships/a/b HTTP/1.1\r\nAuthorization: {value}\r\n\r\n");
+            let req = format!(
+                "PUT /v1/friendships/a/b HTTP/1.1\r\nHost: x\r\nAuthorization: {value}\r\n\r\n"
+            );
             assert_eq!(status(&req, Some("s3cret")), 401, "{value}");
         }
         let r = Response::error(401, "x").to_bytes();
@@ -509,8 +537,39 @@ mod tests {
     }
 
     #[test]
+    fn http11_needs_exactly_one_host() {
+        for (req, why) in [
+            ("GET /healthz HTTP/1.1\r\n\r\n", "missing Host header"),
+            (
+                "GET /healthz HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",
+                "more than one Host header",
+            ),
+            (
+                "GET /healthz HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n",
+                "more than one Host header",
+            ),
+        ] {
+            match action(req, None) {
+                AdminAction::Respond(r) => {
+                    assert_eq!(r.status, 400, "{req}");
+                    assert!(r.body.contains(why), "{req}: {}", r.body);
+                }
+                a => panic!("{req}: {a:?}"),
+            }
+        }
+        // Refused before the token is looked at, like any other malformed request.
+        assert_eq!(status("GET /healthz HTTP/1.1\r\n\r\n", Some("t")), 400);
+        assert_eq!(
+            status("GET /healthz HTTP/1.1\r\nhost: a\r\n\r\n", None),
+            200
+        );
+        // HTTP/1.0 has no Host requirement.
+        assert_eq!(status("GET /healthz HTTP/1.0\r\n\r\n", None), 200);
+    }
+
+    #[test]
     fn error_bodies_are_json() {
-        match action("PUT /x HTTP/1.1\r\n\r\n", None) {
+        match action("PUT /x HTTP/1.1\r\nHost: x\r\n\r\n", None) {
             AdminAction::Respond(r) => assert_eq!(r.body, "{\"error\":\"no such route\"}"),
             a => panic!("{a:?}"),
         }

@@ -20,7 +20,7 @@ const WS_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// A request that can be answered with an HTTP error status, after which the socket closes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HttpError {
-    /// 400: malformed HTTP, missing or malformed WebSocket headers.
+    /// 400: malformed HTTP, no or several `Host`, a body, missing or malformed WebSocket headers.
     BadRequest(&'static str),
     /// 403: the Origin is not on the allow-list.
     Forbidden,
@@ -165,6 +165,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse, HttpError> {
     if req.version != Some(1) {
         return Err(HttpError::BadRequest("HTTP/1.1 required"));
     }
+    check_host(req.headers, true).map_err(HttpError::BadRequest)?;
     // Body bytes would be served as the next request, or taken for WebSocket frames.
     match body_framing(req.headers).map_err(HttpError::BadRequest)? {
         BodyFraming::None | BodyFraming::Length(0) => {}
@@ -180,7 +181,6 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse, HttpError> {
     let mut connection_upgrade = false;
     let mut version = None;
     let mut key = None;
-    let mut host = false;
     let mut protocols = Vec::new();
     let mut origin = None;
     for h in req.headers.iter() {
@@ -200,8 +200,6 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse, HttpError> {
             if key.replace(value).is_some() {
                 return Err(HttpError::BadRequest("duplicate Sec-WebSocket-Key"));
             }
-        } else if name.eq_ignore_ascii_case("host") {
-            host = true;
         } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
             protocols.extend(tokens(value).map(str::to_owned));
         } else if name.eq_ignore_ascii_case("origin") {
@@ -221,9 +219,6 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse, HttpError> {
         return Err(HttpError::BadRequest(
             "Connection header lacks the upgrade token",
         ));
-    }
-    if !host {
-        return Err(HttpError::BadRequest("missing Host header"));
     }
     if version != Some("13") {
         return Err(HttpError::UnsupportedVersion);
@@ -292,6 +287,20 @@ fn decimal(digits: &[u8]) -> Option<usize> {
         return None;
     }
     std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, and any request with more than one, is
+/// a 400. Shared by every HTTP parser of the server.
+pub fn check_host(headers: &[httparse::Header<'_>], http11: bool) -> Result<(), &'static str> {
+    match headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("host"))
+        .count()
+    {
+        0 if http11 => Err("missing Host header"),
+        0 | 1 => Ok(()),
+        _ => Err("more than one Host header"),
+    }
 }
 
 /// Comma-separated list elements of a header value, trimmed, empty ones skipped.
@@ -490,6 +499,31 @@ mod tests {
             let resp = String::from_utf8(err.response()).unwrap();
             assert!(resp.starts_with(&format!("HTTP/1.1 {status} ")), "{resp}");
         }
+    }
+
+    #[test]
+    fn a_get_or_upgrade_needs_exactly_one_host() {
+        let plain = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        for req in [plain, GOOD] {
+            let none = req.replacen("Host: ", "X-Host: ", 1);
+            assert_eq!(
+                parse_request(none.as_bytes()),
+                Err(HttpError::BadRequest("missing Host header")),
+                "{none}"
+            );
+            let two = req.replacen("Host: ", "host: a\r\nHOST: ", 1);
+            assert_eq!(
+                parse_request(two.as_bytes()),
+                Err(HttpError::BadRequest("more than one Host header")),
+                "{two}"
+            );
+            let lower = req.replacen("Host: ", "host: ", 1);
+            assert!(parse_request(lower.as_bytes()).is_ok(), "{lower}");
+        }
+        assert_eq!(
+            parse_request(b"GET / HTTP/1.1\r\n\r\n"),
+            Err(HttpError::BadRequest("missing Host header"))
+        );
     }
 
     #[test]
