@@ -1226,7 +1226,7 @@ fn decode_logged(m: &StoredMessage) -> Option<proto::Message> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::im::auth::tests::token;
+    use crate::im::auth::tests::{token, token_with_nbf};
     use crate::store::memory::MemoryStore;
     use client_frame::Body as C;
     use server_frame::Body as S;
@@ -1409,6 +1409,38 @@ mod tests {
             assert_eq!(error_code(&out, 2), Some(ErrorCode::Unauthenticated));
             assert_eq!(closes(&out), vec![(2, CLOSE_POLICY)]);
         }
+    }
+
+    #[test]
+    fn a_token_not_yet_valid_is_refused_with_its_reason() {
+        let mut h = H::new(ImConfig::default());
+        let now = (h.now.unix_ms / 1000) as u64;
+        let login = |h: &mut H, conn, nbf| {
+            h.core.on_open(conn, h.now);
+            h.req(
+                conn,
+                1,
+                C::Login(proto::Login {
+                    token: token_with_nbf(SECRET, "alice", Some(nbf), Some(now + 7200)),
+                    device_id: "phone".into(),
+                    last_seq: 0,
+                }),
+            )
+        };
+        let out = login(&mut h, 1, now + 3600);
+        match frames_to(&out, 1).as_slice() {
+            [S::Error(e)] => {
+                assert_eq!(e.code, ErrorCode::Unauthenticated as i32);
+                assert_eq!(e.message, "token not yet valid");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(closes(&out), vec![(1, CLOSE_POLICY)]);
+        let out = login(&mut h, 2, now);
+        assert!(
+            matches!(frames_to(&out, 2).first(), Some(S::LoginOk(_))),
+            "{out:?}"
+        );
     }
 
     #[test]

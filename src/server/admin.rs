@@ -8,6 +8,7 @@ use base64::Engine;
 use serde::Deserialize;
 
 use crate::im::auth::MAX_ID_BYTES;
+use crate::ws::handshake::{body_framing, check_host, BodyFraming};
 
 /// Largest admin request (head and body) accepted.
 pub const MAX_ADMIN_REQUEST: usize = 128 * 1024;
@@ -96,6 +97,7 @@ impl Response {
             408 => "Request Timeout",
             413 => "Content Too Large",
             431 => "Request Header Fields Too Large",
+            501 => "Not Implemented",
             503 => "Service Unavailable",
             _ => "Internal Server Error",
         };
@@ -153,13 +155,17 @@ pub fn handle(buf: &[u8], token: Option<&str>) -> Parsed {
         ),
         Err(_) => Parsed::Done(AdminAction::Respond(Response::error(400, "malformed HTTP"))),
         Ok(httparse::Status::Complete(head_len)) => {
+            let framing = match check_host(req.headers, req.version == Some(1))
+                .and_then(|()| body_framing(req.headers))
+            {
+                Ok(framing) => framing,
+                Err(why) => return Parsed::Done(AdminAction::Respond(Response::error(400, why))),
+            };
             let authorized = token.is_none_or(|t| {
                 req.headers.iter().any(|h| {
                     h.name.eq_ignore_ascii_case("authorization")
-                        && std::str::from_utf8(h.value)
-                            .ok()
-                            .and_then(|v| v.trim().strip_prefix("Bearer "))
-                            .is_some_and(|v| constant_time_eq(v.trim().as_bytes(), t.as_bytes()))
+                        && bearer_credentials(h.value)
+                            .is_some_and(|v| constant_time_eq(v, t.as_bytes()))
                 })
             });
             if !authorized {
@@ -168,28 +174,20 @@ pub fn handle(buf: &[u8], token: Option<&str>) -> Parsed {
                     "missing or wrong bearer token",
                 )));
             }
-            let content_length = req
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                .map(|h| {
-                    std::str::from_utf8(h.value)
-                        .ok()
-                        .and_then(|v| v.trim().parse::<usize>().ok())
-                });
-            let body_len = match content_length {
-                None => 0,
-                Some(Some(n)) if head_len + n <= MAX_ADMIN_REQUEST => n,
-                Some(Some(_)) => {
+            let body_len = match framing {
+                BodyFraming::None => 0,
+                BodyFraming::Length(n) if n <= MAX_ADMIN_REQUEST.saturating_sub(head_len) => n,
+                BodyFraming::Length(_) => {
                     return Parsed::Done(AdminAction::Respond(Response::error(
                         413,
                         "body too large",
                     )))
                 }
-                Some(None) => {
+                BodyFraming::TransferCoded => {
                     return Parsed::Done(AdminAction::Respond(Response::error(
-                        400,
-                        "bad Content-Length",
+                        501,
+                        "Transfer-Encoding (chunked) request bodies are not supported; \
+                         send the body with Content-Length",
                     )))
                 }
             };
@@ -204,6 +202,16 @@ pub fn handle(buf: &[u8], token: Option<&str>) -> Parsed {
             ))
         }
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value. RFC 9110 §11.1 makes the scheme
+/// case-insensitive, and §11.4 separates it from the token by `1*SP`: backends and proxies
+/// send `bearer` and extra spaces too.
+fn bearer_credentials(value: &[u8]) -> Option<&[u8]> {
+    let value = value.trim_ascii();
+    let (scheme, rest) = value.split_at(value.iter().position(|&b| b == b' ')?);
+    let token = &rest[rest.iter().position(|&b| b != b' ')?..];
+    scheme.eq_ignore_ascii_case(b"bearer").then_some(token)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -332,7 +340,10 @@ mod tests {
             }
         );
         assert_eq!(
-            action("DELETE /v1/friendships/alice/bob HTTP/1.1\r\n\r\n", None),
+            action(
+                "DELETE /v1/friendships/alice/bob HTTP/1.1\r\nHost: x\r\n\r\n",
+                None
+            ),
             AdminAction::SetFriendship {
                 a: "alice".into(),
                 b: "bob".into(),
@@ -340,14 +351,17 @@ mod tests {
             }
         );
         assert_eq!(
-            status("GET /v1/friendships/a/b HTTP/1.1\r\n\r\n", None),
+            status("GET /v1/friendships/a/b HTTP/1.1\r\nHost: x\r\n\r\n", None),
             405
         );
         assert_eq!(
-            status("PUT /v1/friendships/a/a HTTP/1.1\r\n\r\n", None),
+            status("PUT /v1/friendships/a/a HTTP/1.1\r\nHost: x\r\n\r\n", None),
             400
         );
-        assert_eq!(status("PUT /v1/nope HTTP/1.1\r\n\r\n", None), 404);
+        assert_eq!(
+            status("PUT /v1/nope HTTP/1.1\r\nHost: x\r\n\r\n", None),
+            404
+        );
         assert_eq!(status("garbage\r\n\r\n", None), 400);
         assert_eq!(handle(b"PUT /v1/friend", None), Parsed::Partial);
     }
@@ -355,22 +369,31 @@ mod tests {
     #[test]
     fn user_routes_health_and_messages() {
         assert_eq!(
-            action("GET /v1/users/alice HTTP/1.1\r\n\r\n", None),
+            action("GET /v1/users/alice HTTP/1.1\r\nHost: x\r\n\r\n", None),
             AdminAction::GetUser {
                 uid: "alice".into()
             }
         );
         assert_eq!(
-            action("GET /v1/users/alice/friends HTTP/1.1\r\n\r\n", None),
+            action(
+                "GET /v1/users/alice/friends HTTP/1.1\r\nHost: x\r\n\r\n",
+                None
+            ),
             AdminAction::GetFriends {
                 uid: "alice".into()
             }
         );
-        assert_eq!(status("POST /v1/users/alice HTTP/1.1\r\n\r\n", None), 405);
-        assert_eq!(status("GET /healthz HTTP/1.1\r\n\r\n", None), 200);
+        assert_eq!(
+            status("POST /v1/users/alice HTTP/1.1\r\nHost: x\r\n\r\n", None),
+            405
+        );
+        assert_eq!(
+            status("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", None),
+            200
+        );
         let post = |body: &str| {
             format!(
-                "POST /v1/messages HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+                "POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
             )
         };
@@ -399,7 +422,10 @@ mod tests {
         ] {
             assert_eq!(status(&post(bad), None), 400, "{bad}");
         }
-        assert_eq!(status("GET /v1/messages HTTP/1.1\r\n\r\n", None), 405);
+        assert_eq!(
+            status("GET /v1/messages HTTP/1.1\r\nHost: x\r\n\r\n", None),
+            405
+        );
         // The body may arrive after the head.
         let full = post(r#"{"from_uid":"a","to_uid":"b","client_msg_id":"x","text":"t"}"#);
         assert_eq!(
@@ -409,14 +435,101 @@ mod tests {
     }
 
     #[test]
+    fn content_length_values_must_agree() {
+        let body = r#"{"from_uid":"a","to_uid":"b","client_msg_id":"x","text":"t"}"#;
+        let n = body.len();
+        let post = |lengths: String| {
+            format!("POST /v1/messages HTTP/1.1\r\nHost: x\r\n{lengths}\r\n{body}")
+        };
+        for same in [
+            format!("Content-Length: {n}\r\nContent-Length: {n}\r\n"),
+            format!("Content-Length: {n}, {n}\r\n"),
+            format!("Content-Length: {n}\r\ncontent-length: {n} , {n}\r\n"),
+        ] {
+            assert!(
+                matches!(action(&post(same.clone()), None), AdminAction::Send { .. }),
+                "{same}"
+            );
+        }
+        for bad in [
+            format!("Content-Length: {n}\r\nContent-Length: {}\r\n", n - 1),
+            format!("Content-Length: {}\r\nContent-Length: {n}\r\n", n + 1),
+            format!("Content-Length: {n}, {}\r\n", n - 1),
+            format!("Content-Length: +{n}\r\n"),
+            format!("Content-Length: {n},\r\n"),
+            "Content-Length: \r\n".to_owned(),
+            "Content-Length: 0x10\r\n".to_owned(),
+        ] {
+            assert_eq!(status(&post(bad.clone()), None), 400, "{bad}");
+        }
+        // A length near usize::MAX must not overflow the size check.
+        let huge = format!("Content-Length: {}\r\n", usize::MAX);
+        assert_eq!(status(&post(huge), None), 413);
+    }
+
+    #[test]
+    fn transfer_coded_bodies_get_501_with_a_json_error() {
+        for te in [
+            "Transfer-Encoding: chunked\r\n",
+            "transfer-encoding: gzip, chunked\r\n",
+            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        ] {
+            let req =
+                format!("POST /v1/messages HTTP/1.1\r\nHost: x\r\n{te}\r\n5\r\nhello\r\n0\r\n\r\n");
+            match action(&req, None) {
+                AdminAction::Respond(r) => {
+                    assert_eq!(r.status, 501, "{te}");
+                    assert_eq!(r.content_type, "application/json");
+                    assert!(r.body.contains("not supported"), "{}", r.body);
+                    let bytes = String::from_utf8(r.to_bytes()).unwrap();
+                    assert!(bytes.starts_with("HTTP/1.1 501 Not Implemented\r\n"));
+                }
+                a => panic!("{te}: {a:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn bearer_token() {
-        let req = "PUT /v1/friendships/a/b HTTP/1.1\r\nAuthorization: Bearer s3cret\r\n\r\n";
+        let req =
+            "PUT /v1/friendships/a/b HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n\r\n";
         assert_eq!(status(req, Some("s3cret")), 0);
         assert_eq!(status(req, Some("other")), 401);
         assert_eq!(
-            status("PUT /v1/friendships/a/b HTTP/1.1\r\n\r\n", Some("s3cret")),
+            status(
+                "PUT /v1/friendships/a/b HTTP/1.1\r\nHost: x\r\n\r\n",
+                Some("s3cret")
+            ),
             401
         );
+        // The scheme is case-insensitive and 1*SP separates it from the token.
+        for value in [
+            "bearer s3cret",
+            "BEARER s3cret",
+            "Bearer   s3cret",
+            " bEaReR  s3cret ",
+        ] {
+            let req = format!(
+                "PUT /v1/friendships/a/b HTTP/1.1\r\nHost: x\r\nAuthorization: {value}\r\n\r\n"
+            );
+            assert_eq!(status(&req, Some("s3cret")), 0, "{value}");
+        }
+        for value in [
+            "Bearer s3cre",
+            "Bearer s3cret2",
+            "Bearers3cret",
+            "Bearer\ts3cret",
+            "Basic s3cret",
+            "Bearer",
+            "Bearer ",
+            "s3cret",
+            "Bearer s3cret extra",
+        ] {
+            let req = format!(
+                "PUT /v1/friendships/a/b HTTP/1.1\r\nHost: x\r\nAuthorization: {value}\r\n\r\n"
+            );
+            assert_eq!(status(&req, Some("s3cret")), 401, "{value}");
+        }
         let r = Response::error(401, "x").to_bytes();
         assert!(String::from_utf8(r)
             .unwrap()
@@ -424,8 +537,39 @@ mod tests {
     }
 
     #[test]
+    fn http11_needs_exactly_one_host() {
+        for (req, why) in [
+            ("GET /healthz HTTP/1.1\r\n\r\n", "missing Host header"),
+            (
+                "GET /healthz HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",
+                "more than one Host header",
+            ),
+            (
+                "GET /healthz HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n",
+                "more than one Host header",
+            ),
+        ] {
+            match action(req, None) {
+                AdminAction::Respond(r) => {
+                    assert_eq!(r.status, 400, "{req}");
+                    assert!(r.body.contains(why), "{req}: {}", r.body);
+                }
+                a => panic!("{req}: {a:?}"),
+            }
+        }
+        // Refused before the token is looked at, like any other malformed request.
+        assert_eq!(status("GET /healthz HTTP/1.1\r\n\r\n", Some("t")), 400);
+        assert_eq!(
+            status("GET /healthz HTTP/1.1\r\nhost: a\r\n\r\n", None),
+            200
+        );
+        // HTTP/1.0 has no Host requirement.
+        assert_eq!(status("GET /healthz HTTP/1.0\r\n\r\n", None), 200);
+    }
+
+    #[test]
     fn error_bodies_are_json() {
-        match action("PUT /x HTTP/1.1\r\n\r\n", None) {
+        match action("PUT /x HTTP/1.1\r\nHost: x\r\n\r\n", None) {
             AdminAction::Respond(r) => assert_eq!(r.body, "{\"error\":\"no such route\"}"),
             a => panic!("{a:?}"),
         }

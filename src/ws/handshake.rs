@@ -20,7 +20,7 @@ const WS_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// A request that can be answered with an HTTP error status, after which the socket closes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HttpError {
-    /// 400: malformed HTTP, missing or malformed WebSocket headers.
+    /// 400: malformed HTTP, no or several `Host`, a body, missing or malformed WebSocket headers.
     BadRequest(&'static str),
     /// 403: the Origin is not on the allow-list.
     Forbidden,
@@ -165,6 +165,14 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse, HttpError> {
     if req.version != Some(1) {
         return Err(HttpError::BadRequest("HTTP/1.1 required"));
     }
+    check_host(req.headers, true).map_err(HttpError::BadRequest)?;
+    // Body bytes would be served as the next request, or taken for WebSocket frames.
+    match body_framing(req.headers).map_err(HttpError::BadRequest)? {
+        BodyFraming::None | BodyFraming::Length(0) => {}
+        BodyFraming::Length(_) | BodyFraming::TransferCoded => {
+            return Err(HttpError::BadRequest("a GET request must not have a body"))
+        }
+    }
     let target = req.path.unwrap_or("/");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let path = path.to_owned();
@@ -173,7 +181,6 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse, HttpError> {
     let mut connection_upgrade = false;
     let mut version = None;
     let mut key = None;
-    let mut host = false;
     let mut protocols = Vec::new();
     let mut origin = None;
     for h in req.headers.iter() {
@@ -193,8 +200,6 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse, HttpError> {
             if key.replace(value).is_some() {
                 return Err(HttpError::BadRequest("duplicate Sec-WebSocket-Key"));
             }
-        } else if name.eq_ignore_ascii_case("host") {
-            host = true;
         } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
             protocols.extend(tokens(value).map(str::to_owned));
         } else if name.eq_ignore_ascii_case("origin") {
@@ -214,9 +219,6 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse, HttpError> {
         return Err(HttpError::BadRequest(
             "Connection header lacks the upgrade token",
         ));
-    }
-    if !host {
-        return Err(HttpError::BadRequest("missing Host header"));
     }
     if version != Some("13") {
         return Err(HttpError::UnsupportedVersion);
@@ -239,6 +241,66 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse, HttpError> {
         },
         head_len,
     })
+}
+
+/// How a request delimits its body (RFC 9112 §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// Neither `Content-Length` nor `Transfer-Encoding`: no body.
+    None,
+    /// `Content-Length`: one value, however often it is repeated.
+    Length(usize),
+    /// `Transfer-Encoding`, which overrides any `Content-Length` (§6.3) and which this server
+    /// does not decode.
+    TransferCoded,
+}
+
+/// The body framing of a request. Differing `Content-Length` values are an error rather than
+/// "the first one wins": a proxy that picked another one would see a different end of the
+/// request (request smuggling), so RFC 9112 §6.3 makes them a 400. Shared by every HTTP parser
+/// of the server.
+pub fn body_framing(headers: &[httparse::Header<'_>]) -> Result<BodyFraming, &'static str> {
+    let mut length = None;
+    let mut transfer_coded = false;
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            transfer_coded = true;
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            for element in h.value.split(|&b| b == b',') {
+                let n = decimal(element.trim_ascii()).ok_or("bad Content-Length")?;
+                if length.replace(n).is_some_and(|first| first != n) {
+                    return Err("conflicting Content-Length values");
+                }
+            }
+        }
+    }
+    Ok(match (transfer_coded, length) {
+        (true, _) => BodyFraming::TransferCoded,
+        (false, Some(n)) => BodyFraming::Length(n),
+        (false, None) => BodyFraming::None,
+    })
+}
+
+/// `1*DIGIT` as a number; `str::parse` alone would also take a leading `+`.
+fn decimal(digits: &[u8]) -> Option<usize> {
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, and any request with more than one, is
+/// a 400. Shared by every HTTP parser of the server.
+pub fn check_host(headers: &[httparse::Header<'_>], http11: bool) -> Result<(), &'static str> {
+    match headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("host"))
+        .count()
+    {
+        0 if http11 => Err("missing Host header"),
+        0 | 1 => Ok(()),
+        _ => Err("more than one Host header"),
+    }
 }
 
 /// Comma-separated list elements of a header value, trimmed, empty ones skipped.
@@ -437,6 +499,100 @@ mod tests {
             let resp = String::from_utf8(err.response()).unwrap();
             assert!(resp.starts_with(&format!("HTTP/1.1 {status} ")), "{resp}");
         }
+    }
+
+    #[test]
+    fn a_get_or_upgrade_needs_exactly_one_host() {
+        let plain = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        for req in [plain, GOOD] {
+            let none = req.replacen("Host: ", "X-Host: ", 1);
+            assert_eq!(
+                parse_request(none.as_bytes()),
+                Err(HttpError::BadRequest("missing Host header")),
+                "{none}"
+            );
+            let two = req.replacen("Host: ", "host: a\r\nHOST: ", 1);
+            assert_eq!(
+                parse_request(two.as_bytes()),
+                Err(HttpError::BadRequest("more than one Host header")),
+                "{two}"
+            );
+            let lower = req.replacen("Host: ", "host: ", 1);
+            assert!(parse_request(lower.as_bytes()).is_ok(), "{lower}");
+        }
+        assert_eq!(
+            parse_request(b"GET / HTTP/1.1\r\n\r\n"),
+            Err(HttpError::BadRequest("missing Host header"))
+        );
+    }
+
+    #[test]
+    fn a_get_or_upgrade_with_a_body_is_400() {
+        let plain = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        for framing in [
+            "Content-Length: 5\r\n",
+            "Transfer-Encoding: chunked\r\n",
+            "Content-Length: 0\r\nContent-Length: 5\r\n",
+            "Content-Length: 0, 5\r\n",
+            "Content-Length: +0\r\n",
+        ] {
+            for req in [plain, GOOD] {
+                let req = req.replacen("Host:", &format!("{framing}Host:"), 1);
+                let err = parse_request(req.as_bytes()).unwrap_err();
+                assert_eq!(err.status(), 400, "{req}");
+            }
+        }
+        // A zero length declares no body.
+        for req in [plain, GOOD] {
+            let req = req.replacen("Host:", "Content-Length: 0\r\nHost:", 1);
+            assert!(parse_request(req.as_bytes()).is_ok(), "{req}");
+        }
+    }
+
+    #[test]
+    fn body_framing_follows_rfc_9112() {
+        let framing = |lines: &[(&'static str, &'static str)]| {
+            let headers: Vec<httparse::Header<'_>> = lines
+                .iter()
+                .map(|(name, value)| httparse::Header {
+                    name,
+                    value: value.as_bytes(),
+                })
+                .collect();
+            body_framing(&headers)
+        };
+        assert_eq!(framing(&[]), Ok(BodyFraming::None));
+        assert_eq!(
+            framing(&[("Content-Length", "12")]),
+            Ok(BodyFraming::Length(12))
+        );
+        assert_eq!(
+            framing(&[("content-length", "12"), ("CONTENT-LENGTH", " 12 ,12")]),
+            Ok(BodyFraming::Length(12))
+        );
+        assert_eq!(
+            framing(&[("Content-Length", "12"), ("Content-Length", "13")]),
+            Err("conflicting Content-Length values")
+        );
+        for bad in [
+            "",
+            "-1",
+            "+1",
+            "1 2",
+            "0x1",
+            "1,",
+            "99999999999999999999999",
+        ] {
+            assert_eq!(
+                framing(&[("Content-Length", bad)]),
+                Err("bad Content-Length"),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            framing(&[("Transfer-Encoding", "chunked"), ("Content-Length", "3")]),
+            Ok(BodyFraming::TransferCoded)
+        );
     }
 
     #[test]
