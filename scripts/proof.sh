@@ -86,6 +86,7 @@ if [ "$mode" = short ]; then
     STORM=(--users 1000 --msgs 5)
     ECHO=(--conns 100 --inflight 1 --duration 3 --warmup 1)
     FLOOD=(--users 50 --rate 2000 --flood-conns 200 --duration 5)
+    ATTACK=(--users 20 --rate 200 --warmup 1 --duration 3)
     CHAOS=(--users 50 --rate 1000 --duration 20 --kills 5)
 else
     IDLE=(--conns 19000 --hold 40 --procs 2 --src-ips 4)
@@ -94,6 +95,7 @@ else
     STORM=(--users 10000 --msgs 10 --src-ips 2)
     ECHO=(--conns 1000 --inflight 1 --duration 10 --warmup 2)
     FLOOD=(--users 200 --rate 5000 --flood-conns 1000 --duration 20)
+    ATTACK=(--users 20 --rate 200 --warmup 2 --duration 10)
     CHAOS=(--users 200 --rate 2000 --duration 120 --kills 20)
 fi
 
@@ -120,6 +122,13 @@ stop_server
 start_server flood "${UNLIMITED[@]}"
 run flood flood "${FLOOD[@]}"
 stop_server
+
+# One hostile client at a time (output bounded before it is built, a share of each turn).
+for attack in sync empty pings; do
+    start_server "attack-$attack"
+    run "attack-$attack" flood --attack "$attack" "${ATTACK[@]}"
+    stop_server
+done
 
 # Chaos starts (and kills, and restarts) its own server on a fixed data directory. A 64 KiB
 # log keeps the store moving generations all the time, so that kills land mid-move too.

@@ -23,6 +23,10 @@ const UPGRADE: &str =
     "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
 
+/// How much one attacker may make the server's RSS grow: the documented bound on one
+/// connection's output (`--outbound-high-water`, 1 MiB) is far below it.
+const MAX_ATTACK_RSS_GROWTH_KIB: u64 = 64 * 1024;
+
 /// Kinds of garbage, in turn.
 const KINDS: usize = 8;
 
@@ -292,6 +296,14 @@ pub fn run(a: FloodArgs) -> Result<ExitCode, String> {
         )
         .add("srv_rss_before_kib", x.rss_kib)
         .add("srv_rss_peak_kib", rss_peak_kib.max(y.rss_kib));
+        let grew = rss_peak_kib.max(y.rss_kib).saturating_sub(x.rss_kib);
+        if a.attack != Attack::Garbage && grew > MAX_ATTACK_RSS_GROWTH_KIB * u64::from(a.attackers)
+        {
+            r.fail(format!(
+                "the server's RSS grew by {grew} KiB under the attack (bound: {} KiB per attacker)",
+                MAX_ATTACK_RSS_GROWTH_KIB
+            ));
+        }
         if let Some(z) = a.common.server_pid.and_then(crate::sys::sample_proc) {
             r.add("srv_rss_after_kib", z.rss_kib);
         }
