@@ -9,6 +9,7 @@
 # server pinned to core 0 and the load on core 1. With A_BIN (another build of imgate, e.g.
 # the commit before a change) the runs alternate A B A B A B and the table shows both; the
 # worst of the three runs is beside the median. Any failed verification fails the script.
+# Last, the same A/B for relay with --durability none, the hot path these limits sit on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-target/attacks}
@@ -35,8 +36,14 @@ trap stop EXIT
 # run NAME BIN ATTACK: one server, one bench run; the JSON report is OUT/NAME.json.
 run() {
     local name=$1 bin=$2 attack=$3
+    local server_args=() bench_args=(flood --users 20 --rate 200 --warmup 2 \
+        --duration "$FLOOD_SECS" --attack "$attack" --flood-conns 200)
+    if [ "$attack" = relay ]; then
+        server_args=(--durability none --rate-limit 1000000 --rate-burst 1000000)
+        bench_args=(relay -u 200 -k 4 -s 64 -d 8 -w 1)
+    fi
     taskset -c 0 "$bin" serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
-        --jwt-secret "$SECRET" --data-dir "$OUT/$name.data" --log-level error \
+        --jwt-secret "$SECRET" --data-dir "$OUT/$name.data" --log-level error "${server_args[@]}" \
         >"$OUT/$name.server.out" 2>"$OUT/$name.server.err" &
     pid=$!
     local addr=""
@@ -47,9 +54,9 @@ run() {
     done
     [ -n "$addr" ] || { cat "$OUT/$name.server.err" >&2; exit 1; }
     local status=0
-    taskset -c 1 "$BENCH" flood --addr "${addr#ws://}" --jwt-secret "$SECRET" --server-pid "$pid" \
-        --users 20 --rate 200 --warmup 2 --duration "$FLOOD_SECS" --attack "$attack" \
-        --flood-conns 200 --json "$OUT/$name.json" >"$OUT/$name.txt" 2>&1 || status=$?
+    taskset -c 1 "$BENCH" "${bench_args[0]}" --addr "${addr#ws://}" --jwt-secret "$SECRET" \
+        --server-pid "$pid" "${bench_args[@]:1}" --json "$OUT/$name.json" \
+        >"$OUT/$name.txt" 2>&1 || status=$?
     stop
     rm -rf "$OUT/$name.data"
     if [ "$status" -ne 0 ]; then
@@ -60,7 +67,7 @@ run() {
     fi
 }
 
-for attack in garbage sync empty pings; do
+for attack in garbage sync empty pings relay; do
     for round in $(seq "$ROUNDS"); do
         [ -n "$A_BIN" ] && run "A-$attack-$round" "$A_BIN" "$attack"
         run "B-$attack-$round" "$B_BIN" "$attack"
@@ -91,4 +98,15 @@ for attack in ["garbage", "sync", "empty", "pings"]:
         print(f"{attack:8} {side:7} {fmt(runs, 'base_p99_us', 1e-3):13} {fmt(runs, 'p50_us', 1e-3):18} "
               f"{fmt(runs, 'p99_us', 1e-3):18} {fmt(runs, 'srv_rss_peak_kib', 1/1024):19} "
               f"{fmt(runs, 'srv_rss_after_kib', 1/1024)}")
+print()
+print("relay --durability none, 200 users x 4 in flight: delivered/s, median (worst)")
+relay = {side: load(side, "relay") for side in (["A"] if has_a else []) + ["B"]}
+for side, runs in relay.items():
+    print(f"{side:7} {fmt(runs, 'delivered_per_s', 1.0, min)}")
+if has_a:
+    a = [r["delivered_per_s"] for r in relay["A"] if r]
+    b = [r["delivered_per_s"] for r in relay["B"] if r]
+    if a and b:
+        pairs = [y / x for x, y in zip(a, b)]
+        print(f"B/A per round: {', '.join(f'{p:.3f}' for p in pairs)}; median {statistics.median(pairs):.3f}, worst {min(pairs):.3f}")
 PY

@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::im_client::{token, Client};
-use common::{frame, Raw, ServerProc, UPGRADE};
+use common::{frame, limit_open_files, Raw, ServerProc, UPGRADE};
 use imgate::im::proto::{self, client_frame::Body as C, server_frame::Body as S};
 use prost::Message as _;
 
@@ -251,18 +251,8 @@ fn frames_pipelined_behind_the_upgrade_are_answered_after_the_101() {
 
 #[test]
 fn every_listener_sheds_at_the_descriptor_limit_and_accepts_again_after_it() {
-    use std::os::unix::process::CommandExt;
-    let server = ServerProc::start_with(&["--tcp-listen", "127.0.0.1:0"], |cmd| unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: 48,
-                rlim_max: 48,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+    let server = ServerProc::start_with(&["--tcp-listen", "127.0.0.1:0"], |cmd| {
+        limit_open_files(cmd, 48)
     });
     let tcp = server.tcp.expect("raw TCP listener");
     // Far more public connections than descriptors.

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{frame, Raw, ServerProc, UPGRADE};
+use common::{frame, limit_open_files, Raw, ServerProc, UPGRADE};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::Message;
 
@@ -390,19 +390,7 @@ fn graceful_shutdown_closes_everyone_with_1001_and_exits_0() {
 
 #[test]
 fn running_out_of_descriptors_neither_spins_nor_kills_the_listener() {
-    use std::os::unix::process::CommandExt;
-    let server = ServerProc::start_with(&["--echo"], |cmd| unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: 48,
-                rlim_max: 48,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    });
+    let server = ServerProc::start_with(&["--echo"], |cmd| limit_open_files(cmd, 48));
     // Far more connections than descriptors.
     let mut held = Vec::new();
     for _ in 0..80 {

@@ -42,18 +42,26 @@ pub struct Stats {
 
 const MASK: [u8; 4] = [0x5a, 0x17, 0xc3, 0x88];
 
-/// Starts `attack` against `addr` on its own thread; it runs until `stop` is set.
+/// The switches of a running attack: it prepares (connects, logs in, fills its inbox), waits
+/// for `go`, and runs until `stop`.
+#[derive(Clone, Default)]
+pub struct Control {
+    pub go: Arc<AtomicBool>,
+    pub stop: Arc<AtomicBool>,
+}
+
+/// Starts `attack` against `addr` on its own thread.
 pub fn spawn(
     attack: Attack,
     addr: SocketAddr,
     uid: String,
     token: String,
-    stop: Arc<AtomicBool>,
+    ctl: Control,
 ) -> JoinHandle<Stats> {
     std::thread::spawn(move || {
         let mut stats = Stats::default();
-        while !stop.load(Ordering::Relaxed) {
-            match run_once(attack, addr, &uid, &token, &stop, &mut stats) {
+        while !ctl.stop.load(Ordering::Relaxed) {
+            match run_once(attack, addr, &uid, &token, &ctl, &mut stats) {
                 Ok(()) => {}
                 Err(_) => stats.dropped_by_server += 1,
             }
@@ -105,7 +113,7 @@ fn run_once(
     addr: SocketAddr,
     uid: &str,
     token: &str,
-    stop: &AtomicBool,
+    ctl: &Control,
     stats: &mut Stats,
 ) -> std::io::Result<()> {
     let mut s = open(addr)?;
@@ -126,7 +134,6 @@ fn run_once(
                 )));
             }
             write_counted(&mut s, &fill, stats)?;
-            std::thread::sleep(Duration::from_millis(300));
             im_frame(&im::sync(0, 1000)).repeat(300)
         }
         Attack::Empty => {
@@ -153,7 +160,14 @@ fn run_once(
             im_frame(&ping).repeat(4096)
         }
     };
-    while !stop.load(Ordering::Relaxed) {
+    // The preparation (its sends in particular) is not part of the measured attack.
+    while !ctl.go.load(Ordering::Relaxed) {
+        if ctl.stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    while !ctl.stop.load(Ordering::Relaxed) {
         write_counted(&mut s, &unit, stats)?;
     }
     Ok(())

@@ -120,6 +120,22 @@ pub fn run(a: FloodArgs) -> Result<ExitCode, String> {
         f.setting_up() == 0
     })?;
 
+    // Attackers prepare (log in, fill their inboxes) before the baseline, and attack when
+    // the flood starts.
+    let ctl = attack::Control::default();
+    let secret = crate::scenarios::secret(&a.common)?;
+    let attackers: Vec<_> = if a.attack == Attack::Garbage {
+        Vec::new()
+    } else {
+        (0..a.attackers)
+            .map(|i| {
+                let uid = crate::im::uid(&format!("{}attacker", a.common.uid_prefix), i);
+                let token = crate::im::token(&secret, &uid);
+                attack::spawn(a.attack, a.common.addr, uid, token, ctl.clone())
+            })
+            .collect()
+    };
+
     // Baseline: traffic without flood.
     fleet.traffic = Traffic::Rate {
         per_s: a.rate,
@@ -139,20 +155,10 @@ pub fn run(a: FloodArgs) -> Result<ExitCode, String> {
             kind: i,
         })
         .collect();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let secret = crate::scenarios::secret(&a.common)?;
-    let attackers: Vec<_> = if a.attack == Attack::Garbage {
-        Vec::new()
-    } else {
+    if a.attack != Attack::Garbage {
         slots.clear();
-        (0..a.attackers)
-            .map(|i| {
-                let uid = crate::im::uid(&format!("{}attacker", a.common.uid_prefix), i);
-                let token = crate::im::token(&secret, &uid);
-                attack::spawn(a.attack, a.common.addr, uid, token, stop.clone())
-            })
-            .collect()
-    };
+    }
+    ctl.go.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut rss_peak_kib = 0u64;
     let mut opened = 0u64;
     let mut dropped_by_server = 0u64;
@@ -209,7 +215,7 @@ pub fn run(a: FloodArgs) -> Result<ExitCode, String> {
         coord.progress("flood", || fleet.progress());
     }
     let flood_secs = t_flood.elapsed().as_secs_f64();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    ctl.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let attack_stats: Vec<attack::Stats> = attackers
         .into_iter()
         .map(|t| t.join().unwrap_or_default())
