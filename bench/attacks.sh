@@ -59,6 +59,9 @@ run() {
         >"$OUT/$name.txt" 2>&1 || status=$?
     stop
     rm -rf "$OUT/$name.data"
+    # Let the machine settle (a server that lost the fight may have held gigabytes).
+    sync
+    sleep 3
     if [ "$status" -ne 0 ]; then
         echo "$name failed (the bench's verification or the run itself):" >&2
         cat "$OUT/$name.txt" >&2
