@@ -76,6 +76,12 @@ fn tcp_frame(payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// A round trip this long means the pair was starved: they take about 1 ms, and took seconds
+/// (or timed out) under these attacks before each connection's share of the loop was bounded.
+/// The figures that matter are benchmarks (BENCHMARKS.md); this bound only catches starvation,
+/// with room for a loaded test machine.
+const STARVED: Duration = Duration::from_millis(250);
+
 /// Two users chatting in a thread: each round trip is a message from one, received by the
 /// other, timed. Stopping returns the round trips.
 struct Chat {
@@ -167,7 +173,7 @@ fn sync_flood_stays_bounded(server: &ServerProc, attacker: &mut TcpStream, flood
     eprintln!("RSS {before} KiB before, {peak} KiB at the peak of the flood");
     assert!(grew < 64 * 1024, "server RSS grew by {grew} KiB");
     let p99 = chat.p99();
-    assert!(p99 < Duration::from_millis(100), "p99 round trip {p99:?}");
+    assert!(p99 < STARVED, "p99 round trip {p99:?}");
 }
 
 #[test]
@@ -335,7 +341,9 @@ fn flood(stream: &mut TcpStream, unit: &[u8], limit: Duration) -> Duration {
 
 #[test]
 fn floods_of_frames_without_data_are_closed_with_1008_and_others_stay_fast() {
-    let server = ServerProc::start(&["--echo"]);
+    // A long close timeout: a flooder that goes on after the Close must be dropped at once,
+    // not read (and thrown away) until the timeout.
+    let server = ServerProc::start(&["--echo", "--close-timeout", "60s"]);
     let chat = Chat::start(&server, "amy", "ben");
     let fragment_start = frame(false, 0x2, b"a");
     let empty_continuation = frame(false, 0x0, b"");
@@ -345,31 +353,36 @@ fn floods_of_frames_without_data_are_closed_with_1008_and_others_stay_fast() {
         ("pings", &ping),
     ] {
         for path in ["/ws", "/echo"] {
-            let mut raw = Raw::open(server.addr, path);
-            if what == "empty continuations" {
-                raw.send(&fragment_start);
+            // Flooders come back as soon as they are dropped, for a while, so that the pair
+            // chats through the attack.
+            let until = Instant::now() + Duration::from_millis(1500);
+            while Instant::now() < until {
+                let mut raw = Raw::open(server.addr, path);
+                if what == "empty continuations" {
+                    raw.send(&fragment_start);
+                }
+                let mut reader = raw.stream.try_clone().unwrap();
+                let closed = std::thread::spawn(move || {
+                    let mut r = Raw {
+                        stream: reader.try_clone().unwrap(),
+                    };
+                    let code = r.read_close_code();
+                    expect_closed_within(&mut reader, Duration::from_secs(5));
+                    code
+                });
+                let took = flood(&mut raw.stream, unit, Duration::from_secs(10));
+                assert!(
+                    took < Duration::from_secs(10),
+                    "{what} on {path}: never closed"
+                );
+                assert_eq!(closed.join().unwrap(), 1008, "{what} on {path}");
             }
-            let mut reader = raw.stream.try_clone().unwrap();
-            let closed = std::thread::spawn(move || {
-                let mut r = Raw {
-                    stream: reader.try_clone().unwrap(),
-                };
-                let code = r.read_close_code();
-                expect_closed_within(&mut reader, Duration::from_secs(5));
-                code
-            });
-            let took = flood(&mut raw.stream, unit, Duration::from_secs(10));
-            assert!(
-                took < Duration::from_secs(10),
-                "{what} on {path}: never closed"
-            );
-            assert_eq!(closed.join().unwrap(), 1008, "{what} on {path}");
         }
     }
     let metrics = server.admin_request("GET", "/metrics", "");
     assert!(metrics.contains("code=\"1008\""), "{metrics}");
     let p99 = chat.p99();
-    assert!(p99 < Duration::from_millis(100), "p99 round trip {p99:?}");
+    assert!(p99 < STARVED, "p99 round trip {p99:?}");
 }
 
 #[test]
@@ -399,5 +412,5 @@ fn a_flood_of_small_requests_gets_its_share_of_the_loop_and_no_more() {
     let p99 = chat.p99();
     raw.stream.shutdown(std::net::Shutdown::Both).unwrap();
     assert!(pongs.join().unwrap() > 0, "the pings were answered");
-    assert!(p99 < Duration::from_millis(100), "p99 round trip {p99:?}");
+    assert!(p99 < STARVED, "p99 round trip {p99:?}");
 }

@@ -73,6 +73,9 @@ pub struct Conn {
     /// The loop turn in which input was last handled: at most once per turn, so that a
     /// connection both woken by the poller and scheduled to go on gets one share, not two.
     pub read_turn: u64,
+    /// Bytes read and thrown away since the connection closed (it is only waiting for the
+    /// peer's FIN); a peer that keeps sending is dropped once this passes a read's worth.
+    pub discarded: usize,
 }
 
 impl Conn {
@@ -102,6 +105,7 @@ impl Conn {
             throttled: false,
             held: Vec::new(),
             read_turn: u64::MAX,
+            discarded: 0,
         }
     }
 }

@@ -501,6 +501,16 @@ impl Server {
                         conn.last_inbound = self.now;
                         total += n;
                         self.metrics.bytes_in.inc_by(n as u64);
+                        if conn.transport.is_closed() && conn.write_shut {
+                            conn.discarded += n;
+                            if conn.discarded > READ_BUF {
+                                // Closed, and still sending: nothing it sends is read any
+                                // more, so reading it on until the close timeout is waste.
+                                debug!("conn {key}: still sending after the close; dropped");
+                                self.remove(key);
+                                return;
+                            }
+                        }
                         (n, true)
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
