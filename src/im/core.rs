@@ -413,6 +413,13 @@ impl Core {
         let Some(session) = self.sessions.remove(&conn) else {
             return;
         };
+        // Its answers still waiting for a commit would reach whoever the shell gives its key
+        // next; the sends stay accepted, and a retry is answered as a duplicate.
+        let not_to_it = |o: &Output| !matches!(o, Output::Frame { conn: c, .. } if *c == conn);
+        self.deferred.retain(not_to_it);
+        for (_, _, waiting) in &mut self.in_flight {
+            waiting.retain(not_to_it);
+        }
         let Some(dev) = session.device else {
             return;
         };

@@ -1,0 +1,335 @@
+//! The IM core driven as the shell drives it, by an arbitrary sequence of operations: a few
+//! connections opened, logged in (valid tokens and bad ones), sending, acking, syncing,
+//! pinging and closing, batches taken and committed late and in groups, room reported, time
+//! advancing, friendships and admin sends.
+//!
+//! Slab keys are reused by the shell, so an output for a connection that has gone reaches
+//! whoever holds its key next. Checked after every operation:
+//! - no output addresses a connection that is closed or was never opened, and an answer
+//!   (a frame with a request id) only goes to the connection that made the request;
+//! - per connection, delivered seqs strictly increase, and each delivered message is
+//!   already durable in that connection's user's inbox (nothing a client was told about can
+//!   be lost);
+//! - every SendOk's seq is > 0 and durable in the sender's inbox; every admin send is
+//!   answered once.
+#![no_main]
+
+use std::collections::HashSet;
+use std::sync::OnceLock;
+
+use imgate::im::auth;
+use imgate::im::core::{ConnId, Core, ImConfig, Now, Output};
+use imgate::im::proto::{self, client_frame::Body as C, server_frame::Body as S, ClientFrame};
+use imgate::im::wire;
+use imgate::store::memory::MemoryStore;
+use imgate::store::{StoreRead, WriteBatch};
+use libfuzzer_sys::fuzz_target;
+
+const SECRET: &[u8] = b"fuzz-secret";
+const CONNS: usize = 4;
+const UIDS: [&str; 3] = ["alice", "bob", "carol"];
+const START_UNIX_MS: i64 = 1_700_000_000_000;
+
+/// Login tokens, issued once (signing is slow): a long-lived one per uid, then one per uid
+/// that expires a minute after the start, then tokens that must be refused.
+fn tokens() -> &'static [String] {
+    static TOKENS: OnceLock<Vec<String>> = OnceLock::new();
+    TOKENS.get_or_init(|| {
+        let start = (START_UNIX_MS / 1000) as u64;
+        let mut t: Vec<String> = UIDS
+            .iter()
+            .map(|u| auth::issue(SECRET, u, start + 1_000_000))
+            .collect();
+        t.extend(UIDS.iter().map(|u| auth::issue(SECRET, u, start + 60)));
+        t.push(auth::issue(b"another-secret", "alice", start + 1_000_000));
+        t.push(auth::issue(SECRET, "", start + 1_000_000));
+        t.push("not a token".to_owned());
+        t
+    })
+}
+
+/// Reads the fuzz input a byte at a time; zeros once it runs out.
+struct Bytes<'a>(&'a [u8]);
+
+impl Bytes<'_> {
+    fn byte(&mut self) -> u8 {
+        let Some((&b, rest)) = self.0.split_first() else {
+            return 0;
+        };
+        self.0 = rest;
+        b
+    }
+
+    fn pick<'b, T>(&mut self, from: &'b [T]) -> &'b T {
+        &from[usize::from(self.byte()) % from.len()]
+    }
+}
+
+/// What the driver knows of the connection holding a key now.
+#[derive(Default)]
+struct Conn {
+    open: bool,
+    /// The core asked for it to be closed: the shell feeds it no more frames.
+    closing: bool,
+    /// Ids of the requests this connection sent.
+    requests: HashSet<u64>,
+    /// The uid its LoginOk named.
+    uid: Option<String>,
+    last_delivered: u64,
+}
+
+struct Driver {
+    core: Core,
+    store: MemoryStore,
+    now: Now,
+    conns: Vec<Conn>,
+    /// Taken batches not committed yet, oldest first.
+    taken: Vec<(u64, std::sync::Arc<WriteBatch>)>,
+    next_request: u64,
+    admin_waiting: HashSet<usize>,
+    next_admin: usize,
+}
+
+impl Driver {
+    fn frame(&mut self, conn: ConnId, body: Option<C>) {
+        let id = self.next_request;
+        self.next_request += 1;
+        let c = &mut self.conns[conn];
+        if c.open && c.closing {
+            return;
+        }
+        c.requests.insert(id);
+        self.core
+            .on_frame(conn, ClientFrame { id, body }, self.now, &self.store);
+    }
+
+    fn commit(&mut self, n: usize) {
+        let n = n.min(self.taken.len());
+        if n == 0 {
+            return;
+        }
+        let upto = self.taken[n - 1].0;
+        for (_, batch) in self.taken.drain(..n) {
+            self.store.apply(&batch);
+        }
+        self.core.on_committed(upto, self.now, &self.store);
+    }
+
+    fn check_output(&mut self) {
+        let out: Vec<Output> = self.core.drain_output().collect();
+        for o in out {
+            let conn = match &o {
+                Output::Frame { conn, .. }
+                | Output::Deliver { conn, .. }
+                | Output::Close { conn, .. } => *conn,
+                Output::AdminSent { admin, seq, .. } => {
+                    assert!(*seq > 0, "admin send acknowledged with seq 0");
+                    assert!(
+                        self.admin_waiting.remove(admin),
+                        "admin send {admin} answered twice or never asked"
+                    );
+                    continue;
+                }
+            };
+            let c = self
+                .conns
+                .get_mut(conn)
+                .filter(|c| c.open)
+                .unwrap_or_else(|| panic!("{o:?} addresses a closed or unknown connection"));
+            match o {
+                Output::Frame { frame, .. } => {
+                    if frame.id != 0 {
+                        assert!(
+                            c.requests.contains(&frame.id),
+                            "conn {conn} is answered a request it did not make: {frame:?}"
+                        );
+                    }
+                    match &frame.body {
+                        Some(S::LoginOk(ok)) => c.uid = Some(ok.uid.clone()),
+                        Some(S::SendOk(ok)) => {
+                            assert!(ok.seq > 0, "SendOk with seq 0");
+                            let uid = c.uid.as_deref().expect("SendOk before LoginOk");
+                            let durable = self.store.max_seq(uid).unwrap();
+                            assert!(ok.seq <= durable, "SendOk {} not durable", ok.seq);
+                        }
+                        Some(S::SyncResult(r)) => {
+                            let uid = c.uid.as_deref().expect("SyncResult before LoginOk");
+                            for m in &r.messages {
+                                assert!(m.from_uid == uid || m.to_uid == uid, "{m:?}");
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                Output::Deliver { msg, .. } => {
+                    assert!(
+                        msg.seq > c.last_delivered,
+                        "conn {conn}: seq {} delivered after {}",
+                        msg.seq,
+                        c.last_delivered
+                    );
+                    c.last_delivered = msg.seq;
+                    let uid = c.uid.as_deref().expect("delivery before LoginOk");
+                    let stored = self.store.messages_after(uid, msg.seq - 1, 1).unwrap();
+                    assert_eq!(stored, [msg.clone()], "delivered but not durable");
+                    let m = wire::to_proto(&msg).expect("a delivery decodes");
+                    assert!(m.from_uid == uid || m.to_uid == uid, "{m:?} is not {uid}'s");
+                }
+                Output::Close { .. } => c.closing = true,
+                Output::AdminSent { .. } => unreachable!(),
+            }
+        }
+    }
+
+    fn step(&mut self, input: &mut Bytes<'_>) {
+        let op = input.byte();
+        let conn = usize::from(op >> 4) % CONNS;
+        match op % 16 {
+            0 => {
+                if !self.conns[conn].open {
+                    self.conns[conn] = Conn {
+                        open: true,
+                        ..Conn::default()
+                    };
+                    self.core.on_open(conn, self.now);
+                }
+            }
+            1 => {
+                let token = input.pick(tokens()).clone();
+                let device_id = input.pick(&["phone", "laptop", ""]).to_string();
+                let last_seq = u64::from(input.byte() % 8);
+                self.frame(
+                    conn,
+                    Some(C::Login(proto::Login {
+                        token,
+                        device_id,
+                        last_seq,
+                    })),
+                );
+            }
+            2 | 3 => {
+                let to_uid = input.pick(&["alice", "bob", "carol", ""]).to_string();
+                let client_msg_id = input.pick(&["m1", "m2", "m3", "m4", "m5", ""]).to_string();
+                let content = vec![b'x'; usize::from(input.byte() % 80)];
+                self.frame(
+                    conn,
+                    Some(C::Send(proto::SendMessage {
+                        to_uid,
+                        client_msg_id,
+                        content,
+                    })),
+                );
+            }
+            4 => {
+                let last = self.conns[conn].last_delivered;
+                let seq = match input.byte() % 4 {
+                    0 => last,
+                    1 => last.saturating_sub(1),
+                    2 => u64::MAX,
+                    _ => u64::from(input.byte()),
+                };
+                self.frame(conn, Some(C::Ack(proto::Ack { seq })));
+            }
+            5 => {
+                let after_seq = u64::from(input.byte() % 16);
+                let limit = u32::from(input.byte() % 8);
+                self.frame(conn, Some(C::Sync(proto::Sync { after_seq, limit })));
+            }
+            6 => {
+                let client_time_ms = i64::from(input.byte());
+                self.frame(conn, Some(C::Ping(proto::Ping { client_time_ms })));
+            }
+            7 => self.frame(conn, None),
+            8 => {
+                // The shell only reports bad frames of connections it still reads.
+                let c = &self.conns[conn];
+                if !(c.open && c.closing) {
+                    self.core.on_bad_frame(conn, "fuzz");
+                }
+            }
+            9 => {
+                self.core.on_close(conn, &self.store);
+                self.conns[conn].open = false;
+            }
+            10 => {
+                if let Some(taken) = self.core.take_batch() {
+                    self.taken.push(taken);
+                }
+            }
+            11 => self.commit(usize::from(input.byte() % 4) + 1),
+            12 => {
+                let room = *input.pick(&[0, 200, 4096, 1 << 20]);
+                self.core.handle_room(conn, room, self.now, &self.store);
+            }
+            13 => {
+                let ms = u64::from(input.byte()) * 250;
+                self.now.mono_ms += ms;
+                self.now.unix_ms += ms as i64;
+                for c in 0..CONNS {
+                    self.core.check_ack_timeout(c, self.now);
+                }
+            }
+            14 => {
+                let a = *input.pick(&UIDS);
+                let b = *input.pick(&UIDS);
+                let present = input.byte() & 1 == 0;
+                self.core.set_friendship(a, b, present);
+            }
+            _ => {
+                let from = *input.pick(&["alice", "bob", "system", ""]);
+                let to = *input.pick(&UIDS);
+                let cmid = input.pick(&["m1", "m2", "a1"]).to_string();
+                let content = vec![b'y'; usize::from(input.byte() % 80)];
+                let admin = self.next_admin;
+                self.next_admin += 1;
+                let now = self.now;
+                if self
+                    .core
+                    .admin_send(admin, from, to, cmid, content, now, &self.store)
+                    .is_ok()
+                {
+                    self.admin_waiting.insert(admin);
+                }
+            }
+        }
+        self.check_output();
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut input = Bytes(data);
+    let cfg = ImConfig {
+        max_devices: 1 + usize::from(input.byte() % 3),
+        delivery_window: 1 + u64::from(input.byte() % 8),
+        ack_timeout_ms: 1000,
+        max_content_bytes: 64,
+        rate_per_sec: 10.0,
+        rate_burst: 5.0,
+        max_bad_frames: 3,
+        output_room: *input.pick(&[300, 2000, 1 << 20]),
+    };
+    let mut d = Driver {
+        core: Core::new(cfg, SECRET),
+        store: MemoryStore::default(),
+        now: Now {
+            mono_ms: 1_000,
+            unix_ms: START_UNIX_MS,
+        },
+        conns: (0..CONNS).map(|_| Conn::default()).collect(),
+        taken: Vec::new(),
+        next_request: 1,
+        admin_waiting: HashSet::new(),
+        next_admin: 0,
+    };
+    while !input.0.is_empty() {
+        d.step(&mut input);
+    }
+    // The end of the run: everything taken or pending is committed, and every admin send
+    // has its answer.
+    if let Some(taken) = d.core.take_batch() {
+        d.taken.push(taken);
+    }
+    d.commit(usize::MAX);
+    d.check_output();
+    assert!(d.admin_waiting.is_empty(), "unanswered admin sends");
+});
