@@ -1846,6 +1846,38 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_waiting_for_a_commit_never_reaches_the_next_connection_with_that_key() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        h.core.on_frame(
+            1,
+            ClientFrame {
+                id: 7,
+                body: Some(C::Send(proto::SendMessage {
+                    to_uid: "bob".into(),
+                    client_msg_id: "m1".into(),
+                    content: b"hi".to_vec(),
+                })),
+            },
+            h.now,
+            &h.store,
+        );
+        h.core.on_close(1, &h.store);
+        // The shell gives the key to a new connection before the batch commits.
+        let out = h.login(1, "carol", "phone", 0);
+        let to_new: Vec<S> = frames_to(&out, 1);
+        assert!(
+            matches!(to_new.as_slice(), [S::LoginOk(_)]),
+            "only carol's LoginOk: {to_new:?}"
+        );
+        // The send itself was accepted and stored.
+        let out = h.login(2, "alice", "laptop", 0);
+        assert!(frames_to(&out, 2)
+            .iter()
+            .any(|f| matches!(f, S::LoginOk(ok) if ok.max_seq == 1)));
+    }
+
+    #[test]
     fn deliveries_stop_when_the_connection_has_no_room_and_go_on_when_it_does() {
         let mut h = H::new(ImConfig {
             output_room: 10_000,
