@@ -4,7 +4,8 @@
 # integration tests against the release binary, the interop tests with Python's `websockets`
 # and `protobuf` (installed into a private virtualenv on first use), and the web demo's
 # end-to-end test in Debian's Chromium driven by playwright-core (Chromium installed with
-# apt-get, playwright-core with npm, on first use). Screenshots of the browser test land in
+# apt-get, playwright-core with npm, on first use). strace (for the durability tests) is
+# installed with apt-get on first use too. Screenshots of the browser test land in
 # target/screenshots/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,14 @@ cd "$(dirname "$0")/.."
 # The experiment BENCHMARKS.md quotes (relay with a store that writes nothing) must still apply.
 if command -v git >/dev/null 2>&1 && [ -d .git ]; then
     git apply --check bench/no-store.patch
+fi
+
+# tests/durability.rs watches the server's fsyncs with strace.
+if ! command -v strace >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq strace >/dev/null
 fi
 
 cargo test --lib
