@@ -10,14 +10,14 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use imgate::im::proto::{server_frame, ServerFrame};
+use imgate::im::proto::{self, server_frame, ServerFrame};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
 use crate::im::{self, Header};
 use crate::net::{CloseReason, Ev, Net};
 use crate::sys::{mono_ms, mono_ns, Rng};
-use crate::verify::{Ledger, Seen, SeqTracker, Violation};
+use crate::verify::{self, Delivery, Ledger, Roster, Seen, SeqTracker, Shape, Violation, Wrong};
 
 #[derive(Debug, Clone)]
 pub struct FleetCfg {
@@ -70,12 +70,21 @@ pub struct Stats {
     pub old: u64,
     /// A device's own message from an earlier session.
     pub own_echo: u64,
-    /// Messages that are not this run's bench messages.
+    /// Bench messages of other runs.
     pub foreign: u64,
     pub pings: u64,
     pub dups: u64,
     pub reorders: u64,
     pub gaps: u64,
+    /// Messages in the inbox of a user who neither is their recipient nor sent them.
+    pub misrouted: u64,
+    /// Messages whose from_uid, from_device or client_msg_id is not their sender's.
+    pub wrong_fields: u64,
+    /// Messages whose content is not the bench message its header describes, or none.
+    pub corrupt: u64,
+    /// Seqs that came again (re-delivered, in a SendOk, in a Sync page) with another message
+    /// than first came under them.
+    pub changed: u64,
     pub unconfirmed: u64,
     pub rate_skipped: u64,
     /// Sends the server refused (Error) and the bench retried (reconnect mode).
@@ -114,6 +123,10 @@ impl Stats {
             dups,
             reorders,
             gaps,
+            misrouted,
+            wrong_fields,
+            corrupt,
+            changed,
             unconfirmed,
             rate_skipped,
             refused,
@@ -135,6 +148,11 @@ impl Stats {
 
     pub fn error_count(&self) -> u64 {
         self.errors.values().sum()
+    }
+
+    /// Deliveries that broke a rule as they came (not counting gaps and the ledger).
+    pub fn violations(&self) -> u64 {
+        self.dups + self.reorders + self.misrouted + self.wrong_fields + self.corrupt + self.changed
     }
 
     fn note(&mut self, s: String) {
@@ -252,8 +270,8 @@ pub struct Fleet {
     pub cfg: FleetCfg,
     pub net: Net,
     pub clients: Vec<Client>,
-    /// Devices of each user (global user index).
-    devices_of: Vec<u16>,
+    /// What every delivery must look like; who each device index is.
+    shape: Shape,
     /// Random recipients are drawn from this range of users.
     pub targets: (u32, u32),
     /// Clients that send, in turn.
@@ -277,6 +295,8 @@ pub struct Fleet {
     pub paused: bool,
     rng: Rng,
     content: Vec<u8>,
+    /// Working space for checking a delivery's content.
+    scratch: Vec<u8>,
     last_ack_tick: u64,
     last_expire: u64,
     /// Closed connections of foreign owners: (owner, why).
@@ -300,12 +320,18 @@ impl Fleet {
     pub fn new(cfg: FleetCfg, devices_of: Vec<u16>, gidx_count: usize) -> std::io::Result<Fleet> {
         let net = Net::new(cfg.addr, "/ws", Some(im::SUBPROTOCOL), cfg.seed)?;
         let users = devices_of.len() as u32;
+        let shape = Shape {
+            run: cfg.run_id,
+            uid_prefix: cfg.uid_prefix.clone(),
+            size: cfg.size,
+            roster: Roster::new(&devices_of),
+        };
         Ok(Fleet {
             rng: Rng::new(cfg.seed ^ 0x1234),
             cfg,
             net,
             clients: Vec::new(),
-            devices_of,
+            shape,
             targets: (0, users),
             senders: Vec::new(),
             rr: 0,
@@ -322,6 +348,7 @@ impl Fleet {
             limit: None,
             paused: false,
             content: Vec::new(),
+            scratch: Vec::new(),
             last_ack_tick: 0,
             last_expire: 0,
             foreign_closed: Vec::new(),
@@ -330,6 +357,7 @@ impl Fleet {
 
     /// Adds device `dev` of `user` with global device index `gidx`; returns its index.
     pub fn add(&mut self, user: u32, dev: u16, gidx: u32, sends: bool) -> usize {
+        debug_assert_eq!(self.shape.roster.gidx(user, dev), Some(gidx));
         let i = self.clients.len();
         self.clients.push(Client {
             user,
@@ -429,7 +457,7 @@ impl Fleet {
             send_ok: self.stats.send_ok,
             delivered: self.stats.delivered,
             errors: self.stats.error_count(),
-            violations: self.stats.dups + self.stats.reorders,
+            violations: self.stats.violations(),
         }
     }
 
@@ -665,13 +693,21 @@ impl Fleet {
                 let Some(t) = &c.tracker else {
                     return;
                 };
-                let unseen = r.messages.iter().filter(|m| !t.is_seen(m.seq)).count() as u64;
-                let bad = unseen + t.holes();
+                let changed: Vec<Violation> = r
+                    .messages
+                    .iter()
+                    .filter_map(|m| t.check_stored(m.seq, verify::print_of(m)).err())
+                    .collect();
+                let bad = t.unseen(r.messages.iter().map(|m| m.seq));
                 c.sync = if bad == 0 {
                     SyncState::Clean
                 } else {
                     SyncState::Dirty(bad)
                 };
+                let (user, dev) = (c.user, c.dev);
+                for v in changed {
+                    self.violation(user, dev, v, "Sync");
+                }
             }
             Some(Body::Error(e)) => {
                 let name = im::error_name(e.code);
@@ -786,13 +822,23 @@ impl Fleet {
         }
     }
 
-    fn copies(&self, from_user: u32, to_user: u32) -> u64 {
-        let d = |u: u32| u64::from(self.devices_of.get(u as usize).copied().unwrap_or(1));
-        if from_user == to_user {
-            d(from_user) - 1
-        } else {
-            d(to_user) + d(from_user) - 1
+    /// The print of what client `i` sent as `p` (the message as its recipients get it).
+    fn print_sent(&mut self, i: usize, p: &Pending) -> u64 {
+        let c = &self.clients[i];
+        Header {
+            run: self.cfg.run_id,
+            sender: c.gidx,
+            counter: p.counter,
+            ts_ns: p.ts,
         }
+        .write(self.cfg.size, &mut self.scratch);
+        verify::print(
+            &self.scratch,
+            &c.uid,
+            &im::uid(&self.cfg.uid_prefix, p.to),
+            &im::client_msg_id(self.cfg.run_id, c.gidx, p.counter),
+            &c.device_id,
+        )
     }
 
     fn on_send_ok(&mut self, i: usize, id: u64, seq: u64, duplicate: bool) {
@@ -806,8 +852,10 @@ impl Fleet {
             self.stats.error("protocol:SendOk for no send");
             return;
         };
+        let print = self.print_sent(i, &p);
+        let c = &mut self.clients[i];
         if let Some(t) = &mut c.tracker {
-            match t.on_send_ok(seq, duplicate) {
+            match t.on_send_ok(seq, duplicate, print) {
                 Ok(_) => {}
                 Err(v) => {
                     let (user, dev) = (c.user, c.dev);
@@ -820,14 +868,14 @@ impl Fleet {
             self.stats.send_ok_dup += 1;
         }
         if p.st != PState::Acked {
-            let (gidx, user) = (c.gidx, c.user);
+            let gidx = c.gidx;
             if let Some(q) = find(&mut c.pending, counter) {
                 q.st = PState::Acked;
             }
             c.on_wire = c.on_wire.saturating_sub(1);
             pop_acked(&mut c.pending);
-            let copies = self.copies(user, p.to);
-            self.ledger.expect(gidx, counter, copies);
+            let receivers = self.shape.roster.receivers(gidx, p.to);
+            self.ledger.expect(gidx, counter, p.to, &receivers);
             self.stats.send_ok += 1;
             if self.measure_from.is_some_and(|t0| p.ts >= t0) {
                 self.stats.send_ok_window += 1;
@@ -852,10 +900,37 @@ impl Fleet {
                     "reorder: u{user}/d{dev} {what} seq {s} after a higher one"
                 ));
             }
+            Violation::Changed(s) => {
+                self.stats.changed += 1;
+                self.stats.note(format!(
+                    "changed: u{user}/d{dev} {what} seq {s} holds another message than first came under it"
+                ));
+            }
         }
     }
 
-    fn on_message(&mut self, i: usize, m: imgate::im::proto::Message, now_ns: u64) {
+    fn wrong(&mut self, user: u32, dev: u16, w: Wrong, m: &proto::Message) {
+        let what = match w {
+            Wrong::Corrupt => {
+                self.stats.corrupt += 1;
+                "corrupt content"
+            }
+            Wrong::Fields => {
+                self.stats.wrong_fields += 1;
+                "from_uid, from_device or client_msg_id not its sender's"
+            }
+            Wrong::Misrouted => {
+                self.stats.misrouted += 1;
+                "not in its recipient's or sender's inbox"
+            }
+        };
+        self.stats.note(format!(
+            "wrong: u{user}/d{dev} seq {} ({} -> {}, {}): {what}",
+            m.seq, m.from_uid, m.to_uid, m.client_msg_id
+        ));
+    }
+
+    fn on_message(&mut self, i: usize, m: proto::Message, now_ns: u64) {
         if let Some(fault) = self.cfg.inject_fault {
             if m.seq.is_multiple_of(97) {
                 match fault {
@@ -867,37 +942,40 @@ impl Fleet {
         self.on_message_checked(i, m, now_ns);
     }
 
-    fn on_message_checked(&mut self, i: usize, m: imgate::im::proto::Message, now_ns: u64) {
+    fn on_message_checked(&mut self, i: usize, m: proto::Message, now_ns: u64) {
         let c = &mut self.clients[i];
         let Some(t) = &mut c.tracker else {
             self.stats.error("protocol:Message before LoginOk");
             return;
         };
-        let seen = t.on_message(m.seq);
+        let (user, dev, gidx) = (c.user, c.dev, c.gidx);
+        let seen = t.on_message(m.seq, verify::print_of(&m));
         if seen.is_ok() {
             c.since_ack += 1;
         }
+        // Every delivery is checked, a re-delivery too.
+        let delivery = self.shape.check(&m, user, &mut self.scratch);
+        if let Delivery::Wrong(w) = delivery {
+            self.wrong(user, dev, w, &m);
+        }
         match seen {
-            Err(v) => {
-                let (user, dev) = (c.user, c.dev);
-                self.violation(user, dev, v, "Message");
-            }
+            Err(v) => self.violation(user, dev, v, "Message"),
             Ok(Seen::Old) => self.stats.old += 1,
-            Ok(Seen::New) => match Header::parse(&m.content) {
-                Some(h) if h.run == self.cfg.run_id => {
-                    if h.sender == c.gidx {
-                        self.stats.own_echo += 1;
-                    } else {
-                        self.ledger.got(h.sender, h.counter);
-                        self.stats.delivered += 1;
-                        if self.measure_from.is_some_and(|t0| h.ts_ns >= t0) {
-                            let lat = now_ns.saturating_sub(h.ts_ns).max(1);
-                            let _ = self.hist.record(lat.min(3_600_000_000_000));
-                            self.stats.delivered_window += 1;
-                        }
+            Ok(Seen::New) => match delivery {
+                Delivery::Ok(h) if h.sender == gidx => self.stats.own_echo += 1,
+                Delivery::Ok(h) => {
+                    let to = self.shape.user_of_uid(&m.to_uid).unwrap_or(u32::MAX);
+                    self.ledger.got(h.sender, h.counter, to, (user, dev));
+                    self.stats.delivered += 1;
+                    if self.measure_from.is_some_and(|t0| h.ts_ns >= t0) {
+                        let lat = now_ns.saturating_sub(h.ts_ns).max(1);
+                        let _ = self.hist.record(lat.min(3_600_000_000_000));
+                        self.stats.delivered_window += 1;
                     }
                 }
-                _ => self.stats.foreign += 1,
+                Delivery::Foreign => self.stats.foreign += 1,
+                // Counted above; not a delivery of what was sent.
+                Delivery::Wrong(_) => {}
             },
         }
         self.list_for_ack(i);
@@ -1112,13 +1190,13 @@ impl Fleet {
             }
             for p in &c.pending {
                 if p.st != PState::Acked {
-                    unconfirmed.push((c.gidx, c.user, p.to));
+                    unconfirmed.push((c.gidx, p.to));
                 }
             }
         }
         self.stats.gaps += gaps;
-        for (gidx, user, to) in unconfirmed {
-            let copies = self.copies(user, to);
+        for (gidx, to) in unconfirmed {
+            let copies = self.shape.roster.receivers(gidx, to).len() as u64;
             self.ledger.unknown(gidx, copies);
             self.stats.unconfirmed += 1;
         }

@@ -418,6 +418,7 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
         .add("missing", check.missing)
         .add("mismatched", check.mismatched)
         .add("unconfirmed", st.unconfirmed)
+        .add_checks(st)
         .add("errors", st.error_count());
     let max_down = downtimes_ms.iter().copied().fold(0.0, f64::max);
     r.addf("max_downtime_ms", max_down, 0);

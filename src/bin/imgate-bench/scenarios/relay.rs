@@ -143,6 +143,7 @@ fn report(a: &RelayArgs, parts: &[Part], snaps: &[Snap], procs: usize) -> ExitCo
         .add("missing", check.missing)
         .add("mismatched", check.mismatched)
         .add("unconfirmed", st.unconfirmed)
+        .add_checks(st)
         .add("delivered", st.delivered)
         .add("expected", check.expected);
     if st.rate_skipped > 0 {
