@@ -42,8 +42,53 @@ pub struct FleetCfg {
     /// Content bytes per message (at least the bench header).
     pub size: usize,
     pub seed: u64,
-    /// Self-test: corrupt what is received, so verification must fail.
-    pub inject_fault: Option<crate::Fault>,
+    /// Self-test: what to do to every how-many-th delivery, so that verification must fail.
+    pub inject: Option<(Inject, u64)>,
+}
+
+/// A fault the bench plays on itself, as a faulty server would, so that its verification
+/// must fail (`--inject`). It hits every N-th delivery (`--inject-every`) that is new to its
+/// device (whatever its seq), counted over this process's devices, so it fires in every run
+/// that delivers at least N messages; `redelivery` counts re-deliveries instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Inject {
+    /// The message is lost.
+    Drop,
+    /// It arrives twice under its seq.
+    Dup,
+    /// It arrives again under the seq of its device's next message, which is lost.
+    DupSeq,
+    /// It arrives after its device's next message.
+    Reorder,
+    /// It is replaced by a message its sender never sent (every field consistent with it).
+    Swap,
+    /// Its to_uid names a third user: it was stored in an inbox it was not sent to.
+    Misroute,
+    /// Its from_uid names a third user.
+    FromUid,
+    /// The last byte of its content changes (with --size above the 32-byte header, a
+    /// payload byte).
+    Payload,
+    /// A seq re-delivered after a login that resumed from the stored cursor carries another
+    /// message than first came under it (needs --resume cursor and re-deliveries).
+    Redelivery,
+}
+
+impl From<crate::Fault> for Inject {
+    fn from(f: crate::Fault) -> Inject {
+        match f {
+            crate::Fault::Drop => Inject::Drop,
+            crate::Fault::Dup => Inject::Dup,
+        }
+    }
+}
+
+/// Where `--inject` stands: deliveries counted towards the next hit, and the message held
+/// back (reorder) or repeated (dup-seq) until its client's next one.
+#[derive(Debug, Default)]
+struct Injector {
+    count: u64,
+    held: Option<(usize, proto::Message)>,
 }
 
 /// Counters; summable across processes.
@@ -85,6 +130,8 @@ pub struct Stats {
     /// Seqs that came again (re-delivered, in a SendOk, in a Sync page) with another message
     /// than first came under them.
     pub changed: u64,
+    /// Faults played by `--inject`.
+    pub injected: u64,
     pub unconfirmed: u64,
     pub rate_skipped: u64,
     /// Sends the server refused (Error) and the bench retried (reconnect mode).
@@ -127,6 +174,7 @@ impl Stats {
             wrong_fields,
             corrupt,
             changed,
+            injected,
             unconfirmed,
             rate_skipped,
             refused,
@@ -297,6 +345,7 @@ pub struct Fleet {
     content: Vec<u8>,
     /// Working space for checking a delivery's content.
     scratch: Vec<u8>,
+    inj: Injector,
     last_ack_tick: u64,
     last_expire: u64,
     /// Closed connections of foreign owners: (owner, why).
@@ -349,6 +398,7 @@ impl Fleet {
             paused: false,
             content: Vec::new(),
             scratch: Vec::new(),
+            inj: Injector::default(),
             last_ack_tick: 0,
             last_expire: 0,
             foreign_closed: Vec::new(),
@@ -626,6 +676,11 @@ impl Fleet {
 
     /// A connection ended: count it, and reconnect or give up.
     fn on_closed(&mut self, i: usize, why: CloseReason) {
+        if self.inj.held.as_ref().is_some_and(|(j, _)| *j == i) {
+            // Its next message will come on another connection, if at all: the held one is
+            // lost with this one.
+            self.inj.held = None;
+        }
         let c = &mut self.clients[i];
         c.conn = None;
         let was = c.state;
@@ -930,16 +985,99 @@ impl Fleet {
         ));
     }
 
-    fn on_message(&mut self, i: usize, m: proto::Message, now_ns: u64) {
-        if let Some(fault) = self.cfg.inject_fault {
-            if m.seq.is_multiple_of(97) {
-                match fault {
-                    crate::Fault::Drop => return,
-                    crate::Fault::Dup => self.on_message_checked(i, m.clone(), now_ns),
+    /// A Message, after `--inject` had its way with it.
+    fn on_message(&mut self, i: usize, mut m: proto::Message, now_ns: u64) {
+        let Some((kind, every)) = self.cfg.inject else {
+            return self.on_message_checked(i, m, now_ns);
+        };
+        if let Some((j, held)) = self.inj.held.take() {
+            if j == i {
+                if kind == Inject::Reorder {
+                    self.on_message_checked(i, m, now_ns);
+                    self.on_message_checked(i, held, now_ns);
+                } else {
+                    let again = proto::Message {
+                        seq: m.seq,
+                        server_time_ms: m.server_time_ms,
+                        ..held
+                    };
+                    self.on_message_checked(i, again, now_ns);
                 }
+                return;
+            }
+            self.inj.held = Some((j, held));
+        }
+        let c = &self.clients[i];
+        let Some(t) = &c.tracker else {
+            return self.on_message_checked(i, m, now_ns);
+        };
+        let ours = || Header::parse(&m.content).is_some_and(|h| h.run == self.cfg.run_id);
+        let eligible = match kind {
+            Inject::Redelivery => t.is_redelivery(m.seq) && ours(),
+            Inject::Swap => !t.is_seen(m.seq) && ours(),
+            Inject::Misroute | Inject::FromUid => {
+                !t.is_seen(m.seq) && m.from_uid != c.uid && self.shape.roster.users() >= 3
+            }
+            Inject::Reorder | Inject::DupSeq => !t.is_seen(m.seq) && self.inj.held.is_none(),
+            Inject::Drop | Inject::Dup | Inject::Payload => !t.is_seen(m.seq),
+        };
+        if !eligible {
+            return self.on_message_checked(i, m, now_ns);
+        }
+        self.inj.count += 1;
+        if self.inj.count < every.max(1) {
+            return self.on_message_checked(i, m, now_ns);
+        }
+        self.inj.count = 0;
+        self.stats.injected += 1;
+        let third = || {
+            let n = self.shape.roster.users();
+            let (me, from) = (c.user, self.shape.user_of_uid(&m.from_uid));
+            let mut x = (me + 1) % n;
+            while x == me || Some(x) == from {
+                x = (x + 1) % n;
+            }
+            im::uid(&self.cfg.uid_prefix, x)
+        };
+        match kind {
+            Inject::Drop => {}
+            Inject::Dup => {
+                self.on_message_checked(i, m.clone(), now_ns);
+                self.on_message_checked(i, m, now_ns);
+            }
+            Inject::Reorder => self.inj.held = Some((i, m)),
+            Inject::DupSeq => {
+                self.on_message_checked(i, m.clone(), now_ns);
+                self.inj.held = Some((i, m));
+            }
+            Inject::Swap | Inject::Redelivery => {
+                if let Some(mut h) = Header::parse(&m.content) {
+                    if kind == Inject::Swap {
+                        // A counter its sender never reaches.
+                        h.counter = h.counter.wrapping_add(1 << 39);
+                        m.client_msg_id = im::client_msg_id(h.run, h.sender, h.counter);
+                    } else {
+                        h.ts_ns ^= 1;
+                    }
+                    h.write(m.content.len(), &mut m.content);
+                }
+                self.on_message_checked(i, m, now_ns);
+            }
+            Inject::Misroute => {
+                m.to_uid = third();
+                self.on_message_checked(i, m, now_ns);
+            }
+            Inject::FromUid => {
+                m.from_uid = third();
+                self.on_message_checked(i, m, now_ns);
+            }
+            Inject::Payload => {
+                if let Some(b) = m.content.last_mut() {
+                    *b ^= 0x20;
+                }
+                self.on_message_checked(i, m, now_ns);
             }
         }
-        self.on_message_checked(i, m, now_ns);
     }
 
     fn on_message_checked(&mut self, i: usize, m: proto::Message, now_ns: u64) {
@@ -1240,5 +1378,149 @@ fn find(pending: &mut VecDeque<Pending>, counter: u64) -> Option<&mut Pending> {
 fn pop_acked(pending: &mut VecDeque<Pending>) {
     while pending.front().is_some_and(|p| p.st == PState::Acked) {
         pending.pop_front();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const USERS: u32 = 12;
+    /// The device every test message comes from.
+    const SENDER: u32 = USERS - 1;
+
+    /// Twelve single-device users, all logged in with empty inboxes.
+    fn fleet(inject: Option<(Inject, u64)>) -> Fleet {
+        let cfg = FleetCfg {
+            addr: SocketAddr::from(([127, 0, 0, 1], 9)),
+            src_ips: 1,
+            secret: b"secret".to_vec(),
+            uid_prefix: "t".into(),
+            run_id: 7,
+            connect_concurrency: 1,
+            connect_timeout_ms: 1000,
+            reconnect: false,
+            resume_cursor: false,
+            ack_every: 32,
+            ack_tick_ms: 100,
+            size: 40,
+            seed: 1,
+            inject,
+        };
+        let mut f = Fleet::new(cfg, vec![1; USERS as usize], USERS as usize).unwrap();
+        for u in 0..USERS {
+            let i = f.add(u, 0, u, false);
+            f.clients[i].tracker = Some(SeqTracker::start(0));
+        }
+        f
+    }
+
+    /// What SENDER's `counter`-th message to user `to` looks like under `seq`.
+    fn msg(f: &Fleet, to: u32, counter: u64, seq: u64) -> proto::Message {
+        let mut content = Vec::new();
+        Header {
+            run: f.cfg.run_id,
+            sender: SENDER,
+            counter,
+            ts_ns: 1,
+        }
+        .write(f.cfg.size, &mut content);
+        proto::Message {
+            seq,
+            from_uid: im::uid("t", SENDER),
+            to_uid: im::uid("t", to),
+            client_msg_id: im::client_msg_id(f.cfg.run_id, SENDER, counter),
+            content,
+            server_time_ms: 1,
+            from_device: im::device_id(0),
+        }
+    }
+
+    /// Users 0..10 each get 20 messages (seqs 1..=20: none a multiple of 97), and the ledger
+    /// expects them; with `again`, every device then resumes from the stored cursor and
+    /// gets them all once more.
+    fn deliver(f: &mut Fleet, again: bool) {
+        for round in 0..if again { 2 } else { 1 } {
+            for to in 0..10 {
+                if round == 1 {
+                    if let Some(t) = &mut f.clients[to as usize].tracker {
+                        t.new_session(true);
+                    }
+                }
+                for s in 1..=20 {
+                    let m = msg(f, to, u64::from(to) * 100 + s, s);
+                    if round == 0 {
+                        let c = m.content.clone();
+                        let h = Header::parse(&c).unwrap();
+                        f.ledger.expect(SENDER, h.counter, to, &[(to, 0)]);
+                    }
+                    f.on_message(to as usize, m, 0);
+                }
+            }
+        }
+    }
+
+    fn holes(f: &Fleet) -> u64 {
+        f.clients
+            .iter()
+            .filter_map(|c| c.tracker.as_ref())
+            .map(SeqTracker::holes)
+            .sum()
+    }
+
+    #[test]
+    fn clean_deliveries_pass_every_check() {
+        let mut f = fleet(None);
+        deliver(&mut f, true);
+        assert_eq!(f.stats.delivered, 200);
+        assert_eq!(f.stats.old, 200);
+        assert_eq!(f.stats.violations(), 0, "{:?}", f.stats.notes);
+        assert_eq!(holes(&f), 0);
+        let c = f.ledger.check();
+        assert_eq!((c.missing, c.extra, c.mismatched), (0, 0, 0));
+    }
+
+    #[test]
+    fn injection_hits_every_nth_new_delivery_whatever_its_seq() {
+        let mut f = fleet(Some((Inject::Drop, 97)));
+        deliver(&mut f, false);
+        assert_eq!(f.stats.injected, 2);
+        assert_eq!(holes(&f), 2);
+        assert_eq!(f.ledger.check().missing, 2);
+    }
+
+    #[test]
+    fn every_injected_fault_is_caught() {
+        for kind in [
+            Inject::Drop,
+            Inject::Dup,
+            Inject::DupSeq,
+            Inject::Reorder,
+            Inject::Swap,
+            Inject::Misroute,
+            Inject::FromUid,
+            Inject::Payload,
+            Inject::Redelivery,
+        ] {
+            // Every 31st: never the last message of a device, which has no next one.
+            let mut f = fleet(Some((kind, 31)));
+            deliver(&mut f, kind == Inject::Redelivery);
+            let st = &f.stats;
+            let c = f.ledger.check();
+            let n = st.injected;
+            assert!(n >= 5, "{kind:?} fired {n} times");
+            let caught = match kind {
+                Inject::Drop => holes(&f) == n && c.missing == n,
+                Inject::Dup => st.dups == n,
+                Inject::DupSeq => c.extra + c.mismatched > 0 && c.missing + c.mismatched > 0,
+                Inject::Reorder => st.reorders == n,
+                Inject::Swap => c.mismatched > 0 && st.violations() == 0,
+                Inject::Misroute => st.misrouted == n,
+                Inject::FromUid => st.wrong_fields == n,
+                Inject::Payload => st.corrupt == n,
+                Inject::Redelivery => st.changed == n,
+            };
+            assert!(caught, "{kind:?}: {st:?} {c:?}");
+        }
     }
 }

@@ -62,12 +62,16 @@ impl Report {
         self.failures.push(why.into());
     }
 
-    /// The per-delivery checks' counts.
+    /// The per-delivery checks' counts, and the faults `--inject` played (when it did).
     pub fn add_checks(&mut self, st: &Stats) -> &mut Self {
         self.add("misrouted", st.misrouted)
             .add("wrong_fields", st.wrong_fields)
             .add("corrupt", st.corrupt)
-            .add("changed", st.changed)
+            .add("changed", st.changed);
+        if st.injected > 0 {
+            self.add("injected", st.injected);
+        }
+        self
     }
 
     /// Fails the run for every delivery-guarantee violation the stats and the ledger found.

@@ -95,6 +95,12 @@ impl SeqTracker {
         seq <= self.contig || self.above.contains(&seq)
     }
 
+    /// Whether a Message with this seq would be an allowed re-delivery of a message of this
+    /// run (one whose print is known).
+    pub fn is_redelivery(&self, seq: u64) -> bool {
+        seq > self.last_msg && seq <= self.old_limit && self.print_at(seq).is_some()
+    }
+
     fn insert(&mut self, seq: u64, print: u64) {
         self.hw = self.hw.max(seq);
         if seq == self.contig + 1 {
@@ -552,6 +558,7 @@ mod tests {
         t.on_message(1, p(1)).unwrap();
         t.on_message(3, p(3)).unwrap();
         t.new_session(true);
+        assert!(t.is_redelivery(1) && !t.is_redelivery(2) && t.is_redelivery(3));
         assert_eq!(t.on_message(1, p(1)), Ok(Seen::Old));
         assert_eq!(t.on_message(2, p(2)), Ok(Seen::New));
         assert_eq!(t.on_message(3, p(3)), Ok(Seen::Old));

@@ -298,6 +298,11 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
     let mut cfg = fleet_cfg(&common, &s, a.size)?;
     cfg.reconnect = true;
     cfg.resume_cursor = a.resume == Resume::Cursor;
+    cfg.ack_every = a.ack_every.max(1);
+    cfg.ack_tick_ms = a.ack_tick_ms.max(1);
+    if let Some(k) = a.inject {
+        cfg.inject = Some((k, a.inject_every.max(1)));
+    }
     cfg.connect_timeout_ms = cfg.connect_timeout_ms.min(5000);
     let mut fleet = Fleet::new(cfg, vec![devices; a.users as usize], conns as usize)
         .map_err(|e| format!("cannot create the event loop: {e}"))?;
