@@ -379,17 +379,22 @@ fn chaos(
 fn chaos_loses_nothing_across_kill_9() {
     let dir = temp_data_dir();
     let json = dir.with_extension("json");
-    let out = chaos(&chaos_server(&dir, ""), "2", "10", &json, &[]);
+    let out = chaos(&chaos_server(&dir, ""), "3", "10", &json, &[]);
     let _ = std::fs::remove_dir_all(&dir);
     assert!(out.status.success(), "{}", explain(&out));
     let line = summary(&out);
     let report = json_report(&json);
-    assert_eq!(num(&line, "kills"), 2.0, "{line}");
+    assert_eq!(num(&line, "kills"), 3.0, "{line}");
     for key in VIOLATIONS {
         assert_eq!(num(&line, key), 0.0, "{key}: {line}");
     }
     assert!(num(&line, "delivered") > 0.0, "{line}");
     assert_eq!(num(&line, "delivered"), num(&line, "expected"), "{line}");
+    // Kills landed on sends on the wire, and each of those got its SendOk after all.
+    assert!(num(&line, "kills_in_flight") >= 1.0, "{line}");
+    let in_flight = num(&line, "in_flight_at_kills");
+    assert!(in_flight >= num(&line, "kills_in_flight"), "{line}");
+    assert_eq!(num(&line, "in_flight_confirmed"), in_flight, "{line}");
     assert_eq!(report["ok"], true);
 }
 

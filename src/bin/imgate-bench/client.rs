@@ -132,6 +132,12 @@ pub struct Stats {
     pub changed: u64,
     /// Faults played by `--inject`.
     pub injected: u64,
+    /// Sends on the wire when the server was killed (each counted once).
+    pub kill_in_flight: u64,
+    /// Of those, the ones whose SendOk came (after the restart, or read after the kill).
+    pub kill_confirmed: u64,
+    /// Of those, the ones whose SendOk said duplicate: stored before the kill.
+    pub kill_stored: u64,
     pub unconfirmed: u64,
     pub rate_skipped: u64,
     /// Sends the server refused (Error) and the bench retried (reconnect mode).
@@ -175,6 +181,9 @@ impl Stats {
             corrupt,
             changed,
             injected,
+            kill_in_flight,
+            kill_confirmed,
+            kill_stored,
             unconfirmed,
             rate_skipped,
             refused,
@@ -238,6 +247,8 @@ struct Pending {
     to: u32,
     ts: u64,
     st: PState,
+    /// It was on the wire when the server was killed.
+    at_kill: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -514,6 +525,34 @@ impl Fleet {
     /// Sends waiting for SendOk, over all clients.
     pub fn unacked_sends(&self) -> usize {
         self.clients.iter().map(Client::pending_unacked).sum()
+    }
+
+    /// Sends written on the current connections and not answered yet.
+    pub fn sends_on_wire(&self) -> u64 {
+        self.clients
+            .iter()
+            .filter(|c| c.conn.is_some())
+            .map(|c| u64::from(c.on_wire))
+            .sum()
+    }
+
+    /// The server is about to be killed: the sends on the wire are followed to their
+    /// SendOk ([`Stats::kill_confirmed`], [`Stats::kill_stored`]). Returns how many there are.
+    pub fn mark_in_flight(&mut self) -> u64 {
+        let mut n = 0;
+        for c in &mut self.clients {
+            if c.conn.is_none() {
+                continue;
+            }
+            for p in c.pending.iter_mut().filter(|p| p.st == PState::Wire) {
+                n += 1;
+                if !p.at_kill {
+                    p.at_kill = true;
+                    self.stats.kill_in_flight += 1;
+                }
+            }
+        }
+        n
     }
 
     /// One turn of the loop: poll (at most `timeout`), handle what came, start connections,
@@ -931,6 +970,12 @@ impl Fleet {
             pop_acked(&mut c.pending);
             let receivers = self.shape.roster.receivers(gidx, p.to);
             self.ledger.expect(gidx, counter, p.to, &receivers);
+            if p.at_kill {
+                self.stats.kill_confirmed += 1;
+                if duplicate {
+                    self.stats.kill_stored += 1;
+                }
+            }
             self.stats.send_ok += 1;
             if self.measure_from.is_some_and(|t0| p.ts >= t0) {
                 self.stats.send_ok_window += 1;
@@ -1255,6 +1300,7 @@ impl Fleet {
             to,
             ts,
             st: PState::Wire,
+            at_kill: false,
         });
         c.on_wire += 1;
         self.write_send(i, counter, to, ts);
