@@ -99,26 +99,21 @@ fn relay_delivers_everything_in_order() {
     ]);
     assert!(out.status.success(), "{}", explain(&out));
     let line = summary(&out);
-    for key in [
-        "errors",
-        "gaps",
-        "dups",
-        "reorders",
-        "missing",
-        "mismatched",
-        "unconfirmed",
-    ] {
+    for key in VIOLATIONS {
         assert_eq!(num(&line, key), 0.0, "{key}: {line}");
     }
     assert_eq!(num(&line, "established"), 100.0, "{line}");
-    assert!(num(&line, "delivered_per_s") > 1000.0, "{line}");
+    // Every message reached both devices of its recipient and the sender's other device.
+    let report = json_report(&json);
+    let send_ok = report["send_ok"].as_f64().expect("send_ok");
+    assert!(send_ok > 0.0, "{line}");
+    assert_eq!(num(&line, "sent"), send_ok, "{line}");
+    assert_eq!(num(&line, "expected"), 3.0 * send_ok, "{line}");
+    assert_eq!(num(&line, "delivered"), num(&line, "expected"), "{line}");
+    // Latency was measured (a value, not a bound on it).
     assert!(num(&line, "p99_us") > 0.0, "{line}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("json report"))
-            .expect("valid JSON");
     assert_eq!(report["ok"], true);
     assert_eq!(report["gaps"], 0);
-    let _ = std::fs::remove_file(&json);
 }
 
 /// The counters of a relay or chaos summary that must be 0 in a clean run.
@@ -326,7 +321,9 @@ fn echo_round_trips() {
     ]);
     assert!(out.status.success(), "{}", explain(&out));
     let line = summary(&out);
-    assert!(num(&line, "msgs_per_s") > 100.0, "{line}");
+    // Every connection came up and echoes flowed, each of the size sent.
+    assert_eq!(num(&line, "open"), 10.0, "{line}");
+    assert!(num(&line, "msgs") > 0.0, "{line}");
     assert_eq!(num(&line, "errors"), 0.0, "{line}");
 }
 
