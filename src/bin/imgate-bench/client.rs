@@ -10,14 +10,14 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use imgate::im::proto::{server_frame, ServerFrame};
+use imgate::im::proto::{self, server_frame, ServerFrame};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
 use crate::im::{self, Header};
 use crate::net::{CloseReason, Ev, Net};
 use crate::sys::{mono_ms, mono_ns, Rng};
-use crate::verify::{Ledger, Seen, SeqTracker, Violation};
+use crate::verify::{self, Delivery, Ledger, Roster, Seen, SeqTracker, Shape, Violation, Wrong};
 
 #[derive(Debug, Clone)]
 pub struct FleetCfg {
@@ -42,8 +42,53 @@ pub struct FleetCfg {
     /// Content bytes per message (at least the bench header).
     pub size: usize,
     pub seed: u64,
-    /// Self-test: corrupt what is received, so verification must fail.
-    pub inject_fault: Option<crate::Fault>,
+    /// Self-test: what to do to every how-many-th delivery, so that verification must fail.
+    pub inject: Option<(Inject, u64)>,
+}
+
+/// A fault the bench plays on itself, as a faulty server would, so that its verification
+/// must fail (`--inject`). It hits every N-th delivery (`--inject-every`) that is new to its
+/// device (whatever its seq), counted over this process's devices, so it fires in every run
+/// that delivers at least N messages; `redelivery` counts re-deliveries instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Inject {
+    /// The message is lost.
+    Drop,
+    /// It arrives twice under its seq.
+    Dup,
+    /// It arrives again under the seq of its device's next message, which is lost.
+    DupSeq,
+    /// It arrives after its device's next message.
+    Reorder,
+    /// It is replaced by a message its sender never sent (every field consistent with it).
+    Swap,
+    /// Its to_uid names a third user: it was stored in an inbox it was not sent to.
+    Misroute,
+    /// Its from_uid names a third user.
+    FromUid,
+    /// The last byte of its content changes (with --size above the 32-byte header, a
+    /// payload byte).
+    Payload,
+    /// A seq re-delivered after a login that resumed from the stored cursor carries another
+    /// message than first came under it (needs --resume cursor and re-deliveries).
+    Redelivery,
+}
+
+impl From<crate::Fault> for Inject {
+    fn from(f: crate::Fault) -> Inject {
+        match f {
+            crate::Fault::Drop => Inject::Drop,
+            crate::Fault::Dup => Inject::Dup,
+        }
+    }
+}
+
+/// Where `--inject` stands: deliveries counted towards the next hit, and the message held
+/// back (reorder) or repeated (dup-seq) until its client's next one.
+#[derive(Debug, Default)]
+struct Injector {
+    count: u64,
+    held: Option<(usize, proto::Message)>,
 }
 
 /// Counters; summable across processes.
@@ -70,12 +115,29 @@ pub struct Stats {
     pub old: u64,
     /// A device's own message from an earlier session.
     pub own_echo: u64,
-    /// Messages that are not this run's bench messages.
+    /// Bench messages of other runs.
     pub foreign: u64,
     pub pings: u64,
     pub dups: u64,
     pub reorders: u64,
     pub gaps: u64,
+    /// Messages in the inbox of a user who neither is their recipient nor sent them.
+    pub misrouted: u64,
+    /// Messages whose from_uid, from_device or client_msg_id is not their sender's.
+    pub wrong_fields: u64,
+    /// Messages whose content is not the bench message its header describes, or none.
+    pub corrupt: u64,
+    /// Seqs that came again (re-delivered, in a SendOk, in a Sync page) with another message
+    /// than first came under them.
+    pub changed: u64,
+    /// Faults played by `--inject`.
+    pub injected: u64,
+    /// Sends on the wire when the server was killed (each counted once).
+    pub kill_in_flight: u64,
+    /// Of those, the ones whose SendOk came (after the restart, or read after the kill).
+    pub kill_confirmed: u64,
+    /// Of those, the ones whose SendOk said duplicate: stored before the kill.
+    pub kill_stored: u64,
     pub unconfirmed: u64,
     pub rate_skipped: u64,
     /// Sends the server refused (Error) and the bench retried (reconnect mode).
@@ -114,6 +176,14 @@ impl Stats {
             dups,
             reorders,
             gaps,
+            misrouted,
+            wrong_fields,
+            corrupt,
+            changed,
+            injected,
+            kill_in_flight,
+            kill_confirmed,
+            kill_stored,
             unconfirmed,
             rate_skipped,
             refused,
@@ -135,6 +205,11 @@ impl Stats {
 
     pub fn error_count(&self) -> u64 {
         self.errors.values().sum()
+    }
+
+    /// Deliveries that broke a rule as they came (not counting gaps and the ledger).
+    pub fn violations(&self) -> u64 {
+        self.dups + self.reorders + self.misrouted + self.wrong_fields + self.corrupt + self.changed
     }
 
     fn note(&mut self, s: String) {
@@ -172,6 +247,8 @@ struct Pending {
     to: u32,
     ts: u64,
     st: PState,
+    /// It was on the wire when the server was killed.
+    at_kill: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,8 +329,8 @@ pub struct Fleet {
     pub cfg: FleetCfg,
     pub net: Net,
     pub clients: Vec<Client>,
-    /// Devices of each user (global user index).
-    devices_of: Vec<u16>,
+    /// What every delivery must look like; who each device index is.
+    shape: Shape,
     /// Random recipients are drawn from this range of users.
     pub targets: (u32, u32),
     /// Clients that send, in turn.
@@ -277,6 +354,9 @@ pub struct Fleet {
     pub paused: bool,
     rng: Rng,
     content: Vec<u8>,
+    /// Working space for checking a delivery's content.
+    scratch: Vec<u8>,
+    inj: Injector,
     last_ack_tick: u64,
     last_expire: u64,
     /// Closed connections of foreign owners: (owner, why).
@@ -300,12 +380,18 @@ impl Fleet {
     pub fn new(cfg: FleetCfg, devices_of: Vec<u16>, gidx_count: usize) -> std::io::Result<Fleet> {
         let net = Net::new(cfg.addr, "/ws", Some(im::SUBPROTOCOL), cfg.seed)?;
         let users = devices_of.len() as u32;
+        let shape = Shape {
+            run: cfg.run_id,
+            uid_prefix: cfg.uid_prefix.clone(),
+            size: cfg.size,
+            roster: Roster::new(&devices_of),
+        };
         Ok(Fleet {
             rng: Rng::new(cfg.seed ^ 0x1234),
             cfg,
             net,
             clients: Vec::new(),
-            devices_of,
+            shape,
             targets: (0, users),
             senders: Vec::new(),
             rr: 0,
@@ -322,6 +408,8 @@ impl Fleet {
             limit: None,
             paused: false,
             content: Vec::new(),
+            scratch: Vec::new(),
+            inj: Injector::default(),
             last_ack_tick: 0,
             last_expire: 0,
             foreign_closed: Vec::new(),
@@ -330,6 +418,7 @@ impl Fleet {
 
     /// Adds device `dev` of `user` with global device index `gidx`; returns its index.
     pub fn add(&mut self, user: u32, dev: u16, gidx: u32, sends: bool) -> usize {
+        debug_assert_eq!(self.shape.roster.gidx(user, dev), Some(gidx));
         let i = self.clients.len();
         self.clients.push(Client {
             user,
@@ -429,13 +518,41 @@ impl Fleet {
             send_ok: self.stats.send_ok,
             delivered: self.stats.delivered,
             errors: self.stats.error_count(),
-            violations: self.stats.dups + self.stats.reorders,
+            violations: self.stats.violations(),
         }
     }
 
     /// Sends waiting for SendOk, over all clients.
     pub fn unacked_sends(&self) -> usize {
         self.clients.iter().map(Client::pending_unacked).sum()
+    }
+
+    /// Sends written on the current connections and not answered yet.
+    pub fn sends_on_wire(&self) -> u64 {
+        self.clients
+            .iter()
+            .filter(|c| c.conn.is_some())
+            .map(|c| u64::from(c.on_wire))
+            .sum()
+    }
+
+    /// The server is about to be killed: the sends on the wire are followed to their
+    /// SendOk ([`Stats::kill_confirmed`], [`Stats::kill_stored`]). Returns how many there are.
+    pub fn mark_in_flight(&mut self) -> u64 {
+        let mut n = 0;
+        for c in &mut self.clients {
+            if c.conn.is_none() {
+                continue;
+            }
+            for p in c.pending.iter_mut().filter(|p| p.st == PState::Wire) {
+                n += 1;
+                if !p.at_kill {
+                    p.at_kill = true;
+                    self.stats.kill_in_flight += 1;
+                }
+            }
+        }
+        n
     }
 
     /// One turn of the loop: poll (at most `timeout`), handle what came, start connections,
@@ -598,6 +715,11 @@ impl Fleet {
 
     /// A connection ended: count it, and reconnect or give up.
     fn on_closed(&mut self, i: usize, why: CloseReason) {
+        if self.inj.held.as_ref().is_some_and(|(j, _)| *j == i) {
+            // Its next message will come on another connection, if at all: the held one is
+            // lost with this one.
+            self.inj.held = None;
+        }
         let c = &mut self.clients[i];
         c.conn = None;
         let was = c.state;
@@ -665,13 +787,21 @@ impl Fleet {
                 let Some(t) = &c.tracker else {
                     return;
                 };
-                let unseen = r.messages.iter().filter(|m| !t.is_seen(m.seq)).count() as u64;
-                let bad = unseen + t.holes();
+                let changed: Vec<Violation> = r
+                    .messages
+                    .iter()
+                    .filter_map(|m| t.check_stored(m.seq, verify::print_of(m)).err())
+                    .collect();
+                let bad = t.unseen(r.messages.iter().map(|m| m.seq));
                 c.sync = if bad == 0 {
                     SyncState::Clean
                 } else {
                     SyncState::Dirty(bad)
                 };
+                let (user, dev) = (c.user, c.dev);
+                for v in changed {
+                    self.violation(user, dev, v, "Sync");
+                }
             }
             Some(Body::Error(e)) => {
                 let name = im::error_name(e.code);
@@ -786,13 +916,23 @@ impl Fleet {
         }
     }
 
-    fn copies(&self, from_user: u32, to_user: u32) -> u64 {
-        let d = |u: u32| u64::from(self.devices_of.get(u as usize).copied().unwrap_or(1));
-        if from_user == to_user {
-            d(from_user) - 1
-        } else {
-            d(to_user) + d(from_user) - 1
+    /// The print of what client `i` sent as `p` (the message as its recipients get it).
+    fn print_sent(&mut self, i: usize, p: &Pending) -> u64 {
+        let c = &self.clients[i];
+        Header {
+            run: self.cfg.run_id,
+            sender: c.gidx,
+            counter: p.counter,
+            ts_ns: p.ts,
         }
+        .write(self.cfg.size, &mut self.scratch);
+        verify::print(
+            &self.scratch,
+            &c.uid,
+            &im::uid(&self.cfg.uid_prefix, p.to),
+            &im::client_msg_id(self.cfg.run_id, c.gidx, p.counter),
+            &c.device_id,
+        )
     }
 
     fn on_send_ok(&mut self, i: usize, id: u64, seq: u64, duplicate: bool) {
@@ -806,8 +946,10 @@ impl Fleet {
             self.stats.error("protocol:SendOk for no send");
             return;
         };
+        let print = self.print_sent(i, &p);
+        let c = &mut self.clients[i];
         if let Some(t) = &mut c.tracker {
-            match t.on_send_ok(seq, duplicate) {
+            match t.on_send_ok(seq, duplicate, print) {
                 Ok(_) => {}
                 Err(v) => {
                     let (user, dev) = (c.user, c.dev);
@@ -820,14 +962,20 @@ impl Fleet {
             self.stats.send_ok_dup += 1;
         }
         if p.st != PState::Acked {
-            let (gidx, user) = (c.gidx, c.user);
+            let gidx = c.gidx;
             if let Some(q) = find(&mut c.pending, counter) {
                 q.st = PState::Acked;
             }
             c.on_wire = c.on_wire.saturating_sub(1);
             pop_acked(&mut c.pending);
-            let copies = self.copies(user, p.to);
-            self.ledger.expect(gidx, counter, copies);
+            let receivers = self.shape.roster.receivers(gidx, p.to);
+            self.ledger.expect(gidx, counter, p.to, &receivers);
+            if p.at_kill {
+                self.stats.kill_confirmed += 1;
+                if duplicate {
+                    self.stats.kill_stored += 1;
+                }
+            }
             self.stats.send_ok += 1;
             if self.measure_from.is_some_and(|t0| p.ts >= t0) {
                 self.stats.send_ok_window += 1;
@@ -852,52 +1000,165 @@ impl Fleet {
                     "reorder: u{user}/d{dev} {what} seq {s} after a higher one"
                 ));
             }
-        }
-    }
-
-    fn on_message(&mut self, i: usize, m: imgate::im::proto::Message, now_ns: u64) {
-        if let Some(fault) = self.cfg.inject_fault {
-            if m.seq.is_multiple_of(97) {
-                match fault {
-                    crate::Fault::Drop => return,
-                    crate::Fault::Dup => self.on_message_checked(i, m.clone(), now_ns),
-                }
+            Violation::Changed(s) => {
+                self.stats.changed += 1;
+                self.stats.note(format!(
+                    "changed: u{user}/d{dev} {what} seq {s} holds another message than first came under it"
+                ));
             }
         }
-        self.on_message_checked(i, m, now_ns);
     }
 
-    fn on_message_checked(&mut self, i: usize, m: imgate::im::proto::Message, now_ns: u64) {
+    fn wrong(&mut self, user: u32, dev: u16, w: Wrong, m: &proto::Message) {
+        let what = match w {
+            Wrong::Corrupt => {
+                self.stats.corrupt += 1;
+                "corrupt content"
+            }
+            Wrong::Fields => {
+                self.stats.wrong_fields += 1;
+                "from_uid, from_device or client_msg_id not its sender's"
+            }
+            Wrong::Misrouted => {
+                self.stats.misrouted += 1;
+                "not in its recipient's or sender's inbox"
+            }
+        };
+        self.stats.note(format!(
+            "wrong: u{user}/d{dev} seq {} ({} -> {}, {}): {what}",
+            m.seq, m.from_uid, m.to_uid, m.client_msg_id
+        ));
+    }
+
+    /// A Message, after `--inject` had its way with it.
+    fn on_message(&mut self, i: usize, mut m: proto::Message, now_ns: u64) {
+        let Some((kind, every)) = self.cfg.inject else {
+            return self.on_message_checked(i, m, now_ns);
+        };
+        if let Some((j, held)) = self.inj.held.take() {
+            if j == i {
+                if kind == Inject::Reorder {
+                    self.on_message_checked(i, m, now_ns);
+                    self.on_message_checked(i, held, now_ns);
+                } else {
+                    let again = proto::Message {
+                        seq: m.seq,
+                        server_time_ms: m.server_time_ms,
+                        ..held
+                    };
+                    self.on_message_checked(i, again, now_ns);
+                }
+                return;
+            }
+            self.inj.held = Some((j, held));
+        }
+        let c = &self.clients[i];
+        let Some(t) = &c.tracker else {
+            return self.on_message_checked(i, m, now_ns);
+        };
+        let ours = || Header::parse(&m.content).is_some_and(|h| h.run == self.cfg.run_id);
+        let eligible = match kind {
+            Inject::Redelivery => t.is_redelivery(m.seq) && ours(),
+            Inject::Swap => !t.is_seen(m.seq) && ours(),
+            Inject::Misroute | Inject::FromUid => {
+                !t.is_seen(m.seq) && m.from_uid != c.uid && self.shape.roster.users() >= 3
+            }
+            Inject::Reorder | Inject::DupSeq => !t.is_seen(m.seq) && self.inj.held.is_none(),
+            Inject::Drop | Inject::Dup | Inject::Payload => !t.is_seen(m.seq),
+        };
+        if !eligible {
+            return self.on_message_checked(i, m, now_ns);
+        }
+        self.inj.count += 1;
+        if self.inj.count < every.max(1) {
+            return self.on_message_checked(i, m, now_ns);
+        }
+        self.inj.count = 0;
+        self.stats.injected += 1;
+        let third = || {
+            let n = self.shape.roster.users();
+            let (me, from) = (c.user, self.shape.user_of_uid(&m.from_uid));
+            let mut x = (me + 1) % n;
+            while x == me || Some(x) == from {
+                x = (x + 1) % n;
+            }
+            im::uid(&self.cfg.uid_prefix, x)
+        };
+        match kind {
+            Inject::Drop => {}
+            Inject::Dup => {
+                self.on_message_checked(i, m.clone(), now_ns);
+                self.on_message_checked(i, m, now_ns);
+            }
+            Inject::Reorder => self.inj.held = Some((i, m)),
+            Inject::DupSeq => {
+                self.on_message_checked(i, m.clone(), now_ns);
+                self.inj.held = Some((i, m));
+            }
+            Inject::Swap | Inject::Redelivery => {
+                if let Some(mut h) = Header::parse(&m.content) {
+                    if kind == Inject::Swap {
+                        // A counter its sender never reaches.
+                        h.counter = h.counter.wrapping_add(1 << 39);
+                        m.client_msg_id = im::client_msg_id(h.run, h.sender, h.counter);
+                    } else {
+                        h.ts_ns ^= 1;
+                    }
+                    h.write(m.content.len(), &mut m.content);
+                }
+                self.on_message_checked(i, m, now_ns);
+            }
+            Inject::Misroute => {
+                m.to_uid = third();
+                self.on_message_checked(i, m, now_ns);
+            }
+            Inject::FromUid => {
+                m.from_uid = third();
+                self.on_message_checked(i, m, now_ns);
+            }
+            Inject::Payload => {
+                if let Some(b) = m.content.last_mut() {
+                    *b ^= 0x20;
+                }
+                self.on_message_checked(i, m, now_ns);
+            }
+        }
+    }
+
+    fn on_message_checked(&mut self, i: usize, m: proto::Message, now_ns: u64) {
         let c = &mut self.clients[i];
         let Some(t) = &mut c.tracker else {
             self.stats.error("protocol:Message before LoginOk");
             return;
         };
-        let seen = t.on_message(m.seq);
+        let (user, dev, gidx) = (c.user, c.dev, c.gidx);
+        let seen = t.on_message(m.seq, verify::print_of(&m));
         if seen.is_ok() {
             c.since_ack += 1;
         }
+        // Every delivery is checked, a re-delivery too.
+        let delivery = self.shape.check(&m, user, &mut self.scratch);
+        if let Delivery::Wrong(w) = delivery {
+            self.wrong(user, dev, w, &m);
+        }
         match seen {
-            Err(v) => {
-                let (user, dev) = (c.user, c.dev);
-                self.violation(user, dev, v, "Message");
-            }
+            Err(v) => self.violation(user, dev, v, "Message"),
             Ok(Seen::Old) => self.stats.old += 1,
-            Ok(Seen::New) => match Header::parse(&m.content) {
-                Some(h) if h.run == self.cfg.run_id => {
-                    if h.sender == c.gidx {
-                        self.stats.own_echo += 1;
-                    } else {
-                        self.ledger.got(h.sender, h.counter);
-                        self.stats.delivered += 1;
-                        if self.measure_from.is_some_and(|t0| h.ts_ns >= t0) {
-                            let lat = now_ns.saturating_sub(h.ts_ns).max(1);
-                            let _ = self.hist.record(lat.min(3_600_000_000_000));
-                            self.stats.delivered_window += 1;
-                        }
+            Ok(Seen::New) => match delivery {
+                Delivery::Ok(h) if h.sender == gidx => self.stats.own_echo += 1,
+                Delivery::Ok(h) => {
+                    let to = self.shape.user_of_uid(&m.to_uid).unwrap_or(u32::MAX);
+                    self.ledger.got(h.sender, h.counter, to, (user, dev));
+                    self.stats.delivered += 1;
+                    if self.measure_from.is_some_and(|t0| h.ts_ns >= t0) {
+                        let lat = now_ns.saturating_sub(h.ts_ns).max(1);
+                        let _ = self.hist.record(lat.min(3_600_000_000_000));
+                        self.stats.delivered_window += 1;
                     }
                 }
-                _ => self.stats.foreign += 1,
+                Delivery::Foreign => self.stats.foreign += 1,
+                // Counted above; not a delivery of what was sent.
+                Delivery::Wrong(_) => {}
             },
         }
         self.list_for_ack(i);
@@ -1039,6 +1300,7 @@ impl Fleet {
             to,
             ts,
             st: PState::Wire,
+            at_kill: false,
         });
         c.on_wire += 1;
         self.write_send(i, counter, to, ts);
@@ -1112,13 +1374,13 @@ impl Fleet {
             }
             for p in &c.pending {
                 if p.st != PState::Acked {
-                    unconfirmed.push((c.gidx, c.user, p.to));
+                    unconfirmed.push((c.gidx, p.to));
                 }
             }
         }
         self.stats.gaps += gaps;
-        for (gidx, user, to) in unconfirmed {
-            let copies = self.copies(user, to);
+        for (gidx, to) in unconfirmed {
+            let copies = self.shape.roster.receivers(gidx, to).len() as u64;
             self.ledger.unknown(gidx, copies);
             self.stats.unconfirmed += 1;
         }
@@ -1162,5 +1424,149 @@ fn find(pending: &mut VecDeque<Pending>, counter: u64) -> Option<&mut Pending> {
 fn pop_acked(pending: &mut VecDeque<Pending>) {
     while pending.front().is_some_and(|p| p.st == PState::Acked) {
         pending.pop_front();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const USERS: u32 = 12;
+    /// The device every test message comes from.
+    const SENDER: u32 = USERS - 1;
+
+    /// Twelve single-device users, all logged in with empty inboxes.
+    fn fleet(inject: Option<(Inject, u64)>) -> Fleet {
+        let cfg = FleetCfg {
+            addr: SocketAddr::from(([127, 0, 0, 1], 9)),
+            src_ips: 1,
+            secret: b"secret".to_vec(),
+            uid_prefix: "t".into(),
+            run_id: 7,
+            connect_concurrency: 1,
+            connect_timeout_ms: 1000,
+            reconnect: false,
+            resume_cursor: false,
+            ack_every: 32,
+            ack_tick_ms: 100,
+            size: 40,
+            seed: 1,
+            inject,
+        };
+        let mut f = Fleet::new(cfg, vec![1; USERS as usize], USERS as usize).unwrap();
+        for u in 0..USERS {
+            let i = f.add(u, 0, u, false);
+            f.clients[i].tracker = Some(SeqTracker::start(0));
+        }
+        f
+    }
+
+    /// What SENDER's `counter`-th message to user `to` looks like under `seq`.
+    fn msg(f: &Fleet, to: u32, counter: u64, seq: u64) -> proto::Message {
+        let mut content = Vec::new();
+        Header {
+            run: f.cfg.run_id,
+            sender: SENDER,
+            counter,
+            ts_ns: 1,
+        }
+        .write(f.cfg.size, &mut content);
+        proto::Message {
+            seq,
+            from_uid: im::uid("t", SENDER),
+            to_uid: im::uid("t", to),
+            client_msg_id: im::client_msg_id(f.cfg.run_id, SENDER, counter),
+            content,
+            server_time_ms: 1,
+            from_device: im::device_id(0),
+        }
+    }
+
+    /// Users 0..10 each get 20 messages (seqs 1..=20: none a multiple of 97), and the ledger
+    /// expects them; with `again`, every device then resumes from the stored cursor and
+    /// gets them all once more.
+    fn deliver(f: &mut Fleet, again: bool) {
+        for round in 0..if again { 2 } else { 1 } {
+            for to in 0..10 {
+                if round == 1 {
+                    if let Some(t) = &mut f.clients[to as usize].tracker {
+                        t.new_session(true);
+                    }
+                }
+                for s in 1..=20 {
+                    let m = msg(f, to, u64::from(to) * 100 + s, s);
+                    if round == 0 {
+                        let c = m.content.clone();
+                        let h = Header::parse(&c).unwrap();
+                        f.ledger.expect(SENDER, h.counter, to, &[(to, 0)]);
+                    }
+                    f.on_message(to as usize, m, 0);
+                }
+            }
+        }
+    }
+
+    fn holes(f: &Fleet) -> u64 {
+        f.clients
+            .iter()
+            .filter_map(|c| c.tracker.as_ref())
+            .map(SeqTracker::holes)
+            .sum()
+    }
+
+    #[test]
+    fn clean_deliveries_pass_every_check() {
+        let mut f = fleet(None);
+        deliver(&mut f, true);
+        assert_eq!(f.stats.delivered, 200);
+        assert_eq!(f.stats.old, 200);
+        assert_eq!(f.stats.violations(), 0, "{:?}", f.stats.notes);
+        assert_eq!(holes(&f), 0);
+        let c = f.ledger.check();
+        assert_eq!((c.missing, c.extra, c.mismatched), (0, 0, 0));
+    }
+
+    #[test]
+    fn injection_hits_every_nth_new_delivery_whatever_its_seq() {
+        let mut f = fleet(Some((Inject::Drop, 97)));
+        deliver(&mut f, false);
+        assert_eq!(f.stats.injected, 2);
+        assert_eq!(holes(&f), 2);
+        assert_eq!(f.ledger.check().missing, 2);
+    }
+
+    #[test]
+    fn every_injected_fault_is_caught() {
+        for kind in [
+            Inject::Drop,
+            Inject::Dup,
+            Inject::DupSeq,
+            Inject::Reorder,
+            Inject::Swap,
+            Inject::Misroute,
+            Inject::FromUid,
+            Inject::Payload,
+            Inject::Redelivery,
+        ] {
+            // Every 31st: never the last message of a device, which has no next one.
+            let mut f = fleet(Some((kind, 31)));
+            deliver(&mut f, kind == Inject::Redelivery);
+            let st = &f.stats;
+            let c = f.ledger.check();
+            let n = st.injected;
+            assert!(n >= 5, "{kind:?} fired {n} times");
+            let caught = match kind {
+                Inject::Drop => holes(&f) == n && c.missing == n,
+                Inject::Dup => st.dups == n,
+                Inject::DupSeq => c.extra + c.mismatched > 0 && c.missing + c.mismatched > 0,
+                Inject::Reorder => st.reorders == n,
+                Inject::Swap => c.mismatched > 0 && st.violations() == 0,
+                Inject::Misroute => st.misrouted == n,
+                Inject::FromUid => st.wrong_fields == n,
+                Inject::Payload => st.corrupt == n,
+                Inject::Redelivery => st.changed == n,
+            };
+            assert!(caught, "{kind:?}: {st:?} {c:?}");
+        }
     }
 }

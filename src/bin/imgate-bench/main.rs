@@ -175,6 +175,12 @@ pub struct RelayArgs {
     /// Processes to spread the connections over (default: as many as the file limit needs).
     #[arg(long)]
     pub procs: Option<usize>,
+    /// Self-test of the verification: play this fault, as a faulty server would, on every
+    /// --inject-every-th delivery new to its device; the run must then fail.
+    #[arg(long, hide = true, value_enum)]
+    pub inject: Option<client::Inject>,
+    #[arg(long, hide = true, default_value_t = 97)]
+    pub inject_every: u64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -270,6 +276,20 @@ pub struct ChaosArgs {
     /// Seconds allowed at the end for every SendOk and delivery.
     #[arg(long, default_value_t = 30.0)]
     pub drain: f64,
+    /// Ack after this many messages...
+    #[arg(long, default_value_t = 32)]
+    pub ack_every: u64,
+    /// ...and whatever is unacked every this many milliseconds (long: more re-deliveries
+    /// with --resume cursor).
+    #[arg(long, default_value_t = 100)]
+    pub ack_tick_ms: u64,
+    /// Self-test of the verification: play this fault, as a faulty server would, on every
+    /// --inject-every-th delivery new to its device (re-delivery for `redelivery`); the run
+    /// must then fail.
+    #[arg(long, hide = true, value_enum)]
+    pub inject: Option<client::Inject>,
+    #[arg(long, hide = true, default_value_t = 97)]
+    pub inject_every: u64,
 }
 
 #[derive(Debug, Clone, Args)]

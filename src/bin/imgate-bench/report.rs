@@ -62,6 +62,18 @@ impl Report {
         self.failures.push(why.into());
     }
 
+    /// The per-delivery checks' counts, and the faults `--inject` played (when it did).
+    pub fn add_checks(&mut self, st: &Stats) -> &mut Self {
+        self.add("misrouted", st.misrouted)
+            .add("wrong_fields", st.wrong_fields)
+            .add("corrupt", st.corrupt)
+            .add("changed", st.changed);
+        if st.injected > 0 {
+            self.add("injected", st.injected);
+        }
+        self
+    }
+
     /// Fails the run for every delivery-guarantee violation the stats and the ledger found.
     pub fn fail_on_violations(&mut self, st: &Stats, check: &LedgerCheck) {
         for (what, n) in [
@@ -69,8 +81,18 @@ impl Report {
             ("duplicates", st.dups + check.extra),
             ("reorderings", st.reorders),
             ("missing deliveries", check.missing),
-            ("senders with swapped messages", check.mismatched),
+            (
+                "senders with swapped or misplaced messages",
+                check.mismatched,
+            ),
             ("sends without SendOk", st.unconfirmed),
+            ("messages in an inbox they were not sent to", st.misrouted),
+            (
+                "messages with another from_uid, from_device or client_msg_id than sent",
+                st.wrong_fields,
+            ),
+            ("messages with corrupt content", st.corrupt),
+            ("seqs that came again with another message", st.changed),
         ] {
             if n > 0 {
                 self.fail(format!("{n} {what}"));

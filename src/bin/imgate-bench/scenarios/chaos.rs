@@ -1,9 +1,12 @@
 //! `chaos`: the bench starts the server itself, runs relay traffic with reconnecting
 //! clients, and kills the server with SIGKILL at random moments, restarting it each time
 //! with the same command (same data directory, same port). Clients come back, resume their
-//! inbox, and resend with the same client_msg_id whatever had no SendOk. At the end, with
-//! the server up, it proves: every message that got a SendOk reached every device of its
-//! recipient, in order and without gaps; no message was delivered twice under two seqs.
+//! inbox, and resend with the same client_msg_id whatever had no SendOk. A kill waits (up to
+//! [`MAX_KILL_WAIT_S`]) for sends on the wire, so that it lands between sends and their
+//! SendOks; those sends are followed to their SendOk after the restart. At the end, with the
+//! server up, it proves: every message that got a SendOk reached every device of its
+//! recipient, in order, without gaps and as it was sent; no message was delivered twice
+//! under two seqs.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -18,6 +21,14 @@ use crate::report::{add_errors, add_latency, Report};
 use crate::scenarios::{final_sync, fleet_cfg, run_for, run_until, setup, Part};
 use crate::sys::{mono_ns, Rng};
 use crate::{check_loopback, ChaosArgs, Resume};
+
+/// Seconds a due kill waits for sends on the wire (the clients may still be coming back from
+/// the previous kill); past that it kills anyway.
+pub const MAX_KILL_WAIT_S: f64 = 1.0;
+
+/// From this many kills on, a run in which no kill caught a send on the wire fails: it did
+/// not test what happens to a message between its send and its SendOk.
+pub const MIN_KILLS_FOR_IN_FLIGHT: u32 = 3;
 
 /// Splits a command line into words: whitespace separates, single quotes keep everything,
 /// double quotes keep everything but backslash escapes. No shell is involved.
@@ -298,6 +309,11 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
     let mut cfg = fleet_cfg(&common, &s, a.size)?;
     cfg.reconnect = true;
     cfg.resume_cursor = a.resume == Resume::Cursor;
+    cfg.ack_every = a.ack_every.max(1);
+    cfg.ack_tick_ms = a.ack_tick_ms.max(1);
+    if let Some(k) = a.inject {
+        cfg.inject = Some((k, a.inject_every.max(1)));
+    }
     cfg.connect_timeout_ms = cfg.connect_timeout_ms.min(5000);
     let mut fleet = Fleet::new(cfg, vec![devices; a.users as usize], conns as usize)
         .map_err(|e| format!("cannot create the event loop: {e}"))?;
@@ -329,26 +345,36 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
     };
     fleet.measure_from = Some(mono_ns());
     let mut kills = 0u32;
+    let mut kills_in_flight = 0u32;
     let mut restart_at: Option<Instant> = None;
     let mut downtimes_ms: Vec<f64> = Vec::new();
     let mut killed_at = Instant::now();
     let end = t0 + Duration::from_secs_f64(a.duration);
     let mut start_error = None;
-    while Instant::now() < end {
+    // Traffic runs for the duration, and on while a kill is still due.
+    while Instant::now() < end || ((kills as usize) < kill_at.len() && start_error.is_none()) {
         fleet.step(tick).map_err(|e| format!("poll failed: {e}"))?;
         coord.progress("chaos", || fleet.progress());
         let now = Instant::now();
         let elapsed = now.duration_since(t0).as_secs_f64();
-        if server.is_up() && (kills as usize) < kill_at.len() && elapsed >= kill_at[kills as usize]
+        let due = kill_at.get(kills as usize).copied();
+        if server.is_up()
+            && due.is_some_and(|at| {
+                elapsed >= at && (fleet.sends_on_wire() > 0 || elapsed >= at + MAX_KILL_WAIT_S)
+            })
         {
+            let in_flight = fleet.mark_in_flight();
             server.kill9();
             kills += 1;
+            if in_flight > 0 {
+                kills_in_flight += 1;
+            }
             killed_at = now;
             let delay = a.restart_delay_ms + rng.below(a.restart_delay_ms + 1);
             restart_at = Some(now + Duration::from_millis(delay));
             if !common.quiet {
                 eprintln!(
-                    "[chaos {elapsed:>6.1}s] kill -9 #{kills} (online {}, unacked sends {})",
+                    "[chaos {elapsed:>6.1}s] kill -9 #{kills} (online {}, sends on the wire {in_flight}, unacked sends {})",
                     fleet.online(),
                     fleet.unacked_sends()
                 );
@@ -418,7 +444,12 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
         .add("missing", check.missing)
         .add("mismatched", check.mismatched)
         .add("unconfirmed", st.unconfirmed)
-        .add("errors", st.error_count());
+        .add_checks(st)
+        .add("errors", st.error_count())
+        .add("kills_in_flight", kills_in_flight)
+        .add("in_flight_at_kills", st.kill_in_flight)
+        .add("in_flight_confirmed", st.kill_confirmed)
+        .add("in_flight_stored", st.kill_stored);
     let max_down = downtimes_ms.iter().copied().fold(0.0, f64::max);
     r.addf("max_downtime_ms", max_down, 0);
     add_latency(&mut r, &hist);
@@ -440,6 +471,9 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
     }
     if kills < a.kills {
         r.fail(format!("only {kills} of {} kills happened", a.kills));
+    }
+    if kills >= MIN_KILLS_FOR_IN_FLIGHT && kills_in_flight == 0 {
+        r.fail(format!("none of {kills} kills caught a send on the wire"));
     }
     if st.error_count() > 0 {
         r.fail(format!("{} errors", st.error_count()));

@@ -84,7 +84,7 @@ pub fn fleet_cfg(common: &Common, s: &Setup, size: usize) -> Result<FleetCfg, St
         ack_tick_ms: 100,
         size: size.max(crate::im::HEADER_LEN),
         seed: s.seed,
-        inject_fault: common.inject_fault,
+        inject: common.inject_fault.map(|f| (f.into(), 97)),
     })
 }
 

@@ -47,6 +47,9 @@ pub fn run(a: RelayArgs) -> Result<ExitCode, String> {
     let mut cfg = fleet_cfg(&a.common, &s, a.size)?;
     cfg.ack_every = a.ack_every.max(1);
     cfg.ack_tick_ms = a.ack_tick_ms.max(1);
+    if let Some(k) = a.inject {
+        cfg.inject = Some((k, a.inject_every.max(1)));
+    }
     let (lo, hi) = share(a.users, s.child);
     let mut fleet = Fleet::new(cfg, vec![devices; a.users as usize], conns as usize)
         .map_err(|e| format!("cannot create the event loop: {e}"))?;
@@ -143,6 +146,7 @@ fn report(a: &RelayArgs, parts: &[Part], snaps: &[Snap], procs: usize) -> ExitCo
         .add("missing", check.missing)
         .add("mismatched", check.mismatched)
         .add("unconfirmed", st.unconfirmed)
+        .add_checks(st)
         .add("delivered", st.delivered)
         .add("expected", check.expected);
     if st.rate_skipped > 0 {

@@ -151,6 +151,7 @@ pub fn run(a: StormArgs) -> Result<ExitCode, String> {
         .add("reorders", st.reorders)
         .add("missing", check.missing)
         .add("mismatched", check.mismatched)
+        .add_checks(st)
         .add(
             "cli_cpu",
             format!("{:.0}%", (cpu1 - cpu0) / wall.max(1e-9) * 100.0),
