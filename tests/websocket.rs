@@ -408,8 +408,8 @@ fn graceful_shutdown_closes_everyone_with_1001_and_exits_0() {
 /// the accept (the steady client goes unanswered), leave the backlog unanswered (silent
 /// connections), or spin: for that one the server's CPU time over a quiet window is compared
 /// with the window. A loop blocked in its poll spends next to nothing however busy the machine
-/// is, so the bound cannot fail for slowness; a spinning one spends its whole share of a core,
-/// tens of times the bound.
+/// is, so the bound cannot fail for slowness; a spinning one spends its share of a core, which
+/// is still about twice the bound on two busy cores (and ~4 times on an idle machine).
 #[test]
 fn running_out_of_descriptors_neither_spins_nor_kills_the_listener() {
     let server = ServerProc::start_with(&["--echo"], |cmd| limit_open_files(cmd, 48));
