@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,17 +37,45 @@ fn login_frame(uid: &str, device: &str) -> Vec<u8> {
     frame(true, 0x2, &f.encode_to_vec())
 }
 
-/// A pair that keeps chatting: `n` messages from a to b, each checked on arrival in order.
-fn chat(server: &ServerProc, a: &str, b: &str, n: usize) {
-    let (mut sender, _) = Client::login(server, a, "phone", 0);
-    let (mut receiver, _) = Client::login(server, b, "phone", 0);
-    for i in 0..n {
-        sender.send(b, &format!("{a}-{i}"), &format!("message {i}"));
-        let m = receiver.messages(1);
+/// A pair that keeps chatting: messages from a to b, each checked on arrival in order.
+struct Chat {
+    sender: Client,
+    receiver: Client,
+    b: String,
+    sent: usize,
+}
+
+impl Chat {
+    fn login(server: &ServerProc, a: &str, b: &str) -> Chat {
+        let (sender, _) = Client::login(server, a, "phone", 0);
+        let (receiver, _) = Client::login(server, b, "phone", 0);
+        Chat {
+            sender,
+            receiver,
+            b: b.to_owned(),
+            sent: 0,
+        }
+    }
+
+    /// One message, sent and seen to arrive.
+    fn exchange(&mut self) {
+        let i = self.sent;
+        self.sender
+            .send(&self.b, &format!("c{i}"), &format!("message {i}"));
+        let m = self.receiver.messages(1);
         assert_eq!(m[0].content, format!("message {i}").into_bytes());
         if i % 32 == 31 {
-            receiver.request(C::Ack(proto::Ack { seq: m[0].seq }));
+            self.receiver.request(C::Ack(proto::Ack { seq: m[0].seq }));
         }
+        self.sent += 1;
+    }
+}
+
+/// `n` messages from a to b, each checked on arrival in order.
+fn chat(server: &ServerProc, a: &str, b: &str, n: usize) {
+    let mut pair = Chat::login(server, a, b);
+    for _ in 0..n {
+        pair.exchange();
     }
 }
 
@@ -68,6 +96,9 @@ fn a_consumer_that_stops_reading_stays_bounded_and_loses_nothing() {
         "2s",
         "--ping-interval",
         "500ms",
+        // Far past CLOSE_WITHIN: the connection ends in time only by the closing handshake.
+        "--close-timeout",
+        "60s",
     ]);
     // `slow` logs in and then never reads (nor acks) again.
     let mut slow = Raw::open(server.addr, "/ws");
@@ -89,7 +120,16 @@ fn a_consumer_that_stops_reading_stays_bounded_and_loses_nothing() {
     let grew_kib = rss_kib(server.pid()).saturating_sub(rss_before);
     assert!(grew_kib < 16 * 1024, "server RSS grew by {grew_kib} KiB");
     assert_eq!(slow.read_close_code(), 1008);
-    slow.expect_tcp_close();
+    // Its Close reply ends the handshake, and the server the connection. Only Pings may come
+    // after the Close: see `nothing_follows_the_close_for_overdue_acks`.
+    slow.send(&frame(true, 0x8, &1008u16.to_be_bytes()));
+    let rest = common::read_until_closed(&mut slow.stream, common::CLOSE_WITHIN);
+    let after: Vec<u8> = server_frames(&rest).iter().map(|f| f.0).collect();
+    assert!(
+        after.iter().all(|&op| op == 0x9),
+        "after the Close: {after:x?}"
+    );
+    drop(slow);
 
     // Nothing was lost: slow comes back and gets all 3,000, in order, from its cursor.
     let (mut again, ok) = Client::login(&server, "slow", "phone", 0);
@@ -104,6 +144,25 @@ fn a_consumer_that_stops_reading_stays_bounded_and_loses_nothing() {
             again.request(C::Ack(proto::Ack { seq: next - 1 }));
         }
     }
+}
+
+/// The opcodes and payloads of the (unmasked) server frames in `bytes`.
+fn server_frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    while !bytes.is_empty() {
+        assert!(bytes.len() >= 2, "a torn frame head: {bytes:x?}");
+        let (len, head) = match bytes[1] & 0x7F {
+            126 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
+            127 => (
+                u64::from_be_bytes(bytes[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            n => (n as usize, 2),
+        };
+        frames.push((bytes[0] & 0x0F, bytes[head..head + len].to_vec()));
+        bytes = &bytes[head + len..];
+    }
+    frames
 }
 
 /// Writes `bytes` one at a time, `gap` apart, until the server closes; returns how many it
@@ -209,24 +268,24 @@ fn a_peer_that_goes_silent_is_reaped_and_its_friends_see_it_offline() {
 #[test]
 fn a_garbage_flood_does_not_stop_well_behaved_clients() {
     let server = ServerProc::start(&["--handshake-timeout", "2s", "--rate-limit", "100000"]);
-    let stop = Arc::new(AtomicBool::new(false));
+    // Each flooder makes a fixed number of attempts, and the good pair chats until every
+    // flooder is done: the two overlap however fast or slow either side runs.
+    const ATTEMPTS: usize = 60;
     let attempts = Arc::new(AtomicUsize::new(0));
     let flooders: Vec<_> = (0..4)
         .map(|t| {
-            let (stop, attempts, addr) = (stop.clone(), attempts.clone(), server.addr);
+            let (attempts, addr) = (attempts.clone(), server.addr);
             std::thread::spawn(move || {
                 let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ t;
                 let mut junk = [0u8; 512];
-                while !stop.load(Ordering::Relaxed) {
+                for _ in 0..ATTEMPTS {
                     for b in junk.iter_mut() {
                         seed ^= seed << 13;
                         seed ^= seed >> 7;
                         seed ^= seed << 17;
                         *b = seed as u8;
                     }
-                    let Ok(mut s) = TcpStream::connect(addr) else {
-                        continue;
-                    };
+                    let mut s = TcpStream::connect(addr).expect("connect during the flood");
                     let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
                     let payload: Vec<u8> = match seed % 3 {
                         // Random bytes instead of a request.
@@ -252,13 +311,24 @@ fn a_garbage_flood_does_not_stop_well_behaved_clients() {
             })
         })
         .collect();
-    // The good clients chat through the flood.
-    chat(&server, "gia", "hal", 300);
-    stop.store(true, Ordering::Relaxed);
+    // The good clients chat through the flood: it has begun before they start, and they go
+    // on (for 300 messages at least) until it is over.
+    common::poll_until(
+        Duration::from_secs(20),
+        "the flood began",
+        || match attempts.load(Ordering::Relaxed) {
+            0 => Err("no attempt yet".into()),
+            _ => Ok(()),
+        },
+    );
+    let mut pair = Chat::login(&server, "gia", "hal");
+    while pair.sent < 300 || flooders.iter().any(|f| !f.is_finished()) {
+        pair.exchange();
+    }
     for f in flooders {
         f.join().unwrap();
     }
-    assert!(attempts.load(Ordering::Relaxed) > 100, "the flood ran");
+    assert_eq!(attempts.load(Ordering::Relaxed), 4 * ATTEMPTS);
     // And the server still takes new logins.
     let (_, ok) = Client::login(&server, "ivy", "phone", 0);
     assert_eq!(ok.uid, "ivy");
@@ -299,12 +369,37 @@ fn a_reader_that_never_acks_holds_one_window_until_the_ack_timeout() {
     assert_eq!(seqs, (1..=16).collect::<Vec<u64>>());
 }
 
-/// Reads whatever the server sends until it closes (or `within` passes).
+/// Nothing follows the server's Close on the wire, also when the turn that closes a connection
+/// for its overdue acks pings it too (the ack deadline is looked at when the keep-alive timer
+/// fires, so with a silent peer the two come together).
+#[test]
+#[ignore = "fails against the current server: that turn's Ping, staged, is written after the \
+            Close the IM core queued"]
+fn nothing_follows_the_close_for_overdue_acks() {
+    let server = ServerProc::start(&[
+        "--delivery-window",
+        "4",
+        "--ack-timeout",
+        "1s",
+        "--ping-interval",
+        "250ms",
+        "--close-timeout",
+        "60s",
+    ]);
+    let mut lazy = Raw::open(server.addr, "/ws");
+    lazy.send(&login_frame("lazy", "phone"));
+    let (mut other, _) = Client::login(&server, "olga", "phone", 0);
+    for i in 0..4 {
+        other.send("lazy", &format!("o{i}"), "hi");
+    }
+    assert_eq!(lazy.read_close_code(), 1008);
+    lazy.send(&frame(true, 0x8, &1008u16.to_be_bytes()));
+    lazy.expect_tcp_close();
+}
+
+/// Reads whatever the server sends until it closes, which it must do within `within`.
 fn read_until_closed(s: &mut TcpStream, within: Duration) -> String {
-    s.set_read_timeout(Some(within)).unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8_lossy(&common::read_until_closed(s, within)).into_owned()
 }
 
 #[test]
@@ -315,19 +410,15 @@ fn admin_connections_are_capped_and_a_slow_request_gets_408() {
     let mut slow = TcpStream::connect(server.admin).unwrap();
     slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
         .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    // ...so a third is refused at once with 503.
+    // ...so a third is refused at once with 503 (the kernel's accept queue is in connect
+    // order: the server takes the two before the third, whenever it gets to them).
     let mut third = TcpStream::connect(server.admin).unwrap();
     let r = read_until_closed(&mut third, Duration::from_secs(5));
     assert!(r.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{r}");
-    // At the deadline the incomplete request is answered 408 and both slots are freed.
-    let started = Instant::now();
-    let r = read_until_closed(&mut slow, Duration::from_secs(10));
+    // At the 1 s deadline the incomplete request is answered 408 (well before 5 s) and both
+    // slots are freed.
+    let r = read_until_closed(&mut slow, Duration::from_secs(5));
     assert!(r.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{r}");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "held past its deadline"
-    );
     let r = read_until_closed(&mut idle, Duration::from_secs(10));
     assert!(r.starts_with("HTTP/1.1 408 "), "{r}");
     let r = server.admin_request("GET", "/healthz", "");

@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::im_client::{token, Client, Ws};
-use common::{Raw, ServerProc, SECRET};
+use common::{poll_until, read_until_closed, Raw, ServerProc, CLOSE_WITHIN, SECRET};
 use imgate::im::proto::{self, client_frame::Body as C, server_frame::Body as S};
 use prost::Message as _;
 use tungstenite::Message;
@@ -36,14 +36,28 @@ fn two_users_three_devices_live_and_offline() {
     assert_eq!((dup.seq, dup.duplicate), (1, true));
 
     // Bob's laptop acks and goes away; two more messages arrive while it is offline.
-    let id = bob_laptop.request(C::Ack(proto::Ack { seq: 1 }));
-    let _ = id;
+    bob_laptop.request(C::Ack(proto::Ack { seq: 1 }));
     bob_laptop.ws.close(None).ok();
+    drop(bob_laptop);
     alice.send("bob", "m2", "second");
     alice.send("bob", "m3", "third");
     assert_eq!(bob_phone.messages(2).len(), 2);
-    // It resumes after its stored cursor, in order, then live messages follow.
-    std::thread::sleep(Duration::from_millis(200));
+    // Once the server has its ack and has seen it go, it resumes after its stored cursor, in
+    // order, then live messages follow.
+    poll_until(
+        Duration::from_secs(10),
+        "laptop acked 1 and offline",
+        || {
+            let user = json_body(&server.admin_request("GET", "/v1/users/bob", ""));
+            let done = user["cursors"]["laptop"] == 1
+                && user["online_devices"] == serde_json::json!(["phone"]);
+            if done {
+                Ok(())
+            } else {
+                Err(user.to_string())
+            }
+        },
+    );
     let (mut laptop, ok) = Client::login(&server, "bob", "laptop", 0);
     assert_eq!(ok.max_seq, 3);
     let seqs: Vec<u64> = laptop.messages(2).iter().map(|m| m.seq).collect();
@@ -272,7 +286,9 @@ impl TcpClient {
 
 #[test]
 fn raw_tcp_and_websocket_clients_talk_to_each_other() {
-    let server = ServerProc::start(&["--tcp-listen", "127.0.0.1:0"]);
+    // The close timeout is far past CLOSE_WITHIN: only the half-close after the error ends
+    // the connection in time.
+    let server = ServerProc::start(&["--tcp-listen", "127.0.0.1:0", "--close-timeout", "60s"]);
     let tcp_addr = server.tcp.expect("tcp listener line");
     let mut t = TcpClient::login(tcp_addr, "tina", "tcp-device");
     let (mut w, _) = Client::login(&server, "walt", "browser", 0);
@@ -313,15 +329,14 @@ fn raw_tcp_and_websocket_clients_talk_to_each_other() {
         other => panic!("{other:?}"),
     }
     // An oversized frame: TOO_LARGE, then the connection is closed.
-    use std::io::{Read, Write};
+    use std::io::Write;
     t.s.write_all(&(10_000_000u32).to_be_bytes()).unwrap();
     match t.next().body {
         Some(S::Error(e)) => assert_eq!(e.code, proto::ErrorCode::TooLarge as i32),
         other => panic!("{other:?}"),
     }
-    let mut rest = Vec::new();
-    let _ = t.s.read_to_end(&mut rest);
-    assert!(rest.is_empty(), "closed after the error");
+    let rest = read_until_closed(&mut t.s, CLOSE_WITHIN);
+    assert!(rest.is_empty(), "closed right after the error: {rest:x?}");
 }
 
 /// One admin request with a JSON body.
@@ -394,11 +409,15 @@ fn admin_api_sends_and_reports_users() {
         assert!(json_body(&r)["error"].is_string());
     }
 
-    // Users: online devices, max_seq and cursors.
+    // Users: online devices, max_seq and cursors (once the ack, which has no answer, is in).
     gina.request(C::Ack(proto::Ack { seq: 2 }));
-    std::thread::sleep(Duration::from_millis(300));
-    let r = server.admin_request("GET", "/v1/users/gina", auth);
-    let body = json_body(&r);
+    let body = poll_until(Duration::from_secs(10), "gina's cursor at 2", || {
+        let body = json_body(&server.admin_request("GET", "/v1/users/gina", auth));
+        match body["cursors"]["laptop"].as_u64() {
+            Some(2) => Ok(body),
+            _ => Err(body.to_string()),
+        }
+    });
     assert_eq!(body["online_devices"], serde_json::json!(["laptop"]));
     assert_eq!(body["max_seq"], 2);
     assert_eq!(body["cursors"]["laptop"], 2);
@@ -444,7 +463,10 @@ fn metrics_count_the_traffic() {
     if let tungstenite::stream::MaybeTlsStream::Plain(s) = bad.ws.get_mut() {
         s.write_all(&[0x82, 0x00]).unwrap(); // an unmasked client frame
     }
-    let _ = bad.ws.read();
+    match bad.ws.read() {
+        Ok(Message::Close(Some(c))) => assert_eq!(u16::from(c.code), 1002),
+        other => panic!("expected Close 1002, got {other:?}"),
+    }
 
     let r = server.admin_request("GET", "/metrics", "");
     assert!(r.starts_with("HTTP/1.1 200 "), "{r}");

@@ -76,8 +76,15 @@ impl Client {
         id
     }
 
+    /// The next protobuf frame, within 10 s: the server's pings, which keep coming from a
+    /// server that sends nothing else, do not extend the wait.
     pub fn next(&mut self) -> proto::ServerFrame {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no frame but pings for 10 s"
+            );
             match self.ws.read().expect("read") {
                 Message::Binary(b) => return proto::ServerFrame::decode(&b[..]).expect("decode"),
                 Message::Ping(_) | Message::Pong(_) => {}

@@ -142,9 +142,7 @@ impl ServerProc {
             "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}{length}\r\n{body}"
         )
         .unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
+        String::from_utf8_lossy(&read_until_closed(&mut s, CLOSE_WITHIN)).into_owned()
     }
 
     pub fn pid(&self) -> u32 {
@@ -174,12 +172,15 @@ impl ServerProc {
         None
     }
 
-    /// Server CPU time (user + system) in clock ticks, from /proc.
-    pub fn cpu_ticks(&self) -> u64 {
+    /// Server CPU time (user + system), from /proc.
+    pub fn cpu_time(&self) -> Duration {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("stat");
         let after_comm = &stat[stat.rfind(')').expect("comm") + 2..];
         let fields: Vec<&str> = after_comm.split_whitespace().collect();
-        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+        let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf only reads a system constant.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        Duration::from_millis(ticks * 1000 / per_second)
     }
 }
 
@@ -243,11 +244,9 @@ impl Raw {
         String::from_utf8(head).unwrap()
     }
 
-    /// Reads a whole HTTP response (the server closes after errors).
+    /// Reads a whole HTTP response, which the server must end by closing the connection.
     pub fn read_to_end(&mut self) -> String {
-        let mut s = Vec::new();
-        let _ = self.stream.read_to_end(&mut s);
-        String::from_utf8_lossy(&s).into_owned()
+        String::from_utf8_lossy(&read_until_closed(&mut self.stream, CLOSE_WITHIN)).into_owned()
     }
 
     /// Reads one server frame: (fin, opcode, payload).
@@ -283,14 +282,67 @@ impl Raw {
         }
     }
 
-    /// After a Close: the server ends the TCP connection (EOF or reset), never hangs.
+    /// After the server's Close: nothing more arrives, and the server ends the TCP connection.
     pub fn expect_tcp_close(&mut self) {
-        let mut b = [0u8; 1024];
-        loop {
-            match self.stream.read(&mut b) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
+        let rest = read_until_closed(&mut self.stream, CLOSE_WITHIN);
+        assert!(
+            rest.is_empty(),
+            "{} bytes after the Close: {rest:x?}",
+            rest.len()
+        );
+    }
+}
+
+/// How long a test waits for a connection the server must end. A prompt close takes
+/// milliseconds; tests that tell it apart from a drop at `--close-timeout` set that timeout far
+/// longer than this.
+pub const CLOSE_WITHIN: Duration = Duration::from_secs(10);
+
+/// Reads until the peer ends the connection (EOF, or a reset) and returns what arrived first.
+/// Panics if the connection is still open after `within`: a read timeout is not a close.
+pub fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Vec<u8> {
+    use std::io::ErrorKind;
+    let deadline = Instant::now() + within;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "the server did not close the connection within {within:?}; it sent {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return got,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
+            Err(e) => panic!("reading until the close: {e}"),
+        }
+    }
+}
+
+/// Calls `probe` until it returns `Ok`, for at most `within`; otherwise panics with `what` and
+/// what the last probe saw (its `Err`). What the server does in its own time is waited for
+/// this way, never with a fixed sleep.
+pub fn poll_until<T>(
+    within: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        match probe() {
+            Ok(v) => return v,
+            Err(state) if Instant::now() >= deadline => {
+                panic!("{what}: not so after {within:?}; last seen: {state}")
             }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
 }
