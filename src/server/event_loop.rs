@@ -806,6 +806,9 @@ impl Server {
                     conn.last_ping = now;
                 }
                 if conn.service == Some(Service::Im) {
+                    // The ping staged above leaves before whatever the IM core says now (a
+                    // Close for overdue acks): output leaves in the order it was produced.
+                    self.queue_staged(key);
                     self.im_timer(key);
                 }
                 self.after_io(key);

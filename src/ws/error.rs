@@ -104,6 +104,11 @@ mod tests {
 
     #[test]
     fn close_code_mapping() {
+        // The log line names the violation and its code.
+        assert_eq!(
+            WsError::EmptyFrameFlood.to_string(),
+            "too many empty frames (1008)"
+        );
         assert_eq!(WsError::InvalidUtf8.close_code(), 1007);
         assert_eq!(WsError::MessageTooBig.close_code(), 1009);
         assert_eq!(WsError::EmptyFrameFlood.close_code(), 1008);

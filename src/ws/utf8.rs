@@ -86,7 +86,9 @@ mod tests {
 
     #[test]
     fn valid_text_in_every_two_way_split() {
-        let text = "κόσμε Hello-µ@ßöäüàá-UTF-8!! 𝄞 €".as_bytes();
+        // A 3-byte character right before another multi-byte one: an unfinished character
+        // must take exactly its own continuation bytes from the next chunk.
+        let text = "κόσμε Hello-µ@ßöäüàá-UTF-8!! 𝄞 €€ß€𝄞".as_bytes();
         for i in 0..=text.len() {
             assert_eq!(feed_split(text, &[i]), Ok(true), "split at {i}");
             for j in i..=text.len() {

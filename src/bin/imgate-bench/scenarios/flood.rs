@@ -291,6 +291,7 @@ pub fn run(a: FloodArgs) -> Result<ExitCode, String> {
     .add("dups", st.dups + check.extra)
     .add("reorders", st.reorders)
     .add("missing", check.missing)
+    .add_checks(st)
     .add(
         "cli_cpu",
         format!("{:.0}%", (cpu1 - cpu0) / flood_secs.max(1e-9) * 100.0),
@@ -327,16 +328,6 @@ pub fn run(a: FloodArgs) -> Result<ExitCode, String> {
             st.error_count()
         ));
     }
-    for (what, n) in [
-        ("gaps", st.gaps),
-        ("duplicates", st.dups + check.extra),
-        ("reorderings", st.reorders),
-        ("missing deliveries", check.missing),
-        ("sends without SendOk", st.unconfirmed),
-    ] {
-        if n > 0 {
-            r.fail(format!("{n} {what}"));
-        }
-    }
+    r.fail_on_violations(st, &check);
     Ok(r.finish(a.common.json.as_deref()))
 }
