@@ -1308,6 +1308,23 @@ mod tests {
             )
         }
 
+        /// A send handed to the core within a turn that has not ended: nothing is committed.
+        fn send_uncommitted(&mut self, conn: ConnId, to: &str, cmid: &str, text: &str) {
+            self.core.on_frame(
+                conn,
+                ClientFrame {
+                    id: 9,
+                    body: Some(C::Send(proto::SendMessage {
+                        to_uid: to.into(),
+                        client_msg_id: cmid.into(),
+                        content: text.as_bytes().to_vec(),
+                    })),
+                },
+                self.now,
+                &self.store,
+            );
+        }
+
         fn close(&mut self, conn: ConnId) -> Vec<Output> {
             self.core.on_close(conn, &self.store);
             self.turn()
@@ -1455,19 +1472,7 @@ mod tests {
         let mut h = H::new(ImConfig::default());
         h.login(1, "alice", "phone", 0);
         h.login(2, "bob", "phone", 0);
-        h.core.on_frame(
-            1,
-            ClientFrame {
-                id: 9,
-                body: Some(C::Send(proto::SendMessage {
-                    to_uid: "bob".into(),
-                    client_msg_id: "m1".into(),
-                    content: b"hi".to_vec(),
-                })),
-            },
-            h.now,
-            &h.store,
-        );
+        h.send_uncommitted(1, "bob", "m1", "hi");
         let before: Vec<Output> = h.core.drain_output().collect();
         assert!(send_ok(&before, 1).is_none(), "no SendOk before the commit");
         assert!(
@@ -1849,19 +1854,7 @@ mod tests {
     fn an_answer_waiting_for_a_commit_never_reaches_the_next_connection_with_that_key() {
         let mut h = H::new(ImConfig::default());
         h.login(1, "alice", "phone", 0);
-        h.core.on_frame(
-            1,
-            ClientFrame {
-                id: 7,
-                body: Some(C::Send(proto::SendMessage {
-                    to_uid: "bob".into(),
-                    client_msg_id: "m1".into(),
-                    content: b"hi".to_vec(),
-                })),
-            },
-            h.now,
-            &h.store,
-        );
+        h.send_uncommitted(1, "bob", "m1", "hi");
         h.core.on_close(1, &h.store);
         // The shell gives the key to a new connection before the batch commits.
         let out = h.login(1, "carol", "phone", 0);
