@@ -272,8 +272,8 @@ pub struct ServerConfig {
     pub max_empty_frames: u32,
     pub allowed_origins: Vec<String>,
     pub shutdown_timeout: Duration,
-    /// The IM endpoint; `None` serves only the diagnostic endpoints.
-    pub im: Option<ImSettings>,
+    /// The IM endpoint `/ws`, its admin API and its store.
+    pub im: ImSettings,
 }
 
 impl Default for ServerConfig {
@@ -292,7 +292,28 @@ impl Default for ServerConfig {
             max_empty_frames: 100,
             allowed_origins: Vec::new(),
             shutdown_timeout: Duration::from_secs(5),
-            im: None,
+            im: ImSettings::default(),
+        }
+    }
+}
+
+impl Default for ImSettings {
+    /// The documented defaults, with no JWT secret (which [`ServerConfig::validate`]
+    /// refuses).
+    fn default() -> Self {
+        ImSettings {
+            tcp_listen: None,
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            admin_token: None,
+            max_admin_connections: 64,
+            jwt_secret: Vec::new(),
+            data_dir: PathBuf::from("imgate-data"),
+            sync: true,
+            store_cache_bytes: 64 * 1024 * 1024,
+            store_log_bytes: 32 * 1024 * 1024,
+            auth_timeout: Duration::from_secs(10),
+            core: ImConfig::default(),
+            dev_routes: false,
         }
     }
 }
@@ -325,7 +346,11 @@ impl ServerConfig {
         if self.ping_interval.is_zero() || self.idle_timeout.is_zero() {
             return Err("--ping-interval and --idle-timeout must be positive".into());
         }
-        if let Some(im) = &self.im {
+        let im = &self.im;
+        if im.jwt_secret.is_empty() {
+            return Err("no JWT secret: set --jwt-secret or IMGATE_JWT_SECRET".into());
+        }
+        {
             if im.max_admin_connections == 0 {
                 return Err("--max-admin-connections must be positive".into());
             }
@@ -375,12 +400,17 @@ impl From<&ServeArgs> for ServerConfig {
                 .filter(|o| !o.is_empty())
                 .collect(),
             shutdown_timeout: a.shutdown_timeout,
-            im: a.jwt_secret.as_ref().map(|secret| ImSettings {
+            im: ImSettings {
                 tcp_listen: a.tcp_listen,
                 admin_listen: a.admin_listen,
                 admin_token: a.admin_token.clone(),
                 max_admin_connections: a.max_admin_connections,
-                jwt_secret: secret.as_bytes().to_vec(),
+                jwt_secret: a
+                    .jwt_secret
+                    .as_deref()
+                    .unwrap_or_default()
+                    .as_bytes()
+                    .to_vec(),
                 data_dir: a.data_dir.clone(),
                 sync: a.durability == Durability::Full,
                 store_cache_bytes: a.store_cache_bytes,
@@ -397,7 +427,7 @@ impl From<&ServeArgs> for ServerConfig {
                     max_bad_frames: 10,
                     output_room: a.high_water(),
                 },
-            }),
+            },
         }
     }
 }
@@ -424,6 +454,7 @@ mod tests {
     #[test]
     fn outbound_allowance_must_hold_one_message() {
         let mut cfg = ServerConfig::default();
+        cfg.im.jwt_secret = b"s".to_vec();
         assert!(cfg.validate().is_ok());
         cfg.max_message_bytes = 16 << 20;
         assert!(cfg.validate().unwrap_err().contains("--max-outbound-bytes"));
@@ -439,7 +470,7 @@ mod tests {
         };
         let mut cfg = ServerConfig::from(&*args);
         assert!(cfg.validate().is_ok(), "the defaults are consistent");
-        cfg.im.as_mut().unwrap().core.delivery_window = 4096;
+        cfg.im.core.delivery_window = 4096;
         let err = cfg.validate().unwrap_err();
         assert!(err.contains("--delivery-window"), "{err}");
     }

@@ -115,20 +115,16 @@ fn serve(args: &ServeArgs) -> ExitCode {
             paths.join(", ")
         }
     );
-    if let Some(addr) = admin {
-        println!("imgate admin API on http://{addr}");
-    }
+    println!("imgate admin API on http://{admin}");
     if let Some(addr) = server.tcp_addr() {
         println!("imgate raw TCP (length-prefixed protobuf) listening on tcp://{addr}");
     }
-    if let Some(im) = &cfg_im {
-        println!(
-            "imgate data in {} (durability {})",
-            im.data_dir.display(),
-            if im.sync { "full" } else { "none" }
-        );
-    }
-    if cfg_im.is_some() {
+    println!(
+        "imgate data in {} (durability {})",
+        cfg_im.data_dir.display(),
+        if cfg_im.sync { "full" } else { "none" }
+    );
+    {
         println!(
             "imgate web demo at http://{}/{}",
             server.local_addr(),

@@ -3,7 +3,7 @@
 //! web demo's router.
 #![no_main]
 
-use imgate::server::admin::AdminAction;
+use imgate::gateway::admin_api::AdminAction;
 use imgate::web;
 use imgate::ws::handshake::{self, Endpoint, Parse, Policy};
 use libfuzzer_sys::fuzz_target;

@@ -1,22 +1,12 @@
-//! The mio shell: sockets, time and signals around the sans-IO protocol core.
+//! The mio reactor around the [`crate::gateway::Gateway`]: listeners, sockets, the storage
+//! thread's waker, signals and the clock. It knows nothing about WebSocket, HTTP or IM.
 //!
-//! - [`event_loop`]: the poll loop and its handlers.
-//! - [`admin`]: the admin HTTP API's routing (sans-IO).
-//! - [`conn`]: per-socket shell state.
-//! - [`metrics`]: counters and histograms for `GET /metrics`.
-//! - [`outbox`]: unsent output, pooled and written with vectored writes.
-//! - [`timer_wheel`]: O(1) timers for handshakes, keep-alives and closes.
+//! - [`reactor`]: the poll loop.
 //! - [`signals`]: SIGINT/SIGTERM into the loop.
-//! - [`transport`]: WebSocket or length-prefixed raw TCP framing.
+//! - [`rlimit`]: the open-file limit raised at start.
 
-pub mod admin;
-pub mod conn;
-pub mod event_loop;
-pub mod metrics;
-pub mod outbox;
+mod reactor;
 pub mod rlimit;
-pub mod signals;
-pub mod timer_wheel;
-pub mod transport;
+mod signals;
 
-pub use event_loop::Server;
+pub use reactor::Server;

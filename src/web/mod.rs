@@ -5,8 +5,8 @@
 //! for an app's backend (they issue tokens for any uid and make friendships), so they exist only
 //! when the server runs with `--dev`; without it they are 404 like any unknown path.
 
+use crate::gateway::admin_api::{AdminAction, Response};
 use crate::im::auth;
-use crate::server::admin::{AdminAction, Response};
 use crate::ws::handshake::PlainRequest;
 
 const INDEX_HTML: &str = include_str!("index.html");

@@ -1,0 +1,190 @@
+//! HTTP exchanges beside the WebSocket traffic: admin API requests on `--admin-listen`, and the
+//! web demo's plain GETs on the public listener that need the store or the core. One request
+//! per connection; an answer that needs the store waits for its batch to commit (or for the
+//! core's `AdminSent`).
+//!
+//! Bounds: at most `--max-admin-connections` admin exchanges at once (more get 503), and each
+//! phase of an exchange (the request arriving, the answer being taken) gets
+//! `--handshake-timeout`: a request still incomplete then gets 408, an answer the peer does not
+//! read is dropped. Waiting for the store does not count against the peer.
+
+use super::admin_api::{self, AdminAction, Response};
+use super::input::Cx;
+use super::transport::{Phase, Transport};
+use super::{ConnId, Gateway};
+use crate::im::core::AdminSendError;
+use crate::web;
+use crate::ws::handshake::{HttpError, PlainRequest};
+
+impl Gateway {
+    /// Routes the exchange's request once it is complete and carries it out. A peer that
+    /// closed before its request was complete is dropped.
+    pub(super) fn http_input(&mut self, key: ConnId) {
+        let Some(c) = self.conns.get(key) else {
+            return;
+        };
+        let Transport::Http {
+            request,
+            phase: Phase::Request,
+            ..
+        } = &c.transport
+        else {
+            return;
+        };
+        match admin_api::handle(request, self.im.admin_token.as_deref()) {
+            admin_api::Parsed::Partial => {
+                if c.peer_eof {
+                    self.remove(key);
+                }
+            }
+            admin_api::Parsed::Done(action) => self.execute(key, action),
+        }
+    }
+
+    /// Carries out a routed admin (or web demo) request for the HTTP exchange `key`: answered
+    /// now, or once the store or the core has done its part.
+    fn execute(&mut self, key: ConnId, action: AdminAction) {
+        let now = self.now;
+        let im = &mut self.im;
+        let answer = match action {
+            AdminAction::Respond(r) => r,
+            AdminAction::SetFriendship { a, b, present } => {
+                im.core.set_friendship(&a, &b, present);
+                let batch = im.core.pending_batch_id();
+                self.committing.push_back((batch, key));
+                self.set_phase(key, Phase::Committing(batch));
+                return;
+            }
+            AdminAction::Send {
+                from_uid,
+                to_uid,
+                client_msg_id,
+                content,
+            } => match im.core.admin_send(
+                key,
+                &from_uid,
+                &to_uid,
+                client_msg_id,
+                content,
+                now,
+                &*im.store,
+            ) {
+                Ok(()) => {
+                    self.set_phase(key, Phase::Sending);
+                    // A duplicate of a durable send is answered at once.
+                    self.dispatch_im();
+                    return;
+                }
+                Err(AdminSendError::Invalid(why)) => Response::error(400, why),
+                Err(AdminSendError::Unavailable) => {
+                    Response::error(503, "the store cannot be read")
+                }
+            },
+            AdminAction::GetUser { uid } => match im.store.max_seq(&uid) {
+                Ok(max_seq) => {
+                    let cursors: serde_json::Map<String, serde_json::Value> = im
+                        .store
+                        .cursors(&uid)
+                        .into_iter()
+                        .map(|(d, seq)| (d, seq.into()))
+                        .collect();
+                    let body = serde_json::json!({
+                        "uid": uid,
+                        "online_devices": im.core.online_devices(&uid),
+                        "max_seq": max_seq,
+                        "cursors": cursors,
+                    });
+                    Response::json(200, &body)
+                }
+                Err(e) => {
+                    log::error!("{e}");
+                    Response::error(503, "the store cannot be read")
+                }
+            },
+            AdminAction::Metrics => {
+                Response::metrics(self.metrics.render(&self.connection_counts()))
+            }
+            AdminAction::GetFriends { uid } => {
+                let friends: Vec<serde_json::Value> = im
+                    .store
+                    .friends(&uid)
+                    .into_iter()
+                    .map(|f| {
+                        let online = !im.core.online_devices(&f).is_empty();
+                        serde_json::json!({"uid": f, "online": online})
+                    })
+                    .collect();
+                let body = serde_json::json!({"uid": uid, "friends": friends});
+                Response::json(200, &body)
+            }
+        };
+        self.answer_http(key, answer.to_bytes());
+    }
+
+    /// Queues the exchange's answer; the exchange ends once it is written.
+    pub(super) fn answer_http(&mut self, key: ConnId, answer: Vec<u8>) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        c.outbox.push(&answer, &mut self.pool);
+        self.set_phase(key, Phase::Answer);
+        self.mark_dirty(key);
+    }
+
+    /// Moves the exchange to `phase`, with that phase's deadline.
+    fn set_phase(&mut self, key: ConnId, next: Phase) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        if let Transport::Http { phase, request, .. } = &mut c.transport {
+            *phase = next;
+            if next != Phase::Request {
+                *request = Vec::new();
+            }
+        }
+        if let Some((id, _)) = c.timer.take() {
+            self.wheel.cancel(id);
+        }
+        self.arm_timer(key);
+    }
+
+    /// A phase of the exchange ran out of time: a request still incomplete gets 408, an
+    /// answer still unread is dropped.
+    pub(super) fn on_exchange_timer(&mut self, key: ConnId) {
+        let Some(Transport::Http { phase, .. }) = self.conns.get(key).map(|c| &c.transport) else {
+            return;
+        };
+        match phase {
+            Phase::Request => {
+                let answer = Response::error(408, "request not complete in time").to_bytes();
+                self.answer_http(key, answer);
+            }
+            Phase::Answer => self.remove(key),
+            Phase::Committing(_) | Phase::Sending => {}
+        }
+    }
+
+    /// Turns a public connection whose plain GET needs the store or the core (the web demo's
+    /// `/dev/*` routes) into an HTTP exchange like an admin request's, and carries it out.
+    pub(super) fn hand_over(&mut self, key: ConnId, action: AdminAction) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        c.transport.release_buffers(&mut self.pool);
+        c.transport = Transport::http(false);
+        self.stream_count -= 1;
+        self.execute(key, action);
+    }
+}
+
+/// A plain GET on the public listener: 426 on a WebSocket path, else the web demo.
+pub(super) fn serve_get(ws: &mut crate::ws::Connection, request: &PlainRequest, cx: &mut Cx<'_>) {
+    if cx.endpoints.iter().any(|e| e.path == request.path) {
+        ws.reject(&HttpError::UpgradeRequired, cx.staging);
+        return;
+    }
+    match web::route(request, cx.im.dev_secret.as_deref(), cx.now.unix_ms) {
+        AdminAction::Respond(r) => ws.respond(&r.to_bytes(), cx.staging),
+        action => cx.handover = Some(action),
+    }
+}

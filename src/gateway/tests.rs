@@ -1,0 +1,516 @@
+//! The gateway driven without sockets: a simulated peer's bytes in, simulated time, and the
+//! output collected from [`Gateway::write_to`] into memory (or refused, for a peer that does
+//! not read). Each deadline and close rule of the shell is checked here.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::store::memory::MemoryStore;
+
+const UPGRADE_ECHO: &[u8] = b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+    Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+    Sec-WebSocket-Version: 13\r\n\r\n";
+const UPGRADE_IM: &[u8] = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+    Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+    Sec-WebSocket-Version: 13\r\n\r\n";
+
+/// Where a simulated peer's output goes: kept, or refused (a peer that reads nothing).
+#[derive(Default)]
+struct Sink {
+    bytes: Vec<u8>,
+    stuck: bool,
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.stuck {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A gateway, the clock, and one simulated peer per connection.
+struct Harness {
+    gw: Gateway,
+    now: u64,
+    peers: HashMap<ConnId, Sink>,
+    actions: Vec<SocketAction>,
+    cfg: ServerConfig,
+}
+
+impl Harness {
+    fn new(tweak: impl FnOnce(&mut ServerConfig)) -> Harness {
+        let mut cfg = ServerConfig {
+            echo: true,
+            ..ServerConfig::default()
+        };
+        cfg.im.jwt_secret = b"secret".to_vec();
+        tweak(&mut cfg);
+        cfg.validate().expect("a valid configuration");
+        let store: Arc<dyn StoreRead> = Arc::new(MemoryStore::default());
+        Harness {
+            gw: Gateway::new(&cfg, store),
+            now: 1_000,
+            peers: HashMap::new(),
+            actions: Vec::new(),
+            cfg,
+        }
+    }
+
+    fn at(&self) -> Now {
+        Now {
+            mono_ms: self.now,
+            unix_ms: 1_700_000_000_000 + self.now as i64,
+        }
+    }
+
+    fn accept(&mut self, kind: ListenerKind) -> ConnId {
+        let now = self.at();
+        match self.gw.handle_accept(kind, now) {
+            Accept::Open(key) => {
+                self.peers.insert(key, Sink::default());
+                key
+            }
+            Accept::Refuse(_) => panic!("accept refused"),
+        }
+    }
+
+    /// The peer sends `bytes` in one read; the turn ends with every output written.
+    fn send(&mut self, key: ConnId, bytes: &[u8]) -> Input {
+        self.gw.begin_turn(self.at());
+        assert!(self.gw.claim_turn(key));
+        let mut buf = bytes.to_vec();
+        let now = self.at();
+        assert!(self.gw.handle_received(key, buf.len(), now));
+        let input = self.gw.handle_input(key, &mut buf, now);
+        if let Some(peer) = self.peers.get_mut(&key) {
+            self.gw.write_to(key, peer, &buf);
+        }
+        self.gw.end_input(key);
+        self.pump();
+        input
+    }
+
+    /// `ms` pass; due deadlines fire.
+    fn advance(&mut self, ms: u64) {
+        self.now += ms;
+        self.gw.begin_turn(self.at());
+        self.gw.handle_timeout(self.at());
+        self.pump();
+    }
+
+    /// Writes every connection's output to its peer and collects the socket actions.
+    fn pump(&mut self) {
+        while let Some(key) = self.gw.poll_transmit() {
+            if let Some(peer) = self.peers.get_mut(&key) {
+                self.gw.write_to(key, peer, &[]);
+            }
+        }
+        while let Some(a) = self.gw.poll_close() {
+            self.actions.push(a);
+        }
+    }
+
+    fn dropped(&self, key: ConnId) -> bool {
+        self.actions.contains(&SocketAction::Drop(key))
+    }
+
+    /// An upgraded connection to `request`'s path, its 101 taken from the peer's bytes.
+    fn upgraded(&mut self, request: &[u8]) -> ConnId {
+        let key = self.accept(ListenerKind::Public);
+        self.send(key, request);
+        let out = self.take(key);
+        assert!(
+            out.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        key
+    }
+
+    /// What the peer received since the last call.
+    fn take(&mut self, key: ConnId) -> Vec<u8> {
+        std::mem::take(&mut self.peers.get_mut(&key).expect("peer").bytes)
+    }
+
+    /// The frames the peer received since the last call: (opcode, payload).
+    fn frames(&mut self, key: ConnId) -> Vec<(u8, Vec<u8>)> {
+        parse_frames(&self.take(key))
+    }
+
+    /// `imgate_closes_total{code, by}`.
+    fn closes(&self, code: u16, by: &str) -> u64 {
+        let text = self.gw.metrics.render(&[]);
+        let labels = [format!("code=\"{code}\""), format!("by=\"{by}\"")];
+        text.lines()
+            .filter(|l| l.starts_with("imgate_closes_total{"))
+            .filter(|l| labels.iter().all(|x| l.contains(x.as_str())))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    fn ms(&self, d: Duration) -> u64 {
+        millis(d)
+    }
+}
+
+/// A masked client frame.
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n < 65_536 => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let mask = [1, 2, 3, 4];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Unmasked server frames, whole ones only.
+fn parse_frames(mut b: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    while b.len() >= 2 {
+        let (len, head) = match b[1] & 0x7f {
+            126 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+            127 => (
+                u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            n => (n as usize, 2),
+        };
+        if b.len() < head + len {
+            break;
+        }
+        frames.push((b[0] & 0x0f, b[head..head + len].to_vec()));
+        b = &b[head + len..];
+    }
+    frames
+}
+
+/// The code and reason of a Close frame's payload.
+fn close_of(payload: &[u8]) -> (u16, String) {
+    (
+        u16::from_be_bytes([payload[0], payload[1]]),
+        String::from_utf8_lossy(&payload[2..]).into_owned(),
+    )
+}
+
+#[test]
+fn a_silent_connection_is_dropped_at_the_handshake_deadline() {
+    let mut h = Harness::new(|_| {});
+    let key = h.accept(ListenerKind::Public);
+    let deadline = h.ms(h.cfg.handshake_timeout);
+    h.advance(deadline - 1);
+    assert!(!h.dropped(key), "dropped before the deadline");
+    h.advance(1);
+    assert!(h.dropped(key), "not dropped at the deadline");
+}
+
+#[test]
+fn no_login_in_time_closes_with_1008_counted_from_the_accept() {
+    let mut h = Harness::new(|c| c.im.auth_timeout = Duration::from_secs(3));
+    let key = h.accept(ListenerKind::Public);
+    h.advance(1_000);
+    h.send(key, UPGRADE_IM);
+    assert!(h.take(key).starts_with(b"HTTP/1.1 101"));
+    h.advance(1_999);
+    assert!(h.frames(key).is_empty(), "closed before the login deadline");
+    h.advance(1);
+    let frames = h.frames(key);
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    assert_eq!(frames[0].0, 0x8);
+    assert_eq!(close_of(&frames[0].1), (1008, "login timeout".into()));
+    assert_eq!(h.closes(1008, "server"), 1);
+}
+
+#[test]
+fn an_open_connection_is_pinged_then_closed_when_idle() {
+    let mut h = Harness::new(|c| {
+        c.ping_interval = Duration::from_secs(1);
+        c.idle_timeout = Duration::from_millis(2_500);
+    });
+    let key = h.upgraded(UPGRADE_ECHO);
+    h.advance(999);
+    assert!(h.frames(key).is_empty(), "pinged early");
+    h.advance(1);
+    assert_eq!(h.frames(key), vec![(0x9, Vec::new())]);
+    h.advance(1_000);
+    assert_eq!(h.frames(key), vec![(0x9, Vec::new())]);
+    h.advance(499);
+    assert!(h.frames(key).is_empty(), "closed before the idle deadline");
+    h.advance(1);
+    let frames = h.frames(key);
+    assert_eq!(frames.len(), 1);
+    assert_eq!(close_of(&frames[0].1), (1001, "idle timeout".into()));
+    assert_eq!(h.closes(1001, "server"), 1);
+}
+
+#[test]
+fn input_postpones_the_ping_and_the_idle_close() {
+    let mut h = Harness::new(|c| {
+        c.ping_interval = Duration::from_secs(1);
+        c.idle_timeout = Duration::from_secs(2);
+    });
+    let key = h.upgraded(UPGRADE_ECHO);
+    h.advance(900);
+    h.send(key, &client_frame(0x1, b"hi"));
+    assert_eq!(h.frames(key), vec![(0x1, b"hi".to_vec())]);
+    h.advance(999);
+    assert!(h.frames(key).is_empty(), "pinged though input arrived");
+    h.advance(1);
+    assert_eq!(h.frames(key), vec![(0x9, Vec::new())]);
+}
+
+#[test]
+fn a_peer_that_never_answers_our_close_is_dropped_at_the_close_deadline() {
+    let mut h = Harness::new(|c| {
+        c.idle_timeout = Duration::from_secs(1);
+        c.close_timeout = Duration::from_secs(2);
+    });
+    let key = h.upgraded(UPGRADE_ECHO);
+    h.advance(1_000);
+    assert_eq!(h.frames(key).len(), 1, "the idle close");
+    h.advance(1_999);
+    assert!(!h.dropped(key), "dropped before the close deadline");
+    h.advance(1);
+    assert!(h.dropped(key));
+}
+
+#[test]
+fn the_peers_close_is_answered_and_counted() {
+    let mut h = Harness::new(|_| {});
+    let key = h.upgraded(UPGRADE_ECHO);
+    let mut payload = 1000u16.to_be_bytes().to_vec();
+    payload.extend_from_slice(b"bye");
+    h.send(key, &client_frame(0x8, &payload));
+    let frames = h.frames(key);
+    assert_eq!(frames.len(), 1);
+    assert_eq!(close_of(&frames[0].1).0, 1000);
+    assert!(h.actions.contains(&SocketAction::ShutdownWrite(key)));
+    assert_eq!(h.closes(1000, "peer"), 1);
+    h.gw.handle_eof(key);
+    h.gw.end_input(key);
+    h.pump();
+    assert!(h.dropped(key), "not dropped after the peer's FIN");
+}
+
+#[test]
+fn a_protocol_violation_closes_with_its_code_and_counts_it() {
+    let mut h = Harness::new(|_| {});
+    let key = h.upgraded(UPGRADE_ECHO);
+    // An unmasked client frame: 1002.
+    h.send(key, &[0x81, 0x01, b'x']);
+    let frames = h.frames(key);
+    assert_eq!(close_of(&frames[0].1).0, 1002);
+    assert_eq!(h.closes(1002, "server"), 1);
+}
+
+#[test]
+fn a_throttled_connection_that_reads_nothing_is_closed_as_a_slow_consumer() {
+    let mut h = Harness::new(|c| {
+        c.outbound_high_water = 64 * 1024;
+        c.idle_timeout = Duration::from_secs(5);
+        c.ping_interval = Duration::from_secs(60);
+    });
+    let key = h.upgraded(UPGRADE_ECHO);
+    h.peers.get_mut(&key).unwrap().stuck = true;
+    let message = client_frame(0x2, &[7; 8 * 1024]);
+    let input: Vec<u8> = (0..16).flat_map(|_| message.clone()).collect();
+    assert_eq!(
+        h.send(key, &input),
+        Input::Full,
+        "no stop at the high-water mark"
+    );
+    assert!(
+        !h.gw.wants_input(key),
+        "still reading a connection over its high-water mark"
+    );
+    h.advance(4_999);
+    assert_eq!(h.gw.metrics.slow_consumer_kills.get(), 0);
+    h.advance(1);
+    assert_eq!(h.gw.metrics.slow_consumer_kills.get(), 1);
+    assert_eq!(h.closes(1008, "server"), 1);
+    // Once it reads, the Close comes after what it had not read.
+    h.peers.get_mut(&key).unwrap().stuck = false;
+    h.gw.write_to(key, h.peers.get_mut(&key).unwrap(), &[]);
+    let frames = h.frames(key);
+    let last = frames.last().expect("frames");
+    assert_eq!(last.0, 0x8);
+    assert_eq!(close_of(&last.1), (1008, "slow consumer".into()));
+}
+
+#[test]
+fn output_past_the_outbound_limit_closes_with_1008() {
+    let mut h = Harness::new(|c| {
+        c.max_outbound_bytes = 128 * 1024;
+        c.outbound_high_water = 128 * 1024;
+        c.im.core.delivery_window = 4;
+    });
+    let key = h.upgraded(UPGRADE_ECHO);
+    h.peers.get_mut(&key).unwrap().stuck = true;
+    // One read of 150 KiB of echoes: the third takes the output over the limit.
+    let message = client_frame(0x2, &[7; 50 * 1024]);
+    let input: Vec<u8> = (0..3).flat_map(|_| message.clone()).collect();
+    h.send(key, &input);
+    assert_eq!(h.gw.metrics.slow_consumer_kills.get(), 1);
+}
+
+#[test]
+fn shutdown_closes_open_connections_with_1001_and_ends_at_its_deadline() {
+    let mut h = Harness::new(|c| c.shutdown_timeout = Duration::from_secs(2));
+    let key = h.upgraded(UPGRADE_ECHO);
+    let now = h.at();
+    h.gw.handle_shutdown(now);
+    h.pump();
+    let frames = h.frames(key);
+    assert_eq!(
+        close_of(&frames[0].1),
+        (1001, "server shutting down".into())
+    );
+    assert_eq!(h.gw.is_finished(h.now), None);
+    assert_eq!(h.gw.is_finished(h.now + 2_000), Some(1));
+    // New raw TCP connections are refused while shutting down.
+    assert_eq!(
+        h.gw.handle_accept(ListenerKind::RawTcp, now),
+        Accept::Refuse(Vec::new())
+    );
+}
+
+#[test]
+fn a_connection_still_handshaking_is_dropped_at_shutdown() {
+    let mut h = Harness::new(|_| {});
+    let key = h.accept(ListenerKind::Public);
+    let now = h.at();
+    h.gw.handle_shutdown(now);
+    h.pump();
+    assert!(h.dropped(key));
+    assert_eq!(h.gw.is_finished(h.now), Some(0));
+}
+
+#[test]
+fn an_incomplete_admin_request_gets_408_at_the_deadline() {
+    let mut h = Harness::new(|_| {});
+    let key = h.accept(ListenerKind::Admin);
+    h.send(key, b"GET /metrics HTTP/1.1\r\nHost: x\r\n");
+    let deadline = h.ms(h.cfg.handshake_timeout);
+    h.advance(deadline - 1);
+    assert!(h.take(key).is_empty());
+    h.advance(1);
+    assert!(h.take(key).starts_with(b"HTTP/1.1 408"));
+    assert!(h.dropped(key), "the exchange goes on after its answer");
+}
+
+#[test]
+fn an_admin_answer_the_peer_does_not_take_is_dropped_at_the_deadline() {
+    let mut h = Harness::new(|_| {});
+    let key = h.accept(ListenerKind::Admin);
+    h.peers.get_mut(&key).unwrap().stuck = true;
+    h.send(key, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(!h.dropped(key));
+    let deadline = h.ms(h.cfg.handshake_timeout);
+    h.advance(deadline);
+    assert!(h.dropped(key));
+}
+
+#[test]
+fn admin_connections_past_the_limit_get_503() {
+    let mut h = Harness::new(|c| c.im.max_admin_connections = 1);
+    let first = h.accept(ListenerKind::Admin);
+    let now = h.at();
+    let Accept::Refuse(answer) = h.gw.handle_accept(ListenerKind::Admin, now) else {
+        panic!("a second admin connection was taken");
+    };
+    assert!(answer.starts_with(b"HTTP/1.1 503"));
+    // Once the first exchange ends, there is room again.
+    h.send(first, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(h.take(first).starts_with(b"HTTP/1.1 200"));
+    assert!(h.dropped(first));
+    assert!(matches!(
+        h.gw.handle_accept(ListenerKind::Admin, now),
+        Accept::Open(_)
+    ));
+}
+
+#[test]
+fn a_friendship_is_answered_once_its_batch_is_durable() {
+    let mut h = Harness::new(|_| {});
+    let key = h.accept(ListenerKind::Admin);
+    h.send(
+        key,
+        b"PUT /v1/friendships/alice/bob HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(h.take(key).is_empty(), "answered before the commit");
+    let (batch, _) = h.gw.poll_batch().expect("a batch");
+    let now = h.at();
+    h.gw.handle_committed(batch, Duration::from_millis(1), now);
+    h.pump();
+    assert!(h.take(key).starts_with(b"HTTP/1.1 204"));
+}
+
+#[test]
+fn raw_tcp_past_max_connections_is_refused_and_counted_until_closed() {
+    let mut h = Harness::new(|c| c.max_connections = 1);
+    let key = h.accept(ListenerKind::RawTcp);
+    let now = h.at();
+    assert_eq!(
+        h.gw.handle_accept(ListenerKind::RawTcp, now),
+        Accept::Refuse(Vec::new())
+    );
+    h.gw.handle_closed(key);
+    assert!(matches!(
+        h.gw.handle_accept(ListenerKind::RawTcp, now),
+        Accept::Open(_)
+    ));
+}
+
+#[test]
+fn out_of_descriptors_every_listener_sheds_with_its_own_answer() {
+    let h = Harness::new(|_| {});
+    assert!(h
+        .gw
+        .shed_answer(ListenerKind::Public)
+        .starts_with(b"HTTP/1.1 503"));
+    assert!(h
+        .gw
+        .shed_answer(ListenerKind::Admin)
+        .starts_with(b"HTTP/1.1 503"));
+    assert!(h.gw.shed_answer(ListenerKind::RawTcp).is_empty());
+}
+
+#[test]
+fn each_connection_gets_one_share_of_frames_per_turn() {
+    let mut h = Harness::new(|_| {});
+    let key = h.upgraded(UPGRADE_ECHO);
+    let input: Vec<u8> = (0..FRAMES_PER_TURN + 10)
+        .flat_map(|_| client_frame(0x1, b"x"))
+        .collect();
+    assert_eq!(h.send(key, &input), Input::Later);
+    assert_eq!(h.frames(key).len(), FRAMES_PER_TURN);
+    assert_eq!(h.gw.poll_resume(), Some(key));
+    // Next turn: the held rest.
+    h.gw.begin_turn(h.at());
+    assert!(h.gw.claim_turn(key));
+    let mut buf = vec![0; 64 * 1024];
+    let n = h.gw.take_held(key, &mut buf).expect("held input");
+    let now = h.at();
+    assert_eq!(h.gw.handle_input(key, &mut buf[..n], now), Input::Taken);
+    h.gw.write_to(key, h.peers.get_mut(&key).unwrap(), &buf);
+    assert_eq!(h.frames(key).len(), 10);
+}

@@ -1,0 +1,508 @@
+//! The mio reactor: the one place that owns sockets and reads the clock.
+//!
+//! Each turn: wait for readiness (or the gateway's next deadline), read every ready socket
+//! until it would block (bounded per turn so one flooding peer cannot starve the rest) and
+//! hand the bytes to the [`Gateway`], fire due deadlines, hand the turn's store writes to the
+//! storage thread, then write every connection's output with one (vectored) write and carry
+//! out the gateway's socket actions. Nothing here knows about WebSocket, HTTP or IM.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+
+use super::signals::ShutdownSignals;
+use crate::config::ServerConfig;
+use crate::gateway::{Accept, ConnId, Gateway, Input, ListenerKind, SocketAction};
+use crate::im::core::Now;
+use crate::store::redb_store::RedbStore;
+use crate::store::writer::{Done, Writer};
+use crate::store::{Store, StoreRead};
+
+const PUBLIC: Token = Token(usize::MAX - 1);
+const SIGNALS: Token = Token(usize::MAX - 2);
+const STORE_WAKER: Token = Token(usize::MAX - 3);
+const ADMIN: Token = Token(usize::MAX - 4);
+const RAW_TCP: Token = Token(usize::MAX - 5);
+
+/// Shared receive buffer: every socket is read into it, so idle connections need none.
+const READ_BUF: usize = 64 * 1024;
+/// Bytes read from one connection per loop turn before the others get their turn.
+const READ_BUDGET: usize = 256 * 1024;
+/// How long accepting pauses when out of descriptors and no reserve descriptor is left.
+const ACCEPT_PAUSE_MS: u64 = 100;
+
+pub struct Server {
+    poll: Poll,
+    gateway: Gateway,
+    listeners: Listeners,
+    signals: ShutdownSignals,
+    writer: Writer,
+    /// Sockets, indexed by the gateway's [`ConnId`].
+    sockets: Vec<Option<TcpStream>>,
+    read_buf: Vec<u8>,
+    /// Connections whose read budget ran out with input possibly left in the socket, or that
+    /// the gateway resumed: read in the next turn.
+    again: Vec<ConnId>,
+    /// A spare descriptor, given up to accept-and-close a connection when the process is out
+    /// of descriptors, so the listener never spins on EMFILE.
+    reserve_fd: Option<File>,
+    accept_paused_until: Option<u64>,
+    last_emfile_log: Option<u64>,
+    epoch: Instant,
+    now: u64,
+}
+
+/// The listening sockets; `public` is gone once shutdown begins.
+struct Listeners {
+    public: Option<TcpListener>,
+    public_addr: SocketAddr,
+    admin: TcpListener,
+    admin_addr: SocketAddr,
+    raw_tcp: Option<TcpListener>,
+}
+
+impl Listeners {
+    fn get(&self, kind: ListenerKind) -> Option<&TcpListener> {
+        match kind {
+            ListenerKind::Public => self.public.as_ref(),
+            ListenerKind::Admin => Some(&self.admin),
+            ListenerKind::RawTcp => self.raw_tcp.as_ref(),
+        }
+    }
+}
+
+impl Server {
+    /// Binds the listeners, opens the store and starts its thread; nothing is accepted until
+    /// [`Server::run`].
+    ///
+    /// Errors: a listener that cannot be bound, a store that cannot be opened.
+    pub fn bind(cfg: ServerConfig) -> io::Result<Server> {
+        let poll = Poll::new()?;
+        let registry = poll.registry();
+        let listen = |addr, token| -> io::Result<TcpListener> {
+            let mut l = TcpListener::bind(addr)?;
+            registry.register(&mut l, token, Interest::READABLE)?;
+            Ok(l)
+        };
+        let public = listen(cfg.listen, PUBLIC)?;
+        let admin = listen(cfg.im.admin_listen, ADMIN)?;
+        let listeners = Listeners {
+            admin_addr: admin.local_addr()?,
+            admin,
+            public_addr: public.local_addr()?,
+            public: Some(public),
+            raw_tcp: cfg.im.tcp_listen.map(|a| listen(a, RAW_TCP)).transpose()?,
+        };
+        let signals = ShutdownSignals::register(registry, SIGNALS)?;
+        let im = &cfg.im;
+        let store: Arc<dyn Store> = Arc::new(
+            RedbStore::open(&im.data_dir, im.store_cache_bytes, im.store_log_bytes)
+                .map_err(|e| io::Error::other(e.to_string()))?,
+        );
+        let waker = Arc::new(mio::Waker::new(registry, STORE_WAKER)?);
+        let writer = Writer::spawn(store.clone(), im.sync, waker)?;
+        let reader: Arc<dyn StoreRead> = store;
+        Ok(Server {
+            gateway: Gateway::new(&cfg, reader),
+            poll,
+            listeners,
+            signals,
+            writer,
+            sockets: Vec::new(),
+            read_buf: vec![0; READ_BUF],
+            again: Vec::new(),
+            reserve_fd: File::open("/dev/null").ok(),
+            accept_paused_until: None,
+            last_emfile_log: None,
+            epoch: Instant::now(),
+            now: 0,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listeners.public_addr
+    }
+
+    /// Address of the admin HTTP API.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.listeners.admin_addr
+    }
+
+    /// Address of the raw TCP listener, when enabled.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.listeners.raw_tcp.as_ref()?.local_addr().ok()
+    }
+
+    /// Paths of the WebSocket endpoints this server exposes.
+    pub fn endpoint_paths(&self) -> Vec<&'static str> {
+        self.gateway.endpoint_paths()
+    }
+
+    /// Runs until a shutdown signal has been handled; then every connection has been closed
+    /// (or the shutdown timeout passed).
+    ///
+    /// Errors: the poller failing, or a store commit failing (fail-stop: acknowledging
+    /// anything after it could lose messages).
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            self.now = self.clock();
+            if let Some(dropped) = self.gateway.is_finished(self.now) {
+                info!("shutdown complete ({dropped} connections dropped at the deadline)");
+                return Ok(());
+            }
+            if let Err(e) = self.poll.poll(&mut events, self.poll_timeout()) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            self.now = self.clock();
+            self.gateway.begin_turn(self.now_value());
+            // Connections scheduled in an earlier turn go on after this turn's events; those
+            // scheduled during this turn wait for the next one.
+            let scheduled = std::mem::take(&mut self.again);
+            for ev in events.iter() {
+                match ev.token() {
+                    PUBLIC => self.accept_all(ListenerKind::Public),
+                    ADMIN => self.accept_all(ListenerKind::Admin),
+                    RAW_TCP => self.accept_all(ListenerKind::RawTcp),
+                    STORE_WAKER => self.on_store_done()?,
+                    SIGNALS => {
+                        if self.signals.take() {
+                            self.begin_shutdown();
+                        }
+                    }
+                    Token(key) => {
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            self.on_readable(key, ev.is_read_closed() || ev.is_error());
+                        }
+                        if ev.is_writable() {
+                            self.write(key);
+                        }
+                    }
+                }
+            }
+            for key in scheduled {
+                self.on_readable(key, false);
+            }
+            self.gateway.handle_timeout(self.now_value());
+            if self.accept_paused_until.is_some_and(|t| self.now >= t) {
+                self.accept_paused_until = None;
+                for kind in [
+                    ListenerKind::Public,
+                    ListenerKind::Admin,
+                    ListenerKind::RawTcp,
+                ] {
+                    self.accept_all(kind);
+                }
+            }
+            self.end_turn();
+        }
+    }
+
+    fn now_value(&self) -> Now {
+        Now {
+            mono_ms: self.now,
+            unix_ms: unix_ms(),
+        }
+    }
+
+    fn clock(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Hands the turn's store writes to the storage thread (group commit), then writes what
+    /// every connection has to send: pending writes leave before the loop sleeps.
+    fn end_turn(&mut self) {
+        if let Some((id, batch)) = self.gateway.poll_batch() {
+            self.writer.submit(id, batch);
+        }
+        self.flush_all();
+        while let Some(key) = self.gateway.poll_resume() {
+            self.again.push(key);
+        }
+    }
+
+    fn flush_all(&mut self) {
+        while let Some(key) = self.gateway.poll_transmit() {
+            self.write(key);
+        }
+        self.apply_socket_actions();
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        if !self.again.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        [self.gateway.poll_timeout(), self.accept_paused_until]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|t| Duration::from_millis(t.saturating_sub(self.now)))
+    }
+
+    /// The storage thread committed batches: the gateway acknowledges and delivers them.
+    fn on_store_done(&mut self) -> io::Result<()> {
+        let mut latest = None;
+        for done in self.writer.completed() {
+            match done {
+                Done::Committed(id, took) => latest = Some((id, took)),
+                Done::Failed(e) => {
+                    log::error!("{e}; stopping: no send is acknowledged unless it is durable");
+                    return Err(io::Error::other(e));
+                }
+            }
+        }
+        if let Some((id, took)) = latest {
+            let now = self.now_value();
+            self.gateway.handle_committed(id, took, now);
+        }
+        Ok(())
+    }
+
+    fn begin_shutdown(&mut self) {
+        if let Some(mut listener) = self.listeners.public.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        let now = self.now_value();
+        self.gateway.handle_shutdown(now);
+        self.flush_all();
+    }
+
+    /// Accepts every waiting connection of one listener. The same for each listener: the
+    /// backlog is always drained (an edge-triggered listener left with a backlog would never
+    /// be woken again), by shedding when descriptors run out, or by a pause after which every
+    /// listener is tried again.
+    fn accept_all(&mut self, kind: ListenerKind) {
+        if self.accept_paused_until.is_some() {
+            return;
+        }
+        loop {
+            let Some(listener) = self.listeners.get(kind) else {
+                return;
+            };
+            match listener.accept() {
+                Ok((sock, _)) => self.add(kind, sock),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if is_transient_accept_error(&e) => {}
+                Err(e) if is_fd_exhaustion(&e) => {
+                    if !self.shed_one_connection(kind) {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    warn!("accept on the {kind:?} listener failed: {e}; pausing accepts for {ACCEPT_PAUSE_MS} ms");
+                    self.accept_paused_until = Some(self.now + ACCEPT_PAUSE_MS);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Out of descriptors: use the reserve one to accept the oldest pending connection of the
+    /// listener and refuse it with the gateway's answer, so the backlog drains instead of the
+    /// loop spinning on EMFILE or the listener stalling. Returns whether a connection was
+    /// shed (so accepting may continue).
+    fn shed_one_connection(&mut self, kind: ListenerKind) -> bool {
+        if self.last_emfile_log.is_none_or(|t| self.now >= t + 1000) {
+            let open = self.sockets.iter().flatten().count();
+            warn!("out of file descriptors with {open} connections: refusing new ones");
+            self.last_emfile_log = Some(self.now);
+        }
+        let Some(reserve) = self.reserve_fd.take() else {
+            self.accept_paused_until = Some(self.now + ACCEPT_PAUSE_MS);
+            return false;
+        };
+        drop(reserve);
+        // Linux reports EMFILE before looking at the queue, so an empty backlog only shows
+        // up here, as WouldBlock: then there is nothing left to shed.
+        let shed = match self.listeners.get(kind).map(|l| l.accept()) {
+            Some(Ok((mut sock, _))) => {
+                // Best effort on a fresh socket, whose send buffer is empty.
+                let _ = sock.write(&self.gateway.shed_answer(kind));
+                true
+            }
+            _ => false,
+        };
+        self.reserve_fd = File::open("/dev/null").ok();
+        if self.reserve_fd.is_none() {
+            self.accept_paused_until = Some(self.now + ACCEPT_PAUSE_MS);
+            return false;
+        }
+        shed
+    }
+
+    /// Takes an accepted socket under the name the gateway gives it, or refuses it.
+    fn add(&mut self, kind: ListenerKind, mut sock: TcpStream) {
+        // A name the gateway gives out may be one whose socket is still to be dropped.
+        self.apply_socket_actions();
+        let key = match self.gateway.handle_accept(kind, self.now_value()) {
+            Accept::Open(key) => key,
+            Accept::Refuse(answer) => {
+                // Best effort on a fresh socket, whose send buffer is empty.
+                let _ = sock.write(&answer);
+                return;
+            }
+        };
+        if kind != ListenerKind::Admin {
+            if let Err(e) = sock.set_nodelay(true) {
+                debug!("set_nodelay: {e}");
+            }
+        }
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut sock, Token(key), interest)
+        {
+            warn!("register: {e}");
+            self.gateway.handle_closed(key);
+            return;
+        }
+        if self.sockets.len() <= key {
+            self.sockets.resize_with(key + 1, || None);
+        }
+        self.sockets[key] = Some(sock);
+    }
+
+    /// Reads until the socket is drained. A short read means it is (a later arrival raises a
+    /// new edge), which saves the extra read that would only return WouldBlock, unless the
+    /// peer's FIN is already known to be queued: then read on until EOF.
+    ///
+    /// A connection the gateway does not want input for (throttled) is not read at all, and
+    /// one that used its share of the turn is read again next turn, after the others.
+    fn on_readable(&mut self, key: ConnId, expect_eof: bool) {
+        if !self.gateway.claim_turn(key) {
+            return;
+        }
+        let mut total = 0;
+        loop {
+            if !self.gateway.wants_input(key) {
+                break;
+            }
+            let (n, from_socket) = match self.gateway.take_held(key, &mut self.read_buf) {
+                Some(n) => (n, false),
+                None => {
+                    let Some(sock) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
+                        return;
+                    };
+                    match sock.read(&mut self.read_buf) {
+                        Ok(0) => {
+                            self.gateway.handle_eof(key);
+                            break;
+                        }
+                        Ok(n) => {
+                            total += n;
+                            if !self.gateway.handle_received(key, n, self.now_value()) {
+                                self.apply_socket_actions();
+                                return;
+                            }
+                            (n, true)
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            debug!("conn {key}: read error: {e}");
+                            self.drop_socket(key);
+                            return;
+                        }
+                    }
+                }
+            };
+            let now = self.now_value();
+            match self.gateway.handle_input(key, &mut self.read_buf[..n], now) {
+                Input::Taken => {}
+                Input::Later => break,
+                Input::Gone => {
+                    self.apply_socket_actions();
+                    return;
+                }
+                Input::Full => {
+                    self.gateway.end_input(key);
+                    self.write(key);
+                    if !self.gateway.go_on(key) {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            if self.gateway.output_refers_to_input() {
+                // Written before the next read reuses `read_buf`.
+                self.write(key);
+            }
+            if total >= READ_BUDGET {
+                self.again.push(key);
+                break;
+            }
+            if from_socket && n < self.read_buf.len() && !expect_eof {
+                break;
+            }
+        }
+        self.gateway.end_input(key);
+        self.write(key);
+    }
+
+    /// Writes the connection's output with one vectored write, then carries out the socket
+    /// actions the gateway decided on.
+    fn write(&mut self, key: ConnId) {
+        if let Some(sock) = self.sockets.get_mut(key).and_then(Option::as_mut) {
+            self.gateway.write_to(key, sock, &self.read_buf);
+        }
+        self.apply_socket_actions();
+    }
+
+    fn apply_socket_actions(&mut self) {
+        while let Some(action) = self.gateway.poll_close() {
+            match action {
+                SocketAction::ShutdownWrite(key) => {
+                    if let Some(sock) = self.sockets.get(key).and_then(Option::as_ref) {
+                        let _ = sock.shutdown(Shutdown::Write);
+                    }
+                }
+                SocketAction::Drop(key) => self.deregister(key),
+            }
+        }
+    }
+
+    /// The socket failed: the gateway forgets the connection and the socket is closed.
+    fn drop_socket(&mut self, key: ConnId) {
+        self.gateway.handle_closed(key);
+        self.deregister(key);
+        self.apply_socket_actions();
+    }
+
+    fn deregister(&mut self, key: ConnId) {
+        if let Some(mut sock) = self.sockets.get_mut(key).and_then(Option::take) {
+            let _ = self.poll.registry().deregister(&mut sock);
+        }
+    }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn is_fd_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+fn is_transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    ) || matches!(e.raw_os_error(), Some(libc::EPROTO | libc::EPERM))
+}
