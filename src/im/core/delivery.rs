@@ -1,0 +1,511 @@
+//! Each device's stream: its committed inbox sent in seq order from its cursor, at most the
+//! delivery window beyond its cumulative ack and only while the connection has output room;
+//! acks, the ack timeout, and Sync pages bounded by count, bytes and room.
+
+use super::{error, frame, ConnId, Core, Device, Now, Output, Session, STORE_UNAVAILABLE};
+use crate::im::proto::{self, server_frame, ErrorCode};
+use crate::im::wire;
+use crate::store::{StoreRead, StoredMessage};
+use crate::ws::code;
+
+/// Most content bytes in one SyncResult (a page holds at least one message).
+pub const SYNC_MAX_BYTES: usize = 1024 * 1024;
+
+/// How many committed messages per cached user are kept, at most, for live delivery of
+/// devices that lag a little (a window that waits for an ack); messages every device has
+/// been sent are dropped at once. A device that lags more reads the store, whose newest
+/// messages are in memory too.
+pub(super) const RECENT_KEEP: usize = 16;
+
+impl Core {
+    /// Whether the connection can take more output now (true for one the core does not
+    /// know). While it cannot, the shell feeds it no input: every answer is then built only
+    /// once there is room for it.
+    pub fn has_room(&self, conn: ConnId) -> bool {
+        self.sessions.get(&conn).is_none_or(|s| s.room > 0)
+    }
+
+    /// The shell's report of how many more bytes the connection can take (its high-water mark
+    /// less what is unsent, or zero while it drains). When room comes back after it ran out,
+    /// the delivery window moves on. Returns whether that produced output.
+    pub fn handle_room(
+        &mut self,
+        conn: ConnId,
+        room: usize,
+        now: Now,
+        store: &dyn StoreRead,
+    ) -> bool {
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return false;
+        };
+        let starved = s.room == 0;
+        s.room = room;
+        if !starved || room == 0 || s.device.is_none() {
+            return false;
+        }
+        let before = self.out.len();
+        self.pump(conn, now, store);
+        self.out.len() > before
+    }
+
+    /// Sends the device as much of its committed inbox as the delivery window allows.
+    pub(super) fn pump(&mut self, conn: ConnId, now: Now, store: &dyn StoreRead) {
+        let window = self.cfg.delivery_window;
+        let Some(Session {
+            device: Some(dev),
+            room: bytes_room,
+            ..
+        }) = self.sessions.get_mut(&conn)
+        else {
+            return;
+        };
+        let Some(user) = self.users.get(&dev.uid) else {
+            return;
+        };
+        while *bytes_room > 0
+            && dev.sent_upto < user.committed_seq
+            && dev.sent_upto - dev.acked < window
+        {
+            let room = (window - (dev.sent_upto - dev.acked)) as usize;
+            let first_recent = user.committed_seq + 1 - user.recent.len() as u64;
+            if dev.sent_upto + 1 >= first_recent {
+                let skip = (dev.sent_upto + 1 - first_recent) as usize;
+                for m in user.recent.range(skip..).take(room) {
+                    if *bytes_room == 0 {
+                        return;
+                    }
+                    let before = self.out.len();
+                    if !advance(dev, m, conn, now, &mut self.out) {
+                        return;
+                    }
+                    if self.out.len() > before {
+                        *bytes_room = bytes_room.saturating_sub(output_cost(m.body.len()));
+                    }
+                }
+            } else {
+                // A failed read stops the stream here; the next ack or commit tries again.
+                // Read no more than the room can take, counting each message as at least
+                // MIN_DELIVERY_COST, so that a connection with little room reads little.
+                let room = room.min(*bytes_room / MIN_DELIVERY_COST + 1);
+                let older = match store.messages_after(&dev.uid, dev.sent_upto, room) {
+                    Ok(older) => older,
+                    Err(e) => {
+                        log::error!("{e}");
+                        break;
+                    }
+                };
+                if older.is_empty() {
+                    break;
+                }
+                for m in &older {
+                    if *bytes_room == 0 {
+                        return;
+                    }
+                    let before = self.out.len();
+                    if !advance(dev, m, conn, now, &mut self.out) {
+                        return;
+                    }
+                    if self.out.len() > before {
+                        *bytes_room = bytes_room.saturating_sub(output_cost(m.body.len()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A cumulative ack, capped at what was sent. One that moves the cursor is stored with the
+    /// turn's batch, restarts the ack timeout and moves the window on; others are ignored.
+    pub(super) fn ack(&mut self, conn: ConnId, seq: u64, now: Now, store: &dyn StoreRead) {
+        let Some(dev) = self.sessions.get_mut(&conn).and_then(|s| s.device.as_mut()) else {
+            return;
+        };
+        let seq = seq.min(dev.sent_upto);
+        if seq <= dev.acked {
+            return;
+        }
+        dev.acked = seq;
+        dev.progress_ms = now.mono_ms;
+        self.batch
+            .cursors
+            .push((dev.uid.clone(), dev.device_id.clone(), seq));
+        self.pump(conn, now, store);
+    }
+
+    /// Connections with messages outstanding and no ack progress for the ack timeout are
+    /// closed (they resume on reconnect). Call from the connection's timer.
+    pub fn check_ack_timeout(&mut self, conn: ConnId, now: Now) {
+        let Some(dev) = self.sessions.get(&conn).and_then(|s| s.device.as_ref()) else {
+            return;
+        };
+        if dev.sent_upto > dev.acked
+            && now.mono_ms.saturating_sub(dev.progress_ms) >= self.cfg.ack_timeout_ms
+        {
+            self.out.push(Output::Close {
+                conn,
+                code: code::POLICY_VIOLATION,
+                reason: "ack timeout",
+            });
+        }
+    }
+
+    /// Forgets the recent messages every online device of `uid` has been sent: a lagging
+    /// device reads the store, and a message's body is freed while it is still in the cache.
+    pub(super) fn trim_recent(&mut self, uid: &str) {
+        let Some(user) = self.users.get_mut(uid) else {
+            return;
+        };
+        let passed = user
+            .devices
+            .values()
+            .filter_map(|c| self.sessions.get(c)?.device.as_ref())
+            .map(|d| d.sent_upto)
+            .min()
+            .unwrap_or(u64::MAX);
+        while user.recent.front().is_some_and(|m| m.seq <= passed) {
+            user.recent.pop_front();
+        }
+    }
+
+    /// A Sync: one page of the inbox after `after_seq`, read from the store, at most `limit`
+    /// messages (100 by default, 1,000 at most).
+    pub(super) fn sync(&mut self, conn: ConnId, id: u64, s: proto::Sync, store: &dyn StoreRead) {
+        let Some((uid, room)) = self
+            .sessions
+            .get(&conn)
+            .and_then(|s| Some((s.device.as_ref()?.uid.clone(), s.room)))
+        else {
+            return;
+        };
+        let page_bytes = SYNC_MAX_BYTES.min(room / 2);
+        let limit = match s.limit {
+            0 => 100,
+            n => n.min(1000) as usize,
+        };
+        let mut msgs = match store.messages_after(&uid, s.after_seq, limit + 1) {
+            Ok(msgs) => msgs,
+            Err(e) => {
+                log::error!("{e}");
+                return self.reply(conn, error(id, ErrorCode::Unavailable, STORE_UNAVAILABLE));
+            }
+        };
+        // Bound the page by bytes too (at least one message), so that one SyncResult stays far
+        // below the outbound allowance whatever the message sizes, and within the room the
+        // connection has now (as JSON it can be up to twice the stored size).
+        let mut bytes = 0;
+        let fit = msgs
+            .iter()
+            .take(limit)
+            .position(|m| {
+                bytes += m.body.len();
+                bytes > page_bytes
+            })
+            .unwrap_or(limit)
+            .max(1);
+        let has_more = msgs.len() > fit;
+        msgs.truncate(fit);
+        self.reply(
+            conn,
+            frame(
+                id,
+                server_frame::Body::SyncResult(proto::SyncResult {
+                    messages: msgs.iter().filter_map(decode_logged).collect(),
+                    has_more,
+                }),
+            ),
+        );
+    }
+}
+
+/// Moves the device's stream past `m`, delivering it unless the device sent it. False when
+/// `m` does not follow on: then the stream stops rather than leave a gap.
+fn advance(
+    dev: &mut Device,
+    m: &StoredMessage,
+    conn: ConnId,
+    now: Now,
+    out: &mut Vec<Output>,
+) -> bool {
+    if m.seq != dev.sent_upto + 1 {
+        log::error!("inbox of {} not contiguous at {}", dev.uid, m.seq);
+        return false;
+    }
+    if dev.sent_upto == dev.acked {
+        // Nothing was outstanding: the ack timeout starts now.
+        dev.progress_ms = now.mono_ms;
+    }
+    dev.sent_upto = m.seq;
+    if dev.own.front() == Some(&m.seq) {
+        dev.own.pop_front();
+        // The sending device learnt this seq from its SendOk; count it as acked if nothing
+        // before it is outstanding, so the window does not fill up.
+        if dev.acked + 1 == m.seq {
+            dev.acked = m.seq;
+        }
+        return true;
+    }
+    out.push(Output::Deliver {
+        conn,
+        msg: m.clone(),
+    });
+    true
+}
+
+/// The least a delivery is taken to cost a connection's room (see [`output_cost`]).
+const MIN_DELIVERY_COST: usize = 256;
+
+/// What an output of `encoded` protobuf bytes is taken to cost a connection's room: JSON
+/// grows content by 4/3 and adds field names, and each frame has a header.
+pub(super) fn output_cost(encoded: usize) -> usize {
+    encoded + encoded / 2 + 64
+}
+
+/// A stored message as a protobuf struct, or None (logged) if it does not decode.
+fn decode_logged(m: &StoredMessage) -> Option<proto::Message> {
+    wire::to_proto(m)
+        .map_err(|e| log::error!("undecodable stored message (seq {}): {e}", m.seq))
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::harness::{closes, frames_to, messages_to, H};
+    use super::super::ImConfig;
+    use super::*;
+    use crate::im::proto::{client_frame::Body as C, server_frame::Body as S};
+
+    #[test]
+    fn every_device_of_both_users_gets_it_except_the_sender() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "alice", "laptop", 0);
+        h.login(3, "bob", "phone", 0);
+        h.login(4, "bob", "tablet", 0);
+        h.login(5, "bob", "web", 0);
+        let out = h.send(1, "bob", "m1", "hello");
+        assert!(messages_to(&out, 1).is_empty());
+        assert_eq!(messages_to(&out, 2), vec![(1, "hello".into())]);
+        for bob in [3, 4, 5] {
+            assert_eq!(messages_to(&out, bob), vec![(1, "hello".into())]);
+        }
+    }
+
+    #[test]
+    fn offline_catch_up_cursor_resume_and_last_seq() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        for i in 1..=5 {
+            h.send(1, "bob", &format!("m{i}"), &format!("t{i}"));
+        }
+        // Bob logs in: everything after cursor 0, in order.
+        let out = h.login(2, "bob", "phone", 0);
+        let got: Vec<u64> = messages_to(&out, 2).iter().map(|m| m.0).collect();
+        assert_eq!(got, vec![1, 2, 3, 4, 5]);
+        h.req(2, 3, C::Ack(proto::Ack { seq: 3 }));
+        h.close(2);
+        // Reconnect: resumes after the stored cursor.
+        let out = h.login(3, "bob", "phone", 0);
+        assert_eq!(
+            messages_to(&out, 3).iter().map(|m| m.0).collect::<Vec<_>>(),
+            vec![4, 5]
+        );
+        h.close(3);
+        // Login.last_seq overrides the stored cursor.
+        let out = h.login(4, "bob", "phone", 1);
+        assert_eq!(messages_to(&out, 4).len(), 4);
+        // Live messages follow the backlog without a gap.
+        let out = h.send(1, "bob", "m6", "t6");
+        assert_eq!(messages_to(&out, 4), vec![(6, "t6".into())]);
+    }
+
+    #[test]
+    fn delivery_window_waits_for_acks_and_ack_timeout_disconnects() {
+        let mut h = H::new(ImConfig {
+            delivery_window: 2,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "bob", "phone", 0);
+        let mut seen = Vec::new();
+        for i in 1..=5 {
+            let out = h.send(1, "bob", &format!("m{i}"), "x");
+            seen.extend(messages_to(&out, 2).into_iter().map(|m| m.0));
+        }
+        assert_eq!(seen, vec![1, 2], "at most the window in flight");
+        let out = h.req(2, 0, C::Ack(proto::Ack { seq: 1 }));
+        assert_eq!(
+            messages_to(&out, 2).iter().map(|m| m.0).collect::<Vec<_>>(),
+            vec![3]
+        );
+        let out = h.req(2, 0, C::Ack(proto::Ack { seq: 3 }));
+        assert_eq!(
+            messages_to(&out, 2).iter().map(|m| m.0).collect::<Vec<_>>(),
+            vec![4, 5]
+        );
+        // No ack progress for the ack timeout: disconnected.
+        h.now.mono_ms += 59_999;
+        h.core.check_ack_timeout(2, h.now);
+        assert!(closes(&h.turn()).is_empty());
+        h.now.mono_ms += 1;
+        h.core.check_ack_timeout(2, h.now);
+        assert_eq!(closes(&h.turn()), vec![(2, code::POLICY_VIOLATION)]);
+        // Nothing outstanding: never timed out.
+        h.req(2, 0, C::Ack(proto::Ack { seq: 5 }));
+        h.now.mono_ms += 1_000_000;
+        h.core.check_ack_timeout(2, h.now);
+        assert!(closes(&h.turn()).is_empty());
+    }
+
+    #[test]
+    fn deliveries_stop_when_the_connection_has_no_room_and_go_on_when_it_does() {
+        let mut h = H::new(ImConfig {
+            output_room: 10_000,
+            rate_burst: 1000.0,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        for i in 1..=20 {
+            h.send(1, "bob", &format!("m{i}"), &"x".repeat(1000));
+        }
+        // Each delivery is taken to cost about 1.5 times its size: 7 fit in 10,000 bytes.
+        let out = h.login(2, "bob", "phone", 0);
+        let first: Vec<u64> = messages_to(&out, 2).iter().map(|m| m.0).collect();
+        assert_eq!(first, (1..=7).collect::<Vec<_>>());
+        assert!(
+            !h.core.has_room(2),
+            "no input is taken while there is no room"
+        );
+        // A report of no room changes nothing; room again moves the stream on, in order.
+        assert!(!h.core.handle_room(2, 0, h.now, &h.store));
+        assert!(h.core.handle_room(2, 10_000, h.now, &h.store));
+        let next: Vec<u64> = messages_to(&h.turn(), 2).iter().map(|m| m.0).collect();
+        assert_eq!(next, (8..=14).collect::<Vec<_>>());
+        // Room reported while the stream was not starved does not deliver twice.
+        assert!(h.core.handle_room(2, 100_000, h.now, &h.store));
+        let rest: Vec<u64> = messages_to(&h.turn(), 2).iter().map(|m| m.0).collect();
+        assert_eq!(rest, (15..=20).collect::<Vec<_>>());
+        assert!(!h.core.handle_room(2, 100_000, h.now, &h.store));
+        assert!(h.core.has_room(2));
+    }
+
+    #[test]
+    fn sync_pages() {
+        let mut h = H::new(ImConfig {
+            rate_burst: 1000.0,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        for i in 1..=150 {
+            h.send(1, "alice", &format!("m{i}"), "x");
+        }
+        let page = |h: &mut H, after, limit| match frames_to(
+            &h.req(
+                1,
+                5,
+                C::Sync(proto::Sync {
+                    after_seq: after,
+                    limit,
+                }),
+            ),
+            1,
+        )
+        .pop()
+        {
+            Some(S::SyncResult(r)) => (
+                r.messages.first().map(|m| m.seq),
+                r.messages.len(),
+                r.has_more,
+            ),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            page(&mut h, 0, 0),
+            (Some(1), 100, true),
+            "default limit 100"
+        );
+        assert_eq!(page(&mut h, 100, 0), (Some(101), 50, false));
+        assert_eq!(page(&mut h, 140, 5), (Some(141), 5, true));
+        assert_eq!(
+            page(&mut h, 0, 5000),
+            (Some(1), 150, false),
+            "limit capped at 1000"
+        );
+        assert_eq!(page(&mut h, 150, 10), (None, 0, false));
+    }
+
+    #[test]
+    fn sync_pages_are_bounded_by_bytes_too() {
+        let mut h = H::new(ImConfig {
+            max_content_bytes: 2 * SYNC_MAX_BYTES,
+            output_room: 8 * SYNC_MAX_BYTES,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        let big = "x".repeat(SYNC_MAX_BYTES * 2 / 5);
+        for i in 1..=4 {
+            h.send(1, "bob", &format!("m{i}"), &big);
+        }
+        h.send(1, "bob", "huge", &"y".repeat(SYNC_MAX_BYTES + 1));
+        let mut page = |after| {
+            let out = h.req(
+                1,
+                5,
+                C::Sync(proto::Sync {
+                    after_seq: after,
+                    limit: 100,
+                }),
+            );
+            match frames_to(&out, 1).pop() {
+                Some(S::SyncResult(r)) => (r.messages.len(), r.has_more),
+                other => panic!("{other:?}"),
+            }
+        };
+        // Two of 0.4 MiB fit in 1 MiB, a third would not; a message over 1 MiB comes alone.
+        assert_eq!(page(0), (2, true));
+        assert_eq!(page(2), (2, true));
+        assert_eq!(page(4), (1, false));
+    }
+
+    #[test]
+    fn a_sync_page_fits_half_the_room_and_an_answer_uses_it_up() {
+        let mut h = H::new(ImConfig {
+            output_room: 40_000,
+            rate_burst: 1000.0,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        for i in 1..=30 {
+            h.send(1, "alice", &format!("m{i}"), &"x".repeat(1000));
+        }
+        h.core.handle_room(1, 40_000, h.now, &h.store);
+        let page = |h: &mut H| match frames_to(
+            &h.req(
+                1,
+                5,
+                C::Sync(proto::Sync {
+                    after_seq: 0,
+                    limit: 1000,
+                }),
+            ),
+            1,
+        )
+        .pop()
+        {
+            Some(S::SyncResult(r)) => (r.messages.len(), r.has_more),
+            other => panic!("{other:?}"),
+        };
+        // Half the room is 20,000 bytes: 19 stored messages of about 1,030 bytes (a 20th
+        // would pass it).
+        assert_eq!(page(&mut h), (19, true));
+        // Each answer uses up room (about 1.5 times its size), so the next pages shrink until
+        // there is none; with no room a page still holds one message, so Sync progresses.
+        let mut sizes = Vec::new();
+        while h.core.has_room(1) {
+            sizes.push(page(&mut h).0);
+        }
+        assert!(
+            sizes.windows(2).all(|w| w[0] >= w[1]) && sizes[0] < 19,
+            "{sizes:?}"
+        );
+        assert_eq!(page(&mut h), (1, true));
+    }
+}

@@ -1,0 +1,381 @@
+//! The IM domain core: login, the device registry, inboxes, delivery, sync and presence.
+//!
+//! Sans-IO: the shell feeds it decoded client frames, connection events and the time, and
+//! drains [`Output`]s (frames to send, connections to close) and [`WriteBatch`]es (store
+//! writes). A batch is taken once per loop turn and committed off the network thread; only
+//! when the shell reports it durable ([`Core::on_committed`]) does the core acknowledge the
+//! sends in it and deliver their messages, so nothing a client was told about can be lost.
+//!
+//! A message is encoded once, when it is accepted (`wire::encode_body`), and that body is
+//! shared by both inboxes, the store and every delivery ([`Output::Deliver`]).
+//!
+//! Invariants:
+//! - Each inbox's seqs are assigned densely (`assigned_seq`) and become visible in the same
+//!   order once committed (`committed_seq`).
+//! - A device's stream is `sent_upto` over the committed inbox: messages go out in seq order,
+//!   without gaps, at most `delivery_window` beyond the device's cumulative ack.
+//! - A cached user's send filter, once loaded, covers its newest idempotency keys: the
+//!   committed ones the store had, then every send accepted since.
+//!
+//! This module holds the types the shell sees, the state the core keeps and the dispatch of
+//! client frames; the rest lives beside it, one concern per file:
+//! - `session`: connections opening and closing, login, the device registry.
+//! - `presence`: friendships, and telling friends who comes online and goes offline.
+//! - `send`: accepting a message (client or admin API), rate limits and dedupe.
+//! - `filter`: the per-user filter of recent idempotency keys behind dedupe.
+//! - `batch`: the writes of a loop turn, and what their commit releases.
+//! - `delivery`: each device's stream within its window and output room, acks, Sync pages.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::RandomState;
+use std::sync::Arc;
+
+use super::auth::{Verifier, MAX_ID_BYTES};
+use super::proto::{self, client_frame, server_frame, ClientFrame, ErrorCode, ServerFrame};
+use crate::store::{StoreRead, StoredMessage, WriteBatch};
+use crate::ws::code;
+
+use delivery::output_cost;
+use filter::SendFilter;
+
+mod batch;
+mod delivery;
+mod filter;
+#[cfg(test)]
+mod harness;
+mod presence;
+mod send;
+mod session;
+
+pub use delivery::SYNC_MAX_BYTES;
+
+/// The shell's identifier of a connection (its slab key).
+pub type ConnId = usize;
+
+/// Close code for a connection replaced by a newer login of the same device.
+pub const CLOSE_REPLACED: u16 = 4000;
+
+/// What the store could not tell right now, so a request is refused instead of guessed.
+const STORE_UNAVAILABLE: &str = "the store cannot be read; try again later";
+
+/// Why an admin API send was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminSendError {
+    /// Bad ids or content (HTTP 400).
+    Invalid(&'static str),
+    /// The store could not be read (HTTP 503).
+    Unavailable,
+}
+
+#[derive(Debug, Clone)]
+pub struct ImConfig {
+    pub max_devices: usize,
+    pub delivery_window: u64,
+    pub ack_timeout_ms: u64,
+    pub max_content_bytes: usize,
+    pub rate_per_sec: f64,
+    pub rate_burst: f64,
+    /// Undecodable frames in a row before the connection is closed.
+    pub max_bad_frames: u32,
+    /// Output a new connection can take before the shell first reports its room
+    /// (`--outbound-high-water`; see [`Core::handle_room`]).
+    pub output_room: usize,
+}
+
+impl Default for ImConfig {
+    fn default() -> Self {
+        ImConfig {
+            max_devices: 16,
+            delivery_window: 256,
+            ack_timeout_ms: 60_000,
+            max_content_bytes: 16 * 1024,
+            rate_per_sec: 50.0,
+            rate_burst: 100.0,
+            max_bad_frames: 10,
+            output_room: 1024 * 1024,
+        }
+    }
+}
+
+/// The time, as the shell sees it: monotonic for timeouts, wall clock for the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub mono_ms: u64,
+    pub unix_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    Frame {
+        conn: ConnId,
+        frame: ServerFrame,
+    },
+    Close {
+        conn: ConnId,
+        code: u16,
+        reason: &'static str,
+    },
+    /// A message of the connection's inbox (a `ServerFrame` with id 0; see `wire`).
+    Deliver {
+        conn: ConnId,
+        msg: StoredMessage,
+    },
+    /// The answer to an admin API send (`POST /v1/messages`), once durable.
+    AdminSent {
+        admin: usize,
+        seq: u64,
+        duplicate: bool,
+    },
+}
+
+/// Who asked for a send, and so who gets its acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requester {
+    Conn { conn: ConnId, id: u64 },
+    Admin(usize),
+}
+
+/// Identifies a taken [`WriteBatch`] until it is committed.
+pub type BatchId = u64;
+
+/// Per-connection token bucket for sends.
+#[derive(Debug, Clone)]
+struct Bucket {
+    tokens: f64,
+    at_ms: u64,
+}
+
+#[derive(Debug)]
+struct Device {
+    uid: Arc<str>,
+    device_id: Arc<str>,
+    /// Highest seq sent on this connection.
+    sent_upto: u64,
+    /// Cumulative ack (the cursor).
+    acked: u64,
+    /// When `acked` last moved, or when messages started to be outstanding.
+    progress_ms: u64,
+    /// Seqs (in its own inbox, ascending) of what this connection sent and has not passed
+    /// yet: it learnt them from SendOk, so they are not delivered back to it.
+    own: VecDeque<u64>,
+}
+
+#[derive(Debug)]
+struct Session {
+    device: Option<Device>,
+    bucket: Bucket,
+    bad_in_row: u32,
+    /// Bytes of output the connection can still take: what the shell last reported, less an
+    /// estimate of what was produced since. Deliveries stop at zero, and Sync pages shrink to
+    /// fit, so that output is bounded before it is built (see [`Core::handle_room`]).
+    room: usize,
+}
+
+#[derive(Debug, Default)]
+struct User {
+    /// Online devices: device id -> connection.
+    devices: HashMap<Arc<str>, ConnId>,
+    assigned_seq: u64,
+    committed_seq: u64,
+    /// The most recently committed messages, contiguous up to `committed_seq`, so live
+    /// delivery needs no store read.
+    recent: VecDeque<StoredMessage>,
+    /// The ids of its newest sends, loaded at the first send of this cache lifetime.
+    sends: Option<SendFilter>,
+    /// Uncommitted appends to this inbox; the user stays cached while any are in flight.
+    uncommitted: usize,
+    /// The last batch whose commit touched this user (to visit each user once per commit).
+    touched_by: BatchId,
+}
+
+pub struct Core {
+    cfg: ImConfig,
+    verifier: Verifier,
+    /// Hashes client_msg_ids for send windows; keyed per process, so ids cannot be chosen to
+    /// collide.
+    hasher: RandomState,
+    sessions: HashMap<ConnId, Session>,
+    users: HashMap<Arc<str>, User>,
+    out: Vec<Output>,
+    batch: WriteBatch,
+    /// Acknowledgements released when the current batch is durable.
+    deferred: Vec<Output>,
+    in_flight: VecDeque<(BatchId, Arc<WriteBatch>, Vec<Output>)>,
+    next_batch: BatchId,
+    /// Reused for encoding message bodies.
+    scratch: Vec<u8>,
+}
+
+fn frame(id: u64, body: server_frame::Body) -> ServerFrame {
+    ServerFrame {
+        id,
+        body: Some(body),
+    }
+}
+
+fn error(id: u64, code: ErrorCode, message: &str) -> ServerFrame {
+    frame(
+        id,
+        server_frame::Body::Error(proto::Error {
+            code: code as i32,
+            message: message.to_owned(),
+        }),
+    )
+}
+
+fn valid_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_ID_BYTES
+}
+
+impl Core {
+    pub fn new(cfg: ImConfig, jwt_secret: &[u8]) -> Core {
+        Core {
+            cfg,
+            verifier: Verifier::new(jwt_secret),
+            hasher: RandomState::new(),
+            sessions: HashMap::new(),
+            users: HashMap::new(),
+            out: Vec::new(),
+            batch: WriteBatch::default(),
+            deferred: Vec::new(),
+            in_flight: VecDeque::new(),
+            next_batch: 1,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Frames to send and connections to close, in order.
+    pub fn drain_output(&mut self) -> std::vec::Drain<'_, Output> {
+        self.out.drain(..)
+    }
+
+    /// A frame that could not be decoded (or a text frame where binary is required).
+    pub fn on_bad_frame(&mut self, conn: ConnId, why: &str) {
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        s.bad_in_row += 1;
+        let close = s.bad_in_row >= self.cfg.max_bad_frames;
+        self.out.push(Output::Frame {
+            conn,
+            frame: error(0, ErrorCode::BadRequest, why),
+        });
+        if close {
+            self.out.push(Output::Close {
+                conn,
+                code: code::POLICY_VIOLATION,
+                reason: "too many bad frames",
+            });
+        }
+    }
+
+    /// A raw TCP frame over the size limit: the stream cannot be resynchronised.
+    pub fn on_frame_too_large(&mut self, conn: ConnId) {
+        self.out.push(Output::Frame {
+            conn,
+            frame: error(0, ErrorCode::TooLarge, "frame too large"),
+        });
+        self.out.push(Output::Close {
+            conn,
+            code: code::POLICY_VIOLATION,
+            reason: "frame too large",
+        });
+    }
+
+    /// A decoded client frame.
+    pub fn on_frame(&mut self, conn: ConnId, f: ClientFrame, now: Now, store: &dyn StoreRead) {
+        let Some(session) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        session.bad_in_row = 0;
+        let id = f.id;
+        let logged_in = session.device.is_some();
+        match f.body {
+            None => self.reply(conn, error(id, ErrorCode::BadRequest, "empty frame")),
+            Some(client_frame::Body::Login(_)) if logged_in => {
+                self.reply(conn, error(id, ErrorCode::BadRequest, "already logged in"))
+            }
+            Some(client_frame::Body::Login(l)) => self.login(conn, id, l, now, store),
+            Some(_) if !logged_in => {
+                self.reply(conn, error(id, ErrorCode::Unauthenticated, "log in first"))
+            }
+            Some(client_frame::Body::Send(s)) => self.send(conn, id, s, now, store),
+            Some(client_frame::Body::Ack(a)) => self.ack(conn, a.seq, now, store),
+            Some(client_frame::Body::Sync(s)) => self.sync(conn, id, s, store),
+            Some(client_frame::Body::Ping(p)) => self.reply(
+                conn,
+                frame(
+                    id,
+                    server_frame::Body::Pong(proto::Pong {
+                        client_time_ms: p.client_time_ms,
+                        server_time_ms: now.unix_ms,
+                    }),
+                ),
+            ),
+        }
+    }
+
+    fn reply(&mut self, conn: ConnId, frame: ServerFrame) {
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            s.room = s
+                .room
+                .saturating_sub(output_cost(prost::Message::encoded_len(&frame)));
+        }
+        self.out.push(Output::Frame { conn, frame });
+    }
+
+    /// Loads (or finds) the cached state of `uid`; None when the store cannot tell its
+    /// inbox's last seq (nothing may then be appended to it).
+    fn user(&mut self, uid: &str, store: &dyn StoreRead) -> Option<Arc<str>> {
+        if let Some((k, _)) = self.users.get_key_value(uid) {
+            return Some(k.clone());
+        }
+        let key: Arc<str> = uid.into();
+        let max = match store.max_seq(uid) {
+            Ok(max) => max,
+            Err(e) => {
+                log::error!("{e}: user {uid} not loaded");
+                return None;
+            }
+        };
+        self.users.insert(
+            key.clone(),
+            User {
+                assigned_seq: max,
+                committed_seq: max,
+                ..User::default()
+            },
+        );
+        Some(key)
+    }
+
+    /// Drops the cache of a user nobody needs right now; the store has everything.
+    fn maybe_evict(&mut self, uid: &str) {
+        if self
+            .users
+            .get(uid)
+            .is_some_and(|u| u.devices.is_empty() && u.uncommitted == 0)
+        {
+            self.users.remove(uid);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::harness::{frames_to, H};
+    use super::*;
+    use client_frame::Body as C;
+    use server_frame::Body as S;
+
+    #[test]
+    fn ping_pong() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "a", 0);
+        let out = h.req(1, 42, C::Ping(proto::Ping { client_time_ms: 7 }));
+        let Some(S::Pong(p)) = frames_to(&out, 1).pop() else {
+            panic!()
+        };
+        assert_eq!((p.client_time_ms, p.server_time_ms), (7, h.now.unix_ms));
+    }
+}

@@ -1,0 +1,526 @@
+//! Accepting a message, from a client's SendMessage or the admin API: validation, the rate
+//! limit, dedupe by client_msg_id, seqs in both inboxes and the appends to the turn's batch.
+//! A send is acknowledged only once that batch is durable (see `batch`).
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use super::filter::SendFilter;
+use super::{
+    error, frame, valid_id, AdminSendError, ConnId, Core, Now, Output, Requester, STORE_UNAVAILABLE,
+};
+use crate::im::proto::{self, server_frame, ErrorCode};
+use crate::im::wire;
+use crate::store::{Append, ReadError, StoreRead, StoredMessage};
+
+impl Core {
+    /// A client's SendMessage: refused at once if over the rate limit, malformed or too large,
+    /// otherwise accepted (or recognised as a duplicate) and acknowledged once durable.
+    pub(super) fn send(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        s: proto::SendMessage,
+        now: Now,
+        store: &dyn StoreRead,
+    ) {
+        if !self.take_token(conn, now) {
+            return self.reply(conn, error(id, ErrorCode::RateLimited, "too many messages"));
+        }
+        if !valid_id(&s.to_uid) || !valid_id(&s.client_msg_id) {
+            return self.reply(
+                conn,
+                error(
+                    id,
+                    ErrorCode::BadRequest,
+                    "to_uid and client_msg_id must be 1-64 bytes",
+                ),
+            );
+        }
+        if s.content.len() > self.cfg.max_content_bytes {
+            return self.reply(conn, error(id, ErrorCode::TooLarge, "content too large"));
+        }
+        let Some((from, device)) = self
+            .sessions
+            .get(&conn)
+            .and_then(|s| s.device.as_ref())
+            .map(|d| (d.uid.clone(), d.device_id.clone()))
+        else {
+            return;
+        };
+        let accepted = self.accept_send(
+            from,
+            &device,
+            &s.to_uid,
+            s.client_msg_id,
+            s.content,
+            now,
+            store,
+            Requester::Conn { conn, id },
+        );
+        if accepted.is_err() {
+            self.reply(conn, error(id, ErrorCode::Unavailable, STORE_UNAVAILABLE));
+        }
+    }
+
+    /// Takes one send from the connection's token bucket, refilled at `rate_per_sec` up to
+    /// `rate_burst`; false when it is empty.
+    fn take_token(&mut self, conn: ConnId, now: Now) -> bool {
+        let (rate, burst) = (self.cfg.rate_per_sec, self.cfg.rate_burst);
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return false;
+        };
+        let b = &mut s.bucket;
+        let elapsed = now.mono_ms.saturating_sub(b.at_ms) as f64 / 1000.0;
+        b.tokens = (b.tokens + elapsed * rate).min(burst);
+        b.at_ms = now.mono_ms;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A send on a user's (or the system's) behalf from the admin API, with the same
+    /// validation, durability and dedupe as a client send. `Output::AdminSent` answers it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn admin_send(
+        &mut self,
+        admin: usize,
+        from_uid: &str,
+        to_uid: &str,
+        client_msg_id: String,
+        content: Vec<u8>,
+        now: Now,
+        store: &dyn StoreRead,
+    ) -> Result<(), AdminSendError> {
+        if !valid_id(from_uid) || !valid_id(to_uid) || !valid_id(&client_msg_id) {
+            return Err(AdminSendError::Invalid(
+                "from_uid, to_uid and client_msg_id must be 1-64 bytes",
+            ));
+        }
+        if content.len() > self.cfg.max_content_bytes {
+            return Err(AdminSendError::Invalid("content too large"));
+        }
+        let from = self
+            .user(from_uid, store)
+            .ok_or(AdminSendError::Unavailable)?;
+        let accepted = self.accept_send(
+            from.clone(),
+            "admin",
+            to_uid,
+            client_msg_id,
+            content,
+            now,
+            store,
+            Requester::Admin(admin),
+        );
+        self.maybe_evict(&from);
+        accepted.map_err(|_| AdminSendError::Unavailable)
+    }
+
+    fn acknowledgement(req: Requester, seq: u64, duplicate: bool, now: Now) -> Output {
+        match req {
+            Requester::Conn { conn, id } => Output::Frame {
+                conn,
+                frame: frame(
+                    id,
+                    server_frame::Body::SendOk(proto::SendOk {
+                        seq,
+                        server_time_ms: now.unix_ms,
+                        duplicate,
+                    }),
+                ),
+            },
+            Requester::Admin(admin) => Output::AdminSent {
+                admin,
+                seq,
+                duplicate,
+            },
+        }
+    }
+
+    /// Dedupes, assigns seqs in both inboxes and queues the appends; the acknowledgement is
+    /// released when the batch is durable. `from` must be cached. Fails, appending nothing,
+    /// when the store cannot tell whether the id was used or where the recipient's inbox ends.
+    #[allow(clippy::too_many_arguments)]
+    fn accept_send(
+        &mut self,
+        from: Arc<str>,
+        device: &str,
+        to_uid: &str,
+        client_msg_id: String,
+        content: Vec<u8>,
+        now: Now,
+        store: &dyn StoreRead,
+        req: Requester,
+    ) -> Result<(), ReadError> {
+        let hash = self.hasher.hash_one(client_msg_id.as_str());
+        if let Some((seq, pending)) = self.earlier_send(&from, hash, &client_msg_id, store)? {
+            let ok = Self::acknowledgement(req, seq, true, now);
+            // A duplicate of a send not yet durable is answered when it is.
+            if pending {
+                self.deferred.push(ok);
+            } else {
+                self.out.push(ok);
+            }
+            return Ok(());
+        }
+        let Some(to) = self.user(to_uid, store) else {
+            return Err(ReadError(format!(
+                "the inbox of {to_uid} could not be read"
+            )));
+        };
+        let body = wire::encode_body(
+            &wire::Body {
+                from_uid: &from,
+                to_uid: &to,
+                client_msg_id: &client_msg_id,
+                content: &content,
+                server_time_ms: now.unix_ms,
+                from_device: device,
+            },
+            &mut self.scratch,
+        );
+        let owners = if to == from {
+            [Some(from.clone()), None]
+        } else {
+            [Some(from.clone()), Some(to)]
+        };
+        let mut sender_seq = 0;
+        for owner in owners.into_iter().flatten() {
+            let user = self.users.get_mut(&owner).expect("loaded");
+            user.assigned_seq += 1;
+            user.uncommitted += 1;
+            let seq = user.assigned_seq;
+            if sender_seq == 0 {
+                sender_seq = seq;
+            }
+            self.batch.appends.push(Append {
+                owner,
+                msg: StoredMessage {
+                    seq,
+                    server_time_ms: now.unix_ms,
+                    body: body.clone(),
+                },
+            });
+        }
+        if let Some(f) = self.users.get_mut(&from).and_then(|u| u.sends.as_mut()) {
+            f.insert(hash);
+        }
+        self.batch.sends.push((from, client_msg_id, sender_seq));
+        if let Requester::Conn { conn, .. } = req {
+            if let Some(dev) = self.sessions.get_mut(&conn).and_then(|s| s.device.as_mut()) {
+                dev.own.push_back(sender_seq);
+            }
+        }
+        self.deferred
+            .push(Self::acknowledgement(req, sender_seq, false, now));
+        Ok(())
+    }
+
+    /// The sender-inbox seq of an earlier send of `uid` with this client_msg_id (`hash` is its
+    /// hash), and whether it is still pending. Loads the user's send filter at its first send.
+    fn earlier_send(
+        &mut self,
+        uid: &Arc<str>,
+        hash: u64,
+        client_msg_id: &str,
+        store: &dyn StoreRead,
+    ) -> Result<Option<(u64, bool)>, ReadError> {
+        let Some(user) = self.users.get(uid) else {
+            return Ok(None);
+        };
+        if user.sends.as_ref().is_none_or(SendFilter::must_grow) {
+            // First send of this cache lifetime, or more ids than the filter was sized for:
+            // (re)build it from the store's newest ids and those still in flight.
+            let hashes: Vec<u64> = store
+                .recent_sends(uid)?
+                .iter()
+                .map(|(id, _)| id.as_str())
+                .chain(self.pending_sends(uid).map(|(id, _)| id))
+                .map(|id| self.hasher.hash_one(id))
+                .collect();
+            let f = SendFilter::with(hashes);
+            if let Some(u) = self.users.get_mut(uid) {
+                u.sends = Some(f);
+            }
+        }
+        let filter = self.users.get(uid).and_then(|u| u.sends.as_ref());
+        if !filter.is_some_and(|f| f.may_contain(hash)) {
+            return Ok(None);
+        }
+        // A pending id is in one batch at most: a second send of it was a duplicate.
+        if let Some((_, seq)) = self.pending_sends(uid).find(|(id, _)| *id == client_msg_id) {
+            return Ok(Some((seq, true)));
+        }
+        Ok(store.sent(uid, client_msg_id)?.map(|seq| (seq, false)))
+    }
+
+    /// The idempotency keys of `uid` not committed yet, oldest first: (client_msg_id, seq).
+    fn pending_sends<'a>(&'a self, uid: &'a str) -> impl Iterator<Item = (&'a str, u64)> + 'a {
+        let batches = self.in_flight.iter().map(|(_, b, _)| &**b);
+        batches
+            .chain(std::iter::once(&self.batch))
+            .flat_map(|b| b.sends.iter())
+            .filter(move |(u, _, _)| &**u == uid)
+            .map(|(_, id, seq)| (id.as_str(), *seq))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::harness::{closes, error_code, send_ok, H, SECRET};
+    use super::super::ImConfig;
+    use super::*;
+    use crate::im::auth::tests::token;
+    use crate::im::proto::{
+        client_frame::Body as C, server_frame::Body as S, ClientFrame, ServerFrame,
+    };
+    use crate::store::memory::MemoryStore;
+    use crate::ws::code;
+
+    #[test]
+    fn idempotent_send() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        let first = send_ok(&h.send(1, "bob", "same", "a"), 1).unwrap();
+        let again = send_ok(&h.send(1, "bob", "same", "a"), 1).unwrap();
+        assert_eq!((again.seq, again.duplicate), (first.seq, true));
+        assert_eq!(h.store.max_seq("bob"), Ok(1), "nothing appended");
+        // A retry while the original is still uncommitted is answered after it commits.
+        for id in [20, 21] {
+            h.core.on_frame(
+                1,
+                ClientFrame {
+                    id,
+                    body: Some(C::Send(proto::SendMessage {
+                        to_uid: "bob".into(),
+                        client_msg_id: "fresh".into(),
+                        content: b"b".to_vec(),
+                    })),
+                },
+                h.now,
+                &h.store,
+            );
+        }
+        assert!(h.core.drain_output().next().is_none());
+        let out = h.turn();
+        let oks: Vec<(u64, u64, bool)> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Frame {
+                    frame:
+                        ServerFrame {
+                            id,
+                            body: Some(S::SendOk(s)),
+                        },
+                    ..
+                } => Some((*id, s.seq, s.duplicate)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(oks, vec![(20, 2, false), (21, 2, true)]);
+        // A retry in a later turn, while the original's batch is still being committed, waits
+        // for that batch instead of costing a commit of its own.
+        let send = |h: &mut H, id| {
+            h.core.on_frame(
+                1,
+                ClientFrame {
+                    id,
+                    body: Some(C::Send(proto::SendMessage {
+                        to_uid: "bob".into(),
+                        client_msg_id: "later".into(),
+                        content: b"c".to_vec(),
+                    })),
+                },
+                h.now,
+                &h.store,
+            )
+        };
+        send(&mut h, 30);
+        let (first, batch) = h.core.take_batch().unwrap();
+        send(&mut h, 31);
+        assert!(h.core.drain_output().next().is_none());
+        assert!(h.core.take_batch().is_none(), "no batch of its own");
+        h.store.apply(&batch);
+        h.core.on_committed(first, h.now, &h.store);
+        let acked: Vec<(u64, bool)> = h
+            .core
+            .drain_output()
+            .filter_map(|o| match o {
+                Output::Frame {
+                    frame:
+                        ServerFrame {
+                            id,
+                            body: Some(S::SendOk(s)),
+                        },
+                    ..
+                } => Some((id, s.duplicate)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(acked, vec![(30, false), (31, true)]);
+        // Validation of ids.
+        let out = h.send(1, "bob", "", "x");
+        assert_eq!(error_code(&out, 1), Some(ErrorCode::BadRequest));
+        let out = h.send(1, &"b".repeat(65), "id", "x");
+        assert_eq!(error_code(&out, 1), Some(ErrorCode::BadRequest));
+    }
+
+    #[test]
+    fn idempotency_outlives_the_session_and_covers_the_newest_thousand() {
+        let mut h = H::new(ImConfig {
+            rate_burst: 1e9,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        for i in 0..1100 {
+            h.send(1, "bob", &format!("m{i}"), "x");
+        }
+        // A new session of a user the core had forgotten: its ids come from the store.
+        h.close(1);
+        h.login(2, "alice", "laptop", 0);
+        let retry = |h: &mut H, id: &str| {
+            let ok = send_ok(&h.send(2, "bob", id, "x"), 2).unwrap();
+            (ok.seq, ok.duplicate)
+        };
+        assert_eq!(retry(&mut h, "m1099"), (1100, true));
+        assert_eq!(retry(&mut h, "m100"), (101, true));
+        // Older than the newest 1,000: a new message.
+        assert_eq!(retry(&mut h, "m99"), (1101, false));
+        assert_eq!(retry(&mut h, "m99"), (1101, true));
+    }
+
+    /// The memory store, except that every read about `uid` that can fail does.
+    struct Failing<'a> {
+        inner: &'a MemoryStore,
+        uid: &'static str,
+    }
+
+    impl StoreRead for Failing<'_> {
+        fn max_seq(&self, uid: &str) -> Result<u64, ReadError> {
+            self.fail(uid)?;
+            self.inner.max_seq(uid)
+        }
+        fn messages_after(
+            &self,
+            uid: &str,
+            after: u64,
+            limit: usize,
+        ) -> Result<Vec<StoredMessage>, ReadError> {
+            self.fail(uid)?;
+            self.inner.messages_after(uid, after, limit)
+        }
+        fn cursor(&self, uid: &str, device_id: &str) -> u64 {
+            self.inner.cursor(uid, device_id)
+        }
+        fn cursors(&self, uid: &str) -> Vec<(String, u64)> {
+            self.inner.cursors(uid)
+        }
+        fn recent_sends(&self, uid: &str) -> Result<Vec<(String, u64)>, ReadError> {
+            self.fail(uid)?;
+            self.inner.recent_sends(uid)
+        }
+        fn friends(&self, uid: &str) -> Vec<String> {
+            self.inner.friends(uid)
+        }
+    }
+
+    impl Failing<'_> {
+        fn fail(&self, uid: &str) -> Result<(), ReadError> {
+            if uid == self.uid {
+                return Err(ReadError("disk on fire".into()));
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_store_that_cannot_be_read_refuses_instead_of_guessing() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "carol", "phone", 0);
+        let frame = |to: &str| ClientFrame {
+            id: 5,
+            body: Some(C::Send(proto::SendMessage {
+                to_uid: to.into(),
+                client_msg_id: "m1".into(),
+                content: b"x".to_vec(),
+            })),
+        };
+        // Where bob's inbox ends is unknown: nothing is appended, the sender is told.
+        let bob_fails = Failing {
+            inner: &h.store,
+            uid: "bob",
+        };
+        h.core.on_frame(1, frame("bob"), h.now, &bob_fails);
+        let out: Vec<Output> = h.core.drain_output().collect();
+        assert_eq!(error_code(&out, 1), Some(ErrorCode::Unavailable));
+        assert!(closes(&out).is_empty(), "the connection stays");
+        assert!(h.core.take_batch().is_none(), "nothing appended");
+        // Nor can bob log in.
+        h.core.on_open(3, h.now);
+        let exp = (h.now.unix_ms / 1000) as u64 + 3600;
+        let login = ClientFrame {
+            id: 1,
+            body: Some(C::Login(proto::Login {
+                token: token(SECRET, "bob", Some(exp)),
+                device_id: "phone".into(),
+                last_seq: 0,
+            })),
+        };
+        h.core.on_frame(3, login, h.now, &bob_fails);
+        let out: Vec<Output> = h.core.drain_output().collect();
+        assert_eq!(error_code(&out, 3), Some(ErrorCode::Unavailable));
+        assert_eq!(closes(&out), vec![(3, code::INTERNAL_ERROR)]);
+        // Whether carol used the id before is unknown: refused rather than taken for new.
+        let carol_fails = Failing {
+            inner: &h.store,
+            uid: "carol",
+        };
+        h.core.on_frame(2, frame("alice"), h.now, &carol_fails);
+        let out: Vec<Output> = h.core.drain_output().collect();
+        assert_eq!(error_code(&out, 2), Some(ErrorCode::Unavailable));
+        assert!(h.core.take_batch().is_none(), "nothing appended");
+        // Once the store reads again, the same send goes through.
+        assert!(send_ok(&h.send(2, "alice", "m1", "x"), 2).is_some());
+    }
+
+    #[test]
+    fn limits_rate_and_bad_frames() {
+        let mut h = H::new(ImConfig {
+            max_content_bytes: 4,
+            rate_burst: 3.0,
+            rate_per_sec: 1.0,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "a", 0);
+        assert_eq!(
+            error_code(&h.send(1, "bob", "big", "12345"), 1),
+            Some(ErrorCode::TooLarge)
+        );
+        h.send(1, "bob", "r1", "x");
+        h.send(1, "bob", "r2", "x");
+        assert_eq!(
+            error_code(&h.send(1, "bob", "r3", "x"), 1),
+            Some(ErrorCode::RateLimited)
+        );
+        h.now.mono_ms += 1000;
+        assert!(
+            send_ok(&h.send(1, "bob", "r4", "x"), 1).is_some(),
+            "the bucket refills"
+        );
+        for i in 1..=10 {
+            h.core.on_bad_frame(1, "undecodable frame");
+            let out = h.turn();
+            assert_eq!(error_code(&out, 1), Some(ErrorCode::BadRequest));
+            assert_eq!(
+                closes(&out).is_empty(),
+                i < 10,
+                "closed after 10 in a row ({i})"
+            );
+        }
+    }
+}

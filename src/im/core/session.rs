@@ -1,0 +1,301 @@
+//! Connections and who is on them: opening, login (token, device id, the device limit,
+//! replacing an older connection of the same device), closing, and the registry of each
+//! user's online devices.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use super::{
+    error, frame, valid_id, Bucket, ConnId, Core, Device, Now, Output, Session, CLOSE_REPLACED,
+    STORE_UNAVAILABLE,
+};
+use crate::im::proto::{self, server_frame, ErrorCode};
+use crate::store::StoreRead;
+use crate::ws::code;
+
+impl Core {
+    /// A new connection on the IM endpoint (not logged in yet).
+    pub fn on_open(&mut self, conn: ConnId, now: Now) {
+        self.sessions.insert(
+            conn,
+            Session {
+                device: None,
+                bucket: Bucket {
+                    tokens: self.cfg.rate_burst,
+                    at_ms: now.mono_ms,
+                },
+                bad_in_row: 0,
+                room: self.cfg.output_room,
+            },
+        );
+    }
+
+    pub fn is_logged_in(&self, conn: ConnId) -> bool {
+        self.sessions.get(&conn).is_some_and(|s| s.device.is_some())
+    }
+
+    /// Device ids of `uid` online now, sorted.
+    pub fn online_devices(&self, uid: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .users
+            .get(uid)
+            .map(|u| u.devices.keys().map(|d| d.to_string()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// The connection is gone (closed, timed out, shutdown).
+    pub fn on_close(&mut self, conn: ConnId, store: &dyn StoreRead) {
+        let Some(session) = self.sessions.remove(&conn) else {
+            return;
+        };
+        // Its answers still waiting for a commit would reach whoever the shell gives its key
+        // next; the sends stay accepted, and a retry is answered as a duplicate.
+        let not_to_it = |o: &Output| !matches!(o, Output::Frame { conn: c, .. } if *c == conn);
+        self.deferred.retain(not_to_it);
+        for (_, _, waiting) in &mut self.in_flight {
+            waiting.retain(not_to_it);
+        }
+        let Some(dev) = session.device else {
+            return;
+        };
+        let Some(user) = self.users.get_mut(&dev.uid) else {
+            return;
+        };
+        if user.devices.get(&dev.device_id) == Some(&conn) {
+            user.devices.remove(&dev.device_id);
+            if user.devices.is_empty() {
+                self.broadcast_presence(&dev.uid, false, store);
+                self.maybe_evict(&dev.uid);
+            }
+        }
+    }
+
+    /// A Login on a connection not logged in yet: on success the device is registered (a
+    /// connection of the same device is kicked), LoginOk names the online friends, and the
+    /// stream resumes from `last_seq` or the stored cursor.
+    pub(super) fn login(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        l: proto::Login,
+        now: Now,
+        store: &dyn StoreRead,
+    ) {
+        let now_secs = u64::try_from(now.unix_ms / 1000).unwrap_or(0);
+        let uid = match self.verifier.verify(&l.token, now_secs) {
+            Ok(uid) => uid,
+            Err(e) => return self.fail_login(conn, id, ErrorCode::Unauthenticated, e.message()),
+        };
+        if !valid_id(&l.device_id) {
+            return self.fail_login(
+                conn,
+                id,
+                ErrorCode::Unauthenticated,
+                "device_id must be 1-64 bytes",
+            );
+        }
+        let Some(uid) = self.user(&uid, store) else {
+            self.reply(conn, error(id, ErrorCode::Unavailable, STORE_UNAVAILABLE));
+            return self.out.push(Output::Close {
+                conn,
+                code: code::INTERNAL_ERROR,
+                reason: "store unavailable",
+            });
+        };
+        let device_id: Arc<str> = l.device_id.as_str().into();
+        let user = self.users.get_mut(&uid).expect("loaded");
+        let replaced = user.devices.get(&device_id).copied();
+        if replaced.is_none() && user.devices.len() >= self.cfg.max_devices {
+            self.maybe_evict(&uid);
+            return self.fail_login(conn, id, ErrorCode::Forbidden, "too many devices");
+        }
+        let first_device = user.devices.is_empty();
+        user.devices.insert(device_id.clone(), conn);
+        let committed = user.committed_seq;
+        if let Some(old) = replaced {
+            if let Some(s) = self.sessions.get_mut(&old) {
+                s.device = None;
+            }
+            self.reply(
+                old,
+                frame(
+                    0,
+                    server_frame::Body::Kicked(proto::Kicked {
+                        reason: "logged in elsewhere with the same device_id".into(),
+                    }),
+                ),
+            );
+            self.out.push(Output::Close {
+                conn: old,
+                code: CLOSE_REPLACED,
+                reason: "replaced",
+            });
+        }
+        let cursor = if l.last_seq > 0 {
+            l.last_seq
+        } else {
+            store.cursor(&uid, &device_id)
+        }
+        .min(committed);
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            s.device = Some(Device {
+                uid: uid.clone(),
+                device_id,
+                sent_upto: cursor,
+                acked: cursor,
+                progress_ms: now.mono_ms,
+                own: VecDeque::new(),
+            });
+        }
+        let online_friends = self.online_friends(&uid, store);
+        self.reply(
+            conn,
+            frame(
+                id,
+                server_frame::Body::LoginOk(proto::LoginOk {
+                    uid: uid.to_string(),
+                    max_seq: committed,
+                    online_friends,
+                    server_time_ms: now.unix_ms,
+                }),
+            ),
+        );
+        if first_device && replaced.is_none() {
+            self.broadcast_presence(&uid, true, store);
+        }
+        self.pump(conn, now, store);
+    }
+
+    /// Refuses a login with `code`, then closes the connection as a policy violation.
+    fn fail_login(&mut self, conn: ConnId, id: u64, code: ErrorCode, why: &str) {
+        self.reply(conn, error(id, code, why));
+        self.out.push(Output::Close {
+            conn,
+            code: code::POLICY_VIOLATION,
+            reason: "login refused",
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::harness::{closes, error_code, frames_to, H, SECRET};
+    use super::*;
+    use crate::im::auth::tests::{token, token_with_nbf};
+    use crate::im::core::ImConfig;
+    use crate::im::proto::{client_frame::Body as C, server_frame::Body as S};
+
+    #[test]
+    fn login_rules() {
+        let mut h = H::new(ImConfig::default());
+        let out = h.login(1, "alice", "phone", 0);
+        let Some(S::LoginOk(ok)) = frames_to(&out, 1).into_iter().next() else {
+            panic!("{out:?}")
+        };
+        assert_eq!((ok.uid.as_str(), ok.max_seq), ("alice", 0));
+        // A second login on the same connection.
+        let out = h.req(
+            1,
+            2,
+            C::Login(proto::Login {
+                token: "x".into(),
+                device_id: "d".into(),
+                last_seq: 0,
+            }),
+        );
+        assert_eq!(error_code(&out, 1), Some(ErrorCode::BadRequest));
+        assert!(closes(&out).is_empty());
+        // Requests before login are refused but the connection stays.
+        h.core.on_open(2, h.now);
+        let out = h.req(2, 3, C::Ping(proto::Ping { client_time_ms: 5 }));
+        assert_eq!(error_code(&out, 2), Some(ErrorCode::Unauthenticated));
+        assert!(closes(&out).is_empty());
+        // A bad token, an expired one, a bad device id: UNAUTHENTICATED, then close 1008.
+        for (tok, device) in [
+            ("garbage".to_owned(), "d"),
+            (token(SECRET, "bob", Some(1)), "d"),
+            (token(b"wrong", "bob", Some(u64::MAX / 2)), "d"),
+            (token(SECRET, "bob", Some(u64::MAX / 2)), ""),
+            (token(SECRET, "bob", Some(u64::MAX / 2)), &"d".repeat(65)),
+        ] {
+            let out = h.req(
+                2,
+                4,
+                C::Login(proto::Login {
+                    token: tok,
+                    device_id: device.into(),
+                    last_seq: 0,
+                }),
+            );
+            assert_eq!(error_code(&out, 2), Some(ErrorCode::Unauthenticated));
+            assert_eq!(closes(&out), vec![(2, code::POLICY_VIOLATION)]);
+        }
+    }
+
+    #[test]
+    fn a_token_not_yet_valid_is_refused_with_its_reason() {
+        let mut h = H::new(ImConfig::default());
+        let now = (h.now.unix_ms / 1000) as u64;
+        let login = |h: &mut H, conn, nbf| {
+            h.core.on_open(conn, h.now);
+            h.req(
+                conn,
+                1,
+                C::Login(proto::Login {
+                    token: token_with_nbf(SECRET, "alice", Some(nbf), Some(now + 7200)),
+                    device_id: "phone".into(),
+                    last_seq: 0,
+                }),
+            )
+        };
+        let out = login(&mut h, 1, now + 3600);
+        match frames_to(&out, 1).as_slice() {
+            [S::Error(e)] => {
+                assert_eq!(e.code, ErrorCode::Unauthenticated as i32);
+                assert_eq!(e.message, "token not yet valid");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(closes(&out), vec![(1, code::POLICY_VIOLATION)]);
+        let out = login(&mut h, 2, now);
+        assert!(
+            matches!(frames_to(&out, 2).first(), Some(S::LoginOk(_))),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn device_limit() {
+        let mut h = H::new(ImConfig {
+            max_devices: 2,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "a", 0);
+        h.login(2, "alice", "b", 0);
+        let out = h.login(3, "alice", "c", 0);
+        assert_eq!(error_code(&out, 3), Some(ErrorCode::Forbidden));
+        assert_eq!(closes(&out), vec![(3, code::POLICY_VIOLATION)]);
+    }
+
+    #[test]
+    fn an_answer_waiting_for_a_commit_never_reaches_the_next_connection_with_that_key() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        h.send_uncommitted(1, "bob", "m1", "hi");
+        h.core.on_close(1, &h.store);
+        // The shell gives the key to a new connection before the batch commits.
+        let out = h.login(1, "carol", "phone", 0);
+        let to_new: Vec<S> = frames_to(&out, 1);
+        assert!(
+            matches!(to_new.as_slice(), [S::LoginOk(_)]),
+            "only carol's LoginOk: {to_new:?}"
+        );
+        // The send itself was accepted and stored.
+        let out = h.login(2, "alice", "laptop", 0);
+        assert!(frames_to(&out, 2)
+            .iter()
+            .any(|f| matches!(f, S::LoginOk(ok) if ok.max_seq == 1)));
+    }
+}
