@@ -1,81 +1,172 @@
-//! A whole connection fed an arbitrary byte stream in arbitrary read sizes, from the first
-//! request byte on. It must never panic, always make progress, never emit invalid UTF-8 as
-//! text or a message over the limit, and end in a consistent state.
+//! The whole gateway fed arbitrary connections: each starts on a listener the input picks
+//! (public, admin or raw TCP), optionally behind a valid upgrade to `/echo` or `/ws` (protobuf
+//! or JSON), then takes arbitrary bytes in arbitrary read sizes, with time passing, peers that
+//! stop reading and peers that hang up. Covers routing, the WebSocket layer, the IM core's
+//! frame handling, raw TCP framing and admin requests together.
+//!
+//! Invariants beyond "no panic": nothing is written to a connection after the gateway
+//! dropped it; every connection is dropped once enough time has passed; a connection the
+//! gateway stopped reading (throttled) holds at most one read's worth of unhandled input.
 #![no_main]
 
-use imgate::buffer_pool::BufferPool;
-use imgate::ws::handshake::{self, Endpoint, Policy};
-use imgate::ws::{Connection, Event, MessageKind, State};
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use imgate::config::ServerConfig;
+use imgate::gateway::{Accept, Gateway, Input, ListenerKind, SocketAction};
+use imgate::im::core::Now;
+use imgate::store::memory::MemoryStore;
+use imgate::store::StoreRead;
 use libfuzzer_sys::fuzz_target;
 
-const LIMIT: usize = 4096;
-const REQUEST: &[u8] = b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
-    Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-    Sec-WebSocket-Version: 13\r\n\r\n";
+const UPGRADES: [&[u8]; 3] = [
+    b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+      Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+      Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+      Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+      Sec-WebSocket-Protocol: imgate.v1.json\r\n\r\n",
+];
+
+/// A peer that takes output until it is told to stop reading.
+#[derive(Default)]
+struct Peer {
+    received: usize,
+    stuck: bool,
+    dropped: bool,
+}
+
+impl Write for Peer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        assert!(!self.dropped, "output for a dropped connection");
+        if self.stuck {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        self.received += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn now(ms: u64) -> Now {
+    Now {
+        mono_ms: ms,
+        unix_ms: 1_700_000_000_000 + ms as i64,
+    }
+}
+
+fn pump(gw: &mut Gateway, peers: &mut HashMap<usize, Peer>, t: u64) {
+    // The store commits at once.
+    if let Some((id, _)) = gw.poll_batch() {
+        gw.handle_committed(id, Duration::from_millis(1), now(t));
+    }
+    while let Some(key) = gw.poll_transmit() {
+        let peer = peers.get_mut(&key).expect("output for an unknown connection");
+        gw.write_to(key, peer, &[]);
+    }
+    while let Some(action) = gw.poll_close() {
+        if let SocketAction::Drop(key) = action {
+            if let Some(p) = peers.get_mut(&key) {
+                p.dropped = true;
+            }
+        }
+    }
+}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    // Most inputs start from a valid handshake so the fuzzer spends its time on frames;
-    // odd modes fuzz the handshake itself.
+    let mut cfg = ServerConfig {
+        echo: true,
+        max_message_bytes: 4096,
+        outbound_high_water: 16 * 1024,
+        ..ServerConfig::default()
+    };
+    cfg.im.jwt_secret = b"fuzz".to_vec();
+    cfg.im.core.delivery_window = 8;
+    cfg.im.core.max_content_bytes = 1024;
+    cfg.max_outbound_bytes = 256 * 1024;
+    let store: Arc<dyn StoreRead> = Arc::new(MemoryStore::default());
+    let mut gw = Gateway::new(&cfg, store);
+    let mut peers: HashMap<usize, Peer> = HashMap::new();
+    let mut t = 1_000;
+    gw.begin_turn(now(t));
+    let kind = match mode % 3 {
+        0 => ListenerKind::Public,
+        1 => ListenerKind::Admin,
+        _ => ListenerKind::RawTcp,
+    };
+    let Accept::Open(key) = gw.handle_accept(kind, now(t)) else {
+        return;
+    };
+    peers.insert(key, Peer::default());
     let mut stream = Vec::new();
-    if mode & 1 == 0 {
-        stream.extend_from_slice(REQUEST);
+    if kind == ListenerKind::Public && (mode / 3) % 4 != 3 {
+        stream.extend_from_slice(UPGRADES[usize::from(mode / 3) % 4 % 3]);
     }
     stream.extend_from_slice(rest);
-    let chunk = usize::from(mode >> 1).max(1);
-    let endpoints = [Endpoint {
-        path: "/echo",
-        protocols: &[],
-        kind: (),
-    }];
-    let mut conn = Connection::new(LIMIT);
-    let mut pool = BufferPool::new(1024, 8);
-    let mut out = Vec::new();
-    for piece in stream.chunks(chunk) {
-        let mut buf = piece.to_vec();
-        let mut off = 0;
-        while off < buf.len() {
-            let before = conn.state();
-            let progress = match conn.handle(&mut buf[off..], 0, &mut out, &mut pool) {
-                Ok(p) => p,
-                Err(_) => {
-                    assert_eq!(conn.state(), State::Closed);
-                    break;
-                }
-            };
-            off += progress.consumed;
-            match progress.event {
-                Some(Event::Upgrade(req)) => {
-                    match handshake::accept(&req, &endpoints, &Policy::default()) {
-                        Ok(a) => conn.accept(&a.response, &mut out),
-                        Err(e) => conn.reject(&e, &mut out),
-                    }
-                }
-                Some(Event::Get(_)) => {
-                    conn.reject(&handshake::HttpError::NotFound, &mut out);
-                    assert_eq!(conn.state(), State::Closed);
-                }
-                Some(Event::Message(kind, payload)) => {
-                    assert!(payload.len() <= LIMIT);
-                    if kind == MessageKind::Text {
-                        assert!(std::str::from_utf8(payload).is_ok());
-                    }
-                    let _ = conn.state();
-                }
-                Some(Event::Closed { .. }) => assert_eq!(conn.state(), State::Closed),
-                None => assert!(
-                    progress.consumed > 0 || before == State::AwaitingAccept,
-                    "no progress in {before:?}"
-                ),
-            }
+    let chunk = usize::from(mode >> 4).max(1) * 7;
+    let mut buf = vec![0u8; 128 * 1024];
+    for (i, piece) in stream.chunks(chunk).enumerate() {
+        if peers[&key].dropped {
+            break;
         }
-        conn.release_buffers(&mut pool);
-        assert!(conn.buffered() <= LIMIT + handshake::MAX_REQUEST_HEAD + 125);
+        // Every few reads, time passes and the peer stops or resumes reading.
+        if i % 5 == 4 {
+            t += u64::from(piece[0]) * 100;
+            gw.begin_turn(now(t));
+            gw.handle_timeout(now(t));
+            if let Some(p) = peers.get_mut(&key) {
+                p.stuck = piece[0] & 1 == 1;
+            }
+            pump(&mut gw, &mut peers, t);
+        }
+        gw.begin_turn(now(t));
+        if !gw.claim_turn(key) || !gw.wants_input(key) {
+            continue;
+        }
+        let mut n = gw.take_held(key, &mut buf).unwrap_or(0);
+        assert!(n <= 64 * 1024, "held more than a read");
+        buf[n..n + piece.len()].copy_from_slice(piece);
+        n += piece.len();
+        if !gw.handle_received(key, piece.len(), now(t)) {
+            pump(&mut gw, &mut peers, t);
+            break;
+        }
+        let input = gw.handle_input(key, &mut buf[..n], now(t));
+        if input != Input::Gone {
+            let peer = peers.get_mut(&key).expect("peer");
+            gw.write_to(key, peer, &buf[..n]);
+            gw.end_input(key);
+        }
+        pump(&mut gw, &mut peers, t);
+        while gw.poll_resume().is_some() {}
     }
-    if conn.is_open() {
-        assert!(conn.close(1001, "done", &mut out));
-        assert_eq!(conn.state(), State::CloseSent);
+    if data.len() % 2 == 0 {
+        gw.handle_eof(key);
+        gw.end_input(key);
+        pump(&mut gw, &mut peers, t);
     }
+    // Whatever state it is in, the connection ends once every deadline has passed.
+    if let Some(p) = peers.get_mut(&key) {
+        p.stuck = false;
+    }
+    for _ in 0..4 {
+        t += millis(Duration::from_secs(200));
+        gw.begin_turn(now(t));
+        gw.handle_timeout(now(t));
+        pump(&mut gw, &mut peers, t);
+    }
+    assert!(peers[&key].dropped, "a connection outlived every deadline");
 });
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
