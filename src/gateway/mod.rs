@@ -51,11 +51,11 @@ mod conn;
 mod http;
 mod im;
 mod input;
-pub mod metrics;
-pub(crate) mod outbox;
-pub mod timer_wheel;
+mod metrics;
+mod outbox;
+mod timer_wheel;
 mod timers;
-pub(crate) mod transport;
+mod transport;
 
 #[cfg(test)]
 mod tests;

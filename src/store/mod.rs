@@ -7,9 +7,9 @@
 
 pub mod memory;
 pub mod records;
-pub mod redb_store;
-pub mod tail;
-pub mod writer;
+pub(crate) mod redb_store;
+pub(crate) mod tail;
+pub(crate) mod writer;
 
 use std::sync::Arc;
 

@@ -331,6 +331,7 @@ impl RedbStore {
     }
 
     /// Bytes of logged entries held in memory.
+    #[cfg(test)]
     pub fn log_bytes_held(&self) -> usize {
         self.tails().bytes()
     }
