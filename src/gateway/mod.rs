@@ -68,7 +68,8 @@ use self::timer_wheel::TimerWheel;
 use self::transport::{Phase, Route, Transport};
 use crate::buffer_pool::BufferPool;
 use crate::config::ServerConfig;
-use crate::im::core::{BatchId, Core, Now};
+pub use crate::im::core::Now;
+use crate::im::core::{BatchId, Core};
 use crate::store::{StoreRead, WriteBatch};
 use crate::ws::handshake::{Endpoint, HttpError, Policy};
 

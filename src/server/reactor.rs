@@ -7,19 +7,21 @@
 //! out the gateway's socket actions. Nothing here knows about WebSocket, HTTP or IM.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{debug, info};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
+mod accept;
+
+use self::accept::Listeners;
 use super::signals::ShutdownSignals;
 use crate::config::ServerConfig;
-use crate::gateway::{Accept, ConnId, Gateway, Input, ListenerKind, SocketAction};
-use crate::im::core::Now;
+use crate::gateway::{ConnId, Gateway, Input, ListenerKind, Now, SocketAction};
 use crate::store::redb_store::RedbStore;
 use crate::store::writer::{Done, Writer};
 use crate::store::{Store, StoreRead};
@@ -34,8 +36,6 @@ const RAW_TCP: Token = Token(usize::MAX - 5);
 const READ_BUF: usize = 64 * 1024;
 /// Bytes read from one connection per loop turn before the others get their turn.
 const READ_BUDGET: usize = 256 * 1024;
-/// How long accepting pauses when out of descriptors and no reserve descriptor is left.
-const ACCEPT_PAUSE_MS: u64 = 100;
 
 pub struct Server {
     poll: Poll,
@@ -56,25 +56,6 @@ pub struct Server {
     last_emfile_log: Option<u64>,
     epoch: Instant,
     now: u64,
-}
-
-/// The listening sockets; `public` is gone once shutdown begins.
-struct Listeners {
-    public: Option<TcpListener>,
-    public_addr: SocketAddr,
-    admin: TcpListener,
-    admin_addr: SocketAddr,
-    raw_tcp: Option<TcpListener>,
-}
-
-impl Listeners {
-    fn get(&self, kind: ListenerKind) -> Option<&TcpListener> {
-        match kind {
-            ListenerKind::Public => self.public.as_ref(),
-            ListenerKind::Admin => Some(&self.admin),
-            ListenerKind::RawTcp => self.raw_tcp.as_ref(),
-        }
-    }
 }
 
 impl Server {
@@ -276,102 +257,6 @@ impl Server {
         self.flush_all();
     }
 
-    /// Accepts every waiting connection of one listener. The same for each listener: the
-    /// backlog is always drained (an edge-triggered listener left with a backlog would never
-    /// be woken again), by shedding when descriptors run out, or by a pause after which every
-    /// listener is tried again.
-    fn accept_all(&mut self, kind: ListenerKind) {
-        if self.accept_paused_until.is_some() {
-            return;
-        }
-        loop {
-            let Some(listener) = self.listeners.get(kind) else {
-                return;
-            };
-            match listener.accept() {
-                Ok((sock, _)) => self.add(kind, sock),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if is_transient_accept_error(&e) => {}
-                Err(e) if is_fd_exhaustion(&e) => {
-                    if !self.shed_one_connection(kind) {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    warn!("accept on the {kind:?} listener failed: {e}; pausing accepts for {ACCEPT_PAUSE_MS} ms");
-                    self.accept_paused_until = Some(self.now + ACCEPT_PAUSE_MS);
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Out of descriptors: use the reserve one to accept the oldest pending connection of the
-    /// listener and refuse it with the gateway's answer, so the backlog drains instead of the
-    /// loop spinning on EMFILE or the listener stalling. Returns whether a connection was
-    /// shed (so accepting may continue).
-    fn shed_one_connection(&mut self, kind: ListenerKind) -> bool {
-        if self.last_emfile_log.is_none_or(|t| self.now >= t + 1000) {
-            let open = self.sockets.iter().flatten().count();
-            warn!("out of file descriptors with {open} connections: refusing new ones");
-            self.last_emfile_log = Some(self.now);
-        }
-        let Some(reserve) = self.reserve_fd.take() else {
-            self.accept_paused_until = Some(self.now + ACCEPT_PAUSE_MS);
-            return false;
-        };
-        drop(reserve);
-        // Linux reports EMFILE before looking at the queue, so an empty backlog only shows
-        // up here, as WouldBlock: then there is nothing left to shed.
-        let shed = match self.listeners.get(kind).map(|l| l.accept()) {
-            Some(Ok((mut sock, _))) => {
-                // Best effort on a fresh socket, whose send buffer is empty.
-                let _ = sock.write(&self.gateway.shed_answer(kind));
-                true
-            }
-            _ => false,
-        };
-        self.reserve_fd = File::open("/dev/null").ok();
-        if self.reserve_fd.is_none() {
-            self.accept_paused_until = Some(self.now + ACCEPT_PAUSE_MS);
-            return false;
-        }
-        shed
-    }
-
-    /// Takes an accepted socket under the name the gateway gives it, or refuses it.
-    fn add(&mut self, kind: ListenerKind, mut sock: TcpStream) {
-        // A name the gateway gives out may be one whose socket is still to be dropped.
-        self.apply_socket_actions();
-        let key = match self.gateway.handle_accept(kind, self.now_value()) {
-            Accept::Open(key) => key,
-            Accept::Refuse(answer) => {
-                // Best effort on a fresh socket, whose send buffer is empty.
-                let _ = sock.write(&answer);
-                return;
-            }
-        };
-        if kind != ListenerKind::Admin {
-            if let Err(e) = sock.set_nodelay(true) {
-                debug!("set_nodelay: {e}");
-            }
-        }
-        let interest = Interest::READABLE | Interest::WRITABLE;
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut sock, Token(key), interest)
-        {
-            warn!("register: {e}");
-            self.gateway.handle_closed(key);
-            return;
-        }
-        if self.sockets.len() <= key {
-            self.sockets.resize_with(key + 1, || None);
-        }
-        self.sockets[key] = Some(sock);
-    }
-
     /// Reads until the socket is drained. A short read means it is (a later arrival raises a
     /// new edge), which saves the extra read that would only return WouldBlock, unless the
     /// peer's FIN is already known to be queued: then read on until EOF.
@@ -489,20 +374,4 @@ fn unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-fn is_fd_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
-}
-
-fn is_transient_accept_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::Interrupted
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-    ) || matches!(e.raw_os_error(), Some(libc::EPROTO | libc::EPERM))
 }
