@@ -42,8 +42,8 @@ impl TimerKind {
 pub(crate) struct Conn {
     pub(crate) transport: Transport,
     pub(crate) outbox: Outbox,
-    /// The connection's single timer and what it stands for.
-    pub(crate) timer: Option<(TimerId, TimerKind)>,
+    /// The connection's single timer: its id, what it stands for, and when it fires.
+    pub(crate) timer: Option<(TimerId, TimerKind, u64)>,
     /// Loop time (ms) of the last bytes received.
     pub(crate) last_inbound: u64,
     /// Loop time (ms) of the last Ping we sent.

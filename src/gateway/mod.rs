@@ -649,7 +649,7 @@ impl Gateway {
         let Some(mut conn) = self.conns.try_remove(key) else {
             return;
         };
-        if let Some((id, _)) = conn.timer.take() {
+        if let Some((id, _, _)) = conn.timer.take() {
             self.wheel.cancel(id);
         }
         if conn.counted_open {

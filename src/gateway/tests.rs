@@ -7,8 +7,12 @@ use std::io::{self, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prost::Message as _;
+
 use super::*;
+use crate::im::proto::{self, client_frame::Body as C, ClientFrame};
 use crate::store::memory::MemoryStore;
+use crate::store::{ReadError, StoredMessage};
 
 const UPGRADE_ECHO: &[u8] = b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
     Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
@@ -38,13 +42,51 @@ impl Write for Sink {
     }
 }
 
-/// A gateway, the clock, and one simulated peer per connection.
+/// The store the gateway reads, shared with the harness, which applies each committed batch
+/// to it as the storage thread would.
+#[derive(Default)]
+struct Shared(std::sync::Mutex<MemoryStore>);
+
+impl Shared {
+    fn get(&self) -> std::sync::MutexGuard<'_, MemoryStore> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl StoreRead for Shared {
+    fn max_seq(&self, uid: &str) -> Result<u64, ReadError> {
+        self.get().max_seq(uid)
+    }
+    fn messages_after(
+        &self,
+        uid: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, ReadError> {
+        self.get().messages_after(uid, after, limit)
+    }
+    fn cursor(&self, uid: &str, device_id: &str) -> u64 {
+        self.get().cursor(uid, device_id)
+    }
+    fn cursors(&self, uid: &str) -> Vec<(String, u64)> {
+        self.get().cursors(uid)
+    }
+    fn recent_sends(&self, uid: &str) -> Result<Vec<(String, u64)>, ReadError> {
+        self.get().recent_sends(uid)
+    }
+    fn friends(&self, uid: &str) -> Vec<String> {
+        self.get().friends(uid)
+    }
+}
+
+/// A gateway, the clock, its store, and one simulated peer per connection.
 struct Harness {
     gw: Gateway,
     now: u64,
     peers: HashMap<ConnId, Sink>,
     actions: Vec<SocketAction>,
     cfg: ServerConfig,
+    store: Arc<Shared>,
 }
 
 impl Harness {
@@ -56,13 +98,15 @@ impl Harness {
         cfg.im.jwt_secret = b"secret".to_vec();
         tweak(&mut cfg);
         cfg.validate().expect("a valid configuration");
-        let store: Arc<dyn StoreRead> = Arc::new(MemoryStore::default());
+        let store = Arc::new(Shared::default());
+        let reader: Arc<dyn StoreRead> = store.clone();
         Harness {
-            gw: Gateway::new(&cfg, store),
+            gw: Gateway::new(&cfg, reader),
             now: 1_000,
             peers: HashMap::new(),
             actions: Vec::new(),
             cfg,
+            store,
         }
     }
 
@@ -106,6 +150,40 @@ impl Harness {
         self.gw.begin_turn(self.at());
         self.gw.handle_timeout(self.at());
         self.pump();
+    }
+
+    /// The storage thread's part: the turn's batch is applied to the store and reported
+    /// durable.
+    fn commit(&mut self) {
+        if let Some((id, batch)) = self.gw.poll_batch() {
+            self.store.get().apply(&batch);
+            let now = self.at();
+            self.gw.handle_committed(id, Duration::from_millis(1), now);
+            self.pump();
+        }
+    }
+
+    /// A `/ws` connection logged in as `uid`.
+    fn logged_in(&mut self, uid: &str, device: &str) -> ConnId {
+        let key = self.upgraded(UPGRADE_IM);
+        let exp = (self.at().unix_ms / 1000) as u64 + 3600;
+        let login = ClientFrame {
+            id: 1,
+            body: Some(C::Login(proto::Login {
+                token: crate::im::auth::issue(b"secret", uid, exp),
+                device_id: device.into(),
+                last_seq: 0,
+            })),
+        };
+        self.send(key, &client_frame(0x2, &login.encode_to_vec()));
+        self.commit();
+        let frames = self.frames(key);
+        let ok = frames
+            .iter()
+            .filter_map(|(_, p)| proto::ServerFrame::decode(p.as_slice()).ok())
+            .any(|f| matches!(f.body, Some(proto::server_frame::Body::LoginOk(_))));
+        assert!(ok, "no LoginOk in {frames:?}");
+        key
     }
 
     /// Writes every connection's output to its peer and collects the socket actions.
@@ -513,4 +591,38 @@ fn each_connection_gets_one_share_of_frames_per_turn() {
     assert_eq!(h.gw.handle_input(key, &mut buf[..n], now), Input::Taken);
     h.gw.write_to(key, h.peers.get_mut(&key).unwrap(), &buf);
     assert_eq!(h.frames(key).len(), 10);
+}
+
+#[test]
+fn a_device_that_does_not_ack_its_deliveries_is_closed_at_the_ack_deadline() {
+    let mut h = Harness::new(|c| {
+        c.im.core.ack_timeout_ms = 3_000;
+        c.ping_interval = Duration::from_secs(1);
+        c.idle_timeout = Duration::from_secs(60);
+    });
+    let bob = h.logged_in("bob", "phone");
+    let admin = h.accept(ListenerKind::Admin);
+    let body = r#"{"from_uid":"alice","to_uid":"bob","client_msg_id":"m1","text":"hi"}"#;
+    let request = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    h.send(admin, request.as_bytes());
+    h.commit();
+    assert!(h.take(admin).starts_with(b"HTTP/1.1 200"));
+    let delivered = h.frames(bob);
+    assert_eq!(delivered.len(), 1, "{delivered:?}");
+    // Pings keep it alive; input (a Pong) does not count as an ack.
+    h.advance(1_000);
+    h.send(bob, &client_frame(0xA, b""));
+    h.advance(1_999);
+    assert!(
+        h.frames(bob).iter().all(|(op, _)| *op != 0x8),
+        "closed before the ack deadline"
+    );
+    h.advance(1);
+    let frames = h.frames(bob);
+    let close = frames.iter().find(|(op, _)| *op == 0x8).expect("a Close");
+    assert_eq!(close_of(&close.1), (1008, "ack timeout".into()));
+    assert_eq!(h.closes(1008, "server"), 1);
 }

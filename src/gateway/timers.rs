@@ -10,19 +10,17 @@ use super::{ConnId, Gateway};
 use crate::ws::State;
 
 impl Gateway {
-    /// Makes sure the connection's timer matches its state.
+    /// Makes sure the connection's timer matches its state. A keep-alive timer is moved only
+    /// when its deadline must come earlier (a delivery started the ack deadline); input that
+    /// postpones the ping or the idle close leaves it, and it re-checks when it fires.
     pub(super) fn arm_timer(&mut self, key: ConnId) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let want = TimerKind::wanted(&conn.transport);
-        if conn.timer.map(|(_, kind)| kind) == want {
-            return;
-        }
-        if let Some((id, _)) = conn.timer.take() {
-            self.wheel.cancel(id);
-        }
-        let Some(want) = want else {
+        let Some(want) = TimerKind::wanted(&conn.transport) else {
+            if let Some((id, _, _)) = conn.timer.take() {
+                self.wheel.cancel(id);
+            }
             return;
         };
         let now = self.now.mono_ms;
@@ -33,14 +31,27 @@ impl Gateway {
                 let idle = conn.last_inbound + limits.idle_ms;
                 let ping = conn.last_inbound.max(conn.last_ping) + limits.ping_ms;
                 let mut at = idle.min(ping);
-                if conn.transport.is_im() && !self.im.core.is_logged_in(key) {
-                    at = at.min(conn.opened_ms + limits.auth_ms);
+                if conn.transport.is_im() {
+                    let core = &self.im.core;
+                    if !core.is_logged_in(key) {
+                        at = at.min(conn.opened_ms + limits.auth_ms);
+                    } else if let Some(ack) = core.ack_deadline(key) {
+                        at = at.min(ack);
+                    }
                 }
                 at
             }
             TimerKind::Close => now + limits.close_ms,
         };
-        conn.timer = Some((self.wheel.insert(deadline, key), want));
+        let keep = matches!(conn.timer, Some((_, kind, at))
+            if kind == want && (kind != TimerKind::KeepAlive || at <= deadline));
+        if keep {
+            return;
+        }
+        if let Some((id, _, _)) = conn.timer.take() {
+            self.wheel.cancel(id);
+        }
+        conn.timer = Some((self.wheel.insert(deadline, key), want, deadline));
     }
 
     /// The connection's timer fired.
@@ -48,7 +59,7 @@ impl Gateway {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let Some((_, kind)) = conn.timer.take() else {
+        let Some((_, kind, _)) = conn.timer.take() else {
             return;
         };
         if kind == TimerKind::Exchange {

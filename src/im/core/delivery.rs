@@ -131,6 +131,13 @@ impl Core {
         self.pump(conn, now, store);
     }
 
+    /// When the connection's ack deadline falls (loop ms), while it has messages outstanding:
+    /// the shell arms its timer for it.
+    pub fn ack_deadline(&self, conn: ConnId) -> Option<u64> {
+        let dev = self.sessions.get(&conn)?.device.as_ref()?;
+        (dev.sent_upto > dev.acked).then(|| dev.progress_ms + self.cfg.ack_timeout_ms)
+    }
+
     /// Connections with messages outstanding and no ack progress for the ack timeout are
     /// closed (they resume on reconnect). Call from the connection's timer.
     pub fn check_ack_timeout(&mut self, conn: ConnId, now: Now) {
