@@ -67,7 +67,9 @@ fn pump(gw: &mut Gateway, peers: &mut HashMap<usize, Peer>, t: u64) {
         gw.handle_committed(id, Duration::from_millis(1), now(t));
     }
     while let Some(key) = gw.poll_transmit() {
-        let peer = peers.get_mut(&key).expect("output for an unknown connection");
+        let peer = peers
+            .get_mut(&key)
+            .expect("output for an unknown connection");
         gw.write_to(key, peer, &[]);
     }
     while let Some(action) = gw.poll_close() {

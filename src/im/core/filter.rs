@@ -129,6 +129,13 @@ mod tests {
             128,
             "one block per generation to start with"
         );
+        assert_eq!(f.capacity, 16, "a block holds 16 keys at 32 bits each");
+        for i in 0..16u64 {
+            assert!(!f.must_grow(), "grows with {i} of 16 keys");
+            f.insert(keys.hash_one(u64::MAX - i));
+        }
+        assert!(f.must_grow(), "a full small filter must grow");
+        let mut f = SendFilter::with(Vec::new());
         for i in 0..5_000u64 {
             if f.must_grow() {
                 f = SendFilter::with((0..i).map(|k| keys.hash_one(k)).collect());

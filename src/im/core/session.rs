@@ -267,6 +267,20 @@ mod tests {
     }
 
     #[test]
+    fn online_devices_are_the_logged_in_ones() {
+        let mut h = H::new(ImConfig::default());
+        assert!(h.core.online_devices("alice").is_empty());
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "alice", "laptop", 0);
+        let mut devices = h.core.online_devices("alice");
+        devices.sort();
+        assert_eq!(devices, vec!["laptop".to_owned(), "phone".to_owned()]);
+        h.core.on_close(1, &h.store);
+        assert_eq!(h.core.online_devices("alice"), vec!["laptop".to_owned()]);
+        assert!(h.core.online_devices("bob").is_empty());
+    }
+
+    #[test]
     fn device_limit() {
         let mut h = H::new(ImConfig {
             max_devices: 2,
