@@ -19,7 +19,8 @@ BENCH=target/release/imgate-bench
 SECRET=bench-secret-0123456789abcdef0123456789
 ROUNDS=${ROUNDS:-3}
 FLOOD_SECS=${FLOOD_SECS:-8}
-cargo build --release --bins
+# The server and imgate-bench (bench/imgate-bench, a workspace member of its own).
+cargo build --release --workspace --bins
 rm -rf "$OUT"
 mkdir -p "$OUT"
 

@@ -177,7 +177,8 @@ BIN=target/release/imgate
 BENCH=target/release/imgate-bench
 SECRET=bench-secret-0123456789abcdef0123456789
 ROUNDS=${ROUNDS:-3}
-cargo build --release --bins
+# The server and imgate-bench (bench/imgate-bench, a workspace member of its own).
+cargo build --release --workspace --bins
 # The relay ceiling without a store: the same server with bench/no-store.patch applied (its
 # commits write and keep nothing), built from a copy of this tree.
 NO_STORE_BIN=target/no-store/release/imgate

@@ -23,7 +23,8 @@ short | full) ;;
     exit 2
     ;;
 esac
-[ -x "$BIN" ] && [ -x "$BENCH" ] || cargo build --release --bins
+# imgate-bench is a workspace member of its own (bench/imgate-bench): --workspace builds it.
+[ -x "$BIN" ] && [ -x "$BENCH" ] || cargo build --release --workspace --bins
 rm -rf "$OUT"
 mkdir -p "$OUT"
 

@@ -6,15 +6,82 @@
 //! another message) and its verification must catch each, counted as what it is; and chaos
 //! against a server that acknowledges before syncing (`--durability none`) must report the
 //! loss.
+//!
+//! imgate-bench is a crate of its own (bench/imgate-bench), so cargo does not build it for
+//! these tests: they run the `imgate-bench` beside the `imgate` they test, in the workspace's
+//! one target directory, which `cargo build --release --workspace` (tests/run.sh) puts there.
+//! A missing one, or one older than its sources, fails every test here.
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::SystemTime;
 
 use common::{temp_data_dir, ServerProc, SECRET};
 
+/// `imgate-bench` in the directory of `imgate` (`target/release/` under `cargo test
+/// --release`), checked to exist and to be newer than every source file of its crate.
+fn bench_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let server = Path::new(env!("CARGO_BIN_EXE_imgate"));
+        let bin = server.with_file_name(format!("imgate-bench{}", std::env::consts::EXE_SUFFIX));
+        let profile = server.parent().and_then(|d| d.file_name());
+        let flag = match profile.map(|p| p.to_string_lossy()) {
+            None => String::new(),
+            Some(p) if p == "debug" => String::new(),
+            Some(p) if p == "release" => " --release".to_owned(),
+            Some(p) => format!(" --profile {p}"),
+        };
+        let build = format!("cargo build{flag} -p imgate-bench");
+        let built = std::fs::metadata(&bin)
+            .and_then(|m| m.modified())
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e}. imgate-bench is not built with the server's tests; \
+                     build it first: `{build}` (or `cargo build --release --workspace`)",
+                    bin.display()
+                )
+            });
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/imgate-bench/src");
+        if let Some((newer, _)) = newest_rs(&src).filter(|(_, t)| *t > built) {
+            panic!(
+                "{} is older than {}: rebuild it first: `{build}`",
+                bin.display(),
+                newer.display()
+            );
+        }
+        bin
+    })
+}
+
+/// The most recently modified `.rs` file under `dir`, if it can be read.
+fn newest_rs(dir: &Path) -> Option<(PathBuf, SystemTime)> {
+    let mut newest: Option<(PathBuf, SystemTime)> = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let found = if path.is_dir() {
+            newest_rs(&path)
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .map(|t| (path, t))
+        } else {
+            None
+        };
+        if let Some(f) = found.filter(|f| newest.as_ref().is_none_or(|n| f.1 > n.1)) {
+            newest = Some(f);
+        }
+    }
+    newest
+}
+
 fn bench(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_imgate-bench"))
+    Command::new(bench_bin())
         .args(args)
         .output()
         .expect("run imgate-bench")

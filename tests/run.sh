@@ -24,8 +24,12 @@ if ! command -v strace >/dev/null 2>&1; then
 fi
 
 cargo test --lib
-cargo test --bins
-cargo build --release --bins
+# The binaries' unit tests: the server's and imgate-bench's (bench/imgate-bench, a workspace
+# member of its own).
+cargo test --workspace --bins
+# tests/bench.rs runs target/release/imgate-bench, which `cargo test` does not build: it is
+# another package's binary.
+cargo build --release --workspace --bins
 cargo test --release --test '*'
 
 venv=${IMGATE_PY_VENV:-target/py-venv}
