@@ -6,7 +6,7 @@
 //! it gets a different one.
 #![no_main]
 
-use imgate::gateway::admin_api::{self, AdminAction, Parsed, MAX_ADMIN_REQUEST};
+use imgate::gateway::admin_api::{self as admin, AdminAction, Parsed, MAX_ADMIN_REQUEST};
 use libfuzzer_sys::fuzz_target;
 
 const TOKEN: &str = "fuzz-token";
