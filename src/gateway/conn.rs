@@ -42,8 +42,8 @@ impl TimerKind {
 pub(crate) struct Conn {
     pub(crate) transport: Transport,
     pub(crate) outbox: Outbox,
-    /// The connection's single timer: its id, what it stands for, and when it fires.
-    pub(crate) timer: Option<(TimerId, TimerKind, u64)>,
+    /// The connection's single timer and what it stands for.
+    pub(crate) timer: Option<(TimerId, TimerKind)>,
     /// Loop time (ms) of the last bytes received.
     pub(crate) last_inbound: u64,
     /// Loop time (ms) of the last Ping we sent.
@@ -66,10 +66,11 @@ pub(crate) struct Conn {
     pub(crate) held: Vec<u8>,
     /// The loop turn in which input was last handled: at most once per turn, so that a
     /// connection both woken by the poller and scheduled to go on gets one share, not two.
-    pub(crate) read_turn: u64,
+    /// (A wrapping count: equality is all that is asked of it.)
+    pub(crate) read_turn: u32,
     /// Bytes read and thrown away since the connection closed (it is only waiting for the
     /// peer's FIN); a peer that keeps sending is dropped once this passes a read's worth.
-    pub(crate) discarded: usize,
+    pub(crate) discarded: u32,
     /// Listed in the gateway's connections with output to write.
     pub(crate) dirty: bool,
 }
@@ -88,7 +89,7 @@ impl Conn {
             counted_open: false,
             throttled: false,
             held: Vec::new(),
-            read_turn: u64::MAX,
+            read_turn: u32::MAX,
             discarded: 0,
             dirty: false,
         }

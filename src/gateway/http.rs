@@ -142,7 +142,7 @@ impl Gateway {
                 *request = Vec::new();
             }
         }
-        if let Some((id, _, _)) = c.timer.take() {
+        if let Some((id, _)) = c.timer.take() {
             self.wheel.cancel(id);
         }
         self.arm_timer(key);

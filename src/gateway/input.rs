@@ -53,7 +53,7 @@ impl Gateway {
     pub fn handle_input(&mut self, key: ConnId, input: &mut [u8], now: Now) -> Input {
         self.now = now;
         if self.staging_owner.is_some_and(|o| o != key) {
-            self.settle_staging();
+            self.queue_staging();
         }
         let shutting_down = self.shutdown_deadline.is_some();
         let Gateway {

@@ -193,7 +193,7 @@ pub struct Gateway {
     stream_count: usize,
     shutdown_deadline: Option<u64>,
     now: Now,
-    turn: u64,
+    turn: u32,
     /// Frames the connection whose turn it is may still have handled.
     frames_left: usize,
 }
@@ -275,7 +275,7 @@ impl Gateway {
     /// Starts a loop turn at `now`: each connection gets one share of input per turn.
     pub fn begin_turn(&mut self, now: Now) {
         self.now = now;
-        self.turn += 1;
+        self.turn = self.turn.wrapping_add(1);
     }
 
     /// A listener accepted a socket.
@@ -364,6 +364,8 @@ impl Gateway {
             if matches!(c.transport, Transport::Http { .. }) {
                 self.http_input(conn);
             }
+            // What is left to write decides when the connection ends (see `after_write`).
+            self.mark_dirty(conn);
         }
     }
 
@@ -382,7 +384,6 @@ impl Gateway {
         }
         self.settle_staging();
         self.dispatch_im();
-        self.mark_dirty(conn);
     }
 
     /// Time passed: fires every due deadline.
@@ -470,8 +471,8 @@ impl Gateway {
     /// A connection with output to write, each once per call of [`Gateway::write_to`].
     pub fn poll_transmit(&mut self) -> Option<ConnId> {
         while let Some(key) = self.dirty.pop() {
-            if let Some(c) = self.conns.get_mut(key) {
-                c.dirty = false;
+            // Not dirty any more when it was written since it was listed.
+            if self.conns.get(key).is_some_and(|c| c.dirty) {
                 return Some(key);
             }
         }
@@ -497,6 +498,9 @@ impl Gateway {
     ///
     /// Errors: a write error other than `WouldBlock` ends the connection (a `Drop` follows).
     pub fn write_to(&mut self, conn: ConnId, w: &mut impl Write, input: &[u8]) {
+        if let Some(c) = self.conns.get_mut(conn) {
+            c.dirty = false;
+        }
         loop {
             if let Err(e) = self.flush(conn, w, input) {
                 debug!("conn {conn}: write error: {e}");
@@ -568,8 +572,8 @@ impl Gateway {
         if !(c.transport.is_closed() && c.write_shut) {
             return true;
         }
-        c.discarded += n;
-        if c.discarded > MAX_DISCARD {
+        c.discarded = c.discarded.saturating_add(n.try_into().unwrap_or(u32::MAX));
+        if c.discarded as usize > MAX_DISCARD {
             // Closed, and still sending: nothing it sends is read any more, so reading it
             // on until the close timeout is waste.
             debug!("conn {conn}: still sending after the close; dropped");
@@ -614,9 +618,21 @@ impl Gateway {
         })
     }
 
-    /// Moves staged output into its owner's outbox, so that what is produced next for it
-    /// leaves after it. Staged output that points into the input stays (see the module docs).
+    /// Moves an IM connection's staged output into its outbox, so that what the core
+    /// produces for it next leaves after it. An echo connection's stays staged (nothing else
+    /// is produced for it), to be written without a copy.
     fn settle_staging(&mut self) {
+        let im_owner = self
+            .staging_owner
+            .is_some_and(|o| self.conns.get(o).is_some_and(|c| c.transport.is_im()));
+        if im_owner {
+            self.queue_staging();
+        }
+    }
+
+    /// Moves staged output into its owner's outbox, whatever the owner. Staged output that
+    /// points into the input stays (see the module docs).
+    fn queue_staging(&mut self) {
         let Some(owner) = self.staging_owner else {
             return;
         };
@@ -649,7 +665,7 @@ impl Gateway {
         let Some(mut conn) = self.conns.try_remove(key) else {
             return;
         };
-        if let Some((id, _, _)) = conn.timer.take() {
+        if let Some((id, _)) = conn.timer.take() {
             self.wheel.cancel(id);
         }
         if conn.counted_open {

@@ -100,6 +100,14 @@ impl<T> TimerWheel<T> {
         Some(self.entries.remove(id.key as usize).value)
     }
 
+    /// The deadline of a timer still scheduled.
+    pub fn deadline(&self, id: TimerId) -> Option<u64> {
+        self.entries
+            .get(id.key as usize)
+            .filter(|e| e.generation == id.generation)
+            .map(|e| e.deadline)
+    }
+
     /// The earliest time at which [`TimerWheel::expire`] may have something to hand out.
     /// It can be earlier than the earliest deadline (a higher-level slot has to cascade first).
     pub fn next_wakeup(&self) -> Option<u64> {

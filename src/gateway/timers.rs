@@ -18,7 +18,7 @@ impl Gateway {
             return;
         };
         let Some(want) = TimerKind::wanted(&conn.transport) else {
-            if let Some((id, _, _)) = conn.timer.take() {
+            if let Some((id, _)) = conn.timer.take() {
                 self.wheel.cancel(id);
             }
             return;
@@ -43,15 +43,17 @@ impl Gateway {
             }
             TimerKind::Close => now + limits.close_ms,
         };
-        let keep = matches!(conn.timer, Some((_, kind, at))
-            if kind == want && (kind != TimerKind::KeepAlive || at <= deadline));
+        let keep = matches!(conn.timer, Some((id, kind))
+            if kind == want
+                && (kind != TimerKind::KeepAlive
+                    || self.wheel.deadline(id).is_some_and(|at| at <= deadline)));
         if keep {
             return;
         }
-        if let Some((id, _, _)) = conn.timer.take() {
+        if let Some((id, _)) = conn.timer.take() {
             self.wheel.cancel(id);
         }
-        conn.timer = Some((self.wheel.insert(deadline, key), want, deadline));
+        conn.timer = Some((self.wheel.insert(deadline, key), want));
     }
 
     /// The connection's timer fired.
@@ -59,7 +61,7 @@ impl Gateway {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let Some((_, kind, _)) = conn.timer.take() else {
+        let Some((_, kind)) = conn.timer.take() else {
             return;
         };
         if kind == TimerKind::Exchange {

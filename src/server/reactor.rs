@@ -55,7 +55,10 @@ pub struct Server {
     accept_paused_until: Option<u64>,
     last_emfile_log: Option<u64>,
     epoch: Instant,
+    /// Loop time (ms since start), read once per turn.
     now: u64,
+    /// Wall-clock time of this turn, in Unix milliseconds.
+    unix_ms: i64,
 }
 
 impl Server {
@@ -95,7 +98,9 @@ impl Server {
             listeners,
             signals,
             writer,
-            sockets: Vec::new(),
+            // Reserved up front: growing it by doubling would leave the old copies behind in
+            // the allocator, and each slot is 4 bytes.
+            sockets: Vec::with_capacity(cfg.max_connections.min(1 << 20) + 64),
             read_buf: vec![0; READ_BUF],
             again: Vec::new(),
             reserve_fd: File::open("/dev/null").ok(),
@@ -103,6 +108,7 @@ impl Server {
             last_emfile_log: None,
             epoch: Instant::now(),
             now: 0,
+            unix_ms: 0,
         })
     }
 
@@ -145,6 +151,7 @@ impl Server {
                 return Err(e);
             }
             self.now = self.clock();
+            self.unix_ms = unix_ms();
             self.gateway.begin_turn(self.now_value());
             // Connections scheduled in an earlier turn go on after this turn's events; those
             // scheduled during this turn wait for the next one.
@@ -191,7 +198,7 @@ impl Server {
     fn now_value(&self) -> Now {
         Now {
             mono_ms: self.now,
-            unix_ms: unix_ms(),
+            unix_ms: self.unix_ms,
         }
     }
 

@@ -122,4 +122,24 @@ mod tests {
         assert_eq!(h.store.max_seq("alice"), Ok(3));
         assert_eq!(h.store.max_seq("bob"), Ok(2));
     }
+
+    #[test]
+    fn an_offline_users_cache_is_dropped_once_its_appends_are_durable() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        h.send_uncommitted(1, "bob", "m1", "hi");
+        assert!(
+            h.core.users.contains_key("bob"),
+            "bob's inbox is written through the cache"
+        );
+        h.turn();
+        assert!(
+            !h.core.users.contains_key("bob"),
+            "the cache of a user with no device online outlived the commit"
+        );
+        assert!(
+            h.core.users.contains_key("alice"),
+            "an online user's cache was dropped"
+        );
+    }
 }
