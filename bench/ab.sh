@@ -9,12 +9,9 @@
 #   - /echo with wsload at (100 connections, 1 in flight, 32 B), (1000, 1, 32 B), (100, 16, 32 B)
 #     (bench/compare.sh), and the server's RSS per idle /echo connection at 10,000;
 #   - relay, 200 users x 4 in flight x 64 B, with --durability none and full (imgate-bench);
-#   - the server's CPU (% of its core) for relay at a fixed 40,000 msgs/s, --durability none:
-#     steadier than a saturated throughput when the host's speed drifts;
 #   - server RSS per logged-in idle /ws connection at 10,000 (imgate-bench idle).
 # The table shows, per measure, the median and the worst of the rounds for A and B and the
-# median of the per-round ratios B/A (throughput: higher is better; bytes and CPU: lower is
-# better).
+# median of the per-round ratios B/A (throughput: higher is better; bytes: lower is better).
 # Any failed run or verification fails the script. Needs bench/build-tools.sh first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -84,10 +81,6 @@ for round in $(seq "$ROUNDS"); do
                 --server-pid "$pid" -u 200 -k 4 -s 64 -d 8 -w 1
             stop
         done
-        imgate "$bin" "relay-rate-$side-$round" --durability none
-        run "relay-rate-cpu $side $round" relay --addr "$addr" --jwt-secret "$SECRET" \
-            --server-pid "$pid" -u 200 --rate 40000 -s 64 -d 8 -w 1
-        stop
         imgate "$bin" "idle-$side-$round" --max-connections 12000
         run "idle-ws $side $round" idle --addr "$addr" --jwt-secret "$SECRET" \
             --server-pid "$pid" -c 10000 --hold 10 --src-ips 2
@@ -111,13 +104,13 @@ for row in open(f"{out}/results.tsv"):
     label, line = row.rstrip("\n").split("\t", 1)
     measure, side, rnd = label.split()
     f = kv(line)
-    key = {"idle-ws": "rss_bytes_per_conn", "relay-rate-cpu": "srv_cpu"}.get(measure, "delivered_per_s")
-    runs.setdefault((f"{measure} {key}", side), {})[int(rnd)] = float(f[key].rstrip("%"))
+    key = "rss_bytes_per_conn" if measure == "idle-ws" else "delivered_per_s"
+    runs.setdefault((f"{measure} {key}", side), {})[int(rnd)] = float(f[key])
 measures = sorted({m for m, _ in runs})
 print(f"{'measure':44} {'A median':>11} {'A worst':>11} {'B median':>11} {'B worst':>11} {'B/A':>7}")
 for m in measures:
     a, b = runs.get((m, "A"), {}), runs.get((m, "B"), {})
-    lower_better = "bytes" in m or "cpu" in m
+    lower_better = "bytes" in m
     worst = max if lower_better else min
     ratios = [b[r] / a[r] for r in a if r in b and a[r] > 0]
     cells = [statistics.median(a.values()), worst(a.values()), statistics.median(b.values()), worst(b.values())]
