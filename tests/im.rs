@@ -155,31 +155,87 @@ fn kill_9_loses_nothing_that_was_acknowledged() {
         let ok = alice.send("dave", &format!("k{i}"), &format!("msg {i}"));
         acked.push(ok.seq);
     }
-    // Keep sending without waiting while the server is killed.
-    for i in 200..260 {
-        alice.request(C::Send(proto::SendMessage {
+    // Keep sending without waiting, and kill the server once the first of these are
+    // acknowledged, so that the kill lands while sends are in flight.
+    let mut in_flight = std::collections::HashMap::new();
+    for i in 200..1200u64 {
+        let id = alice.request(C::Send(proto::SendMessage {
             to_uid: "dave".into(),
             client_msg_id: format!("k{i}"),
             content: format!("msg {i}").into_bytes(),
         }));
+        in_flight.insert(id, i);
+    }
+    let mut acked_in_flight = 0;
+    let record = |f: proto::ServerFrame, acked: &mut Vec<u64>| {
+        if let (Some(i), Some(S::SendOk(ok))) = (in_flight.get(&f.id), f.body) {
+            assert_eq!(ok.seq, i + 1, "dave's seq of message {i}");
+            acked.push(ok.seq);
+        }
+    };
+    while acked_in_flight < 5 {
+        record(alice.next(), &mut acked);
+        acked_in_flight = acked.len() - 200;
     }
     unsafe {
         libc::kill(server.pid() as libc::pid_t, libc::SIGKILL);
+    }
+    // Every SendOk that left the server before it died counts as a promise.
+    while let Ok(m) = alice.ws.read() {
+        if let Message::Binary(b) = m {
+            record(
+                proto::ServerFrame::decode(&b[..]).expect("decode"),
+                &mut acked,
+            );
+        }
     }
     server.wait(Duration::from_secs(10)).expect("killed");
     drop(server);
     let mut restarted = ServerProc::start_in(dir, &addr, FAST, |_| {});
     restarted.keep_data = false;
     let (mut dave, ok) = Client::login(&restarted, "dave", "phone", 0);
-    assert!(
-        ok.max_seq >= 200,
-        "every acknowledged message survived: {}",
+    let newest_acked = acked.iter().copied().max().unwrap_or(0);
+    eprintln!(
+        "killed with {} of 1,000 sends acknowledged; {} stored",
+        acked.len() - 200,
         ok.max_seq
     );
-    let got = dave.messages(ok.max_seq as usize);
+    assert!(
+        ok.max_seq >= newest_acked,
+        "every acknowledged message survived: {} of {newest_acked} ({} acked while in flight)",
+        ok.max_seq,
+        acked.len() - 200,
+    );
+    let got = dave.messages_acked(ok.max_seq as usize);
     for (i, m) in got.iter().enumerate() {
         assert_eq!(m.seq, i as u64 + 1, "in order, no gap");
         assert_eq!(m.content, format!("msg {i}").into_bytes());
+    }
+    // A client that retries every send it was not sure of gets each stored exactly once:
+    // the ones that survived answer with their old seq, the lost ones are stored anew.
+    let (mut alice, _) = Client::login(&restarted, "alice", "phone", 0);
+    let retries: Vec<(u64, u64)> = (200..1200u64)
+        .map(|i| {
+            let id = alice.request(C::Send(proto::SendMessage {
+                to_uid: "dave".into(),
+                client_msg_id: format!("k{i}"),
+                content: format!("msg {i}").into_bytes(),
+            }));
+            (id, i)
+        })
+        .collect();
+    for (id, i) in retries {
+        match alice.response(id) {
+            S::SendOk(ok) => assert_eq!(ok.seq, i + 1, "the retry of message {i}"),
+            other => panic!("retry of {i}: {other:?}"),
+        }
+    }
+    let rest = dave.messages_acked(1200 - ok.max_seq as usize);
+    for (m, i) in rest.iter().zip(ok.max_seq..) {
+        assert_eq!(
+            (m.seq, &m.content),
+            (i + 1, &format!("msg {i}").into_bytes())
+        );
     }
 }
 

@@ -24,6 +24,7 @@ pub struct Metrics {
     pub bytes_out: Counter,
     closes: Family<Labels, Counter>,
     pub slow_consumer_kills: Counter,
+    pub loop_turns: Counter,
 }
 
 fn histogram() -> Histogram {
@@ -51,6 +52,7 @@ impl Metrics {
             bytes_out: Counter::default(),
             closes: Family::default(),
             slow_consumer_kills: Counter::default(),
+            loop_turns: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -90,6 +92,12 @@ impl Metrics {
             "slow_consumer_kills",
             "Connections closed because their unsent output passed --max-outbound-bytes",
             m.slow_consumer_kills.clone(),
+        );
+        registry.register(
+            "loop_turns",
+            "Wake-ups of the network loop: it sleeps in its poll while there is nothing to do, \
+             so a rate far above the traffic's means it spins",
+            m.loop_turns.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -276,6 +276,7 @@ impl Gateway {
     pub fn begin_turn(&mut self, now: Now) {
         self.now = now;
         self.turn = self.turn.wrapping_add(1);
+        self.metrics.loop_turns.inc();
     }
 
     /// A listener accepted a socket.

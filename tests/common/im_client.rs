@@ -125,4 +125,18 @@ impl Client {
         }
         got
     }
+
+    /// Reads `n` pushed Messages, acking each as it arrives, so that more than one delivery
+    /// window can arrive.
+    #[allow(dead_code)]
+    pub fn messages_acked(&mut self, n: usize) -> Vec<proto::Message> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            if let Some(S::Message(m)) = self.next().body {
+                self.request(C::Ack(proto::Ack { seq: m.seq }));
+                got.push(m);
+            }
+        }
+        got
+    }
 }

@@ -171,17 +171,6 @@ impl ServerProc {
         }
         None
     }
-
-    /// Server CPU time (user + system), from /proc.
-    pub fn cpu_time(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("stat");
-        let after_comm = &stat[stat.rfind(')').expect("comm") + 2..];
-        let fields: Vec<&str> = after_comm.split_whitespace().collect();
-        let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-        // SAFETY: sysconf only reads a system constant.
-        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-        Duration::from_millis(ticks * 1000 / per_second)
-    }
 }
 
 impl Drop for ServerProc {
