@@ -147,6 +147,11 @@ pub struct ServeArgs {
     #[arg(long, env = "IMGATE_MAX_DEVICES", default_value_t = 16)]
     pub max_devices: usize,
 
+    /// Most members of a group; adding one more is refused (admin API 409). A group send
+    /// costs one inbox append per member, written in one batch.
+    #[arg(long, env = "IMGATE_MAX_GROUP_MEMBERS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_group_members: u64,
+
     /// Most unacknowledged messages in flight per device.
     #[arg(long, env = "IMGATE_DELIVERY_WINDOW", default_value_t = 256)]
     pub delivery_window: u64,
@@ -426,6 +431,7 @@ impl From<&ServeArgs> for ServerConfig {
                     rate_burst: a.rate_burst,
                     max_bad_frames: 10,
                     output_room: a.high_water(),
+                    max_group_members: a.max_group_members as usize,
                 },
             },
         }

@@ -190,6 +190,7 @@ fn send_one_at_a_time(addr: SocketAddr) -> u16 {
             to_uid: "otto".into(),
             client_msg_id: format!("m{i}"),
             content: b"durable?".to_vec(),
+            group_id: String::new(),
         });
         let answer = call(2 + i as u64, send);
         assert!(matches!(answer, S::SendOk(_)), "{answer:?}");

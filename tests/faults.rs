@@ -203,6 +203,7 @@ fn trickling_peers_are_held_to_their_timeouts() {
             to_uid: "uma".into(),
             client_msg_id: "t1".into(),
             content: b"slowly".to_vec(),
+            group_id: String::new(),
         })),
     };
     let bytes = frame(true, 0x2, &send.encode_to_vec());

@@ -163,6 +163,7 @@ fn kill_9_loses_nothing_that_was_acknowledged() {
             to_uid: "dave".into(),
             client_msg_id: format!("k{i}"),
             content: format!("msg {i}").into_bytes(),
+            group_id: String::new(),
         }));
         in_flight.insert(id, i);
     }
@@ -220,6 +221,7 @@ fn kill_9_loses_nothing_that_was_acknowledged() {
                 to_uid: "dave".into(),
                 client_msg_id: format!("k{i}"),
                 content: format!("msg {i}").into_bytes(),
+                group_id: String::new(),
             }));
             (id, i)
         })
@@ -355,6 +357,7 @@ fn raw_tcp_and_websocket_clients_talk_to_each_other() {
             to_uid: "walt".into(),
             client_msg_id: "t1".into(),
             content: b"from tcp".to_vec(),
+            group_id: String::new(),
         })),
     });
     match t.next().body {

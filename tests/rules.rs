@@ -275,6 +275,7 @@ fn send_burst(c: &mut Client, n: usize, tag: &str) -> usize {
                 to_uid: "rex".into(),
                 client_msg_id: format!("{tag}-{i}"),
                 content: b"x".to_vec(),
+                group_id: String::new(),
             })),
         };
         c.ws.write(Message::binary(f.encode_to_vec())).unwrap();

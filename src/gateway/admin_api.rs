@@ -17,13 +17,28 @@ pub const MAX_ADMIN_REQUEST: usize = 128 * 1024;
 pub enum AdminAction {
     /// Make (or remove) a symmetric friendship, then answer 204 once durable.
     SetFriendship { a: String, b: String, present: bool },
+    /// Add a user to a group (or remove it), then answer 204 once durable.
+    SetMembership {
+        gid: String,
+        uid: String,
+        joined: bool,
+    },
     /// Send a message on a user's or the system's behalf, answered once durable.
     Send {
         from_uid: String,
-        to_uid: String,
+        to: Recipient,
         client_msg_id: String,
         content: Vec<u8>,
     },
+    /// Push a signal to the devices online now.
+    Signal {
+        to: SignalRecipient,
+        from_uid: String,
+        kind: String,
+        payload: Vec<u8>,
+    },
+    /// A group's members.
+    GetGroup { gid: String },
     /// Online devices, max_seq and cursors of a user.
     GetUser { uid: String },
     /// A user's friends and whether each is online.
@@ -34,15 +49,78 @@ pub enum AdminAction {
     Respond(Response),
 }
 
-/// `POST /v1/messages` body: exactly one of `content` (base64) and `text`.
+/// Who a message goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recipient {
+    User(String),
+    Group(String),
+}
+
+/// Who a signal goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignalRecipient {
+    To(Recipient),
+    /// Every online device.
+    All,
+}
+
+/// `POST /v1/messages` body: exactly one of `to_uid` and `to_group`, and of `content`
+/// (base64) and `text`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SendBody {
     from_uid: String,
-    to_uid: String,
+    to_uid: Option<String>,
+    to_group: Option<String>,
     client_msg_id: String,
     content: Option<String>,
     text: Option<String>,
+}
+
+/// `POST /v1/signals` body: exactly one of `to_uid`, `to_group` and `"all": true`, and of
+/// `payload` (base64) and `text`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignalBody {
+    to_uid: Option<String>,
+    to_group: Option<String>,
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    from_uid: String,
+    kind: String,
+    payload: Option<String>,
+    text: Option<String>,
+}
+
+fn bad_request(why: &str) -> AdminAction {
+    AdminAction::Respond(Response::error(400, why))
+}
+
+/// Bytes given as base64 (`b64`) or as text: exactly one of them.
+fn bytes_of(b64: Option<String>, text: Option<String>, name: &str) -> Result<Vec<u8>, AdminAction> {
+    match (b64, text) {
+        (Some(c), None) => BASE64
+            .decode(c.as_bytes())
+            .map_err(|_| bad_request(&format!("{name} is not base64"))),
+        (None, Some(t)) => Ok(t.into_bytes()),
+        _ => Err(bad_request(&format!(
+            "give exactly one of {name} (base64) and text"
+        ))),
+    }
+}
+
+/// The recipient named by `to_uid` or `to_group`: exactly one of them.
+fn recipient(to_uid: Option<String>, to_group: Option<String>) -> Option<Recipient> {
+    match (to_uid, to_group) {
+        (Some(u), None) => Some(Recipient::User(u)),
+        (None, Some(g)) => Some(Recipient::Group(g)),
+        _ => None,
+    }
+}
+
+fn json_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, AdminAction> {
+    serde_json::from_slice(body).map_err(|e| bad_request(&format!("bad JSON: {e}")))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +172,7 @@ impl Response {
             401 => "Unauthorized",
             404 => "Not Found",
             405 => "Method Not Allowed",
+            409 => "Conflict",
             408 => "Request Timeout",
             413 => "Content Too Large",
             431 => "Request Header Fields Too Large",
@@ -272,36 +351,76 @@ fn route(method: &str, target: &str, body: &[u8]) -> AdminAction {
                 AdminAction::GetFriends { uid }
             }
         }
+        ["v1", "groups", gid, "members", uid] => {
+            let joined = match method {
+                "PUT" => true,
+                "DELETE" => false,
+                _ => return method_not_allowed("PUT or DELETE"),
+            };
+            if !valid(gid) || !valid(uid) {
+                return bad_request("group id and uid must be 1-64 bytes");
+            }
+            AdminAction::SetMembership {
+                gid: (*gid).to_owned(),
+                uid: (*uid).to_owned(),
+                joined,
+            }
+        }
+        ["v1", "groups", gid] => {
+            if method != "GET" {
+                return method_not_allowed("GET");
+            }
+            if !valid(gid) {
+                return bad_request("group id must be 1-64 bytes");
+            }
+            AdminAction::GetGroup {
+                gid: (*gid).to_owned(),
+            }
+        }
         ["v1", "messages"] => {
             if method != "POST" {
                 return method_not_allowed("POST");
             }
-            let b: SendBody = match serde_json::from_slice(body) {
+            let b: SendBody = match json_body(body) {
                 Ok(b) => b,
-                Err(e) => {
-                    return AdminAction::Respond(Response::error(400, &format!("bad JSON: {e}")))
-                }
+                Err(answer) => return answer,
             };
-            let content = match (b.content, b.text) {
-                (Some(c), None) => match BASE64.decode(c.as_bytes()) {
-                    Ok(c) => c,
-                    Err(_) => {
-                        return AdminAction::Respond(Response::error(400, "content is not base64"))
-                    }
-                },
-                (None, Some(t)) => t.into_bytes(),
-                _ => {
-                    return AdminAction::Respond(Response::error(
-                        400,
-                        "give exactly one of content (base64) and text",
-                    ))
-                }
+            let content = match bytes_of(b.content, b.text, "content") {
+                Ok(c) => c,
+                Err(answer) => return answer,
+            };
+            let Some(to) = recipient(b.to_uid, b.to_group) else {
+                return bad_request("give exactly one of to_uid and to_group");
             };
             AdminAction::Send {
                 from_uid: b.from_uid,
-                to_uid: b.to_uid,
+                to,
                 client_msg_id: b.client_msg_id,
                 content,
+            }
+        }
+        ["v1", "signals"] => {
+            if method != "POST" {
+                return method_not_allowed("POST");
+            }
+            let b: SignalBody = match json_body(body) {
+                Ok(b) => b,
+                Err(answer) => return answer,
+            };
+            let payload = match bytes_of(b.payload, b.text, "payload") {
+                Ok(p) => p,
+                Err(answer) => return answer,
+            };
+            let to = match (recipient(b.to_uid.clone(), b.to_group.clone()), b.all) {
+                (Some(to), false) => SignalRecipient::To(to),
+                (None, true) if b.to_uid.is_none() && b.to_group.is_none() => SignalRecipient::All,
+                _ => return bad_request("give exactly one of to_uid, to_group and \"all\": true"),
+            };
+            AdminAction::Signal {
+                to,
+                from_uid: b.from_uid,
+                kind: b.kind,
+                payload,
             }
         }
         _ => AdminAction::Respond(Response::error(404, "no such route")),
@@ -404,7 +523,19 @@ mod tests {
             ),
             AdminAction::Send {
                 from_uid: "sys".into(),
-                to_uid: "bob".into(),
+                to: Recipient::User("bob".into()),
+                client_msg_id: "x".into(),
+                content: b"hi".to_vec()
+            }
+        );
+        assert_eq!(
+            action(
+                &post(r#"{"from_uid":"sys","to_group":"g","client_msg_id":"x","text":"hi"}"#),
+                None
+            ),
+            AdminAction::Send {
+                from_uid: "sys".into(),
+                to: Recipient::Group("g".into()),
                 client_msg_id: "x".into(),
                 content: b"hi".to_vec()
             }
@@ -419,6 +550,8 @@ mod tests {
             r#"{"from_uid":"a","to_uid":"b","client_msg_id":"x","text":"t","content":"aGk="}"#,
             r#"{"from_uid":"a","to_uid":"b","client_msg_id":"x","content":"!!"}"#,
             r#"{"from_uid":"a","to_uid":"b","client_msg_id":"x","text":"t","extra":1}"#,
+            r#"{"from_uid":"a","client_msg_id":"x","text":"t"}"#,
+            r#"{"from_uid":"a","to_uid":"b","to_group":"g","client_msg_id":"x","text":"t"}"#,
         ] {
             assert_eq!(status(&post(bad), None), 400, "{bad}");
         }
@@ -432,6 +565,75 @@ mod tests {
             handle(&full.as_bytes()[..full.len() - 3], None),
             Parsed::Partial
         );
+    }
+
+    #[test]
+    fn group_and_signal_routes() {
+        let req = |m: &str, path: &str| format!("{m} {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        for (m, joined) in [("PUT", true), ("DELETE", false)] {
+            assert_eq!(
+                action(&req(m, "/v1/groups/g1/members/alice"), None),
+                AdminAction::SetMembership {
+                    gid: "g1".into(),
+                    uid: "alice".into(),
+                    joined
+                }
+            );
+        }
+        assert_eq!(
+            status(&req("POST", "/v1/groups/g1/members/alice"), None),
+            405
+        );
+        let long = "g".repeat(65);
+        assert_eq!(
+            status(&req("PUT", &format!("/v1/groups/{long}/members/a")), None),
+            400
+        );
+        assert_eq!(
+            action(&req("GET", "/v1/groups/g1"), None),
+            AdminAction::GetGroup { gid: "g1".into() }
+        );
+        assert_eq!(status(&req("DELETE", "/v1/groups/g1"), None), 405);
+        let post = |body: &str| {
+            format!(
+                "POST /v1/signals HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        assert_eq!(
+            action(
+                &post(r#"{"to_group":"g","kind":"typing","text":"1"}"#),
+                None
+            ),
+            AdminAction::Signal {
+                to: SignalRecipient::To(Recipient::Group("g".into())),
+                from_uid: String::new(),
+                kind: "typing".into(),
+                payload: b"1".to_vec(),
+            }
+        );
+        assert_eq!(
+            action(
+                &post(r#"{"all":true,"from_uid":"ops","kind":"k","payload":"aGk="}"#),
+                None
+            ),
+            AdminAction::Signal {
+                to: SignalRecipient::All,
+                from_uid: "ops".into(),
+                kind: "k".into(),
+                payload: b"hi".to_vec(),
+            }
+        );
+        for bad in [
+            r#"{"kind":"k","text":"t"}"#,
+            r#"{"all":true,"to_uid":"a","kind":"k","text":"t"}"#,
+            r#"{"to_uid":"a","to_group":"g","kind":"k","text":"t"}"#,
+            r#"{"to_uid":"a","kind":"k"}"#,
+            r#"{"to_uid":"a","kind":"k","payload":"!!"}"#,
+            r#"{"to_uid":"a","text":"t"}"#,
+        ] {
+            assert_eq!(status(&post(bad), None), 400, "{bad}");
+        }
     }
 
     #[test]

@@ -8,11 +8,13 @@
 //! `--handshake-timeout`: a request still incomplete then gets 408, an answer the peer does not
 //! read is dropped. Waiting for the store does not count against the peer.
 
-use super::admin_api::{self, AdminAction, Response};
+use super::admin_api::{self, AdminAction, Recipient, Response, SignalRecipient};
 use super::input::Cx;
 use super::transport::{Phase, Transport};
 use super::{ConnId, Gateway};
-use crate::im::core::AdminSendError;
+use crate::im::core::{
+    AdminSendError, BatchId, MembershipError, SignalError, SignalTarget, Target,
+};
 use crate::web;
 use crate::ws::handshake::{HttpError, PlainRequest};
 
@@ -51,19 +53,76 @@ impl Gateway {
             AdminAction::SetFriendship { a, b, present } => {
                 im.core.set_friendship(&a, &b, present);
                 let batch = im.core.pending_batch_id();
-                self.committing.push_back((batch, key));
-                self.set_phase(key, Phase::Committing(batch));
-                return;
+                return self.wait_for_commit(key, batch);
+            }
+            AdminAction::SetMembership { gid, uid, joined } => {
+                match im.core.set_membership(&gid, &uid, joined, &*im.store) {
+                    Ok(Some(batch)) => return self.wait_for_commit(key, batch),
+                    Ok(None) => Response::no_content(),
+                    Err(MembershipError::Invalid) => {
+                        Response::error(400, "group id and uid must be 1-64 bytes")
+                    }
+                    Err(MembershipError::Full) => Response::error(
+                        409,
+                        &format!(
+                            "the group has --max-group-members ({}) members already",
+                            im.core.max_group_members()
+                        ),
+                    ),
+                    Err(MembershipError::Unavailable) => {
+                        Response::error(503, "the store cannot be read")
+                    }
+                }
+            }
+            AdminAction::GetGroup { gid } => match im.store.group_members(&gid) {
+                Ok(members) if members.is_empty() => {
+                    Response::error(404, "no group with this id has members")
+                }
+                Ok(members) => Response::json(
+                    200,
+                    &serde_json::json!({"group_id": gid, "members": members}),
+                ),
+                Err(e) => {
+                    log::error!("{e}");
+                    Response::error(503, "the store cannot be read")
+                }
+            },
+            AdminAction::Signal {
+                to,
+                from_uid,
+                kind,
+                payload,
+            } => {
+                let to = match &to {
+                    SignalRecipient::To(r) => SignalTarget::To(target(r)),
+                    SignalRecipient::All => SignalTarget::All,
+                };
+                match im
+                    .core
+                    .admin_signal(to, &from_uid, kind, payload, &*im.store)
+                {
+                    Ok(devices) => {
+                        self.dispatch_im();
+                        Response::json(200, &serde_json::json!({ "devices": devices }))
+                    }
+                    Err(SignalError::Unavailable) => {
+                        Response::error(503, "the store cannot be read")
+                    }
+                    Err(SignalError::BadRequest(why)) => Response::error(400, why),
+                    Err(SignalError::TooLarge | SignalError::Forbidden) => {
+                        Response::error(400, "kind is at most 32 bytes and payload at most 256")
+                    }
+                }
             }
             AdminAction::Send {
                 from_uid,
-                to_uid,
+                to,
                 client_msg_id,
                 content,
             } => match im.core.admin_send(
                 key,
                 &from_uid,
-                &to_uid,
+                target(&to),
                 client_msg_id,
                 content,
                 now,
@@ -88,13 +147,22 @@ impl Gateway {
                         .into_iter()
                         .map(|(d, seq)| (d, seq.into()))
                         .collect();
-                    let body = serde_json::json!({
-                        "uid": uid,
-                        "online_devices": im.core.online_devices(&uid),
-                        "max_seq": max_seq,
-                        "cursors": cursors,
-                    });
-                    Response::json(200, &body)
+                    match im.store.groups_of(&uid) {
+                        Ok(groups) => Response::json(
+                            200,
+                            &serde_json::json!({
+                                "uid": uid,
+                                "online_devices": im.core.online_devices(&uid),
+                                "max_seq": max_seq,
+                                "cursors": cursors,
+                                "groups": groups,
+                            }),
+                        ),
+                        Err(e) => {
+                            log::error!("{e}");
+                            Response::error(503, "the store cannot be read")
+                        }
+                    }
                 }
                 Err(e) => {
                     log::error!("{e}");
@@ -119,6 +187,15 @@ impl Gateway {
             }
         };
         self.answer_http(key, answer.to_bytes());
+    }
+
+    /// Holds the exchange until batch `batch` is durable, then answers 204.
+    fn wait_for_commit(&mut self, key: ConnId, batch: BatchId) {
+        // In batch order, which commits go in: a change already in flight may be older than
+        // the ones waiting.
+        let at = self.committing.partition_point(|(b, _)| *b <= batch);
+        self.committing.insert(at, (batch, key));
+        self.set_phase(key, Phase::Committing(batch));
     }
 
     /// Queues the exchange's answer; the exchange ends once it is written.
@@ -186,5 +263,12 @@ pub(super) fn serve_get(ws: &mut crate::ws::Connection, request: &PlainRequest, 
     match web::route(request, cx.im.dev_secret.as_deref(), cx.now.unix_ms) {
         AdminAction::Respond(r) => ws.respond(&r.to_bytes(), cx.staging),
         action => cx.handover = Some(action),
+    }
+}
+
+fn target(r: &Recipient) -> Target<'_> {
+    match r {
+        Recipient::User(uid) => Target::User(uid),
+        Recipient::Group(gid) => Target::Group(gid),
     }
 }

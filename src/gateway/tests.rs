@@ -77,6 +77,18 @@ impl StoreRead for Shared {
     fn friends(&self, uid: &str) -> Vec<String> {
         self.get().friends(uid)
     }
+    fn group_members(&self, gid: &str) -> Result<Vec<String>, ReadError> {
+        self.get().group_members(gid)
+    }
+    fn group_size(&self, gid: &str) -> Result<usize, ReadError> {
+        self.get().group_size(gid)
+    }
+    fn is_member(&self, gid: &str, uid: &str) -> Result<bool, ReadError> {
+        self.get().is_member(gid, uid)
+    }
+    fn groups_of(&self, uid: &str) -> Result<Vec<String>, ReadError> {
+        self.get().groups_of(uid)
+    }
 }
 
 /// A gateway, the clock, its store, and one simulated peer per connection.

@@ -24,6 +24,8 @@ pub struct Body<'a> {
     pub content: &'a [u8],
     pub server_time_ms: i64,
     pub from_device: &'a str,
+    /// Set on group messages, whose `to_uid` is then empty.
+    pub group_id: &'a str,
 }
 
 /// `imgate.v1.Message` field numbers.
@@ -33,6 +35,7 @@ const CLIENT_MSG_ID: u32 = 4;
 const CONTENT: u32 = 5;
 const SERVER_TIME_MS: u32 = 6;
 const FROM_DEVICE: u32 = 7;
+const GROUP_ID: u32 = 8;
 /// `imgate.v1.ServerFrame.message`.
 const SERVER_FRAME_MESSAGE: u32 = 5;
 /// `imgate.v1.Message.seq`.
@@ -71,7 +74,8 @@ pub fn encode_body(b: &Body<'_>, scratch: &mut Vec<u8>) -> store::Body {
         } else {
             1 + encoded_len_varint(time)
         }
-        + delimited_len(FROM_DEVICE, b.from_device.len());
+        + delimited_len(FROM_DEVICE, b.from_device.len())
+        + delimited_len(GROUP_ID, b.group_id.len());
     let out = scratch;
     out.clear();
     out.reserve(len);
@@ -84,6 +88,7 @@ pub fn encode_body(b: &Body<'_>, scratch: &mut Vec<u8>) -> store::Body {
         encode_varint(time, out);
     }
     put_delimited(FROM_DEVICE, b.from_device.as_bytes(), out);
+    put_delimited(GROUP_ID, b.group_id.as_bytes(), out);
     debug_assert_eq!(out.len(), len);
     store::Body::from(&out[..])
 }
@@ -120,6 +125,7 @@ mod tests {
             content,
             server_time_ms: time,
             from_device: "phone",
+            group_id: "",
         }
     }
 
@@ -140,11 +146,21 @@ mod tests {
                 content: content.to_vec(),
                 server_time_ms: time,
                 from_device: "phone".into(),
+                group_id: String::new(),
             };
             assert_eq!(m, want);
             // The same bytes prost writes for it.
             assert_eq!(&b[..], &want.encode_to_vec()[..]);
         }
+        let group = Body {
+            to_uid: "",
+            group_id: "g1",
+            ..body(b"all", 9)
+        };
+        let b = encode_body(&group, &mut Vec::new());
+        let m = proto::Message::decode(&b[..]).unwrap();
+        assert_eq!((m.to_uid.as_str(), m.group_id.as_str()), ("", "g1"));
+        assert_eq!(&b[..], &m.encode_to_vec()[..]);
     }
 
     #[test]

@@ -11,6 +11,8 @@ pub struct MemoryStore {
     sends: HashMap<String, VecDeque<(String, u64)>>,
     cursors: HashMap<(String, String), u64>,
     friends: HashMap<String, BTreeSet<String>>,
+    groups: HashMap<String, BTreeSet<String>>,
+    user_groups: HashMap<String, BTreeSet<String>>,
 }
 
 impl MemoryStore {
@@ -48,6 +50,17 @@ impl MemoryStore {
                 } else {
                     set.remove(y);
                 }
+            }
+        }
+        for m in &batch.memberships {
+            let members = self.groups.entry(m.gid.to_string()).or_default();
+            let groups = self.user_groups.entry(m.uid.to_string()).or_default();
+            if m.joined {
+                assert!(members.insert(m.uid.to_string()), "joins a non-member");
+                groups.insert(m.gid.to_string());
+            } else {
+                assert!(members.remove(&*m.uid), "removes a member");
+                groups.remove(&*m.gid);
             }
         }
     }
@@ -111,5 +124,29 @@ impl StoreRead for MemoryStore {
             .get(uid)
             .map(|s| s.iter().cloned().collect())
             .unwrap_or_default()
+    }
+
+    fn group_members(&self, gid: &str) -> Result<Vec<String>, ReadError> {
+        Ok(self
+            .groups
+            .get(gid)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    fn group_size(&self, gid: &str) -> Result<usize, ReadError> {
+        Ok(self.groups.get(gid).map_or(0, BTreeSet::len))
+    }
+
+    fn is_member(&self, gid: &str, uid: &str) -> Result<bool, ReadError> {
+        Ok(self.groups.get(gid).is_some_and(|s| s.contains(uid)))
+    }
+
+    fn groups_of(&self, uid: &str) -> Result<Vec<String>, ReadError> {
+        Ok(self
+            .user_groups
+            .get(uid)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default())
     }
 }

@@ -50,6 +50,16 @@ pub struct WriteBatch {
     pub cursors: Vec<(Arc<str>, Arc<str>, u64)>,
     /// (a, b, present): symmetric friendships set or removed.
     pub friendships: Vec<(String, String, bool)>,
+    /// Group memberships that change: each one joins a non-member or removes a member.
+    pub memberships: Vec<Membership>,
+}
+
+/// A user joining (or leaving) a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    pub gid: Arc<str>,
+    pub uid: Arc<str>,
+    pub joined: bool,
 }
 
 impl WriteBatch {
@@ -58,6 +68,7 @@ impl WriteBatch {
             && self.sends.is_empty()
             && self.cursors.is_empty()
             && self.friendships.is_empty()
+            && self.memberships.is_empty()
     }
 }
 
@@ -109,6 +120,13 @@ pub trait StoreRead {
             .map(|(_, seq)| seq))
     }
     fn friends(&self, uid: &str) -> Vec<String>;
+    /// The members of group `gid`, by uid (empty for a group nobody belongs to).
+    fn group_members(&self, gid: &str) -> Result<Vec<String>, ReadError>;
+    /// How many members group `gid` has.
+    fn group_size(&self, gid: &str) -> Result<usize, ReadError>;
+    fn is_member(&self, gid: &str, uid: &str) -> Result<bool, ReadError>;
+    /// The groups `uid` belongs to, by group id.
+    fn groups_of(&self, uid: &str) -> Result<Vec<String>, ReadError>;
 }
 
 /// A durable store: what the storage thread commits through. The embedded

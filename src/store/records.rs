@@ -346,6 +346,7 @@ mod tests {
             sends: vec![("alice".into(), "m1".into(), 7)],
             cursors: vec![],
             friendships: vec![("x".into(), "y".into(), true)],
+            memberships: vec![],
         };
         let b = WriteBatch {
             cursors: vec![(Arc::from("bob"), Arc::from("phone"), 1)],

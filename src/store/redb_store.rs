@@ -47,6 +47,12 @@ const SENDS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("send_ch
 const CURSORS: TableDefinition<(&str, &str), u64> = TableDefinition::new("cursors");
 /// (a, b) -> () for each direction of a friendship.
 const FRIENDS: TableDefinition<(&str, &str), ()> = TableDefinition::new("friends");
+/// (group id, uid) -> () for each member of a group.
+const MEMBERS: TableDefinition<(&str, &str), ()> = TableDefinition::new("group_members");
+/// (uid, group id) -> (): the same memberships by user.
+const USER_GROUPS: TableDefinition<(&str, &str), ()> = TableDefinition::new("user_groups");
+/// group id -> member count, so that the size limit costs one read.
+const GROUP_SIZES: TableDefinition<&str, u64> = TableDefinition::new("group_sizes");
 
 /// The layout before the commit log: one row per message and per key. Converted at open.
 const OLD_INBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("inbox");
@@ -121,6 +127,9 @@ impl RedbStore {
             let mut sends = txn.open_table(SENDS).map_err(open_err)?;
             txn.open_table(CURSORS).map_err(open_err)?;
             txn.open_table(FRIENDS).map_err(open_err)?;
+            txn.open_table(MEMBERS).map_err(open_err)?;
+            txn.open_table(USER_GROUPS).map_err(open_err)?;
+            txn.open_table(GROUP_SIZES).map_err(open_err)?;
             migrate(&txn, &mut inbox, &mut sends)?;
         }
         txn.commit().map_err(open_err)?;
@@ -235,6 +244,10 @@ impl RedbStore {
                     }
                 }
             }
+            let memberships: Vec<_> = batches.iter().flat_map(|b| &b.memberships).collect();
+            if !memberships.is_empty() {
+                write_memberships(&txn, &memberships)?;
+            }
         }
         txn.commit().map_err(commit_err)?;
         // A burst's buffer is not kept for good.
@@ -338,6 +351,43 @@ impl RedbStore {
 }
 
 /// Writes one user's logged entries into the tables.
+/// Applies membership changes; a change that is none (joining twice) leaves the count alone.
+fn write_memberships(
+    txn: &redb::WriteTransaction,
+    changes: &[&crate::store::Membership],
+) -> Result<(), StoreError> {
+    let mut members = txn.open_table(MEMBERS).map_err(commit_err)?;
+    let mut by_user = txn.open_table(USER_GROUPS).map_err(commit_err)?;
+    let mut sizes = txn.open_table(GROUP_SIZES).map_err(commit_err)?;
+    for m in changes {
+        let (gid, uid) = (&*m.gid, &*m.uid);
+        let changed = if m.joined {
+            by_user.insert((uid, gid), ()).map_err(commit_err)?;
+            members
+                .insert((gid, uid), ())
+                .map_err(commit_err)?
+                .is_none()
+        } else {
+            by_user.remove((uid, gid)).map_err(commit_err)?;
+            members.remove((gid, uid)).map_err(commit_err)?.is_some()
+        };
+        if changed {
+            let size = sizes.get(gid).map_err(commit_err)?.map_or(0, |v| v.value());
+            let size = if m.joined {
+                size + 1
+            } else {
+                size.saturating_sub(1)
+            };
+            if size == 0 {
+                sizes.remove(gid).map_err(commit_err)?;
+            } else {
+                sizes.insert(gid, size).map_err(commit_err)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn write_user(
     uid: &str,
     u: &UserTail,
@@ -669,6 +719,36 @@ impl StoreRead for RedbStore {
             .map(|v| v.into_iter().map(|(friend, ())| friend).collect())
             .unwrap_or_default()
     }
+
+    fn group_members(&self, gid: &str) -> Result<Vec<String>, ReadError> {
+        Ok(self
+            .scan(MEMBERS, gid, |()| ())?
+            .into_iter()
+            .map(|(u, ())| u)
+            .collect())
+    }
+
+    fn group_size(&self, gid: &str) -> Result<usize, ReadError> {
+        let txn = self.db.begin_read()?;
+        let size = txn
+            .open_table(GROUP_SIZES)?
+            .get(gid)?
+            .map_or(0, |v| v.value());
+        Ok(usize::try_from(size).unwrap_or(usize::MAX))
+    }
+
+    fn is_member(&self, gid: &str, uid: &str) -> Result<bool, ReadError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(MEMBERS)?.get((gid, uid))?.is_some())
+    }
+
+    fn groups_of(&self, uid: &str) -> Result<Vec<String>, ReadError> {
+        Ok(self
+            .scan(USER_GROUPS, uid, |()| ())?
+            .into_iter()
+            .map(|(g, ())| g)
+            .collect())
+    }
 }
 
 /// A read whose failure costs little (a cursor, the friends): logged, then taken as empty.
@@ -782,6 +862,49 @@ mod tests {
         let txn = s.db.begin_read().unwrap();
         let t = txn.open_table(LOG).unwrap();
         ReadableTableMetadata::len(&t).unwrap()
+    }
+
+    #[test]
+    fn memberships_are_kept_both_ways_with_their_count_across_reopens() {
+        use crate::store::Membership;
+        let dir = Dir::new("groups");
+        let change = |gid: &str, uid: &str, joined| Membership {
+            gid: gid.into(),
+            uid: uid.into(),
+            joined,
+        };
+        {
+            let s = dir.open(1 << 20);
+            let b = WriteBatch {
+                memberships: vec![
+                    change("g", "bob", true),
+                    change("g", "alice", true),
+                    change("h", "alice", true),
+                    // A repeat is no second member.
+                    change("g", "bob", true),
+                ],
+                ..WriteBatch::default()
+            };
+            s.commit(&[&b], true).unwrap();
+            assert_eq!(s.group_members("g"), Ok(vec!["alice".into(), "bob".into()]));
+            assert_eq!(s.group_size("g"), Ok(2));
+            assert_eq!(s.groups_of("alice"), Ok(vec!["g".into(), "h".into()]));
+            assert_eq!(s.is_member("h", "bob"), Ok(false));
+            let b = WriteBatch {
+                memberships: vec![change("g", "alice", false), change("g", "nobody", false)],
+                ..WriteBatch::default()
+            };
+            s.commit(&[&b], true).unwrap();
+        }
+        let s = dir.open(1 << 20);
+        assert_eq!(s.group_members("g"), Ok(vec!["bob".into()]));
+        assert_eq!(s.group_size("g"), Ok(1));
+        assert_eq!(s.groups_of("alice"), Ok(vec!["h".into()]));
+        assert_eq!(s.is_member("g", "alice"), Ok(false));
+        assert_eq!(
+            (s.group_size("none"), s.group_members("none")),
+            (Ok(0), Ok(vec![]))
+        );
     }
 
     #[test]
@@ -1058,6 +1181,7 @@ mod tests {
             content: format!("hello {seq}").into_bytes(),
             server_time_ms: 1_000 + seq as i64,
             from_device: "phone".into(),
+            group_id: String::new(),
         };
         {
             let db = Database::create(d.0.join("imgate.redb")).unwrap();

@@ -345,6 +345,7 @@ mod tests {
             sends: seqs.map(|s| (owner.into(), format!("k{s}"), s)).collect(),
             cursors: vec![(owner.into(), "phone".into(), 1)],
             friendships: vec![],
+            memberships: Vec::new(),
         }
     }
 

@@ -108,6 +108,7 @@ impl Client {
             to_uid: to.into(),
             client_msg_id: cmid.into(),
             content: text.as_bytes().to_vec(),
+            group_id: String::new(),
         }));
         match self.response(id) {
             S::SendOk(ok) => ok,

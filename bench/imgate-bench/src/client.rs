@@ -829,7 +829,7 @@ impl Fleet {
                 }
             }
             Some(Body::Kicked(_)) => self.stats.error("kicked"),
-            Some(Body::Pong(_)) | Some(Body::Presence(_)) => {}
+            Some(Body::Pong(_) | Body::Presence(_) | Body::GroupChanged(_) | Body::Signal(_)) => {}
             None => self.stats.error("protocol:empty ServerFrame"),
         }
     }
@@ -1479,6 +1479,7 @@ mod tests {
             content,
             server_time_ms: 1,
             from_device: im::device_id(0),
+            group_id: String::new(),
         }
     }
 

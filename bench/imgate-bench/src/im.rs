@@ -108,6 +108,7 @@ pub fn send(counter: u64, to_uid: String, client_msg_id: String, content: Vec<u8
             to_uid,
             client_msg_id,
             content,
+            group_id: String::new(),
         })),
     }
 }

@@ -727,6 +727,7 @@ mod tests {
             content,
             server_time_ms: 1,
             from_device: im::device_id(sd),
+            group_id: String::new(),
         }
     }
 

@@ -70,6 +70,9 @@ impl Core {
             for (a, b, present) in &batch.friendships {
                 self.friendship_committed(a, b, *present);
             }
+            for m in &batch.memberships {
+                self.membership_committed(m);
+            }
             for uid in touched.drain(..) {
                 if let Some(u) = self.users.get(&uid) {
                     conns.extend(u.devices.values());

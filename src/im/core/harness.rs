@@ -86,6 +86,7 @@ impl H {
                 to_uid: to.into(),
                 client_msg_id: cmid.into(),
                 content: text.as_bytes().to_vec(),
+                group_id: String::new(),
             }),
         )
     }
@@ -100,11 +101,40 @@ impl H {
                     to_uid: to.into(),
                     client_msg_id: cmid.into(),
                     content: text.as_bytes().to_vec(),
+                    group_id: String::new(),
                 })),
             },
             self.now,
             &self.store,
         );
+    }
+
+    /// Adds (or removes) a member and ends the turn.
+    pub(super) fn member(&mut self, gid: &str, uid: &str, joined: bool) -> Vec<Output> {
+        self.core
+            .set_membership(gid, uid, joined, &self.store)
+            .expect("membership change");
+        self.turn()
+    }
+
+    /// A SendMessage to group `gid`, then the end of the turn.
+    pub(super) fn group_send(
+        &mut self,
+        conn: ConnId,
+        gid: &str,
+        cmid: &str,
+        text: &str,
+    ) -> Vec<Output> {
+        self.req(
+            conn,
+            7,
+            C::Send(proto::SendMessage {
+                group_id: gid.into(),
+                client_msg_id: cmid.into(),
+                content: text.as_bytes().to_vec(),
+                ..Default::default()
+            }),
+        )
     }
 
     pub(super) fn close(&mut self, conn: ConnId) -> Vec<Output> {

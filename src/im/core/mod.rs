@@ -21,7 +21,10 @@
 //! client frames; the rest lives beside it, one concern per file:
 //! - `session`: connections opening and closing, login, the device registry.
 //! - `presence`: friendships, and telling friends who comes online and goes offline.
-//! - `send`: accepting a message (client or admin API), rate limits and dedupe.
+//! - `send`: accepting a message (client or admin API) for a user or a group, rate limits
+//!   and dedupe.
+//! - `groups`: group membership and its announcements.
+//! - `signal`: ephemeral signals to the devices online now.
 //! - `filter`: the per-user filter of recent idempotency keys behind dedupe.
 //! - `batch`: the writes of a loop turn, and what their commit releases.
 //! - `delivery`: each device's stream within its window and output room, acks, Sync pages.
@@ -41,13 +44,17 @@ use filter::SendFilter;
 mod batch;
 mod delivery;
 mod filter;
+mod groups;
 #[cfg(test)]
 mod harness;
 mod presence;
 mod send;
 mod session;
+mod signal;
 
 pub use delivery::SYNC_MAX_BYTES;
+pub use groups::MembershipError;
+pub use signal::{SignalError, SignalTarget, MAX_SIGNAL_KIND, MAX_SIGNAL_PAYLOAD};
 
 /// The shell's identifier of a connection (its slab key).
 pub type ConnId = usize;
@@ -80,6 +87,8 @@ pub struct ImConfig {
     /// Output a new connection can take before the shell first reports its room
     /// (`--outbound-high-water`; see [`Core::handle_room`]).
     pub output_room: usize,
+    /// Members a group may have (`--max-group-members`).
+    pub max_group_members: usize,
 }
 
 impl Default for ImConfig {
@@ -93,6 +102,7 @@ impl Default for ImConfig {
             rate_burst: 100.0,
             max_bad_frames: 10,
             output_room: 1024 * 1024,
+            max_group_members: 1000,
         }
     }
 }
@@ -126,6 +136,30 @@ pub enum Output {
         seq: u64,
         duplicate: bool,
     },
+}
+
+/// Where a message or a signal goes: one user's inbox (and devices), or every member's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target<'a> {
+    User(&'a str),
+    Group(&'a str),
+}
+
+impl<'a> Target<'a> {
+    /// The target of a frame that names a user or a group: None unless exactly one is set.
+    pub fn of(to_uid: &'a str, group_id: &'a str) -> Option<Target<'a>> {
+        match (to_uid.is_empty(), group_id.is_empty()) {
+            (false, true) => Some(Target::User(to_uid)),
+            (true, false) => Some(Target::Group(group_id)),
+            _ => None,
+        }
+    }
+
+    fn is_valid(self) -> bool {
+        match self {
+            Target::User(id) | Target::Group(id) => valid_id(id),
+        }
+    }
 }
 
 /// Who asked for a send, and so who gets its acknowledgement.
@@ -302,6 +336,7 @@ impl Core {
             Some(client_frame::Body::Send(s)) => self.send(conn, id, s, now, store),
             Some(client_frame::Body::Ack(a)) => self.ack(conn, a.seq, now, store),
             Some(client_frame::Body::Sync(s)) => self.sync(conn, id, s, store),
+            Some(client_frame::Body::Signal(s)) => self.signal(conn, id, s, now, store),
             Some(client_frame::Body::Ping(p)) => self.reply(
                 conn,
                 frame(

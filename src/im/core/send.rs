@@ -7,15 +7,17 @@ use std::sync::Arc;
 
 use super::filter::SendFilter;
 use super::{
-    error, frame, valid_id, AdminSendError, ConnId, Core, Now, Output, Requester, STORE_UNAVAILABLE,
+    error, frame, valid_id, AdminSendError, ConnId, Core, Now, Output, Requester, Target,
+    STORE_UNAVAILABLE,
 };
 use crate::im::proto::{self, server_frame, ErrorCode};
 use crate::im::wire;
 use crate::store::{Append, ReadError, StoreRead, StoredMessage};
 
 impl Core {
-    /// A client's SendMessage: refused at once if over the rate limit, malformed or too large,
-    /// otherwise accepted (or recognised as a duplicate) and acknowledged once durable.
+    /// A client's SendMessage: refused at once if over the rate limit, malformed, too large
+    /// or to a group the sender is not a member of; otherwise accepted (or recognised as a
+    /// duplicate) and acknowledged once durable.
     pub(super) fn send(
         &mut self,
         conn: ConnId,
@@ -27,13 +29,23 @@ impl Core {
         if !self.take_token(conn, now) {
             return self.reply(conn, error(id, ErrorCode::RateLimited, "too many messages"));
         }
-        if !valid_id(&s.to_uid) || !valid_id(&s.client_msg_id) {
+        let Some(to) = Target::of(&s.to_uid, &s.group_id) else {
             return self.reply(
                 conn,
                 error(
                     id,
                     ErrorCode::BadRequest,
-                    "to_uid and client_msg_id must be 1-64 bytes",
+                    "set exactly one of to_uid and group_id",
+                ),
+            );
+        };
+        if !to.is_valid() || !valid_id(&s.client_msg_id) {
+            return self.reply(
+                conn,
+                error(
+                    id,
+                    ErrorCode::BadRequest,
+                    "to_uid, group_id and client_msg_id must be 1-64 bytes",
                 ),
             );
         }
@@ -48,10 +60,25 @@ impl Core {
         else {
             return;
         };
+        if let Target::Group(gid) = to {
+            match store.is_member(gid, &from) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return self.reply(
+                        conn,
+                        error(id, ErrorCode::Forbidden, "not a member of this group"),
+                    )
+                }
+                Err(e) => {
+                    log::error!("{e}: group {gid}");
+                    return self.reply(conn, error(id, ErrorCode::Unavailable, STORE_UNAVAILABLE));
+                }
+            }
+        }
         let accepted = self.accept_send(
             from,
             &device,
-            &s.to_uid,
+            to,
             s.client_msg_id,
             s.content,
             now,
@@ -65,7 +92,7 @@ impl Core {
 
     /// Takes one send from the connection's token bucket, refilled at `rate_per_sec` up to
     /// `rate_burst`; false when it is empty.
-    fn take_token(&mut self, conn: ConnId, now: Now) -> bool {
+    pub(super) fn take_token(&mut self, conn: ConnId, now: Now) -> bool {
         let (rate, burst) = (self.cfg.rate_per_sec, self.cfg.rate_burst);
         let Some(s) = self.sessions.get_mut(&conn) else {
             return false;
@@ -83,21 +110,22 @@ impl Core {
     }
 
     /// A send on a user's (or the system's) behalf from the admin API, with the same
-    /// validation, durability and dedupe as a client send. `Output::AdminSent` answers it.
+    /// validation, durability and dedupe as a client send; to a group, `from_uid` need not be
+    /// a member. `Output::AdminSent` answers it.
     #[allow(clippy::too_many_arguments)]
     pub fn admin_send(
         &mut self,
         admin: usize,
         from_uid: &str,
-        to_uid: &str,
+        to: Target<'_>,
         client_msg_id: String,
         content: Vec<u8>,
         now: Now,
         store: &dyn StoreRead,
     ) -> Result<(), AdminSendError> {
-        if !valid_id(from_uid) || !valid_id(to_uid) || !valid_id(&client_msg_id) {
+        if !valid_id(from_uid) || !to.is_valid() || !valid_id(&client_msg_id) {
             return Err(AdminSendError::Invalid(
-                "from_uid, to_uid and client_msg_id must be 1-64 bytes",
+                "from_uid, to_uid (or to_group) and client_msg_id must be 1-64 bytes",
             ));
         }
         if content.len() > self.cfg.max_content_bytes {
@@ -109,7 +137,7 @@ impl Core {
         let accepted = self.accept_send(
             from.clone(),
             "admin",
-            to_uid,
+            to,
             client_msg_id,
             content,
             now,
@@ -141,15 +169,16 @@ impl Core {
         }
     }
 
-    /// Dedupes, assigns seqs in both inboxes and queues the appends; the acknowledgement is
-    /// released when the batch is durable. `from` must be cached. Fails, appending nothing,
-    /// when the store cannot tell whether the id was used or where the recipient's inbox ends.
+    /// Dedupes, assigns a seq in every recipient's inbox (the sender's first) and queues the
+    /// appends; the acknowledgement is released when the batch is durable. `from` must be
+    /// cached. Fails, appending nothing, when the store cannot tell whether the id was used,
+    /// who is in the group or where a recipient's inbox ends.
     #[allow(clippy::too_many_arguments)]
     fn accept_send(
         &mut self,
         from: Arc<str>,
         device: &str,
-        to_uid: &str,
+        to: Target<'_>,
         client_msg_id: String,
         content: Vec<u8>,
         now: Now,
@@ -167,29 +196,25 @@ impl Core {
             }
             return Ok(());
         }
-        let Some(to) = self.user(to_uid, store) else {
-            return Err(ReadError(format!(
-                "the inbox of {to_uid} could not be read"
-            )));
+        let owners = self.recipients(&from, to, store)?;
+        let (to_uid, group_id) = match to {
+            Target::User(uid) => (uid, ""),
+            Target::Group(gid) => ("", gid),
         };
         let body = wire::encode_body(
             &wire::Body {
                 from_uid: &from,
-                to_uid: &to,
+                to_uid,
                 client_msg_id: &client_msg_id,
                 content: &content,
                 server_time_ms: now.unix_ms,
                 from_device: device,
+                group_id,
             },
             &mut self.scratch,
         );
-        let owners = if to == from {
-            [Some(from.clone()), None]
-        } else {
-            [Some(from.clone()), Some(to)]
-        };
         let mut sender_seq = 0;
-        for owner in owners.into_iter().flatten() {
+        for owner in owners {
             let user = self.users.get_mut(&owner).expect("loaded");
             user.assigned_seq += 1;
             user.uncommitted += 1;
@@ -218,6 +243,34 @@ impl Core {
         self.deferred
             .push(Self::acknowledgement(req, sender_seq, false, now));
         Ok(())
+    }
+
+    /// Whose inboxes a send goes to, each once and loaded: the sender first, then the
+    /// recipient or every other member of the group (as the store has them now).
+    fn recipients(
+        &mut self,
+        from: &Arc<str>,
+        to: Target<'_>,
+        store: &dyn StoreRead,
+    ) -> Result<Vec<Arc<str>>, ReadError> {
+        let others = match to {
+            Target::User(uid) => vec![uid.to_owned()],
+            Target::Group(gid) => store.group_members(gid)?,
+        };
+        let mut owners = Vec::with_capacity(others.len() + 1);
+        owners.push(from.clone());
+        for uid in others.iter().filter(|u| u.as_str() != &**from) {
+            let Some(owner) = self.user(uid, store) else {
+                // Appends already queued for nobody: the users loaded for this send that no
+                // device needs are dropped again.
+                for u in &owners {
+                    self.maybe_evict(u);
+                }
+                return Err(ReadError(format!("the inbox of {uid} could not be read")));
+            };
+            owners.push(owner);
+        }
+        Ok(owners)
     }
 
     /// The sender-inbox seq of an earlier send of `uid` with this client_msg_id (`hash` is its
@@ -299,6 +352,7 @@ mod tests {
                         to_uid: "bob".into(),
                         client_msg_id: "fresh".into(),
                         content: b"b".to_vec(),
+                        group_id: String::new(),
                     })),
                 },
                 h.now,
@@ -333,6 +387,7 @@ mod tests {
                         to_uid: "bob".into(),
                         client_msg_id: "later".into(),
                         content: b"c".to_vec(),
+                        group_id: String::new(),
                     })),
                 },
                 h.now,
@@ -426,6 +481,23 @@ mod tests {
         fn friends(&self, uid: &str) -> Vec<String> {
             self.inner.friends(uid)
         }
+        fn group_members(&self, gid: &str) -> Result<Vec<String>, ReadError> {
+            self.fail(gid)?;
+            self.inner.group_members(gid)
+        }
+        fn group_size(&self, gid: &str) -> Result<usize, ReadError> {
+            self.fail(gid)?;
+            self.inner.group_size(gid)
+        }
+        fn is_member(&self, gid: &str, uid: &str) -> Result<bool, ReadError> {
+            self.fail(gid)?;
+            self.fail(uid)?;
+            self.inner.is_member(gid, uid)
+        }
+        fn groups_of(&self, uid: &str) -> Result<Vec<String>, ReadError> {
+            self.fail(uid)?;
+            self.inner.groups_of(uid)
+        }
     }
 
     impl Failing<'_> {
@@ -448,6 +520,7 @@ mod tests {
                 to_uid: to.into(),
                 client_msg_id: "m1".into(),
                 content: b"x".to_vec(),
+                group_id: String::new(),
             })),
         };
         // Where bob's inbox ends is unknown: nothing is appended, the sender is told.

@@ -97,12 +97,15 @@ impl Core {
             );
         }
         let Some(uid) = self.user(&uid, store) else {
-            self.reply(conn, error(id, ErrorCode::Unavailable, STORE_UNAVAILABLE));
-            return self.out.push(Output::Close {
-                conn,
-                code: code::INTERNAL_ERROR,
-                reason: "store unavailable",
-            });
+            return self.login_unavailable(conn, id);
+        };
+        let groups = match store.groups_of(&uid) {
+            Ok(groups) => groups,
+            Err(e) => {
+                log::error!("{e}: the groups of {uid}");
+                self.maybe_evict(&uid);
+                return self.login_unavailable(conn, id);
+            }
         };
         let device_id: Arc<str> = l.device_id.as_str().into();
         let user = self.users.get_mut(&uid).expect("loaded");
@@ -159,6 +162,7 @@ impl Core {
                     max_seq: committed,
                     online_friends,
                     server_time_ms: now.unix_ms,
+                    groups,
                 }),
             ),
         );
@@ -166,6 +170,16 @@ impl Core {
             self.broadcast_presence(&uid, true, store);
         }
         self.pump(conn, now, store);
+    }
+
+    /// A login the store could not serve: UNAVAILABLE, then 1011 (the client may retry).
+    fn login_unavailable(&mut self, conn: ConnId, id: u64) {
+        self.reply(conn, error(id, ErrorCode::Unavailable, STORE_UNAVAILABLE));
+        self.out.push(Output::Close {
+            conn,
+            code: code::INTERNAL_ERROR,
+            reason: "store unavailable",
+        });
     }
 
     /// Refuses a login with `code`, then closes the connection as a policy violation.

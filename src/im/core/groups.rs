@@ -1,0 +1,424 @@
+//! Group membership. The backend owns it (admin API); a change is written with the turn's
+//! batch, and once durable every online device of the member is told (`GroupChanged`). Group
+//! messages are fanned out by `send`, to the members the store holds when the send is
+//! accepted: a member whose removal is durable gets nothing sent after it.
+//!
+//! Invariant: the batches hold only real changes (a join of a non-member or a removal of a
+//! member, counting the changes still in flight), so that a group's size is the store's count
+//! plus the changes not in the store yet, and every `GroupChanged` is news.
+
+use std::collections::HashMap;
+
+use super::{frame, valid_id, BatchId, ConnId, Core};
+use crate::im::proto::{self, server_frame};
+use crate::store::{Membership, StoreRead};
+
+/// Why a membership change was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MembershipError {
+    /// A group id or uid that is not 1-64 bytes (HTTP 400).
+    Invalid,
+    /// The group has `--max-group-members` members already (HTTP 409).
+    Full,
+    /// The store could not be read (HTTP 503).
+    Unavailable,
+}
+
+impl Core {
+    /// `--max-group-members`.
+    pub fn max_group_members(&self) -> usize {
+        self.cfg.max_group_members
+    }
+
+    /// Adds `uid` to group `gid`, or removes it. Returns the batch whose commit makes the
+    /// membership durable, or None when it is durable already (nothing changes).
+    ///
+    /// Errors: [`MembershipError::Invalid`] for bad ids, [`MembershipError::Full`] for a join
+    /// that would pass `max_group_members`, [`MembershipError::Unavailable`] when the store
+    /// cannot tell the current membership.
+    pub fn set_membership(
+        &mut self,
+        gid: &str,
+        uid: &str,
+        joined: bool,
+        store: &dyn StoreRead,
+    ) -> Result<Option<BatchId>, MembershipError> {
+        if !valid_id(gid) || !valid_id(uid) {
+            return Err(MembershipError::Invalid);
+        }
+        let unavailable = |e| {
+            log::error!("{e}: membership of {uid} in {gid}");
+            MembershipError::Unavailable
+        };
+        let pending = self.pending_membership(gid, uid);
+        let current = match pending {
+            Some((_, joined)) => joined,
+            None => store.is_member(gid, uid).map_err(unavailable)?,
+        };
+        if current == joined {
+            return Ok(pending.map(|(batch, _)| batch));
+        }
+        if joined && self.group_size(gid, store).map_err(unavailable)? >= self.cfg.max_group_members
+        {
+            return Err(MembershipError::Full);
+        }
+        self.batch.memberships.push(Membership {
+            gid: gid.into(),
+            uid: uid.into(),
+            joined,
+        });
+        Ok(Some(self.next_batch))
+    }
+
+    /// The newest membership change of `uid` in `gid` not yet reported durable, and the batch
+    /// that holds it.
+    fn pending_membership(&self, gid: &str, uid: &str) -> Option<(BatchId, bool)> {
+        self.pending_memberships()
+            .filter(|(_, m)| &*m.gid == gid && &*m.uid == uid)
+            .last()
+            .map(|(batch, m)| (batch, m.joined))
+    }
+
+    /// Every membership change not yet reported durable, oldest first, with its batch.
+    fn pending_memberships(&self) -> impl Iterator<Item = (BatchId, &Membership)> {
+        let in_flight = self
+            .in_flight
+            .iter()
+            .flat_map(|(id, b, _)| b.memberships.iter().map(move |m| (*id, m)));
+        let current = self.batch.memberships.iter().map(|m| (self.next_batch, m));
+        in_flight.chain(current)
+    }
+
+    /// The members `gid` has counting the changes in flight. A batch may be in the store
+    /// before its commit is reported, so each pending change is compared with the store
+    /// instead of being added to its count. Pending changes are few: each waits on an admin
+    /// exchange, of which there are at most `--max-admin-connections`.
+    fn group_size(
+        &self,
+        gid: &str,
+        store: &dyn StoreRead,
+    ) -> Result<usize, crate::store::ReadError> {
+        let mut newest: HashMap<&str, bool> = HashMap::new();
+        for (_, m) in self.pending_memberships().filter(|(_, m)| &*m.gid == gid) {
+            newest.insert(&m.uid, m.joined);
+        }
+        let mut size = store.group_size(gid)?;
+        for (uid, joined) in newest {
+            match (joined, store.is_member(gid, uid)?) {
+                (true, false) => size += 1,
+                (false, true) => size = size.saturating_sub(1),
+                _ => {}
+            }
+        }
+        Ok(size)
+    }
+
+    /// A membership change is durable: every online device of the member hears of it.
+    pub(super) fn membership_committed(&mut self, m: &Membership) {
+        let Some(u) = self.users.get(&*m.uid) else {
+            return;
+        };
+        let conns: Vec<ConnId> = u.devices.values().copied().collect();
+        for conn in conns {
+            self.reply(
+                conn,
+                frame(
+                    0,
+                    server_frame::Body::GroupChanged(proto::GroupChanged {
+                        group_id: m.gid.to_string(),
+                        joined: m.joined,
+                    }),
+                ),
+            );
+        }
+    }
+
+    /// The connections of every online device of `members`, but `except`.
+    pub(super) fn member_conns(&self, members: &[String], except: Option<ConnId>) -> Vec<ConnId> {
+        members
+            .iter()
+            .filter_map(|uid| self.users.get(uid.as_str()))
+            .flat_map(|u| u.devices.values().copied())
+            .filter(|c| Some(*c) != except)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::harness::{error_code, frames_to, messages_to, send_ok, H};
+    use super::super::{ImConfig, Output};
+    use super::*;
+    use crate::im::proto::{server_frame::Body as S, ErrorCode};
+    use crate::im::wire;
+
+    fn group_changes(out: &[Output], conn: ConnId) -> Vec<(String, bool)> {
+        frames_to(out, conn)
+            .into_iter()
+            .filter_map(|b| match b {
+                S::GroupChanged(g) => Some((g.group_id, g.joined)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn login_groups(out: &[Output], conn: ConnId) -> Vec<String> {
+        match frames_to(out, conn).into_iter().next() {
+            Some(S::LoginOk(ok)) => ok.groups,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_membership_is_announced_to_every_device_once_durable_and_listed_at_login() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "alice", "laptop", 0);
+        let batch = h.core.set_membership("g1", "alice", true, &h.store);
+        assert_eq!(batch, Ok(Some(h.core.pending_batch_id())));
+        assert!(
+            group_changes(&h.core.drain_output().collect::<Vec<_>>(), 1).is_empty(),
+            "announced before durable"
+        );
+        let out = h.turn();
+        for conn in [1, 2] {
+            assert_eq!(group_changes(&out, conn), vec![("g1".into(), true)]);
+        }
+        // Joining again changes nothing: durable already, and no news.
+        assert_eq!(
+            h.core.set_membership("g1", "alice", true, &h.store),
+            Ok(None)
+        );
+        assert!(group_changes(&h.turn(), 1).is_empty());
+        h.member("g2", "alice", true);
+        assert_eq!(
+            login_groups(&h.login(3, "alice", "tablet", 0), 3),
+            ["g1", "g2"]
+        );
+        let out = h.member("g1", "alice", false);
+        assert_eq!(group_changes(&out, 3), vec![("g1".into(), false)]);
+        assert_eq!(login_groups(&h.login(4, "alice", "watch", 0), 4), ["g2"]);
+        assert_eq!(h.store.group_members("g1"), Ok(vec![]));
+    }
+
+    #[test]
+    fn a_change_that_repeats_one_in_flight_waits_for_its_batch() {
+        let mut h = H::new(ImConfig::default());
+        assert_eq!(h.core.set_membership("g", "a", true, &h.store), Ok(Some(1)));
+        let (id, batch) = h.core.take_batch().unwrap();
+        assert_eq!(
+            h.core.set_membership("g", "a", true, &h.store),
+            Ok(Some(id)),
+            "the same join, still in flight"
+        );
+        assert_eq!(
+            h.core.set_membership("g", "a", false, &h.store),
+            Ok(Some(2))
+        );
+        assert!(h.core.take_batch().is_some());
+        h.store.apply(&batch);
+        assert_eq!(
+            h.core.set_membership("g", "a", false, &h.store),
+            Ok(Some(2)),
+            "the store has the join, the removal is still in flight"
+        );
+    }
+
+    #[test]
+    fn a_group_is_full_at_max_group_members_counting_changes_in_flight() {
+        let mut h = H::new(ImConfig {
+            max_group_members: 3,
+            ..ImConfig::default()
+        });
+        for uid in ["a", "b", "c"] {
+            assert!(h.core.set_membership("g", uid, true, &h.store).is_ok());
+        }
+        assert_eq!(
+            h.core.set_membership("g", "d", true, &h.store),
+            Err(MembershipError::Full)
+        );
+        // Committed to the store but not yet reported: counted once, not twice.
+        let (id, batch) = h.core.take_batch().unwrap();
+        h.store.apply(&batch);
+        assert_eq!(
+            h.core.set_membership("g", "d", true, &h.store),
+            Err(MembershipError::Full)
+        );
+        assert_eq!(
+            h.core.set_membership("g", "a", true, &h.store),
+            Ok(Some(id))
+        );
+        assert!(h.core.set_membership("g", "a", false, &h.store).is_ok());
+        assert!(
+            h.core.set_membership("g", "d", true, &h.store).is_ok(),
+            "a removal in flight makes room"
+        );
+        assert_eq!(
+            h.core.set_membership("g", "e", true, &h.store),
+            Err(MembershipError::Full)
+        );
+        h.core.on_committed(id, h.now, &h.store);
+        h.turn();
+        assert_eq!(
+            h.store.group_members("g"),
+            Ok(vec!["b".into(), "c".into(), "d".into()])
+        );
+        assert_eq!(
+            h.core.set_membership("g", "", true, &h.store),
+            Err(MembershipError::Invalid)
+        );
+    }
+
+    /// alice on two devices, bob on one, carol offline: all in g.
+    fn group() -> H {
+        let mut h = H::new(ImConfig::default());
+        for uid in ["alice", "bob", "carol"] {
+            h.member("g", uid, true);
+        }
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "alice", "laptop", 0);
+        h.login(3, "bob", "phone", 0);
+        h
+    }
+
+    #[test]
+    fn a_group_message_reaches_every_inbox_and_every_device_but_the_sending_one() {
+        let mut h = group();
+        h.member("other", "bob", true);
+        let out = h.group_send(1, "g", "m1", "hello");
+        let ok = send_ok(&out, 1).expect("SendOk");
+        assert_eq!((ok.seq, ok.duplicate), (1, false));
+        assert!(
+            messages_to(&out, 1).is_empty(),
+            "back to the sending device"
+        );
+        for conn in [2, 3] {
+            assert_eq!(messages_to(&out, conn), vec![(1, "hello".into())]);
+        }
+        for uid in ["alice", "bob", "carol"] {
+            let m = h.store.messages_after(uid, 0, 10).unwrap();
+            assert_eq!(m.len(), 1, "{uid}");
+            let m = wire::to_proto(&m[0]).unwrap();
+            assert_eq!(
+                (m.group_id.as_str(), m.to_uid.as_str(), m.from_uid.as_str()),
+                ("g", "", "alice")
+            );
+            assert_eq!(m.from_device, "phone");
+        }
+        let out = h.group_send(2, "g", "m2", "from the laptop");
+        assert_eq!(messages_to(&out, 1), vec![(2, "from the laptop".into())]);
+        assert!(messages_to(&out, 2).is_empty());
+        // The body is encoded once and shared by every inbox of the send.
+        h.core.on_frame(
+            1,
+            crate::im::proto::ClientFrame {
+                id: 9,
+                body: Some(crate::im::proto::client_frame::Body::Send(
+                    crate::im::proto::SendMessage {
+                        group_id: "g".into(),
+                        client_msg_id: "m3".into(),
+                        content: b"shared".to_vec(),
+                        ..Default::default()
+                    },
+                )),
+            },
+            h.now,
+            &h.store,
+        );
+        let (_, batch) = h.core.take_batch().unwrap();
+        assert_eq!(batch.appends.len(), 3);
+        assert!(batch
+            .appends
+            .windows(2)
+            .all(|w| std::sync::Arc::ptr_eq(&w[0].msg.body, &w[1].msg.body)));
+        assert_eq!(
+            &*batch.appends[0].owner, "alice",
+            "the sender's inbox first"
+        );
+    }
+
+    #[test]
+    fn a_group_send_is_deduped_and_refused_to_non_members() {
+        let mut h = group();
+        let first = send_ok(&h.group_send(1, "g", "same", "x"), 1).unwrap();
+        let again = send_ok(&h.group_send(1, "g", "same", "x"), 1).unwrap();
+        assert_eq!((again.seq, again.duplicate), (first.seq, true));
+        assert_eq!(h.store.max_seq("carol"), Ok(1), "stored once");
+        h.login(4, "dave", "phone", 0);
+        let out = h.group_send(4, "g", "m", "let me in");
+        assert_eq!(error_code(&out, 4), Some(ErrorCode::Forbidden));
+        assert_eq!(h.store.max_seq("dave"), Ok(0));
+        assert_eq!(h.store.max_seq("bob"), Ok(1), "nothing stored");
+        let both = h.req(
+            1,
+            8,
+            crate::im::proto::client_frame::Body::Send(crate::im::proto::SendMessage {
+                to_uid: "bob".into(),
+                group_id: "g".into(),
+                client_msg_id: "both".into(),
+                content: vec![],
+            }),
+        );
+        assert_eq!(error_code(&both, 1), Some(ErrorCode::BadRequest));
+    }
+
+    #[test]
+    fn a_removed_member_gets_nothing_sent_after_the_removal_and_keeps_its_history() {
+        let mut h = group();
+        h.group_send(1, "g", "before", "one");
+        let out = h.member("g", "bob", false);
+        assert_eq!(group_changes(&out, 3), vec![("g".into(), false)]);
+        let out = h.group_send(1, "g", "after", "two");
+        assert!(messages_to(&out, 3).is_empty());
+        assert_eq!(h.store.max_seq("bob"), Ok(1), "history kept, nothing new");
+        assert_eq!(h.store.max_seq("carol"), Ok(2));
+        let out = h.group_send(3, "g", "m", "still here?");
+        assert_eq!(error_code(&out, 3), Some(ErrorCode::Forbidden));
+    }
+
+    #[test]
+    fn an_offline_member_catches_up_at_login() {
+        let mut h = group();
+        h.group_send(1, "g", "a", "one");
+        h.group_send(3, "g", "b", "two");
+        let out = h.login(5, "carol", "phone", 0);
+        assert_eq!(login_groups(&out, 5), ["g"]);
+        assert_eq!(
+            messages_to(&out, 5),
+            vec![(1, "one".into()), (2, "two".into())]
+        );
+        assert!(
+            !h.core.users.contains_key("dave"),
+            "nobody outside the group was loaded"
+        );
+    }
+
+    #[test]
+    fn an_admin_group_send_may_come_from_a_non_member() {
+        let mut h = group();
+        h.core
+            .admin_send(
+                77,
+                "system",
+                super::super::Target::Group("g"),
+                "sys-1".into(),
+                b"notice".to_vec(),
+                h.now,
+                &h.store,
+            )
+            .unwrap();
+        let out = h.turn();
+        assert!(out.iter().any(|o| matches!(
+            o,
+            Output::AdminSent {
+                admin: 77,
+                seq: 1,
+                duplicate: false
+            }
+        )));
+        for conn in [1, 2, 3] {
+            assert_eq!(messages_to(&out, conn), vec![(1, "notice".into())]);
+        }
+        assert_eq!(h.store.max_seq("system"), Ok(1), "the sender's own copy");
+    }
+}
