@@ -11,8 +11,8 @@ use libfuzzer_sys::fuzz_target;
 
 const TOKEN: &str = "fuzz-token";
 
-/// The statuses `handle` may answer with itself (204 comes with a durable friendship, 408
-/// and 503 from the shell).
+/// The statuses `handle` may answer with itself (204 comes with a durable friendship or
+/// membership, 409 from the core, 408 and 503 from the shell).
 const DOCUMENTED: [u16; 8] = [200, 400, 401, 404, 405, 413, 431, 501];
 
 fn check(buf: &[u8], token: Option<&str>) -> Parsed {
@@ -35,7 +35,13 @@ fn check(buf: &[u8], token: Option<&str>) -> Parsed {
         Parsed::Done(AdminAction::GetUser { uid } | AdminAction::GetFriends { uid }) => {
             assert!(valid(uid), "{uid:?}");
         }
-        Parsed::Done(AdminAction::Send { .. } | AdminAction::Metrics) => {}
+        Parsed::Done(AdminAction::SetMembership { gid, uid, .. }) => {
+            assert!(valid(gid) && valid(uid), "{gid:?} {uid:?}");
+        }
+        Parsed::Done(AdminAction::GetGroup { gid }) => assert!(valid(gid), "{gid:?}"),
+        Parsed::Done(
+            AdminAction::Send { .. } | AdminAction::Signal { .. } | AdminAction::Metrics,
+        ) => {}
     }
     parsed
 }

@@ -1,7 +1,7 @@
 //! The IM core driven as the shell drives it, by an arbitrary sequence of operations: a few
 //! connections opened, logged in (valid tokens and bad ones), sending, acking, syncing,
 //! pinging and closing, batches taken and committed late and in groups, room reported, time
-//! advancing, friendships and admin sends.
+//! advancing, friendships, group memberships, group sends, signals and admin sends.
 //!
 //! Slab keys are reused by the shell, so an output for a connection that has gone reaches
 //! whoever holds its key next. Checked after every operation:
@@ -11,14 +11,17 @@
 //!   already durable in that connection's user's inbox (nothing a client was told about can
 //!   be lost);
 //! - every SendOk's seq is > 0 and durable in the sender's inbox; every admin send is
-//!   answered once.
+//!   answered once;
+//! - the batches only hold membership changes that are real (the memory store asserts a
+//!   join is of a non-member and a removal of a member), and no group outgrows its limit;
+//! - a signal names its sender and is for the connection's user or one of its groups.
 #![no_main]
 
 use std::collections::HashSet;
 use std::sync::OnceLock;
 
 use imgate::im::auth;
-use imgate::im::core::{ConnId, Core, ImConfig, Now, Output};
+use imgate::im::core::{ConnId, Core, ImConfig, Now, Output, Target};
 use imgate::im::proto::{self, client_frame::Body as C, server_frame::Body as S, ClientFrame};
 use imgate::im::wire;
 use imgate::store::memory::MemoryStore;
@@ -29,6 +32,8 @@ const SECRET: &[u8] = b"fuzz-secret";
 const CONNS: usize = 4;
 const UIDS: [&str; 3] = ["alice", "bob", "carol"];
 const START_UNIX_MS: i64 = 1_700_000_000_000;
+const GROUPS: [&str; 2] = ["g1", "g2"];
+const MAX_GROUP_MEMBERS: usize = 2;
 
 /// Login tokens, issued once (signing is slow): a long-lived one per uid, then one per uid
 /// that expires a minute after the start, then tokens that must be refused.
@@ -112,6 +117,10 @@ impl Driver {
         for (_, batch) in self.taken.drain(..n) {
             self.store.apply(&batch);
         }
+        for g in GROUPS {
+            let size = self.store.group_size(g).unwrap();
+            assert!(size <= MAX_GROUP_MEMBERS, "{g} has {size} members");
+        }
         self.core.on_committed(upto, self.now, &self.store);
     }
 
@@ -155,8 +164,19 @@ impl Driver {
                         Some(S::SyncResult(r)) => {
                             let uid = c.uid.as_deref().expect("SyncResult before LoginOk");
                             for m in &r.messages {
-                                assert!(m.from_uid == uid || m.to_uid == uid, "{m:?}");
+                                assert!(
+                                    m.from_uid == uid || m.to_uid == uid || !m.group_id.is_empty(),
+                                    "{m:?}"
+                                );
                             }
+                        }
+                        Some(S::Signal(sig)) => {
+                            let uid = c.uid.as_deref().expect("Signal before LoginOk");
+                            assert!(!sig.from_uid.is_empty(), "{sig:?}");
+                            assert!(
+                                sig.to_uid == uid || GROUPS.contains(&sig.group_id.as_str()),
+                                "{sig:?} is not for {uid}"
+                            );
                         }
                         _ => {}
                     }
@@ -173,7 +193,10 @@ impl Driver {
                     let stored = self.store.messages_after(uid, msg.seq - 1, 1).unwrap();
                     assert_eq!(stored, [msg.clone()], "delivered but not durable");
                     let m = wire::to_proto(&msg).expect("a delivery decodes");
-                    assert!(m.from_uid == uid || m.to_uid == uid, "{m:?} is not {uid}'s");
+                    assert!(
+                        m.from_uid == uid || m.to_uid == uid || !m.group_id.is_empty(),
+                        "{m:?} is not {uid}'s"
+                    );
                 }
                 Output::Close { .. } => c.closing = true,
                 Output::AdminSent { .. } => unreachable!(),
@@ -208,7 +231,12 @@ impl Driver {
                 );
             }
             2 | 3 => {
-                let to_uid = input.pick(&["alice", "bob", "carol", ""]).to_string();
+                let to = input.pick(&["alice", "bob", "carol", ""]).to_string();
+                let (to_uid, group_id) = match input.byte() % 4 {
+                    0 => (String::new(), input.pick(&GROUPS).to_string()),
+                    1 => (to, input.pick(&GROUPS).to_string()),
+                    _ => (to, String::new()),
+                };
                 let client_msg_id = input.pick(&["m1", "m2", "m3", "m4", "m5", ""]).to_string();
                 let content = vec![b'x'; usize::from(input.byte() % 80)];
                 self.frame(
@@ -217,6 +245,7 @@ impl Driver {
                         to_uid,
                         client_msg_id,
                         content,
+                        group_id,
                     })),
                 );
             }
@@ -236,8 +265,25 @@ impl Driver {
                 self.frame(conn, Some(C::Sync(proto::Sync { after_seq, limit })));
             }
             6 => {
-                let client_time_ms = i64::from(input.byte());
-                self.frame(conn, Some(C::Ping(proto::Ping { client_time_ms })));
+                let b = input.byte();
+                if b % 2 == 0 {
+                    self.frame(conn, Some(C::Ping(proto::Ping { client_time_ms: 1 })));
+                } else {
+                    let to_uid = input.pick(&["alice", "bob", ""]).to_string();
+                    let group_id = input.pick(&["g1", "", ""]).to_string();
+                    let kind = "k".repeat(usize::from(input.byte() % 40));
+                    let payload = vec![0; usize::from(input.byte()) * 2];
+                    self.frame(
+                        conn,
+                        Some(C::Signal(proto::Signal {
+                            to_uid,
+                            group_id,
+                            kind,
+                            payload,
+                            ..Default::default()
+                        })),
+                    );
+                }
             }
             7 => self.frame(conn, None),
             8 => {
@@ -272,12 +318,22 @@ impl Driver {
             14 => {
                 let a = *input.pick(&UIDS);
                 let b = *input.pick(&UIDS);
-                let present = input.byte() & 1 == 0;
-                self.core.set_friendship(a, b, present);
+                let how = input.byte();
+                let present = how & 1 == 0;
+                if how & 2 == 0 {
+                    self.core.set_friendship(a, b, present);
+                } else {
+                    let g = *input.pick(&GROUPS);
+                    let _ = self.core.set_membership(g, a, present, &self.store);
+                }
             }
             _ => {
                 let from = *input.pick(&["alice", "bob", "system", ""]);
-                let to = *input.pick(&UIDS);
+                let to = if input.byte() % 3 == 0 {
+                    Target::Group(*input.pick(&GROUPS))
+                } else {
+                    Target::User(*input.pick(&UIDS))
+                };
                 let cmid = input.pick(&["m1", "m2", "a1"]).to_string();
                 let content = vec![b'y'; usize::from(input.byte() % 80)];
                 let admin = self.next_admin;
@@ -307,6 +363,7 @@ fuzz_target!(|data: &[u8]| {
         rate_burst: 5.0,
         max_bad_frames: 3,
         output_room: *input.pick(&[300, 2000, 1 << 20]),
+        max_group_members: MAX_GROUP_MEMBERS,
     };
     let mut d = Driver {
         core: Core::new(cfg, SECRET),
