@@ -340,3 +340,79 @@ fn kill_9_during_group_sends_loses_nothing_acknowledged_in_any_inbox() {
         stored[0]
     );
 }
+
+#[test]
+fn json_clients_use_group_ids_group_changes_and_signals() {
+    use common::im_client::{token, Ws};
+    use tungstenite::client::IntoClientRequest;
+    use tungstenite::Message;
+    let server = ServerProc::start(&[]);
+    let mut req = server.url("/ws").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "imgate.v1.json".parse().unwrap());
+    let (mut js, _) = tungstenite::connect(req).expect("json client");
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = js.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+    let next_json = |js: &mut Ws| -> serde_json::Value {
+        loop {
+            match js.read().expect("read") {
+                Message::Text(t) => return serde_json::from_str(&t).expect("JSON frame"),
+                Message::Ping(_) | Message::Pong(_) => {}
+                other => panic!("expected a JSON text frame, got {other:?}"),
+            }
+        }
+    };
+    let send = |js: &mut Ws, v: serde_json::Value| js.send(Message::text(v.to_string())).unwrap();
+    send(
+        &mut js,
+        serde_json::json!({"id": "1", "login": {"token": token("kim"), "deviceId": "web"}}),
+    );
+    assert!(next_json(&mut js)["loginOk"].is_object());
+    assert_eq!(member(&server, "PUT", "team", "kim"), 204);
+    assert_eq!(
+        next_json(&mut js),
+        serde_json::json!({"groupChanged": {"groupId": "team", "joined": true}})
+    );
+    assert_eq!(member(&server, "PUT", "team", "lee"), 204);
+    let (mut lee, _) = Client::login(&server, "lee", "phone", 0);
+
+    send(
+        &mut js,
+        serde_json::json!({"id": "2", "send": {"groupId": "team", "clientMsgId": "j1", "content": "aGk="}}),
+    );
+    assert_eq!(next_json(&mut js)["sendOk"]["seq"], "1");
+    let got = group_messages(&mut lee, 1);
+    assert_eq!(
+        (got[0].from_uid.as_str(), &got[0].content[..]),
+        ("kim", &b"hi"[..])
+    );
+
+    let id = group_send(&mut lee, "team", "p1", "yo");
+    lee.response(id);
+    let m = next_json(&mut js);
+    assert_eq!(
+        (
+            &m["message"]["groupId"],
+            &m["message"]["fromUid"],
+            m["message"].get("toUid")
+        ),
+        (&serde_json::json!("team"), &serde_json::json!("lee"), None)
+    );
+    signal(&mut lee, "", "team", "typing");
+    let s = next_json(&mut js);
+    assert_eq!(
+        s,
+        serde_json::json!({"signal": {"groupId": "team", "fromUid": "lee", "fromDevice": "phone", "kind": "typing", "payload": "eA=="}})
+    );
+    send(
+        &mut js,
+        serde_json::json!({"id": "3", "signal": {"toUid": "lee", "kind": "read", "payload": "Mg=="}}),
+    );
+    let got = pushed_until_pong(&mut lee);
+    assert!(
+        got.iter()
+            .any(|b| matches!(b, S::Signal(s) if s.from_uid == "kim" && s.kind == "read")),
+        "{got:?}"
+    );
+}

@@ -135,6 +135,9 @@ impl Gateway {
                     return;
                 }
                 Err(AdminSendError::Invalid(why)) => Response::error(400, why),
+                Err(AdminSendError::NoSuchGroup) => {
+                    Response::error(404, "no group with this id has members")
+                }
                 Err(AdminSendError::Unavailable) => {
                     Response::error(503, "the store cannot be read")
                 }

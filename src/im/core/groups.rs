@@ -420,5 +420,18 @@ mod tests {
             assert_eq!(messages_to(&out, conn), vec![(1, "notice".into())]);
         }
         assert_eq!(h.store.max_seq("system"), Ok(1), "the sender's own copy");
+        assert_eq!(
+            h.core.admin_send(
+                78,
+                "system",
+                super::super::Target::Group("nobody"),
+                "sys-2".into(),
+                vec![],
+                h.now,
+                &h.store,
+            ),
+            Err(super::super::AdminSendError::NoSuchGroup)
+        );
+        assert!(h.core.take_batch().is_none(), "nothing written");
     }
 }

@@ -72,6 +72,8 @@ pub enum AdminSendError {
     Invalid(&'static str),
     /// The store could not be read (HTTP 503).
     Unavailable,
+    /// To a group that has no members (HTTP 404).
+    NoSuchGroup,
 }
 
 #[derive(Debug, Clone)]

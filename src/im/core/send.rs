@@ -112,6 +112,10 @@ impl Core {
     /// A send on a user's (or the system's) behalf from the admin API, with the same
     /// validation, durability and dedupe as a client send; to a group, `from_uid` need not be
     /// a member. `Output::AdminSent` answers it.
+    ///
+    /// Errors: [`AdminSendError::Invalid`] for bad ids or content,
+    /// [`AdminSendError::NoSuchGroup`] for a group without members,
+    /// [`AdminSendError::Unavailable`] when the store cannot be read (nothing is stored).
     #[allow(clippy::too_many_arguments)]
     pub fn admin_send(
         &mut self,
@@ -130,6 +134,16 @@ impl Core {
         }
         if content.len() > self.cfg.max_content_bytes {
             return Err(AdminSendError::Invalid("content too large"));
+        }
+        if let Target::Group(gid) = to {
+            match store.group_size(gid) {
+                Ok(0) => return Err(AdminSendError::NoSuchGroup),
+                Ok(_) => {}
+                Err(e) => {
+                    log::error!("{e}: group {gid}");
+                    return Err(AdminSendError::Unavailable);
+                }
+            }
         }
         let from = self
             .user(from_uid, store)
