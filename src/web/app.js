@@ -4,12 +4,22 @@
 // (cumulatively), load history with Sync, dedupe by inbox seq, resend unacknowledged sends with
 // the same client_msg_id after a reconnect, and reconnect by itself with backoff, resuming
 // after the highest seq it has.
+//
+// A conversation is a user or a group, keyed "u:<uid>" or "g:<gid>". Groups come from
+// LoginOk.groups, GroupChanged and messages with a groupId. Signals carry the demo's own
+// conventions: kind "typing" (at most every 2 s while typing) and kind "read" with the decimal
+// serverTimeMs of the newest message from others that was on screen (serverTimeMs, unlike the
+// per-inbox seq, is the same in every copy of a message).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const PROTOCOL = "imgate.v1.json";
 const HISTORY_PAGE = 1000;
 const HISTORY_MAX_PAGES = 10;
+/** At most one typing signal per conversation this often. */
+const TYPING_EVERY_MS = 2000;
+/** How long "x is typing…" stays after the last typing signal. */
+const TYPING_SHOWN_MS = 3000;
 
 const state = {
   dev: false,
@@ -26,13 +36,25 @@ const state = {
   ackedSeq: 0,
   /** seq -> message, for every message of this user's inbox that the page holds. */
   messages: new Map(),
-  /** client_msg_id -> {to, text, requestId} for sends without SendOk yet. */
+  /** client_msg_id -> {conv, text} for sends without SendOk yet. */
   pending: new Map(),
   /** request id -> client_msg_id of a send in flight. */
   inflight: new Map(),
   /** uid -> {online: bool|null, unread: number, friend: bool} */
   peers: new Map(),
+  /** gid -> {unread: number, member: bool} */
+  groups: new Map(),
+  /** The selected conversation's key, "u:<uid>" or "g:<gid>". */
   selected: null,
+  /** conversation -> time of the last typing signal sent to it. */
+  typingSent: new Map(),
+  /** conversation -> (uid -> time until which "uid is typing…" shows). */
+  typing: new Map(),
+  typingTimer: null,
+  /** conversation -> newest serverTimeMs sent in a read signal. */
+  readSent: new Map(),
+  /** conversation -> (uid -> serverTimeMs that uid has read up to). */
+  readBy: new Map(),
   historyLoaded: false,
   syncRequest: 0,
   syncPages: 0,
@@ -73,6 +95,27 @@ const session = {
   clear: () => sessionStorage.clear(),
 };
 
+const userKey = (uid) => "u:" + uid;
+const groupKey = (gid) => "g:" + gid;
+const isGroup = (conv) => conv.startsWith("g:");
+const convId = (conv) => conv.slice(2);
+
+/** The conversation a message belongs to. */
+function convOf(m) {
+  if (m.groupId) return groupKey(m.groupId);
+  return userKey(m.fromUid === state.uid ? m.toUid : m.fromUid);
+}
+
+/** The recipient fields of a send or signal to a conversation. */
+function recipient(conv) {
+  return isGroup(conv) ? { groupId: convId(conv) } : { toUid: convId(conv) };
+}
+
+/** Whether this user can write to a conversation (not to a group it is no longer in). */
+function canWrite(conv) {
+  return !!conv && (!isGroup(conv) || group(convId(conv)).member);
+}
+
 function setStatus(s, text) {
   const el = $("status");
   el.dataset.state = s;
@@ -89,6 +132,7 @@ async function loadConfig() {
     state.dev = false;
   }
   $("token-row").hidden = state.dev;
+  $("join-group").hidden = !state.dev;
   if (!state.dev) {
     $("login-hint").textContent =
       "Paste a token your backend issued for this user (for a try-out: imgate token --uid NAME).";
@@ -169,6 +213,10 @@ function onFrame(f) {
       p.friend = true;
       p.online = true;
     }
+    // LoginOk.groups is the whole list now: a group known here but not in it was left.
+    const now = new Set(f.loginOk.groups || []);
+    for (const [gid, g] of state.groups) g.member = now.has(gid);
+    for (const gid of now) group(gid).member = true;
     loadFriends();
     if (!state.historyLoaded) {
       state.syncPages = 0;
@@ -178,6 +226,10 @@ function onFrame(f) {
     // answers a repeat with the original seq, so nothing is stored twice.
     for (const [cmid, p] of state.pending) transmit(cmid, p);
     renderFriends();
+    renderComposer();
+    // The other side may have lost the read marks (they are not stored): tell them again.
+    state.readSent.clear();
+    markRead();
   } else if (f.message) {
     addMessage(f.message, true, true);
     ack();
@@ -189,6 +241,7 @@ function onFrame(f) {
     } else {
       state.historyLoaded = true;
       ack();
+      markRead();
     }
   } else if (f.sendOk) {
     const cmid = state.inflight.get(id);
@@ -197,7 +250,7 @@ function onFrame(f) {
     if (p) {
       state.pending.delete(cmid);
       addMessage({
-        seq: f.sendOk.seq, fromUid: state.uid, toUid: p.to, clientMsgId: cmid,
+        seq: f.sendOk.seq, fromUid: state.uid, ...recipient(p.conv), clientMsgId: cmid,
         content: toBase64(p.text), serverTimeMs: f.sendOk.serverTimeMs,
       }, false, false);
       ack();
@@ -207,6 +260,13 @@ function onFrame(f) {
     p.friend = true;
     p.online = f.presence.online === true;
     renderFriends();
+  } else if (f.groupChanged) {
+    // joined is left out of the JSON when false (a default value).
+    group(f.groupChanged.groupId).member = f.groupChanged.joined === true;
+    renderFriends();
+    renderComposer();
+  } else if (f.signal) {
+    onSignal(f.signal);
   } else if (f.error) {
     const cmid = state.inflight.get(id);
     if (cmid) {
@@ -234,8 +294,55 @@ function ack() {
 }
 
 function transmit(cmid, p) {
-  const id = send({ send: { toUid: p.to, clientMsgId: cmid, content: toBase64(p.text) } });
+  const id = send({ send: { ...recipient(p.conv), clientMsgId: cmid, content: toBase64(p.text) } });
   state.inflight.set(id, cmid);
+}
+
+function sendSignal(conv, kind, payloadText) {
+  const body = { ...recipient(conv), kind };
+  if (payloadText !== undefined) body.payload = toBase64(payloadText);
+  send({ signal: body });
+}
+
+function onSignal(sig) {
+  // A group signal reaches this user's other devices too; the demo shows only others'.
+  if (!sig.fromUid || sig.fromUid === state.uid) return;
+  const conv = sig.groupId ? groupKey(sig.groupId) : userKey(sig.fromUid);
+  if (sig.kind === "typing") {
+    if (!state.typing.has(conv)) state.typing.set(conv, new Map());
+    state.typing.get(conv).set(sig.fromUid, Date.now() + TYPING_SHOWN_MS);
+    renderTyping();
+  } else if (sig.kind === "read") {
+    const upTo = Number(fromBase64(sig.payload));
+    if (!Number.isSafeInteger(upTo) || upTo <= 0) return;
+    if (!state.readBy.has(conv)) state.readBy.set(conv, new Map());
+    const readers = state.readBy.get(conv);
+    if (upTo > (readers.get(sig.fromUid) || 0)) readers.set(sig.fromUid, upTo);
+    if (conv === state.selected) renderMessages();
+  }
+}
+
+/** Tells the selected conversation, if it is on screen, how far this user has read it. */
+function markRead() {
+  const conv = state.selected;
+  if (!conv || document.hidden || !state.ws || state.ws.readyState !== WebSocket.OPEN) return;
+  let newest = 0;
+  for (const m of state.messages.values()) {
+    if (m.fromUid !== state.uid && convOf(m) === conv) newest = Math.max(newest, num(m.serverTimeMs));
+  }
+  if (!newest || newest <= (state.readSent.get(conv) || 0)) return;
+  state.readSent.set(conv, newest);
+  sendSignal(conv, "read", String(newest));
+}
+
+/** Sends a typing signal to the selected conversation, at most every TYPING_EVERY_MS. */
+function typed() {
+  const conv = state.selected;
+  if (!canWrite(conv) || !$("text").value) return;
+  const now = Date.now();
+  if (now - (state.typingSent.get(conv) || 0) < TYPING_EVERY_MS) return;
+  state.typingSent.set(conv, now);
+  sendSignal(conv, "typing");
 }
 
 // ---- the model -----------------------------------------------------------------------------
@@ -245,18 +352,36 @@ function peer(uid) {
   return state.peers.get(uid);
 }
 
+function group(gid) {
+  if (!state.groups.has(gid)) state.groups.set(gid, { unread: 0, member: false });
+  return state.groups.get(gid);
+}
+
+/** The unread counter of a conversation: a peer's or a group's. */
+function conversation(conv) {
+  return isGroup(conv) ? group(convId(conv)) : peer(convId(conv));
+}
+
 /** `live`: pushed now (may count as unread); `delivered`: came in a Message or SyncResult. */
 function addMessage(m, live, delivered) {
   const seq = num(m.seq);
   if (delivered) state.maxSeq = Math.max(state.maxSeq, seq);
   if (!seq || state.messages.has(seq)) return;
   state.messages.set(seq, m);
-  const other = m.fromUid === state.uid ? m.toUid : m.fromUid;
-  const p = peer(other);
-  if (live && m.fromUid !== state.uid && (other !== state.selected || document.hidden)) {
-    p.unread += 1;
+  const conv = convOf(m);
+  // A group message pushed now means this user is in the group, even before GroupChanged.
+  if (m.groupId && live && !state.groups.has(m.groupId)) group(m.groupId).member = true;
+  const c = conversation(conv);
+  if (live && m.fromUid !== state.uid && (conv !== state.selected || document.hidden)) {
+    c.unread += 1;
   }
-  if (other === state.selected) renderMessages();
+  // A message ends its sender's "typing…".
+  state.typing.get(conv)?.delete(m.fromUid);
+  if (conv === state.selected) {
+    renderMessages();
+    renderTyping();
+    if (live) markRead();
+  }
   renderFriends();
 }
 
@@ -282,64 +407,154 @@ function renderFriends() {
     badge.className = "unread";
     badge.textContent = p.unread ? String(p.unread) : "";
     li.append(dot, name, badge);
-    li.onclick = () => select(uid);
+    li.onclick = () => select(userKey(uid));
     ul.append(li);
   }
+  $("friend-options").replaceChildren(...names.filter((uid) => state.peers.get(uid).friend)
+    .map((uid) => Object.assign(document.createElement("option"), { value: uid })));
+  renderGroups();
   renderPeerBar();
 }
 
+function renderGroups() {
+  const ul = $("groups");
+  ul.replaceChildren();
+  for (const gid of [...state.groups.keys()].sort()) {
+    const g = state.groups.get(gid);
+    const li = document.createElement("li");
+    li.dataset.group = gid;
+    li.dataset.member = String(g.member);
+    li.classList.add("group");
+    if (!g.member) li.classList.add("left");
+    if (groupKey(gid) === state.selected) li.classList.add("selected");
+    const mark = document.createElement("span");
+    mark.className = "mark";
+    mark.textContent = "#";
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = gid;
+    name.title = g.member ? "" : "not a member any more";
+    const badge = document.createElement("span");
+    badge.className = "unread";
+    badge.textContent = g.unread ? String(g.unread) : "";
+    li.append(mark, name, badge);
+    li.onclick = () => select(groupKey(gid));
+    ul.append(li);
+  }
+}
+
 function renderPeerBar() {
-  const bar = $("peer-bar");
-  if (!state.selected) {
-    bar.textContent = "Pick a friend to start chatting";
+  const title = $("peer-title");
+  const presence = $("peer-presence");
+  const conv = state.selected;
+  $("add-member").hidden = !(state.dev && conv && isGroup(conv) && canWrite(conv));
+  if (!conv) {
+    title.textContent = "Pick a friend or a group to start chatting";
+    presence.textContent = "";
     return;
   }
-  const p = peer(state.selected);
-  bar.textContent = state.selected;
-  const presence = document.createElement("span");
-  presence.className = "presence";
-  presence.textContent = p.online ? "online" : p.online === false ? "offline" : "";
-  bar.append(presence);
+  if (isGroup(conv)) {
+    title.textContent = "# " + convId(conv);
+    presence.textContent = canWrite(conv) ? "group" : "you are not in this group any more";
+  } else {
+    const p = peer(convId(conv));
+    title.textContent = convId(conv);
+    presence.textContent = p.online ? "online" : p.online === false ? "offline" : "";
+  }
+}
+
+function renderComposer() {
+  const ok = canWrite(state.selected);
+  $("text").disabled = !ok;
+  $("send").disabled = !ok;
+  renderPeerBar();
+}
+
+function renderTyping() {
+  clearTimeout(state.typingTimer);
+  const el = $("typing");
+  const now = Date.now();
+  const who = [];
+  let next = Infinity;
+  for (const [uid, until] of state.typing.get(state.selected) || []) {
+    if (until > now) {
+      who.push(uid);
+      next = Math.min(next, until);
+    }
+  }
+  who.sort();
+  el.textContent = who.length === 0 ? "" :
+    who.length === 1 ? `${who[0]} is typing…` : `${who.join(", ")} are typing…`;
+  if (next !== Infinity) state.typingTimer = setTimeout(renderTyping, next - now + 10);
 }
 
 function renderMessages() {
   const ol = $("messages");
   ol.replaceChildren();
-  if (!state.selected) return;
-  const other = state.selected;
+  const conv = state.selected;
+  if (!conv) return;
   const rows = [...state.messages.entries()]
-    .filter(([, m]) => (m.fromUid === other && m.toUid === state.uid) ||
-                       (m.fromUid === state.uid && m.toUid === other))
+    .filter(([, m]) => convOf(m) === conv)
     .sort((a, b) => a[0] - b[0]);
-  for (const [seq, m] of rows) ol.append(bubble(m.fromUid === state.uid, fromBase64(m.content), m, seq));
+  const readers = state.readBy.get(conv) || new Map();
+  for (const [seq, m] of rows) {
+    const mine = m.fromUid === state.uid;
+    const readBy = mine
+      ? [...readers].filter(([, upTo]) => upTo >= num(m.serverTimeMs)).map(([uid]) => uid).sort()
+      : [];
+    ol.append(bubble(mine, fromBase64(m.content), m, seq, isGroup(conv), readBy));
+  }
   for (const [, p] of state.pending) {
-    if (p.to === other) ol.append(bubble(true, p.text, null, null));
+    if (p.conv === conv) ol.append(bubble(true, p.text, null, null, false, []));
   }
   ol.scrollTop = ol.scrollHeight;
 }
 
-function bubble(mine, text, m, seq) {
+/** One message; `inGroup`: others' bubbles name their sender; `readBy`: who has read it. */
+function bubble(mine, text, m, seq, inGroup, readBy) {
   const li = document.createElement("li");
   li.className = "msg" + (mine ? " mine" : "") + (m ? "" : " pending");
   if (seq) li.dataset.seq = String(seq);
-  li.textContent = text;
+  const body = document.createElement("span");
+  body.className = "text";
+  body.textContent = text;
+  li.append(body);
+  if (inGroup && !mine) {
+    const from = document.createElement("span");
+    from.className = "from";
+    from.textContent = m.fromUid;
+    li.append(from);
+  }
   const meta = document.createElement("span");
   meta.className = "meta";
   meta.textContent = m
     ? new Date(num(m.serverTimeMs)).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
     : "sending…";
+  if (readBy.length) {
+    li.classList.add("read");
+    const receipt = document.createElement("span");
+    receipt.className = "receipt";
+    receipt.textContent = inGroup ? `✓✓ ${readBy.join(", ")}` : "✓✓";
+    receipt.title = "read by " + readBy.join(", ");
+    meta.append(" ", receipt);
+  }
   li.append(meta);
   return li;
 }
 
-function select(uid) {
-  state.selected = uid;
-  peer(uid).unread = 0;
-  $("text").disabled = false;
-  $("send").disabled = false;
+function select(conv) {
+  state.selected = conv;
+  conversation(conv).unread = 0;
   renderFriends();
+  renderComposer();
   renderMessages();
-  $("text").focus();
+  renderTyping();
+  $("group-error").textContent = "";
+  // Selecting says "I have read this" anew, even at the same point (the other side may have
+  // reloaded since).
+  state.readSent.delete(conv);
+  markRead();
+  if (canWrite(conv)) $("text").focus();
 }
 
 // ---- user actions --------------------------------------------------------------------------
@@ -382,10 +597,10 @@ $("login-form").addEventListener("submit", async (ev) => {
 $("composer").addEventListener("submit", (ev) => {
   ev.preventDefault();
   const text = $("text").value;
-  if (!text.trim() || !state.selected) return;
+  if (!text.trim() || !canWrite(state.selected)) return;
   $("text").value = "";
   const cmid = randomId("c-");
-  const p = { to: state.selected, text };
+  const p = { conv: state.selected, text };
   state.pending.set(cmid, p);
   transmit(cmid, p);
   renderMessages();
@@ -401,15 +616,48 @@ $("add-friend").addEventListener("submit", async (ev) => {
     await loadFriends();
   }
   peer(uid);
-  select(uid);
+  select(userKey(uid));
 });
+
+/** Adds `uid` to group `gid` through the dev route (a backend's job in a real app). */
+async function devJoin(uid, gid) {
+  $("group-error").textContent = "";
+  const r = await fetch(`/dev/join?uid=${encodeURIComponent(uid)}&group=${encodeURIComponent(gid)}`);
+  if (!r.ok) {
+    const body = await r.json().catch(() => ({}));
+    $("group-error").textContent = body.error || `cannot add ${uid} to ${gid}`;
+  }
+  return r.ok;
+}
+
+$("join-group").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const gid = $("group-id").value.trim();
+  if (!gid || !state.dev) return;
+  if (!(await devJoin(state.uid, gid))) return;
+  $("group-id").value = "";
+  // The 204 comes once the membership is durable; GroupChanged says the same.
+  group(gid).member = true;
+  select(groupKey(gid));
+});
+
+$("add-member").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const conv = state.selected;
+  const uid = $("member-uid").value.trim();
+  if (!uid || !state.dev || !conv || !isGroup(conv)) return;
+  if (await devJoin(uid, convId(conv))) $("member-uid").value = "";
+});
+
+$("text").addEventListener("input", typed);
 
 $("logout").addEventListener("click", logout);
 
 document.addEventListener("visibilitychange", () => {
   if (!document.hidden && state.selected) {
-    peer(state.selected).unread = 0;
+    conversation(state.selected).unread = 0;
     renderFriends();
+    markRead();
   }
 });
 

@@ -2,8 +2,9 @@
 //!
 //! Sans-IO: a request goes in, an [`AdminAction`] comes out, answered by the same shell code as
 //! the admin API. The static files are compiled into the binary. The `/dev/*` routes stand in
-//! for an app's backend (they issue tokens for any uid and make friendships), so they exist only
-//! when the server runs with `--dev`; without it they are 404 like any unknown path.
+//! for an app's backend (they issue tokens for any uid, make friendships and add members to
+//! groups), so they exist only when the server runs with `--dev`; without it they are 404 like
+//! any unknown path.
 
 use crate::gateway::admin_api::{AdminAction, Response};
 use crate::im::auth;
@@ -66,6 +67,16 @@ fn dev_route(route: &str, query: &str, secret: &[u8], unix_ms: i64) -> AdminActi
                 present: true,
             },
             Ok(_) => AdminAction::Respond(Response::error(400, "a user cannot befriend itself")),
+            Err(r) => AdminAction::Respond(r),
+        },
+        // Adds `uid` to group `group` (which exists from its first member on); answered 204
+        // once durable, like a backend's PUT /v1/groups/{gid}/members/{uid}.
+        "join" => match demo_uid(query, "group") {
+            Ok(gid) => AdminAction::SetMembership {
+                gid,
+                uid,
+                joined: true,
+            },
             Err(r) => AdminAction::Respond(r),
         },
         _ => AdminAction::Respond(Response::error(404, "no such page")),
@@ -136,7 +147,11 @@ mod tests {
 
     #[test]
     fn dev_routes_exist_only_with_dev() {
-        for path in ["/dev/token?uid=alice", "/dev/friends?uid=alice"] {
+        for path in [
+            "/dev/token?uid=alice",
+            "/dev/friends?uid=alice",
+            "/dev/join?uid=alice&group=crew",
+        ] {
             assert_eq!(status(&route(&get(path), None, 0)), 404, "{path}");
         }
         let AdminAction::Respond(r) = route(&get("/dev/config"), None, 0) else {
@@ -189,5 +204,30 @@ mod tests {
         let long = format!("/dev/token?uid={}", "a".repeat(65));
         assert_eq!(status(&route(&get(&long), s, 0)), 400);
         assert_eq!(status(&route(&get("/dev/other?uid=a"), s, 0)), 404);
+    }
+
+    #[test]
+    fn dev_join_maps_to_set_membership_and_checks_both_ids() {
+        let s = Some(&b"secret"[..]);
+        assert_eq!(
+            route(&get("/dev/join?group=crew&uid=frank"), s, 0),
+            AdminAction::SetMembership {
+                gid: "crew".into(),
+                uid: "frank".into(),
+                joined: true
+            }
+        );
+        let long = format!("/dev/join?uid=erin&group={}", "g".repeat(65));
+        for bad in [
+            "/dev/join",
+            "/dev/join?group=crew",
+            "/dev/join?uid=erin",
+            "/dev/join?uid=erin&group=",
+            "/dev/join?uid=erin&group=a%20b",
+            "/dev/join?uid=a/b&group=crew",
+            &long,
+        ] {
+            assert_eq!(status(&route(&get(bad), s, 0)), 400, "{bad}");
+        }
     }
 }

@@ -19,10 +19,12 @@ const TIMEOUT = 15_000;
 
 let server;
 let baseUrl;
+let adminUrl;
 let browser;
 const scratch = mkdtempSync(path.join(tmpdir(), "imgate-browser-"));
 
-/** Starts `imgate serve --dev` (on port 0 unless given) and resolves with its demo address. */
+/** Starts `imgate serve --dev` (on port 0 unless given) and resolves with its demo address
+ *  and its admin API's. */
 function startServer(listen = "127.0.0.1:0") {
   const proc = spawn(BIN, [
     "serve", "--dev", "--jwt-secret", "browser-test-secret-of-at-least-32-bytes",
@@ -32,11 +34,14 @@ function startServer(listen = "127.0.0.1:0") {
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error("imgate printed no web demo line")), TIMEOUT);
     proc.on("exit", (code) => reject(new Error(`imgate exited with ${code}`)));
+    let admin;
     readline.createInterface({ input: proc.stdout }).on("line", (line) => {
+      const a = line.match(/admin API on (http:\/\/127\.0\.0\.1:\d+)/);
+      if (a) admin = a[1];
       const m = line.match(/web demo at (http:\/\/127\.0\.0\.1:\d+)\//);
       if (m) {
         clearTimeout(timer);
-        resolve({ proc, url: m[1] });
+        resolve({ proc, url: m[1], admin });
       }
     });
   });
@@ -47,6 +52,7 @@ before(async () => {
   const s = await startServer();
   server = s.proc;
   baseUrl = s.url;
+  adminUrl = s.admin;
   browser = await chromium.launch({
     executablePath: CHROMIUM,
     // playwright-core gives each launch a fresh, empty profile directory.
@@ -177,6 +183,7 @@ test("pages reconnect by themselves after a server restart and lose nothing", as
 
   const s = await startServer(new URL(baseUrl).host);
   server = s.proc;
+  adminUrl = s.admin;
   await carol.page.waitForSelector('#status[data-state="online"]');
   await dave.page.waitForSelector('#status[data-state="online"]');
   await expectMessage(dave.page, "while the server was down", false);
@@ -194,4 +201,97 @@ test("pages reconnect by themselves after a server restart and lose nothing", as
   await dave.page.screenshot({ path: path.join(SHOTS, "6-dave-after-restart.png") });
   await carol.context.close();
   await dave.context.close();
+});
+
+const group = (page, gid) => page.locator(`#groups li[data-group="${gid}"]`);
+
+/** The texts of the selected conversation's bubbles, with the sender shown on others'. */
+function bubbles(page) {
+  return page.locator("#messages li.msg").evaluateAll((els) => els.map((e) => {
+    const from = e.querySelector(".from");
+    return (from ? from.textContent + ": " : "") + e.querySelector(".text").textContent;
+  }));
+}
+
+test("a group chat with typing", async () => {
+  const erin = await openAs("erin");
+  const frank = await openAs("frank");
+  const gina = await openAs("gina");
+
+  // erin creates "crew" (the dev route adds her) and adds frank and gina by uid.
+  await erin.page.fill("#group-id", "crew");
+  await erin.page.click("#join-group button");
+  await group(erin.page, "crew").and(erin.page.locator(".selected")).waitFor();
+  for (const uid of ["frank", "gina"]) {
+    await erin.page.fill("#member-uid", uid);
+    await erin.page.click("#add-member button");
+    await erin.page.waitForFunction(() => document.querySelector("#member-uid").value === "");
+  }
+  // GroupChanged reaches frank and gina, who are online.
+  for (const p of [frank.page, gina.page]) await group(p, "crew").waitFor();
+  await erin.page.screenshot({ path: path.join(SHOTS, "7-erin-created-crew.png") });
+
+  // erin writes; gina has not opened the group, so it counts as unread.
+  await sendText(erin.page, "hello crew");
+  await expectMessage(erin.page, "hello crew", true);
+  await gina.page.waitForSelector('#groups li[data-group="crew"] .unread:text("1")');
+  await sendText(erin.page, "anyone there?");
+  await gina.page.waitForSelector('#groups li[data-group="crew"] .unread:text("2")');
+  await gina.page.screenshot({ path: path.join(SHOTS, "8-gina-group-unread.png") });
+
+  // frank opens the group: erin's messages with her name, and a read mark goes back to erin.
+  await group(frank.page, "crew").click();
+  await expectMessage(frank.page, "anyone there?", false);
+  assert.deepEqual(await bubbles(frank.page), ["erin: hello crew", "erin: anyone there?"]);
+  await erin.page.locator("#messages li.msg.mine.read", { hasText: "anyone there?" }).waitFor();
+  assert.match(await erin.page.locator("#messages li.msg.read .receipt").last().textContent(),
+    /frank/);
+
+  // frank types: erin (and gina, once she looks) see it for a few seconds.
+  await frank.page.fill("#text", "yes, h");
+  await erin.page.waitForSelector('#typing:text("frank is typing…")');
+  await erin.page.screenshot({ path: path.join(SHOTS, "9-erin-sees-frank-typing.png") });
+  await erin.page.waitForSelector('#typing:empty', { timeout: 6000 });
+  await frank.page.fill("#text", "yes, here");
+  await frank.page.click("#send");
+  await expectMessage(erin.page, "yes, here", false);
+  assert.deepEqual(await bubbles(erin.page), ["hello crew", "anyone there?", "frank: yes, here"]);
+
+  // gina opens the group: three unread, all there with their senders; the badge clears.
+  await gina.page.waitForSelector('#groups li[data-group="crew"] .unread:text("3")');
+  await group(gina.page, "crew").click();
+  await expectMessage(gina.page, "yes, here", false);
+  assert.deepEqual(await bubbles(gina.page),
+    ["erin: hello crew", "erin: anyone there?", "frank: yes, here"]);
+  assert.equal(await group(gina.page, "crew").locator(".unread").textContent(), "");
+  await erin.page.waitForFunction(() =>
+    [...document.querySelectorAll("#messages li.msg.read .receipt")]
+      .some((e) => e.textContent.includes("frank, gina")));
+
+  // gina reloads: the group and its history come back from LoginOk and Sync.
+  await gina.page.reload();
+  await gina.page.waitForSelector('#status[data-state="online"]');
+  await group(gina.page, "crew").click();
+  await expectMessage(gina.page, "yes, here", false);
+  assert.deepEqual(await bubbles(gina.page),
+    ["erin: hello crew", "erin: anyone there?", "frank: yes, here"]);
+  await gina.page.screenshot({ path: path.join(SHOTS, "10-gina-group-after-reload.png") });
+
+  // The backend removes gina: her page marks the group as left and disables the composer; she
+  // keeps the history, and what erin sends now does not reach her.
+  const r = await fetch(adminUrl + "/v1/groups/crew/members/gina", { method: "DELETE" });
+  assert.equal(r.status, 204);
+  await gina.page.waitForSelector('#groups li.left[data-group="crew"][data-member="false"]');
+  assert.equal(await gina.page.locator("#text").isDisabled(), true);
+  assert.equal(await gina.page.locator("#send").isDisabled(), true);
+  await sendText(erin.page, "gina left");
+  await expectMessage(frank.page, "gina left", false);
+  assert.deepEqual(await bubbles(gina.page),
+    ["erin: hello crew", "erin: anyone there?", "frank: yes, here"]);
+  assert.equal(await group(gina.page, "crew").locator(".unread").textContent(), "");
+
+  for (const who of [erin, frank, gina]) {
+    assert.deepEqual(who.errors, []);
+    await who.context.close();
+  }
 });
