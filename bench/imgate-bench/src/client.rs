@@ -113,6 +113,10 @@ pub struct Stats {
     pub send_ok_window: u64,
     pub delivered: u64,
     pub delivered_window: u64,
+    /// Deliveries that arrived within the measured window, whenever sent (set by the
+    /// scenario: under overload they fall behind what the window sent).
+    #[serde(default)]
+    pub arrived_window: u64,
     /// History from before the run, or allowed re-deliveries.
     pub old: u64,
     /// A device's own message from an earlier session.
@@ -171,6 +175,7 @@ impl Stats {
             send_ok_window,
             delivered,
             delivered_window,
+            arrived_window,
             old,
             own_echo,
             foreign,
