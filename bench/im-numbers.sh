@@ -2,7 +2,7 @@
 # The numbers of BENCHMARKS.md ("IM gateway" part), from one command:
 #
 #   bench/build-tools.sh            # once: wsload, raw-echo, tungstenite-echo from ../shared/bench
-#   bench/im-numbers.sh [OUTDIR]    # ~25 minutes; every summary line goes to OUTDIR/results.txt,
+#   bench/im-numbers.sh [OUTDIR]    # ~30 minutes; every summary line goes to OUTDIR/results.txt,
 #                                   # the medians, worsts and ratios to OUTDIR/summary.txt
 #   bench/im-numbers.sh --summary OUTDIR    # the summary of an earlier run's results.txt
 #
@@ -113,6 +113,28 @@ print(f"  durable / none: {ratio(median('relay-full', 'delivered_per_s'), median
 print(f"  none / raw-echo: {ratio(median('relay-none', 'delivered_per_s'), raw)};"
       f" no-store / raw-echo: {ratio(median('relay-no-store', 'delivered_per_s'), raw)};"
       f" /echo 200 x 4 / raw-echo: {ratio(median('imgate-echo-200x4', 'msgs_per_s'), raw)}")
+print()
+print("fanout (durable store, 1,000 members online; 250,000 deliveries/s offered; deliveries/s = arrived within the window)")
+print("  shape | median deliveries/s | worst | sends/s (median) | p50 / p99 / p999 us (median run) | server CPU")
+for g, m in [(1, 1000), (10, 100), (100, 10)]:
+    label = f"fanout-{g}x{m}"
+    mr = median_run(label, "arrived_per_s")
+    print(f"  {g} x {m} | {n(median(label, 'arrived_per_s'))} | {n(worst(label, 'arrived_per_s'))}"
+          f" | {n(median(label, 'send_ok_per_s'))}"
+          f" | {n(num(mr, 'p50_us'))} / {n(num(mr, 'p99_us'))} / {n(num(mr, 'p999_us'))} | {spread(label, 'srv_cpu')}")
+label = "fanout-1x1000-rate-150"
+rs = [runs.get(label, {})[r] for r in sorted(runs.get(label, {}))]
+
+
+def pcts(f):
+    return f"{n(num(f, 'p50_us'))} / {n(num(f, 'p99_us'))} / {n(num(f, 'p999_us'))}"
+
+
+p99s = values(label, "p99_us")
+print(f"  1 x 1000 at 150 sends/s (150,000 deliveries/s): deliveries/s by round"
+      f" {' / '.join(n(num(f, 'arrived_per_s')) for f in rs) or '-'};"
+      f" p50 / p99 / p999 us by round {'; '.join(pcts(f) for f in rs) or '-'};"
+      f" worst p99 {n(max(p99s) if p99s else None)} us")
 print()
 print("scale: 19,000 users, relay at a rate (durable store)")
 print("  rate | p50 us by round | p99 us by round | p999 us by round | server p99 (worst bucket, s) | server CPU | commits (mean)")
@@ -294,6 +316,30 @@ for round in $(seq "$ROUNDS"); do
     SERVER_BIN=$NO_STORE_BIN imgate relay-nostore-$round --durability none "${UNLIMITED[@]}"
     measure bench relay --addr "$addr" --jwt-secret "$SECRET" --server-pid "$pid" -u 200 -k 4 -s 64 -d 8 -w 1
     log "round=$round relay-no-store: $line"
+    stop
+done
+
+# 1b. Group fanout with the durable store, 1,000 members online in three shapes (one group of
+#     1,000, ten of 100, a hundred of 10): group messages at 250,000 deliveries/s offered (each
+#     send is delivered to the M - 1 other members), and the latency of 1 x 1,000 at 150,000
+#     deliveries/s (150 sends/s). A long --drain: a server that falls behind catches up before
+#     the inboxes are verified.
+fanout() {
+    bench fanout --addr "$addr" --admin "${admin#http://}" --jwt-secret "$SECRET" --server-pid "$pid" \
+        -d 10 -w 2 --drain 60 "$@"
+}
+for round in $(seq "$ROUNDS"); do
+    for shape in "1 1000" "10 100" "100 10"; do
+        read -r g m <<<"$shape"
+        rate=$(python3 -c "print(round(250000 / ($m - 1), 2))")
+        imgate "fanout-${g}x$m-$round" --durability full "${UNLIMITED[@]}"
+        measure fanout --groups "$g" --members "$m" --rate "$rate"
+        log "round=$round fanout-${g}x$m: $line $(server_view)"
+        stop
+    done
+    imgate "fanout-lat-$round" --durability full "${UNLIMITED[@]}"
+    measure fanout --groups 1 --members 1000 --rate 150
+    log "round=$round fanout-1x1000-rate-150: $line $(server_view)"
     stop
 done
 
