@@ -115,13 +115,14 @@ print(f"  none / raw-echo: {ratio(median('relay-none', 'delivered_per_s'), raw)}
       f" /echo 200 x 4 / raw-echo: {ratio(median('imgate-echo-200x4', 'msgs_per_s'), raw)}")
 print()
 print("fanout (durable store, 1,000 members online; 250,000 deliveries/s offered; deliveries/s = arrived within the window)")
-print("  shape | median deliveries/s | worst | sends/s (median) | p50 / p99 / p999 us (median run) | server CPU")
+print("  shape | median deliveries/s | worst | sends/s (median) | p50 / p99 / p999 us (median run) | server CPU | sends the bench skipped (max)")
 for g, m in [(1, 1000), (10, 100), (100, 10)]:
     label = f"fanout-{g}x{m}"
     mr = median_run(label, "arrived_per_s")
     print(f"  {g} x {m} | {n(median(label, 'arrived_per_s'))} | {n(worst(label, 'arrived_per_s'))}"
           f" | {n(median(label, 'send_ok_per_s'))}"
-          f" | {n(num(mr, 'p50_us'))} / {n(num(mr, 'p99_us'))} / {n(num(mr, 'p999_us'))} | {spread(label, 'srv_cpu')}")
+          f" | {n(num(mr, 'p50_us'))} / {n(num(mr, 'p99_us'))} / {n(num(mr, 'p999_us'))} | {spread(label, 'srv_cpu')}"
+          f" | {n(max(values(label, 'rate_skipped'), default=0))}")
 label = "fanout-1x1000-rate-150"
 rs = [runs.get(label, {})[r] for r in sorted(runs.get(label, {}))]
 
