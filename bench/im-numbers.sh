@@ -2,9 +2,10 @@
 # The numbers of BENCHMARKS.md ("IM gateway" part), from one command:
 #
 #   bench/build-tools.sh            # once: wsload, raw-echo, tungstenite-echo from ../shared/bench
-#   bench/im-numbers.sh [OUTDIR]    # ~25 minutes; every summary line goes to OUTDIR/results.txt,
+#   bench/im-numbers.sh [OUTDIR]    # ~30 minutes; every summary line goes to OUTDIR/results.txt,
 #                                   # the medians, worsts and ratios to OUTDIR/summary.txt
 #   bench/im-numbers.sh --summary OUTDIR    # the summary of an earlier run's results.txt
+#   bench/im-numbers.sh --fanout [OUTDIR]   # only the group fanout runs (~8 minutes), and the summary
 #
 # Each run gets a fresh server and data directory; the server is pinned to core 0, the load to
 # core 1. Repeated runs alternate between the servers being compared (A B A B ...). Any run
@@ -83,7 +84,7 @@ def per_round_ratio(a, b, key):
     return out
 
 
-rounds = max((len(r) for label, r in runs.items() if label.startswith("relay-none")), default=0)
+rounds = max((len(r) for label, r in runs.items() if label.startswith(("relay-none", "fanout-"))), default=0)
 print(f"Medians and worsts over {rounds} round(s).")
 print()
 print("echo (100 connections, 1 in flight, 32 B)")
@@ -113,6 +114,29 @@ print(f"  durable / none: {ratio(median('relay-full', 'delivered_per_s'), median
 print(f"  none / raw-echo: {ratio(median('relay-none', 'delivered_per_s'), raw)};"
       f" no-store / raw-echo: {ratio(median('relay-no-store', 'delivered_per_s'), raw)};"
       f" /echo 200 x 4 / raw-echo: {ratio(median('imgate-echo-200x4', 'msgs_per_s'), raw)}")
+print()
+print("fanout (durable store, 1,000 members online; 250,000 deliveries/s offered; deliveries/s = arrived within the window)")
+print("  shape | median deliveries/s | worst | sends/s (median) | p50 / p99 / p999 us (median run) | server CPU | sends the bench skipped (max)")
+for g, m in [(1, 1000), (10, 100), (100, 10)]:
+    label = f"fanout-{g}x{m}"
+    mr = median_run(label, "arrived_per_s")
+    print(f"  {g} x {m} | {n(median(label, 'arrived_per_s'))} | {n(worst(label, 'arrived_per_s'))}"
+          f" | {n(median(label, 'send_ok_per_s'))}"
+          f" | {n(num(mr, 'p50_us'))} / {n(num(mr, 'p99_us'))} / {n(num(mr, 'p999_us'))} | {spread(label, 'srv_cpu')}"
+          f" | {n(max(values(label, 'rate_skipped'), default=0))}")
+label = "fanout-1x1000-rate-150"
+rs = [runs.get(label, {})[r] for r in sorted(runs.get(label, {}))]
+
+
+def pcts(f):
+    return f"{n(num(f, 'p50_us'))} / {n(num(f, 'p99_us'))} / {n(num(f, 'p999_us'))}"
+
+
+p99s = values(label, "p99_us")
+print(f"  1 x 1000 at 150 sends/s (150,000 deliveries/s): deliveries/s by round"
+      f" {' / '.join(n(num(f, 'arrived_per_s')) for f in rs) or '-'};"
+      f" p50 / p99 / p999 us by round {'; '.join(pcts(f) for f in rs) or '-'};"
+      f" worst p99 {n(max(p99s) if p99s else None)} us")
 print()
 print("scale: 19,000 users, relay at a rate (durable store)")
 print("  rate | p50 us by round | p99 us by round | p999 us by round | server p99 (worst bucket, s) | server CPU | commits (mean)")
@@ -171,6 +195,12 @@ if [ "${1:-}" = "--summary" ]; then
     exit 0
 fi
 
+# --fanout: only the group fanout runs (1b), and the summary.
+fanout_only=""
+if [ "${1:-}" = "--fanout" ]; then
+    fanout_only=1
+    shift
+fi
 OUT=${1:-target/im-numbers}
 TOOLS=${IMGATE_BENCH_TOOLS:-target/bench-tools/release}
 BIN=target/release/imgate
@@ -179,18 +209,20 @@ SECRET=bench-secret-0123456789abcdef0123456789
 ROUNDS=${ROUNDS:-3}
 # The server and imgate-bench (bench/imgate-bench, a workspace member of its own).
 cargo build --release --workspace --bins
-# The relay ceiling without a store: the same server with bench/no-store.patch applied (its
-# commits write and keep nothing), built from a copy of this tree.
-NO_STORE_BIN=target/no-store/release/imgate
-nostore_src=$(mktemp -d)
-git archive HEAD | tar -x -C "$nostore_src"
-(cd "$nostore_src" && git apply "$OLDPWD/bench/no-store.patch")
-CARGO_TARGET_DIR=$PWD/target/no-store cargo build --release --bin imgate \
-    --manifest-path "$nostore_src/Cargo.toml"
-rm -rf "$nostore_src"
-for t in wsload raw-echo tungstenite-echo; do
-    [ -x "$TOOLS/$t" ] || { echo "missing $TOOLS/$t: run bench/build-tools.sh" >&2; exit 1; }
-done
+if [ -z "$fanout_only" ]; then
+    # The relay ceiling without a store: the same server with bench/no-store.patch applied (its
+    # commits write and keep nothing), built from a copy of this tree.
+    NO_STORE_BIN=target/no-store/release/imgate
+    nostore_src=$(mktemp -d)
+    git archive HEAD | tar -x -C "$nostore_src"
+    (cd "$nostore_src" && git apply "$OLDPWD/bench/no-store.patch")
+    CARGO_TARGET_DIR=$PWD/target/no-store cargo build --release --bin imgate \
+        --manifest-path "$nostore_src/Cargo.toml"
+    rm -rf "$nostore_src"
+    for t in wsload raw-echo tungstenite-echo; do
+        [ -x "$TOOLS/$t" ] || { echo "missing $TOOLS/$t: run bench/build-tools.sh" >&2; exit 1; }
+    done
+fi
 rm -rf "$OUT"
 mkdir -p "$OUT"
 log() { echo "$*" | tee -a "$OUT/results.txt"; }
@@ -272,6 +304,39 @@ bench() { taskset -c 1 "$BENCH" "$@" --quiet; }
 wsload() { taskset -c 1 "$TOOLS/wsload" "$@"; }
 UNLIMITED=(--rate-limit 1000000 --rate-burst 1000000)
 
+# 1b. Group fanout with the durable store, 1,000 members online in three shapes (one group of
+#     1,000, ten of 100, a hundred of 10): group messages at 250,000 deliveries/s offered (each
+#     send is delivered to the M - 1 other members), and the latency of 1 x 1,000 at 150,000
+#     deliveries/s (150 sends/s). A long --drain: a server that falls behind catches up before
+#     the inboxes are verified.
+fanout() {
+    bench fanout --addr "$addr" --admin "${admin#http://}" --jwt-secret "$SECRET" --server-pid "$pid" \
+        -d 10 -w 2 --drain 60 "$@"
+}
+fanout_rounds() {
+    for round in $(seq "$ROUNDS"); do
+        for shape in "1 1000" "10 100" "100 10"; do
+            read -r g m <<<"$shape"
+            rate=$(python3 -c "print(round(250000 / ($m - 1), 2))")
+            imgate "fanout-${g}x$m-$round" --durability full "${UNLIMITED[@]}"
+            measure fanout --groups "$g" --members "$m" --rate "$rate"
+            log "round=$round fanout-${g}x$m: $line $(server_view)"
+            stop
+        done
+        imgate "fanout-lat-$round" --durability full "${UNLIMITED[@]}"
+        measure fanout --groups 1 --members 1000 --rate 150
+        log "round=$round fanout-1x1000-rate-150: $line $(server_view)"
+        stop
+    done
+}
+
+if [ -n "$fanout_only" ]; then
+    fanout_rounds
+    summarize "$OUT"
+    echo "done: $OUT/results.txt, $OUT/summary.txt" >&2
+    exit 0
+fi
+
 # 1. Relay throughput against the raw-echo limit at the same connections and depth.
 for round in $(seq "$ROUNDS"); do
     other "$TOOLS/raw-echo"
@@ -296,6 +361,9 @@ for round in $(seq "$ROUNDS"); do
     log "round=$round relay-no-store: $line"
     stop
 done
+
+# 1b. Group fanout (fanout_rounds, above).
+fanout_rounds
 
 # 2. Echo against the tokio-tungstenite reference (and the bench against wsload).
 for round in $(seq "$ROUNDS"); do

@@ -4,7 +4,8 @@
 # core 1 (when there are two). Any lost, duplicated-after-ack or reordered message, any error,
 # fails the run.
 #
-#   scripts/proof.sh short   # CI: 2,000 idle connections, 20 s of kill -9 chaos, ... (~2 min)
+#   scripts/proof.sh short   # CI: 2,000 idle connections, 10 groups of 100, 20 s of kill -9
+#                            # chaos, ... (~2 min)
 #   scripts/proof.sh full    # the sizes of BENCHMARKS.md: 19,000 idle connections, ...
 #
 # Results: one summary line per scenario on stdout and in $OUT/summary.txt, JSON reports and
@@ -38,6 +39,7 @@ fi
 
 server_pid=""
 addr=""
+admin=""
 stop_server() {
     if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
         kill -TERM "$server_pid"
@@ -47,7 +49,8 @@ stop_server() {
 }
 trap stop_server EXIT
 
-# start_server NAME [serve flags...]: a fresh server on 127.0.0.1:0; sets $addr, $server_pid.
+# start_server NAME [serve flags...]: a fresh server on 127.0.0.1:0; sets $addr, $admin (its
+# admin API), $server_pid.
 start_server() {
     local name=$1
     shift
@@ -66,6 +69,8 @@ start_server() {
         exit 1
     fi
     addr=${addr#ws://}
+    admin=$(grep -o 'http://[0-9.]*:[0-9]*' "$OUT/$name.server.out" | head -n 1 || true)
+    admin=${admin#http://}
 }
 
 # run NAME SCENARIO [bench flags...]: runs one scenario against the current server.
@@ -84,6 +89,7 @@ if [ "$mode" = short ]; then
     IDLE=(--conns 2000 --hold 5)
     IDLE_SERVER=(--ping-interval 1s --idle-timeout 4s)
     RELAY=(--users 200 --inflight 4 --duration 5 --warmup 1)
+    FANOUT=(--groups 10 --members 100 --rate 200 --duration 5 --warmup 1)
     STORM=(--users 1000 --msgs 5)
     ECHO=(--conns 100 --inflight 1 --duration 3 --warmup 1)
     FLOOD=(--users 50 --rate 2000 --flood-conns 200 --duration 5)
@@ -93,6 +99,7 @@ else
     IDLE=(--conns 19000 --hold 40 --procs 2 --src-ips 4)
     IDLE_SERVER=(--ping-interval 10s --idle-timeout 30s --max-connections 19500)
     RELAY=(--users 1000 --inflight 4 --duration 10 --warmup 2)
+    FANOUT=(--groups 1 --members 1000 --rate 150 --duration 10 --warmup 2)
     STORM=(--users 10000 --msgs 10 --src-ips 2)
     ECHO=(--conns 1000 --inflight 1 --duration 10 --warmup 2)
     FLOOD=(--users 200 --rate 5000 --flood-conns 1000 --duration 20)
@@ -110,6 +117,11 @@ stop_server
 
 start_server relay-full --durability full "${UNLIMITED[@]}"
 run relay-full relay "${RELAY[@]}"
+stop_server
+
+# Group messages: every member's inbox checked; the groups made through the admin API.
+start_server fanout --durability full "${UNLIMITED[@]}"
+run fanout fanout --admin "$admin" "${FANOUT[@]}"
 stop_server
 
 start_server storm --max-connections 12000 "${UNLIMITED[@]}"

@@ -1,11 +1,11 @@
-//! imgate-bench against the real server, small: relay with zero gaps, idle through several
-//! ping intervals, a reconnect storm, echo, and kill -9 chaos with zero loss, resuming after
-//! the last seq seen and from the stored cursor. The negative controls: the bench plays the
-//! faults a server could make (`--inject`: a message lost, doubled under its seq or under
-//! two, reordered, swapped, misrouted, with another sender or payload, re-delivered as
-//! another message) and its verification must catch each, counted as what it is; and chaos
-//! against a server that acknowledges before syncing (`--durability none`) must report the
-//! loss.
+//! imgate-bench against the real server, small: relay with zero gaps, group fanout with zero
+//! gaps, idle through several ping intervals, a reconnect storm, echo, and kill -9 chaos with
+//! zero loss, resuming after the last seq seen and from the stored cursor. The negative
+//! controls: the bench plays the faults a server could make (`--inject`: a message lost,
+//! doubled under its seq or under two, reordered, swapped, misrouted, with another sender or
+//! payload, re-delivered as another message; for fanout a lost, misrouted or altered group
+//! message) and its verification must catch each, counted as what it is; and chaos against a
+//! server that acknowledges before syncing (`--durability none`) must report the loss.
 //!
 //! imgate-bench is a crate of its own (bench/imgate-bench), so cargo does not build it for
 //! these tests: they run the `imgate-bench` beside the `imgate` they test, in the workspace's
@@ -286,6 +286,128 @@ fn relay_catches_misrouted_and_altered_messages() {
             0.0,
             "{fault}: {line}"
         );
+    }
+}
+
+/// A small fanout run against `srv`: 2 groups of 20 members at 200 group messages/s, with
+/// `extra` flags. Returns its output.
+fn fanout(srv: &ServerProc, prefix: &str, extra: &[&str]) -> Output {
+    let addr = srv.addr.to_string();
+    let admin = srv.admin.to_string();
+    let mut args = vec![
+        "fanout",
+        "--addr",
+        &addr,
+        "--admin",
+        &admin,
+        "--jwt-secret",
+        SECRET,
+        "--groups",
+        "2",
+        "--members",
+        "20",
+        "--uid-prefix",
+        prefix,
+        "--quiet",
+    ];
+    args.extend(extra);
+    bench(&args)
+}
+
+/// Every group message reaches every other member's device once, in order, with no gap in
+/// any member's inbox (the sender's own seq learnt from its SendOk), with the durable store.
+#[test]
+fn fanout_delivers_every_group_message_to_every_other_member() {
+    let srv = ServerProc::start(&["--rate-limit", "100000", "--rate-burst", "100000"]);
+    let pid = srv.pid().to_string();
+    let json = temp_data_dir().with_extension("json");
+    let json_s = json.to_string_lossy().into_owned();
+    let out = fanout(
+        &srv,
+        "",
+        &[
+            "--rate",
+            "200",
+            "--duration",
+            "3",
+            "--warmup",
+            "0.5",
+            "--server-pid",
+            &pid,
+            "--json",
+            &json_s,
+        ],
+    );
+    let report = take_report(&json);
+    assert!(out.status.success(), "{}", explain(&out));
+    let report = report.expect("a JSON report");
+    let line = summary(&out);
+    for key in VIOLATIONS {
+        assert_eq!(num(&line, key), 0.0, "{key}: {line}");
+    }
+    assert_eq!(num(&line, "established"), 40.0, "{line}");
+    let send_ok = report["send_ok"].as_f64().expect("send_ok");
+    assert!(send_ok > 0.0, "{line}");
+    assert_eq!(num(&line, "sent"), send_ok, "{line}");
+    // Each to the 19 other members of its group.
+    assert_eq!(num(&line, "expected"), 19.0 * send_ok, "{line}");
+    assert_eq!(num(&line, "delivered"), num(&line, "expected"), "{line}");
+    assert!(num(&line, "delivered_per_s") > 0.0, "{line}");
+    assert!(num(&line, "p99_us") > 0.0, "{line}");
+    assert_eq!(report["ok"], true);
+    // The groups were made through the admin API, and hold exactly the run's members.
+    let g = srv.admin_request("GET", "/v1/groups/fan2x20g1", "");
+    assert!(g.starts_with("HTTP/1.1 200"), "{g}");
+    assert!(
+        g.contains("\"u20\"") && g.contains("\"u39\"") && !g.contains("\"u19\""),
+        "{g}"
+    );
+}
+
+/// The negative controls for fanout: a group message lost at a member is a gap and a
+/// missing delivery; one naming a user as well as the group, misrouted; one with another
+/// sender, wrong fields. Each run must fail.
+#[test]
+fn fanout_catches_lost_and_misrouted_group_messages() {
+    let srv = ServerProc::start(FAST);
+    for (fault, key) in [
+        ("drop", "gaps"),
+        ("misroute", "misrouted"),
+        ("from-uid", "wrong_fields"),
+        ("payload", "corrupt"),
+    ] {
+        let prefix = format!("{fault}-");
+        let out = fanout(
+            &srv,
+            &prefix,
+            &[
+                "--rate",
+                "100",
+                "--duration",
+                "1",
+                "--warmup",
+                "0",
+                "--drain",
+                "3",
+                "--inject",
+                fault,
+            ],
+        );
+        assert!(!out.status.success(), "{fault}: {}", explain(&out));
+        let line = summary(&out);
+        let n = num(&line, "injected");
+        assert!(n >= 1.0, "{fault}: {line}");
+        assert_eq!(num(&line, key), n, "{fault}: {line}");
+        if fault == "drop" {
+            assert_eq!(num(&line, "missing"), n, "{line}");
+            assert_eq!(num(&line, "dups") + num(&line, "reorders"), 0.0, "{line}");
+        } else {
+            assert_eq!(
+                num(&line, "gaps") + num(&line, "dups"),
+                0.0,
+                "{fault}: {line}"
+            );
+        }
     }
 }
 

@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 use crate::im::{self, Header};
 use crate::net::{CloseReason, Ev, Net};
 use crate::sys::{mono_ms, mono_ns, Rng};
-use crate::verify::{self, Delivery, Ledger, Roster, Seen, SeqTracker, Shape, Violation, Wrong};
+use crate::verify::{
+    self, Delivery, Groups, Ledger, Roster, Seen, SeqTracker, Shape, Violation, Wrong, GROUP_BASE,
+};
 
 #[derive(Debug, Clone)]
 pub struct FleetCfg {
@@ -111,6 +113,10 @@ pub struct Stats {
     pub send_ok_window: u64,
     pub delivered: u64,
     pub delivered_window: u64,
+    /// Deliveries that arrived within the measured window, whenever sent (set by the
+    /// scenario: under overload they fall behind what the window sent).
+    #[serde(default)]
+    pub arrived_window: u64,
     /// History from before the run, or allowed re-deliveries.
     pub old: u64,
     /// A device's own message from an earlier session.
@@ -169,6 +175,7 @@ impl Stats {
             send_ok_window,
             delivered,
             delivered_window,
+            arrived_window,
             old,
             own_echo,
             foreign,
@@ -385,6 +392,7 @@ impl Fleet {
             uid_prefix: cfg.uid_prefix.clone(),
             size: cfg.size,
             roster: Roster::new(&devices_of),
+            groups: Groups::default(),
         };
         Ok(Fleet {
             rng: Rng::new(cfg.seed ^ 0x1234),
@@ -414,6 +422,11 @@ impl Fleet {
             last_expire: 0,
             foreign_closed: Vec::new(),
         })
+    }
+
+    /// The run's groups: a sending member sends to its group, not to a user.
+    pub fn set_groups(&mut self, groups: Groups) {
+        self.shape.groups = groups;
     }
 
     /// Adds device `dev` of `user` with global device index `gidx`; returns its index.
@@ -916,6 +929,22 @@ impl Fleet {
         }
     }
 
+    /// (to_uid, group_id) of a message to `to`: a user, or `GROUP_BASE + g`.
+    fn target_fields(&self, to: u32) -> (String, String) {
+        match to.checked_sub(GROUP_BASE) {
+            Some(g) => (
+                String::new(),
+                self.shape
+                    .groups
+                    .ids
+                    .get(g as usize)
+                    .cloned()
+                    .unwrap_or_default(),
+            ),
+            None => (im::uid(&self.cfg.uid_prefix, to), String::new()),
+        }
+    }
+
     /// The print of what client `i` sent as `p` (the message as its recipients get it).
     fn print_sent(&mut self, i: usize, p: &Pending) -> u64 {
         let c = &self.clients[i];
@@ -926,12 +955,14 @@ impl Fleet {
             ts_ns: p.ts,
         }
         .write(self.cfg.size, &mut self.scratch);
+        let (to_uid, group_id) = self.target_fields(p.to);
         verify::print(
             &self.scratch,
             &c.uid,
-            &im::uid(&self.cfg.uid_prefix, p.to),
+            &to_uid,
             &im::client_msg_id(self.cfg.run_id, c.gidx, p.counter),
             &c.device_id,
+            &group_id,
         )
     }
 
@@ -968,7 +999,7 @@ impl Fleet {
             }
             c.on_wire = c.on_wire.saturating_sub(1);
             pop_acked(&mut c.pending);
-            let receivers = self.shape.roster.receivers(gidx, p.to);
+            let receivers = self.shape.receivers(gidx, p.to);
             self.ledger.expect(gidx, counter, p.to, &receivers);
             if p.at_kill {
                 self.stats.kill_confirmed += 1;
@@ -1021,11 +1052,16 @@ impl Fleet {
             }
             Wrong::Misrouted => {
                 self.stats.misrouted += 1;
-                "not in its recipient's or sender's inbox"
+                "not in its recipient's or sender's inbox (or its group's members')"
             }
         };
+        let group = if m.group_id.is_empty() {
+            String::new()
+        } else {
+            format!(" group {}", m.group_id)
+        };
         self.stats.note(format!(
-            "wrong: u{user}/d{dev} seq {} ({} -> {}, {}): {what}",
+            "wrong: u{user}/d{dev} seq {} ({} -> {}{group}, {}): {what}",
             m.seq, m.from_uid, m.to_uid, m.client_msg_id
         ));
     }
@@ -1147,7 +1183,7 @@ impl Fleet {
             Ok(Seen::New) => match delivery {
                 Delivery::Ok(h) if h.sender == gidx => self.stats.own_echo += 1,
                 Delivery::Ok(h) => {
-                    let to = self.shape.user_of_uid(&m.to_uid).unwrap_or(u32::MAX);
+                    let to = self.shape.target_of(&m).unwrap_or(u32::MAX);
                     self.ledger.got(h.sender, h.counter, to, (user, dev));
                     self.stats.delivered += 1;
                     if self.measure_from.is_some_and(|t0| h.ts_ns >= t0) {
@@ -1274,6 +1310,8 @@ impl Fleet {
         }
         let to = if let Some(&t) = c.script.last() {
             t
+        } else if let Some(g) = self.shape.groups.of(c.user) {
+            GROUP_BASE + g
         } else if self.scripted {
             return false;
         } else {
@@ -1320,9 +1358,11 @@ impl Fleet {
             ts_ns: ts,
         }
         .write(self.cfg.size, &mut self.content);
+        let (to_uid, group_id) = self.target_fields(to);
         let f = im::send(
             counter,
-            im::uid(&self.cfg.uid_prefix, to),
+            to_uid,
+            group_id,
             im::client_msg_id(self.cfg.run_id, c.gidx, counter),
             self.content.clone(),
         );
@@ -1380,7 +1420,7 @@ impl Fleet {
         }
         self.stats.gaps += gaps;
         for (gidx, to) in unconfirmed {
-            let copies = self.shape.roster.receivers(gidx, to).len() as u64;
+            let copies = self.shape.receivers(gidx, to).len() as u64;
             self.ledger.unknown(gidx, copies);
             self.stats.unconfirmed += 1;
         }

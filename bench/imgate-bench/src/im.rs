@@ -73,6 +73,12 @@ pub fn uid(prefix: &str, user: u32) -> String {
     format!("{prefix}u{user}")
 }
 
+/// Group `g` of a fanout run shaped `groups` x `members` (the shape in the id keeps runs of
+/// other shapes in one data directory apart).
+pub fn group_id(prefix: &str, groups: u32, members: u32, g: u32) -> String {
+    format!("{prefix}fan{groups}x{members}g{g}")
+}
+
 pub fn device_id(dev: u16) -> String {
     format!("d{dev}")
 }
@@ -101,14 +107,21 @@ pub fn login(token: &str, device_id: &str, last_seq: u64) -> ClientFrame {
     }
 }
 
-pub fn send(counter: u64, to_uid: String, client_msg_id: String, content: Vec<u8>) -> ClientFrame {
+/// A send to a user (`to_uid`) or to a group (`group_id`, with `to_uid` empty).
+pub fn send(
+    counter: u64,
+    to_uid: String,
+    group_id: String,
+    client_msg_id: String,
+    content: Vec<u8>,
+) -> ClientFrame {
     ClientFrame {
         id: SEND_ID_BASE + counter,
         body: Some(client_frame::Body::Send(SendMessage {
             to_uid,
             client_msg_id,
             content,
-            group_id: String::new(),
+            group_id,
         })),
     }
 }

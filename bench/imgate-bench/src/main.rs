@@ -4,7 +4,8 @@
 //! latency and full delivery verification), `storm` (everyone reconnects at once to a
 //! backlog), `echo` (plain WebSocket echo on /echo), `chaos` (relay traffic while the server
 //! is killed with SIGKILL and restarted; proves nothing acknowledged is lost), `flood`
-//! (garbage handshakes and frames next to well-behaved clients).
+//! (garbage handshakes and frames next to well-behaved clients), `fanout` (group messages
+//! to disjoint groups made through the admin API, with the same verification as relay).
 //!
 //! No async runtime: one mio event loop per process; `idle` and `relay` spread their
 //! connections over child processes (`--procs`) when one process's file limit is not enough.
@@ -48,6 +49,9 @@ enum Cmd {
     Storm(StormArgs),
     /// Plain WebSocket echo against /echo (server started with --echo).
     Echo(EchoArgs),
+    /// G groups of M online members sending group messages; deliveries/s, latency and
+    /// delivery verification.
+    Fanout(FanoutArgs),
     /// Relay traffic while the server is killed (SIGKILL) and restarted; proves no loss.
     Chaos(ChaosArgs),
     /// Garbage handshakes and frames from many connections next to well-behaved clients.
@@ -152,6 +156,61 @@ pub struct RelayArgs {
     #[arg(long, conflicts_with = "inflight")]
     pub rate: Option<f64>,
     /// Closed loop: sends waiting for SendOk per connection.
+    #[arg(long, short = 'k')]
+    pub inflight: Option<u32>,
+    /// Content bytes per message (at least the 32-byte bench header).
+    #[arg(long, short = 's', default_value_t = 64)]
+    pub size: usize,
+    /// Measured seconds.
+    #[arg(long, short = 'd', default_value_t = 10.0)]
+    pub duration: f64,
+    /// Warm-up seconds before measuring.
+    #[arg(long, short = 'w', default_value_t = 1.0)]
+    pub warmup: f64,
+    /// Seconds allowed after sending stops for every SendOk and delivery.
+    #[arg(long, default_value_t = 15.0)]
+    pub drain: f64,
+    /// Ack after this many messages...
+    #[arg(long, default_value_t = 32)]
+    pub ack_every: u64,
+    /// ...and whatever is unacked every this many milliseconds.
+    #[arg(long, default_value_t = 100)]
+    pub ack_tick_ms: u64,
+    /// Processes to spread the connections over (default: as many as the file limit needs).
+    #[arg(long)]
+    pub procs: Option<usize>,
+    /// Self-test of the verification: play this fault, as a faulty server would, on every
+    /// --inject-every-th delivery new to its device; the run must then fail.
+    #[arg(long, hide = true, value_enum)]
+    pub inject: Option<client::Inject>,
+    #[arg(long, hide = true, default_value_t = 97)]
+    pub inject_every: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FanoutArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// The server's admin API (the groups are made through it before the load starts).
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    pub admin: SocketAddr,
+    /// The server's --admin-token, when it has one.
+    #[arg(long, env = "IMGATE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Groups (disjoint: group g holds users g*M .. (g+1)*M, each online on one device).
+    #[arg(long, short = 'g', default_value_t = 10)]
+    pub groups: u32,
+    /// Members per group.
+    #[arg(long, short = 'm', default_value_t = 100)]
+    pub members: u32,
+    /// Members of each group that send (the first ones; default all).
+    #[arg(long)]
+    pub senders: Option<u32>,
+    /// Total group messages (sends) per second, open loop; each is delivered to M - 1
+    /// devices. The default when --inflight is not given: 100.
+    #[arg(long, conflicts_with = "inflight")]
+    pub rate: Option<f64>,
+    /// Closed loop: sends waiting for SendOk per sending member.
     #[arg(long, short = 'k')]
     pub inflight: Option<u32>,
     /// Content bytes per message (at least the 32-byte bench header).
@@ -342,6 +401,7 @@ fn main() -> ExitCode {
         Cmd::Relay(a) => scenarios::relay::run(a),
         Cmd::Storm(a) => scenarios::storm::run(a),
         Cmd::Echo(a) => scenarios::echo::run(a),
+        Cmd::Fanout(a) => scenarios::fanout::run(a),
         Cmd::Chaos(a) => scenarios::chaos::run(a),
         Cmd::Flood(a) => scenarios::flood::run(a),
     };

@@ -3,7 +3,8 @@
 //! - [`Shape::check`], per delivery: the content is exactly the bench message its header
 //!   describes; from_uid, from_device and client_msg_id are those of the header's sender; and
 //!   the message is in the inbox of the user it names as recipient, or of its sender's user
-//!   (the copy for the sender's other devices).
+//!   (the copy for the sender's other devices); a group message names no user, and its
+//!   sender and the inbox's user are members of the group it names.
 //! - [`SeqTracker`], per device: the inbox seqs it has seen, through `Message` frames and
 //!   through its own `SendOk`s (a device is not sent its own live messages: it learns their
 //!   seq from the SendOk), and the print of the message first seen under each. Within one
@@ -213,6 +214,7 @@ pub fn print(
     to_uid: &str,
     client_msg_id: &str,
     from_device: &str,
+    group_id: &str,
 ) -> u64 {
     let mut h = 0x9E37_79B9_7F4A_7C15u64;
     for part in [
@@ -221,6 +223,7 @@ pub fn print(
         to_uid.as_bytes(),
         client_msg_id.as_bytes(),
         from_device.as_bytes(),
+        group_id.as_bytes(),
     ] {
         h = mix64(h ^ part.len() as u64);
         for chunk in part.chunks(8) {
@@ -240,6 +243,7 @@ pub fn print_of(m: &proto::Message) -> u64 {
         &m.to_uid,
         &m.client_msg_id,
         &m.from_device,
+        &m.group_id,
     )
 }
 
@@ -306,6 +310,57 @@ impl Roster {
     }
 }
 
+/// A message's target at or above this is group `target - GROUP_BASE`; below, a user.
+pub const GROUP_BASE: u32 = 1 << 31;
+
+/// The run's groups (fanout): disjoint, each user in at most one.
+#[derive(Debug, Clone, Default)]
+pub struct Groups {
+    /// `ids[g]`: group g's group_id.
+    pub ids: Vec<String>,
+    /// `members[g]`: its users.
+    pub members: Vec<Vec<u32>>,
+    /// `of_user[u]`: user u's group, `u32::MAX` for none.
+    of_user: Vec<u32>,
+}
+
+impl Groups {
+    /// `members[g]` are the users of group `ids[g]`; a user in two groups is refused.
+    pub fn new(ids: Vec<String>, members: Vec<Vec<u32>>) -> Result<Groups, String> {
+        let mut of_user: Vec<u32> = Vec::new();
+        for (g, ms) in members.iter().enumerate() {
+            for &u in ms {
+                let u = u as usize;
+                if u >= of_user.len() {
+                    of_user.resize(u + 1, u32::MAX);
+                }
+                if of_user[u] != u32::MAX {
+                    return Err(format!("user {u} is in two groups"));
+                }
+                of_user[u] = g as u32;
+            }
+        }
+        Ok(Groups {
+            ids,
+            members,
+            of_user,
+        })
+    }
+
+    /// The group of user `u`.
+    pub fn of(&self, u: u32) -> Option<u32> {
+        self.of_user
+            .get(u as usize)
+            .copied()
+            .filter(|&g| g != u32::MAX)
+    }
+
+    /// The index of a group_id of this run.
+    pub fn index(&self, id: &str) -> Option<u32> {
+        self.ids.iter().position(|g| g == id).map(|g| g as u32)
+    }
+}
+
 /// What this run's messages look like, to check every delivery against.
 #[derive(Debug, Clone)]
 pub struct Shape {
@@ -314,6 +369,7 @@ pub struct Shape {
     /// Content bytes of every message (at least the header).
     pub size: usize,
     pub roster: Roster,
+    pub groups: Groups,
 }
 
 /// What a delivered message is.
@@ -333,7 +389,9 @@ pub enum Wrong {
     Corrupt,
     /// from_uid, from_device or client_msg_id is not what the header's sender sent.
     Fields,
-    /// In the inbox of a user who neither is its recipient (to_uid) nor sent it.
+    /// In the inbox of a user who neither is its recipient (to_uid) nor sent it; for a
+    /// group message (group_id set), one naming a user too, or in the inbox of a user who
+    /// is not a member of its group, or from one who is not.
     Misrouted,
 }
 
@@ -346,6 +404,37 @@ impl Shape {
             .parse()
             .ok()?;
         (n < self.roster.users() && im::uid(&self.uid_prefix, n) == uid).then_some(n)
+    }
+
+    /// The target a received message names: its group (`GROUP_BASE + g`) when it has a
+    /// group_id, else its to_uid's user.
+    pub fn target_of(&self, m: &proto::Message) -> Option<u32> {
+        if m.group_id.is_empty() {
+            self.user_of_uid(&m.to_uid)
+        } else {
+            self.groups.index(&m.group_id).map(|g| GROUP_BASE + g)
+        }
+    }
+
+    /// The devices a message from device `sender` to `to` (a user, or `GROUP_BASE + g`) is
+    /// delivered to: for a group, every device of every member but the sending one.
+    pub fn receivers(&self, sender: u32, to: u32) -> Vec<(u32, u16)> {
+        let Some(g) = to.checked_sub(GROUP_BASE) else {
+            return self.roster.receivers(sender, to);
+        };
+        let from = self.roster.device(sender);
+        let Some(members) = self.groups.members.get(g as usize) else {
+            return Vec::new();
+        };
+        let mut r = Vec::with_capacity(members.len());
+        for &u in members {
+            for d in 0..self.roster.devices(u) {
+                if Some((u, d)) != from {
+                    r.push((u, d));
+                }
+            }
+        }
+        r
     }
 
     /// Checks a message received by a device of user `me`; `scratch` is working space.
@@ -369,8 +458,21 @@ impl Shape {
         {
             return Delivery::Wrong(Wrong::Fields);
         }
-        if su != me && self.user_of_uid(&m.to_uid) != Some(me) {
-            return Delivery::Wrong(Wrong::Misrouted);
+        if m.group_id.is_empty() {
+            if su != me && self.user_of_uid(&m.to_uid) != Some(me) {
+                return Delivery::Wrong(Wrong::Misrouted);
+            }
+        } else {
+            // A group message names no user, and both its sender and this inbox's user
+            // are members of the group it names.
+            let g = self.groups.index(&m.group_id);
+            if g.is_none()
+                || !m.to_uid.is_empty()
+                || self.groups.of(me) != g
+                || self.groups.of(su) != g
+            {
+                return Delivery::Wrong(Wrong::Misrouted);
+            }
         }
         Delivery::Ok(h)
     }
@@ -705,6 +807,7 @@ mod tests {
             uid_prefix: "p".into(),
             size: 48,
             roster: Roster::new(&[1, 2, 1, 1]),
+            groups: Groups::default(),
         }
     }
 
@@ -784,6 +887,43 @@ mod tests {
     }
 
     #[test]
+    fn group_messages_go_to_the_other_members_of_their_group_only() {
+        // Group 0: users 0 and 1 (user 1 with two devices); group 1: users 2 and 3.
+        let mut s = shape();
+        s.groups =
+            Groups::new(vec!["gA".into(), "gB".into()], vec![vec![0, 1], vec![2, 3]]).unwrap();
+        assert!(Groups::new(vec!["x".into(), "y".into()], vec![vec![0], vec![0]]).is_err());
+        // From user 1's second device (index 2): user 0 and user 1's first device.
+        assert_eq!(s.receivers(2, GROUP_BASE), vec![(0, 0), (1, 0)]);
+        assert_eq!(s.receivers(3, GROUP_BASE + 1), vec![(3, 0)]);
+        let mut good = msg(&s, 2, 5, 0);
+        good.to_uid.clear();
+        good.group_id = "gA".into();
+        assert_eq!(s.target_of(&good), Some(GROUP_BASE));
+        let mut scratch = Vec::new();
+        let mut check = |m: &proto::Message, me: u32| s.check(m, me, &mut scratch);
+        assert!(matches!(check(&good, 0), Delivery::Ok(_)));
+        assert!(matches!(check(&good, 1), Delivery::Ok(_)));
+        // A user of the other group.
+        assert_eq!(check(&good, 2), Delivery::Wrong(Wrong::Misrouted));
+        // A group message that also names a user.
+        let mut m = good.clone();
+        m.to_uid = im::uid(&s.uid_prefix, 0);
+        assert_eq!(check(&m, 0), Delivery::Wrong(Wrong::Misrouted));
+        // Another group, or one the run does not have.
+        for g in ["gB", "gC"] {
+            let mut m = good.clone();
+            m.group_id = g.into();
+            assert_eq!(check(&m, 0), Delivery::Wrong(Wrong::Misrouted), "{g}");
+        }
+        // From a sender who is not a member.
+        let mut m = msg(&s, 3, 1, 0);
+        m.to_uid.clear();
+        m.group_id = "gA".into();
+        assert_eq!(check(&m, 0), Delivery::Wrong(Wrong::Misrouted));
+    }
+
+    #[test]
     fn prints_tell_messages_apart_by_every_field() {
         let s = shape();
         let good = msg(&s, 2, 5, 3);
@@ -793,18 +933,22 @@ mod tests {
         m.seq = 9;
         m.server_time_ms = 9;
         assert_eq!(print_of(&m), base);
-        for f in 0..5 {
+        for f in 0..6 {
             let mut m = good.clone();
             match f {
                 0 => m.content[40] ^= 1,
                 1 => m.from_uid.push('x'),
                 2 => m.to_uid.push('x'),
                 3 => m.client_msg_id.push('x'),
-                _ => m.from_device.push('x'),
+                4 => m.from_device.push('x'),
+                _ => m.group_id.push('x'),
             }
             assert_ne!(print_of(&m), base, "field {f}");
         }
         // A field's bytes do not run into the next one's.
-        assert_ne!(print(b"", "ab", "c", "", ""), print(b"", "a", "bc", "", ""));
+        assert_ne!(
+            print(b"", "ab", "c", "", "", ""),
+            print(b"", "a", "bc", "", "", "")
+        );
     }
 }

@@ -129,6 +129,7 @@ fn run_once(
                 fill.extend(im_frame(&im::send(
                     i,
                     uid.to_owned(),
+                    String::new(),
                     format!("attack-{}-{i}", stats.connections),
                     content,
                 )));

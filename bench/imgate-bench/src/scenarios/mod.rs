@@ -3,6 +3,7 @@
 pub mod attack;
 pub mod chaos;
 pub mod echo;
+pub mod fanout;
 pub mod flood;
 pub mod idle;
 pub mod relay;
