@@ -8,10 +8,32 @@
 //! plus the changes not in the store yet, and every `GroupChanged` is news.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::{frame, valid_id, BatchId, ConnId, Core};
 use crate::im::proto::{self, server_frame};
-use crate::store::{Membership, StoreRead};
+use crate::store::{Membership, ReadError, StoreRead};
+
+/// What the group cache may hold in all, counting each group as one more than its members;
+/// past it, the cache starts over. At most about 15 MiB (an entry is a pointer and a uid).
+const GROUP_CACHE_WEIGHT: usize = 1 << 18;
+
+/// The members of recently used groups, so that a group send or signal costs no store read.
+/// Filled from the store and dropped for a group once a change of its membership is reported
+/// durable, so it is never behind what was reported.
+#[derive(Debug, Default)]
+pub(super) struct GroupCache {
+    groups: HashMap<Arc<str>, Arc<[Arc<str>]>>,
+    weight: usize,
+}
+
+impl GroupCache {
+    fn forget(&mut self, gid: &str) {
+        if let Some(members) = self.groups.remove(gid) {
+            self.weight -= members.len() + 1;
+        }
+    }
+}
 
 /// Why a membership change was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,8 +135,43 @@ impl Core {
         Ok(size)
     }
 
+    /// The members of `gid`, sorted by uid, as the store has them.
+    pub(super) fn members(
+        &mut self,
+        gid: &str,
+        store: &dyn StoreRead,
+    ) -> Result<Arc<[Arc<str>]>, ReadError> {
+        if let Some(members) = self.group_cache.groups.get(gid) {
+            return Ok(members.clone());
+        }
+        let members: Arc<[Arc<str>]> = store
+            .group_members(gid)?
+            .into_iter()
+            .map(Arc::from)
+            .collect();
+        let cache = &mut self.group_cache;
+        if cache.weight + members.len() + 1 > GROUP_CACHE_WEIGHT {
+            cache.groups.clear();
+            cache.weight = 0;
+        }
+        cache.weight += members.len() + 1;
+        cache.groups.insert(gid.into(), members.clone());
+        Ok(members)
+    }
+
+    pub(super) fn is_group_member(
+        &mut self,
+        gid: &str,
+        uid: &str,
+        store: &dyn StoreRead,
+    ) -> Result<bool, ReadError> {
+        let members = self.members(gid, store)?;
+        Ok(members.binary_search_by(|m| (**m).cmp(uid)).is_ok())
+    }
+
     /// A membership change is durable: every online device of the member hears of it.
     pub(super) fn membership_committed(&mut self, m: &Membership) {
+        self.group_cache.forget(&m.gid);
         let Some(u) = self.users.get(&*m.uid) else {
             return;
         };
@@ -374,6 +431,23 @@ mod tests {
         assert_eq!(h.store.max_seq("carol"), Ok(2));
         let out = h.group_send(3, "g", "m", "still here?");
         assert_eq!(error_code(&out, 3), Some(ErrorCode::Forbidden));
+    }
+
+    #[test]
+    fn a_member_added_after_the_group_was_used_can_send_and_receive_at_once() {
+        let mut h = H::new(ImConfig::default());
+        h.member("g", "alice", true);
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "bob", "phone", 0);
+        h.group_send(1, "g", "a", "alone");
+        let out = h.group_send(2, "g", "b", "not yet");
+        assert_eq!(error_code(&out, 2), Some(ErrorCode::Forbidden));
+        h.member("g", "bob", true);
+        let out = h.group_send(2, "g", "c", "now");
+        assert!(send_ok(&out, 2).is_some(), "{out:?}");
+        assert_eq!(messages_to(&out, 1), vec![(2, "now".into())]);
+        let out = h.group_send(1, "g", "d", "welcome");
+        assert_eq!(messages_to(&out, 2).len(), 1);
     }
 
     #[test]

@@ -240,6 +240,7 @@ pub struct Core {
     next_batch: BatchId,
     /// Reused for encoding message bodies.
     scratch: Vec<u8>,
+    group_cache: groups::GroupCache,
 }
 
 fn frame(id: u64, body: server_frame::Body) -> ServerFrame {
@@ -277,6 +278,7 @@ impl Core {
             in_flight: VecDeque::new(),
             next_batch: 1,
             scratch: Vec::new(),
+            group_cache: groups::GroupCache::default(),
         }
     }
 

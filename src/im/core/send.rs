@@ -61,7 +61,7 @@ impl Core {
             return;
         };
         if let Target::Group(gid) = to {
-            match store.is_member(gid, &from) {
+            match self.is_group_member(gid, &from, store) {
                 Ok(true) => {}
                 Ok(false) => {
                     return self.reply(
@@ -136,7 +136,7 @@ impl Core {
             return Err(AdminSendError::Invalid("content too large"));
         }
         if let Target::Group(gid) = to {
-            match store.group_size(gid) {
+            match self.members(gid, store).map(|m| m.len()) {
                 Ok(0) => return Err(AdminSendError::NoSuchGroup),
                 Ok(_) => {}
                 Err(e) => {
@@ -267,13 +267,13 @@ impl Core {
         to: Target<'_>,
         store: &dyn StoreRead,
     ) -> Result<Vec<Arc<str>>, ReadError> {
-        let others = match to {
-            Target::User(uid) => vec![uid.to_owned()],
-            Target::Group(gid) => store.group_members(gid)?,
+        let others: Arc<[Arc<str>]> = match to {
+            Target::User(uid) => Arc::new([Arc::from(uid)]),
+            Target::Group(gid) => self.members(gid, store)?,
         };
         let mut owners = Vec::with_capacity(others.len() + 1);
         owners.push(from.clone());
-        for uid in others.iter().filter(|u| u.as_str() != &**from) {
+        for uid in others.iter().filter(|u| **u != *from) {
             let Some(owner) = self.user(uid, store) else {
                 // Appends already queued for nobody: the users loaded for this send that no
                 // device needs are dropped again.

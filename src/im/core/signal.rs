@@ -135,7 +135,7 @@ impl Core {
     /// The connections a signal goes to. A group signal from `member` requires it to be
     /// one; `except` is the sending connection.
     fn signal_conns(
-        &self,
+        &mut self,
         to: SignalTarget<'_>,
         member: Option<&str>,
         except: Option<ConnId>,
