@@ -5,7 +5,7 @@
 # fails the run.
 #
 #   scripts/proof.sh short   # CI: 2,000 idle connections, 10 groups of 100, 20 s of kill -9
-#                            # chaos, ... (~2 min)
+#                            # chaos with 1:1 and group messages, ... (~2 min)
 #   scripts/proof.sh full    # the sizes of BENCHMARKS.md: 19,000 idle connections, ...
 #
 # Results: one summary line per scenario on stdout and in $OUT/summary.txt, JSON reports and
@@ -94,7 +94,7 @@ if [ "$mode" = short ]; then
     ECHO=(--conns 100 --inflight 1 --duration 3 --warmup 1)
     FLOOD=(--users 50 --rate 2000 --flood-conns 200 --duration 5)
     ATTACK=(--users 20 --rate 200 --warmup 1 --duration 3)
-    CHAOS=(--users 50 --rate 1000 --duration 20 --kills 5)
+    CHAOS=(--users 50 --rate 1000 --duration 20 --kills 5 --groups 4 --group-members 5 --group-share 0.3)
 else
     IDLE=(--conns 19000 --hold 40 --procs 2 --src-ips 4)
     IDLE_SERVER=(--ping-interval 10s --idle-timeout 30s --max-connections 19500)
@@ -104,7 +104,7 @@ else
     ECHO=(--conns 1000 --inflight 1 --duration 10 --warmup 2)
     FLOOD=(--users 200 --rate 5000 --flood-conns 1000 --duration 20)
     ATTACK=(--users 20 --rate 200 --warmup 2 --duration 10)
-    CHAOS=(--users 200 --rate 2000 --duration 120 --kills 20)
+    CHAOS=(--users 200 --rate 2000 --duration 120 --kills 20 --groups 20 --group-members 5 --group-share 0.3)
 fi
 
 start_server idle "${IDLE_SERVER[@]}"
@@ -144,7 +144,10 @@ for attack in sync empty pings; do
 done
 
 # Chaos starts (and kills, and restarts) its own server on a fixed data directory. A 64 KiB
-# log keeps the store moving generations all the time, so that kills land mid-move too.
+# log keeps the store moving generations all the time, so that kills land mid-move too. It
+# makes its groups through the server's admin API (the address from the server's output) and
+# sends 30% of the members' messages to their group; each kill waits for a group send on the
+# wire, and every acknowledged group message must be in every other member's inbox.
 echo "--- chaos: imgate-bench chaos ${CHAOS[*]}" >&2
 "${pin_load[@]}" "$BENCH" chaos --jwt-secret "$SECRET" --json "$OUT/chaos.json" \
     --server-log "$OUT/chaos.server.err" "${CHAOS[@]}" \

@@ -1,11 +1,13 @@
 //! imgate-bench against the real server, small: relay with zero gaps, group fanout with zero
 //! gaps, idle through several ping intervals, a reconnect storm, echo, and kill -9 chaos with
-//! zero loss, resuming after the last seq seen and from the stored cursor. The negative
-//! controls: the bench plays the faults a server could make (`--inject`: a message lost,
-//! doubled under its seq or under two, reordered, swapped, misrouted, with another sender or
-//! payload, re-delivered as another message; for fanout a lost, misrouted or altered group
-//! message) and its verification must catch each, counted as what it is; and chaos against a
-//! server that acknowledges before syncing (`--durability none`) must report the loss.
+//! zero loss, resuming after the last seq seen and from the stored cursor, and with group
+//! messages among the 1:1 ones. The negative controls: the bench plays the faults a server
+//! could make (`--inject`: a message lost, doubled under its seq or under two, reordered,
+//! swapped, misrouted, with another sender or payload, re-delivered as another message; for
+//! fanout a lost, misrouted or altered group message; for chaos with groups a group message
+//! lost at one member) and its verification must catch each, counted as what it is; and
+//! chaos against a server that acknowledges before syncing (`--durability none`) must
+//! report the loss, with group traffic on too.
 //!
 //! imgate-bench is a crate of its own (bench/imgate-bench), so cargo does not build it for
 //! these tests: they run the `imgate-bench` beside the `imgate` they test, in the workspace's
@@ -654,4 +656,96 @@ fn chaos_reports_the_loss_when_the_store_does_not_sync() {
     let lost = &report["errors_by_kind"]["lost:max_seq below a seq already received"];
     assert!(lost.as_f64().is_some_and(|n| n >= 1.0), "{}", explain(&out));
     assert_eq!(report["kills"], 1);
+}
+
+/// Group traffic in chaos: 4 groups of 5 (all 20 users), 30% of the sends to the sender's
+/// group.
+const GROUPS: [&str; 6] = [
+    "--groups",
+    "4",
+    "--group-members",
+    "5",
+    "--group-share",
+    "0.3",
+];
+
+/// kill -9 during group sends: every acknowledged group message is at every other member,
+/// once (retries after a kill too), with no gap in any inbox, and none is at some members
+/// only; 1:1 traffic alongside loses nothing either.
+#[test]
+fn chaos_with_groups_loses_nothing_across_kill_9() {
+    let dir = temp_data_dir();
+    let json = dir.with_extension("json");
+    let out = chaos(&chaos_server(&dir, ""), "3", "6", &json, &GROUPS);
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = take_report(&json);
+    assert!(out.status.success(), "{}", explain(&out));
+    let report = report.expect("a JSON report");
+    let line = summary(&out);
+    assert_eq!(num(&line, "kills"), 3.0, "{line}");
+    for key in VIOLATIONS.iter().chain(&["group_partial"]) {
+        assert_eq!(num(&line, key), 0.0, "{key}: {line}");
+    }
+    assert_eq!(num(&line, "delivered"), num(&line, "expected"), "{line}");
+    // Group messages were sent, acknowledged, and each delivered to the 4 other members.
+    let group_ok = num(&line, "group_send_ok");
+    assert!(group_ok > 0.0, "{line}");
+    assert_eq!(num(&line, "group_sent"), group_ok, "{line}");
+    assert_eq!(num(&line, "group_delivered"), 4.0 * group_ok, "{line}");
+    assert!(num(&line, "group_sent") < num(&line, "sent"), "{line}");
+    // Each kill waited for a group send on the wire, and those got their SendOk after all.
+    assert_eq!(num(&line, "kills_in_group_flight"), 3.0, "{line}");
+    let in_flight = num(&line, "group_in_flight_at_kills");
+    assert!(in_flight >= 1.0, "{line}");
+    assert_eq!(num(&line, "group_in_flight_confirmed"), in_flight, "{line}");
+    assert_eq!(report["ok"], true);
+}
+
+/// A group message lost at one member (the bench drops every 20th delivery, all of them
+/// group messages here) is a gap, a missing delivery, and a group message at some of its
+/// members only.
+#[test]
+fn chaos_with_groups_catches_a_group_message_at_some_members_only() {
+    let dir = temp_data_dir();
+    let json = dir.with_extension("json");
+    let mut extra = GROUPS.to_vec();
+    extra[5] = "1";
+    extra.extend(["--inject", "drop", "--inject-every", "20", "--drain", "3"]);
+    let out = chaos(&chaos_server(&dir, ""), "1", "3", &json, &extra);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = take_report(&json);
+    assert!(!out.status.success(), "{}", explain(&out));
+    let line = summary(&out);
+    assert!(num(&line, "injected") >= 1.0, "{line}");
+    assert_eq!(num(&line, "sent"), num(&line, "group_sent"), "{line}");
+    let partial = num(&line, "group_partial");
+    assert!(partial >= 1.0, "{line}");
+    assert!(partial <= num(&line, "missing"), "{line}");
+    assert!(num(&line, "gaps") >= 1.0, "{line}");
+}
+
+/// The negative control with group traffic on: a server that acknowledges before its store
+/// syncs loses, at a kill -9, messages it acknowledged (and the memberships with them), and
+/// chaos says so.
+#[test]
+fn chaos_with_groups_reports_the_loss_when_the_store_does_not_sync() {
+    let dir = temp_data_dir();
+    let json = dir.with_extension("json");
+    let mut extra = GROUPS.to_vec();
+    extra.extend(["--drain", "5"]);
+    let out = chaos(
+        &chaos_server(&dir, "--durability none"),
+        "1",
+        "4",
+        &json,
+        &extra,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = take_report(&json);
+    assert!(!out.status.success(), "{}", explain(&out));
+    let report = report.expect("a JSON report");
+    let lost = &report["errors_by_kind"]["lost:max_seq below a seq already received"];
+    assert!(lost.as_f64().is_some_and(|n| n >= 1.0), "{}", explain(&out));
+    assert_eq!(report["kills"], 1);
+    assert!(report["group_send_ok"].as_f64().is_some_and(|n| n >= 1.0));
 }

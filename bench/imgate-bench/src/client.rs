@@ -5,7 +5,7 @@
 //! client_msg_id whatever did not get a SendOk.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -150,6 +150,21 @@ pub struct Stats {
     pub refused: u64,
     /// Clients not tried because a hard limit (EMFILE, EADDRNOTAVAIL, 503) came first.
     pub not_attempted: u64,
+    /// Group messages sent (first sends, not retries), of those in `sent`.
+    #[serde(default)]
+    pub group_sent: u64,
+    /// Group messages acknowledged (SendOk), of those in `send_ok`.
+    #[serde(default)]
+    pub group_send_ok: u64,
+    /// Deliveries of group messages, of those in `delivered`.
+    #[serde(default)]
+    pub group_delivered: u64,
+    /// Group messages of those in `kill_in_flight`...
+    #[serde(default)]
+    pub group_kill_in_flight: u64,
+    /// ...and of those in `kill_confirmed`.
+    #[serde(default)]
+    pub group_kill_confirmed: u64,
     pub errors: BTreeMap<String, u64>,
     /// The first violations, for diagnosis.
     pub notes: Vec<String>,
@@ -194,7 +209,12 @@ impl Stats {
             unconfirmed,
             rate_skipped,
             refused,
-            not_attempted
+            not_attempted,
+            group_sent,
+            group_send_ok,
+            group_delivered,
+            group_kill_in_flight,
+            group_kill_confirmed
         );
         for (k, v) in &o.errors {
             *self.errors.entry(k.clone()).or_default() += v;
@@ -368,6 +388,12 @@ pub struct Fleet {
     last_expire: u64,
     /// Closed connections of foreign owners: (owner, why).
     pub foreign_closed: Vec<(usize, CloseReason)>,
+    /// The share of a group member's sends that go to its group (the rest to a user).
+    pub group_share: f64,
+    /// With [`Fleet::track_group_copies`]: per group message (sender device, counter), its
+    /// group target and the devices it reached, to tell a message at some of its receivers
+    /// but not all (one process only: the map is not summed across processes).
+    group_copies: Option<HashMap<(u32, u64), (u32, u32)>>,
 }
 
 /// Connection owners from here up are not clients (flood's garbage connections); their
@@ -421,12 +447,41 @@ impl Fleet {
             last_ack_tick: 0,
             last_expire: 0,
             foreign_closed: Vec::new(),
+            group_share: 1.0,
+            group_copies: None,
         })
     }
 
-    /// The run's groups: a sending member sends to its group, not to a user.
+    /// The run's groups: a sending member sends to its group (a [`Fleet::group_share`] of
+    /// its sends; the rest go to a user).
     pub fn set_groups(&mut self, groups: Groups) {
         self.shape.groups = groups;
+    }
+
+    /// Counts, per group message, the devices it reached (see [`Fleet::group_partial`]).
+    pub fn track_group_copies(&mut self) {
+        self.group_copies = Some(HashMap::new());
+    }
+
+    /// Group messages at some but not all of their receivers (every member device but the
+    /// sending one), whether acknowledged or not: a group message must reach all or none.
+    /// `None` without [`Fleet::track_group_copies`]. Call after the final syncs.
+    pub fn group_partial(&self) -> Option<(u64, Vec<String>)> {
+        let copies = self.group_copies.as_ref()?;
+        let mut n = 0;
+        let mut notes = Vec::new();
+        for (&(sender, counter), &(to, got)) in copies {
+            let want = self.shape.receivers(sender, to).len() as u32;
+            if got < want {
+                n += 1;
+                if notes.len() < 5 {
+                    notes.push(format!(
+                        "partial: group message {counter} of device {sender} at {got} of its {want} receivers"
+                    ));
+                }
+            }
+        }
+        Some((n, notes))
     }
 
     /// Adds device `dev` of `user` with global device index `gidx`; returns its index.
@@ -549,6 +604,16 @@ impl Fleet {
             .sum()
     }
 
+    /// Group sends written on the current connections and not answered yet.
+    pub fn group_sends_on_wire(&self) -> u64 {
+        self.clients
+            .iter()
+            .filter(|c| c.conn.is_some())
+            .flat_map(|c| c.pending.iter())
+            .filter(|p| p.st == PState::Wire && p.to >= GROUP_BASE)
+            .count() as u64
+    }
+
     /// The server is about to be killed: the sends on the wire are followed to their
     /// SendOk ([`Stats::kill_confirmed`], [`Stats::kill_stored`]). Returns how many there are.
     pub fn mark_in_flight(&mut self) -> u64 {
@@ -562,6 +627,9 @@ impl Fleet {
                 if !p.at_kill {
                     p.at_kill = true;
                     self.stats.kill_in_flight += 1;
+                    if p.to >= GROUP_BASE {
+                        self.stats.group_kill_in_flight += 1;
+                    }
                 }
             }
         }
@@ -1003,11 +1071,17 @@ impl Fleet {
             self.ledger.expect(gidx, counter, p.to, &receivers);
             if p.at_kill {
                 self.stats.kill_confirmed += 1;
+                if p.to >= GROUP_BASE {
+                    self.stats.group_kill_confirmed += 1;
+                }
                 if duplicate {
                     self.stats.kill_stored += 1;
                 }
             }
             self.stats.send_ok += 1;
+            if p.to >= GROUP_BASE {
+                self.stats.group_send_ok += 1;
+            }
             if self.measure_from.is_some_and(|t0| p.ts >= t0) {
                 self.stats.send_ok_window += 1;
             }
@@ -1186,6 +1260,12 @@ impl Fleet {
                     let to = self.shape.target_of(&m).unwrap_or(u32::MAX);
                     self.ledger.got(h.sender, h.counter, to, (user, dev));
                     self.stats.delivered += 1;
+                    if to >= GROUP_BASE && to != u32::MAX {
+                        self.stats.group_delivered += 1;
+                        if let Some(copies) = &mut self.group_copies {
+                            copies.entry((h.sender, h.counter)).or_insert((to, 0)).1 += 1;
+                        }
+                    }
                     if self.measure_from.is_some_and(|t0| h.ts_ns >= t0) {
                         let lat = now_ns.saturating_sub(h.ts_ns).max(1);
                         let _ = self.hist.record(lat.min(3_600_000_000_000));
@@ -1308,9 +1388,15 @@ impl Fleet {
         if c.state != CState::Online {
             return false;
         }
-        let to = if let Some(&t) = c.script.last() {
+        let (user, script) = (c.user, c.script.last().copied());
+        let to = if let Some(t) = script {
             t
-        } else if let Some(g) = self.shape.groups.of(c.user) {
+        } else if let Some(g) = self
+            .shape
+            .groups
+            .of(user)
+            .filter(|_| self.group_share >= 1.0 || self.rng.f64() < self.group_share)
+        {
             GROUP_BASE + g
         } else if self.scripted {
             return false;
@@ -1320,7 +1406,7 @@ impl Fleet {
                 return false;
             }
             let mut t = lo + self.rng.below(u64::from(hi - lo - 1)) as u32;
-            if t >= c.user {
+            if t >= user {
                 t += 1;
             }
             if t >= hi {
@@ -1343,6 +1429,9 @@ impl Fleet {
         c.on_wire += 1;
         self.write_send(i, counter, to, ts);
         self.stats.sent += 1;
+        if to >= GROUP_BASE {
+            self.stats.group_sent += 1;
+        }
         true
     }
 

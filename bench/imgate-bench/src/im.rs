@@ -73,10 +73,10 @@ pub fn uid(prefix: &str, user: u32) -> String {
     format!("{prefix}u{user}")
 }
 
-/// Group `g` of a fanout run shaped `groups` x `members` (the shape in the id keeps runs of
-/// other shapes in one data directory apart).
-pub fn group_id(prefix: &str, groups: u32, members: u32, g: u32) -> String {
-    format!("{prefix}fan{groups}x{members}g{g}")
+/// Group `g` of a run shaped `groups` x `members`; `tag` names the scenario (the scenario
+/// and the shape in the id keep runs of other kinds and shapes in one data directory apart).
+pub fn group_id(prefix: &str, tag: &str, groups: u32, members: u32, g: u32) -> String {
+    format!("{prefix}{tag}{groups}x{members}g{g}")
 }
 
 pub fn device_id(dev: u16) -> String {

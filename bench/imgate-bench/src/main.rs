@@ -3,7 +3,8 @@
 //! Scenarios: `idle` (many authenticated idle connections), `relay` (1:1 traffic with
 //! latency and full delivery verification), `storm` (everyone reconnects at once to a
 //! backlog), `echo` (plain WebSocket echo on /echo), `chaos` (relay traffic while the server
-//! is killed with SIGKILL and restarted; proves nothing acknowledged is lost), `flood`
+//! is killed with SIGKILL and restarted, with group messages too given `--groups`; proves
+//! nothing acknowledged is lost), `flood`
 //! (garbage handshakes and frames next to well-behaved clients), `fanout` (group messages
 //! to disjoint groups made through the admin API, with the same verification as relay).
 //!
@@ -52,7 +53,8 @@ enum Cmd {
     /// G groups of M online members sending group messages; deliveries/s, latency and
     /// delivery verification.
     Fanout(FanoutArgs),
-    /// Relay traffic while the server is killed (SIGKILL) and restarted; proves no loss.
+    /// Relay (and with --groups group) traffic while the server is killed (SIGKILL) and
+    /// restarted; proves no loss.
     Chaos(ChaosArgs),
     /// Garbage handshakes and frames from many connections next to well-behaved clients.
     Flood(FloodArgs),
@@ -342,6 +344,23 @@ pub struct ChaosArgs {
     /// with --resume cursor).
     #[arg(long, default_value_t = 100)]
     pub ack_tick_ms: u64,
+    /// Group traffic: G groups made among the users before the load starts (disjoint:
+    /// group g holds users g*M .. (g+1)*M) through the server's admin API, found on its
+    /// "admin API on http://..." line (a port 0 in --admin-listen is replaced by the first
+    /// one for every restart). Every acknowledged group message must then be in the inbox of
+    /// every member device but the sending one, once and without gaps, and a group message
+    /// in all of them or in none. 0: no groups.
+    #[arg(long, default_value_t = 0)]
+    pub groups: u32,
+    /// Members per group (--groups x --group-members at most --users).
+    #[arg(long, default_value_t = 5)]
+    pub group_members: u32,
+    /// The share of a group member's sends that go to its group (the rest to a user).
+    #[arg(long, default_value_t = 0.3)]
+    pub group_share: f64,
+    /// The server's --admin-token, when it has one (default: taken from --server-cmd).
+    #[arg(long, env = "IMGATE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Self-test of the verification: play this fault, as a faulty server would, on every
     /// --inject-every-th delivery new to its device (re-delivery for `redelivery`); the run
     /// must then fail.

@@ -6,7 +6,11 @@
 //! SendOks; those sends are followed to their SendOk after the restart. At the end, with the
 //! server up, it proves: every message that got a SendOk reached every device of its
 //! recipient, in order, without gaps and as it was sent; no message was delivered twice
-//! under two seqs.
+//! under two seqs. With `--groups`, groups are made through the admin API before the first
+//! load and a `--group-share` of their members' sends go to their group: every group
+//! message that got a SendOk must then be in the inbox of every member device but the
+//! sending one (the ledger expects each), once (a retry after a kill too) and without
+//! gaps in any inbox, and a group message at some of them must be at all of them.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -18,16 +22,19 @@ use std::time::{Duration, Instant};
 use crate::client::{CState, Fleet, Traffic};
 use crate::coord::Coord;
 use crate::report::{add_errors, add_latency, Report};
+use crate::scenarios::groups::{self, AdminApi};
 use crate::scenarios::{final_sync, fleet_cfg, run_for, run_until, setup, Part};
 use crate::sys::{mono_ns, Rng};
 use crate::{check_loopback, ChaosArgs, Resume};
 
-/// Seconds a due kill waits for sends on the wire (the clients may still be coming back from
-/// the previous kill); past that it kills anyway.
+/// Seconds a due kill waits for sends on the wire (with group traffic: for group sends on
+/// the wire; the clients may still be coming back from the previous kill); past that it
+/// kills anyway.
 pub const MAX_KILL_WAIT_S: f64 = 1.0;
 
 /// From this many kills on, a run in which no kill caught a send on the wire fails: it did
-/// not test what happens to a message between its send and its SendOk.
+/// not test what happens to a message between its send and its SendOk. The same holds for
+/// group sends in a run with group traffic.
 pub const MIN_KILLS_FOR_IN_FLIGHT: u32 = 3;
 
 /// Splits a command line into words: whitespace separates, single quotes keep everything,
@@ -91,12 +98,25 @@ pub fn split_words(s: &str) -> Result<Vec<String>, String> {
     Ok(words)
 }
 
+/// 127.0.0.1 for an unspecified listen address (0.0.0.0), with its port.
+fn loopback(a: SocketAddr) -> SocketAddr {
+    if a.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], a.port()))
+    } else {
+        a
+    }
+}
+
 /// The server under test: started, killed and restarted by the bench.
 pub struct ServerCtl {
     words: Vec<String>,
     log: Option<PathBuf>,
     child: Option<Child>,
     pub addr: Option<SocketAddr>,
+    /// Wait for the "admin API on http://ADDR" line too at each start, and pin its port.
+    pub want_admin: bool,
+    /// The admin API of the running server (with `want_admin`).
+    pub admin: Option<SocketAddr>,
     pub starts: u32,
 }
 
@@ -117,19 +137,23 @@ impl ServerCtl {
             log,
             child: None,
             addr: None,
+            want_admin: false,
+            admin: None,
             starts: 0,
         })
     }
 
-    /// The value of `--jwt-secret` in the server command, if it has one.
-    pub fn jwt_secret(&self) -> Option<String> {
+    /// The value of `flag` (`--jwt-secret`, `--admin-token`) in the server command, if it
+    /// has one.
+    pub fn flag_value(&self, flag: &str) -> Option<String> {
         let w = &self.words;
+        let eq = format!("{flag}=");
         w.iter()
-            .position(|x| x == "--jwt-secret")
+            .position(|x| x == flag)
             .and_then(|i| w.get(i + 1).cloned())
             .or_else(|| {
                 w.iter()
-                    .find_map(|x| x.strip_prefix("--jwt-secret=").map(str::to_owned))
+                    .find_map(|x| x.strip_prefix(eq.as_str()).map(str::to_owned))
             })
     }
 
@@ -141,24 +165,27 @@ impl ServerCtl {
         self.child.is_some()
     }
 
-    /// Pins the listen address for restarts (port 0 becomes the port the first start got).
-    fn pin_listen(&mut self, addr: SocketAddr) {
+    /// Pins the address of `flag` (`--listen`, `--admin-listen`) for restarts (port 0
+    /// becomes the port the first start got).
+    fn pin(&mut self, flag: &str, addr: SocketAddr) {
         let a = addr.to_string();
+        let eq = format!("{flag}=");
         let mut i = 0;
         while i < self.words.len() {
-            if self.words[i] == "--listen" && i + 1 < self.words.len() {
+            if self.words[i] == flag && i + 1 < self.words.len() {
                 self.words[i + 1] = a.clone();
                 return;
             }
-            if self.words[i].starts_with("--listen=") {
-                self.words[i] = format!("--listen={a}");
+            if self.words[i].starts_with(eq.as_str()) {
+                self.words[i] = format!("{eq}{a}");
                 return;
             }
             i += 1;
         }
     }
 
-    /// Starts the server and waits for its "listening on ws://ADDR" line.
+    /// Starts the server and waits for its "listening on ws://ADDR" line (and with
+    /// `want_admin` its "admin API on http://ADDR" line, printed after it).
     pub fn start(&mut self) -> Result<SocketAddr, String> {
         let mut last_err = String::new();
         for _attempt in 0..20 {
@@ -196,14 +223,23 @@ impl ServerCtl {
             });
             let deadline = Instant::now() + Duration::from_secs(30);
             let mut found = None;
+            let mut admin = None;
+            let addr_after = |line: &str, marker: &str| {
+                line.split(marker)
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|a| a.parse::<SocketAddr>().ok())
+            };
             while Instant::now() < deadline {
                 match rx.recv_timeout(Duration::from_millis(50)) {
                     Ok(line) => {
-                        if let Some(rest) = line.split("listening on ws://").nth(1) {
-                            found = rest
-                                .split_whitespace()
-                                .next()
-                                .and_then(|a| a.parse::<SocketAddr>().ok());
+                        if line.contains("listening on ws://") {
+                            found = addr_after(&line, "listening on ws://");
+                            if found.is_none() || !self.want_admin {
+                                break;
+                            }
+                        } else if found.is_some() && line.contains("admin API on http://") {
+                            admin = addr_after(&line, "admin API on http://");
                             break;
                         }
                     }
@@ -220,29 +256,39 @@ impl ServerCtl {
                     }
                 }
             }
-            let Some(mut addr) = found else {
+            let (Some(addr), true) = (found, admin.is_some() || !self.want_admin) else {
                 let _ = child.kill();
                 let _ = child.wait();
                 if last_err.is_empty() {
-                    last_err = "no listening line within 30 s".into();
+                    last_err = if found.is_none() {
+                        "no listening line within 30 s".into()
+                    } else {
+                        "no admin API line after the listening line within 30 s".into()
+                    };
                 }
                 std::thread::sleep(Duration::from_millis(250));
                 continue;
             };
-            if addr.ip().is_unspecified() {
-                addr = SocketAddr::from(([127, 0, 0, 1], addr.port()));
-            }
-            if let Err(e) = check_loopback(&addr) {
+            let addr = loopback(addr);
+            let admin = admin.map(loopback);
+            if let Err(e) = check_loopback(&addr).and_then(|()| match &admin {
+                Some(a) => check_loopback(a),
+                None => Ok(()),
+            }) {
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(e);
             }
             if self.starts == 0 {
-                self.pin_listen(addr);
+                self.pin("--listen", addr);
+                if let Some(a) = admin {
+                    self.pin("--admin-listen", a);
+                }
             }
             self.starts += 1;
             self.child = Some(child);
             self.addr = Some(addr);
+            self.admin = admin;
             return Ok(addr);
         }
         Err(format!("the server did not start: {last_err}"))
@@ -289,13 +335,57 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
     let mut common = a.common.clone();
     let mut server = ServerCtl::new(&a.server_cmd, a.server_log.clone())?;
     if common.jwt_secret.is_none() {
-        common.jwt_secret = server.jwt_secret();
+        common.jwt_secret = server.flag_value("--jwt-secret");
     }
+    if a.users < 2 {
+        return Err("chaos needs at least 2 users".into());
+    }
+    let with_groups = a.groups > 0;
+    if with_groups {
+        if a.group_members < 2 {
+            return Err("--group-members must be at least 2".into());
+        }
+        if u64::from(a.groups) * u64::from(a.group_members) > u64::from(a.users) {
+            return Err(format!(
+                "--groups {} x --group-members {} exceed the {} users",
+                a.groups, a.group_members, a.users
+            ));
+        }
+        if !(0.0..=1.0).contains(&a.group_share) {
+            return Err("--group-share must be within 0..=1".into());
+        }
+    }
+    server.want_admin = with_groups;
     let addr = server.start()?;
     common.addr = addr;
     let s = setup(&common)?;
-    if a.users < 2 {
-        return Err("chaos needs at least 2 users".into());
+    // The groups, made once before any load: memberships are durable when the admin API
+    // answers, so every restart has them.
+    let groups = with_groups
+        .then(|| groups::disjoint(&common.uid_prefix, "chaos", a.groups, a.group_members));
+    if let (Some(g), Some(admin)) = (&groups, server.admin) {
+        let api = AdminApi {
+            addr: admin,
+            token: a
+                .admin_token
+                .clone()
+                .or_else(|| server.flag_value("--admin-token")),
+        };
+        let t0 = Instant::now();
+        groups::make(
+            &api,
+            &common.uid_prefix,
+            g,
+            t0 + Duration::from_secs_f64(common.setup_timeout),
+        )?;
+        if !common.quiet {
+            eprintln!(
+                "imgate-bench chaos: {} groups of {} members made in {:.2} s through the admin API at {admin}",
+                a.groups,
+                a.group_members,
+                t0.elapsed().as_secs_f64()
+            );
+        }
     }
     let devices = a.devices.max(1);
     let conns = u64::from(a.users) * u64::from(devices);
@@ -317,6 +407,11 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
     cfg.connect_timeout_ms = cfg.connect_timeout_ms.min(5000);
     let mut fleet = Fleet::new(cfg, vec![devices; a.users as usize], conns as usize)
         .map_err(|e| format!("cannot create the event loop: {e}"))?;
+    if let Some(g) = groups {
+        fleet.set_groups(g);
+        fleet.group_share = a.group_share;
+        fleet.track_group_copies();
+    }
     for u in 0..a.users {
         for d in 0..devices {
             fleet.add(u, d, u * u32::from(devices) + u32::from(d), true);
@@ -346,6 +441,10 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
     fleet.measure_from = Some(mono_ns());
     let mut kills = 0u32;
     let mut kills_in_flight = 0u32;
+    let mut kills_in_group_flight = 0u32;
+    // With group traffic a due kill waits for a group send on the wire (they fan out to
+    // every member's inbox: the case to catch between send and SendOk).
+    let wait_for_group = with_groups && a.group_share > 0.0;
     let mut restart_at: Option<Instant> = None;
     let mut downtimes_ms: Vec<f64> = Vec::new();
     let mut killed_at = Instant::now();
@@ -358,23 +457,43 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
         let now = Instant::now();
         let elapsed = now.duration_since(t0).as_secs_f64();
         let due = kill_at.get(kills as usize).copied();
+        let on_wire = |f: &Fleet| {
+            if wait_for_group {
+                f.group_sends_on_wire()
+            } else {
+                f.sends_on_wire()
+            }
+        };
         if server.is_up()
             && due.is_some_and(|at| {
-                elapsed >= at && (fleet.sends_on_wire() > 0 || elapsed >= at + MAX_KILL_WAIT_S)
+                elapsed >= at && (elapsed >= at + MAX_KILL_WAIT_S || on_wire(&fleet) > 0)
             })
         {
+            let group_in_flight = if with_groups {
+                fleet.group_sends_on_wire()
+            } else {
+                0
+            };
             let in_flight = fleet.mark_in_flight();
             server.kill9();
             kills += 1;
             if in_flight > 0 {
                 kills_in_flight += 1;
             }
+            if group_in_flight > 0 {
+                kills_in_group_flight += 1;
+            }
             killed_at = now;
             let delay = a.restart_delay_ms + rng.below(a.restart_delay_ms + 1);
             restart_at = Some(now + Duration::from_millis(delay));
             if !common.quiet {
+                let groups = if with_groups {
+                    format!(", group sends on the wire {group_in_flight}")
+                } else {
+                    String::new()
+                };
                 eprintln!(
-                    "[chaos {elapsed:>6.1}s] kill -9 #{kills} (online {}, sends on the wire {in_flight}, unacked sends {})",
+                    "[chaos {elapsed:>6.1}s] kill -9 #{kills} (online {}, sends on the wire {in_flight}{groups}, unacked sends {})",
                     fleet.online(),
                     fleet.unacked_sends()
                 );
@@ -416,6 +535,7 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
         .iter()
         .filter(|c| c.state != CState::Online)
         .count();
+    let partial = fleet.group_partial();
     let part = Part::of(&fleet, s.nofile);
     fleet.disconnect_all();
     server.stop();
@@ -450,6 +570,17 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
         .add("in_flight_at_kills", st.kill_in_flight)
         .add("in_flight_confirmed", st.kill_confirmed)
         .add("in_flight_stored", st.kill_stored);
+    if let Some((n, _)) = &partial {
+        r.add("groups", a.groups)
+            .add("group_members", a.group_members)
+            .add("group_sent", st.group_sent)
+            .add("group_send_ok", st.group_send_ok)
+            .add("group_delivered", st.group_delivered)
+            .add("kills_in_group_flight", kills_in_group_flight)
+            .add("group_in_flight_at_kills", st.group_kill_in_flight)
+            .add("group_in_flight_confirmed", st.group_kill_confirmed)
+            .add("group_partial", *n);
+    }
     let max_down = downtimes_ms.iter().copied().fold(0.0, f64::max);
     r.addf("max_downtime_ms", max_down, 0);
     add_latency(&mut r, &hist);
@@ -479,6 +610,24 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
         r.fail(format!("{} errors", st.error_count()));
     }
     r.fail_on_violations(st, &check);
+    if let Some((n, notes)) = &partial {
+        if *n > 0 {
+            for note in notes {
+                eprintln!("imgate-bench chaos: {note}");
+            }
+            r.fail(format!(
+                "{n} group messages reached some of their members but not all"
+            ));
+        }
+        if st.group_send_ok == 0 && a.group_share > 0.0 {
+            r.fail("no group message was acknowledged");
+        }
+        if wait_for_group && kills >= MIN_KILLS_FOR_IN_FLIGHT && kills_in_group_flight == 0 {
+            r.fail(format!(
+                "none of {kills} kills caught a group send on the wire"
+            ));
+        }
+    }
     if st.sent == 0 {
         r.fail("no traffic");
     }
@@ -487,7 +636,34 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::split_words;
+    use super::{split_words, ServerCtl};
+
+    #[test]
+    fn reads_flags_and_pins_both_listen_addresses() {
+        let mut s = ServerCtl::new(
+            "imgate serve --listen 127.0.0.1:0 --admin-listen=127.0.0.1:0 --admin-token t --jwt-secret=j",
+            None,
+        )
+        .unwrap();
+        assert_eq!(s.flag_value("--admin-token").as_deref(), Some("t"));
+        assert_eq!(s.flag_value("--jwt-secret").as_deref(), Some("j"));
+        assert_eq!(s.flag_value("--data-dir"), None);
+        s.pin("--listen", "127.0.0.1:4001".parse().unwrap());
+        s.pin("--admin-listen", "127.0.0.1:4002".parse().unwrap());
+        assert_eq!(
+            s.words,
+            [
+                "imgate",
+                "serve",
+                "--listen",
+                "127.0.0.1:4001",
+                "--admin-listen=127.0.0.1:4002",
+                "--admin-token",
+                "t",
+                "--jwt-secret=j"
+            ]
+        );
+    }
 
     #[test]
     fn splits_like_a_shell_without_one() {

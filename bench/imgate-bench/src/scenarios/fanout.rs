@@ -10,26 +10,19 @@
 //! the measured window sent (whenever they arrived), and `arrived_per_s`, the deliveries
 //! that arrived within it; they differ when the server falls behind the offered rate.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::client::{Fleet, Traffic};
 use crate::coord::{child_result, run_children, secs_between, Coord, Snap};
 use crate::report::{add_cpu, add_errors, add_latency, Report};
+use crate::scenarios::groups::{self, AdminApi};
 use crate::scenarios::{
     barrier, decide_procs, fd_room, final_sync, fleet_cfg, merge_parts, parse_parts, run_for,
     run_until, setup, share, Part,
 };
 use crate::sys::mono_ns;
-use crate::verify::Groups;
-use crate::{im, FanoutArgs};
-
-/// Membership requests in flight at once (the server's default admin connection limit is 64).
-const ADMIN_CONNS: usize = 8;
+use crate::FanoutArgs;
 
 pub fn run(a: FanoutArgs) -> Result<ExitCode, String> {
     let s = setup(&a.common)?;
@@ -43,10 +36,15 @@ pub fn run(a: FanoutArgs) -> Result<ExitCode, String> {
         .filter(|&n| n < crate::verify::GROUP_BASE)
         .ok_or("--groups x --members is too large")?;
     let conns = u64::from(users);
-    let groups = groups_of(&a);
+    let groups = groups::disjoint(&a.common.uid_prefix, "fan", a.groups, a.members);
     if s.child.is_none() {
         let t0 = Instant::now();
-        make_groups(&a, &groups)?;
+        let api = AdminApi {
+            addr: a.admin,
+            token: a.admin_token.clone(),
+        };
+        let deadline = t0 + Duration::from_secs_f64(a.common.setup_timeout);
+        groups::make(&api, &a.common.uid_prefix, &groups, deadline)?;
         if !a.common.quiet {
             eprintln!(
                 "imgate-bench fanout: {} groups of {} members made in {:.2} s",
@@ -154,144 +152,6 @@ pub fn run(a: FanoutArgs) -> Result<ExitCode, String> {
         return Ok(ExitCode::SUCCESS);
     }
     Ok(report(&a, &[part], &coord.snaps(), 1))
-}
-
-/// Group g holds users g*M .. (g+1)*M.
-fn groups_of(a: &FanoutArgs) -> Groups {
-    let p = &a.common.uid_prefix;
-    let ids = (0..a.groups)
-        .map(|g| im::group_id(p, a.groups, a.members, g))
-        .collect();
-    let members = (0..a.groups)
-        .map(|g| (g * a.members..(g + 1) * a.members).collect())
-        .collect();
-    Groups::new(ids, members).unwrap_or_else(|e| unreachable!("disjoint by construction: {e}"))
-}
-
-/// Puts every member into its group through the admin API (each PUT answered 204 once
-/// durable), several requests at once, then reads every group back: it must hold exactly
-/// the run's members.
-fn make_groups(a: &FanoutArgs, groups: &Groups) -> Result<(), String> {
-    let p = &a.common.uid_prefix;
-    let puts: Vec<String> = (0..groups.ids.len())
-        .flat_map(|g| {
-            groups.members[g]
-                .iter()
-                .map(move |&u| format!("/v1/groups/{}/members/{}", groups.ids[g], im::uid(p, u)))
-        })
-        .collect();
-    let next = AtomicUsize::new(0);
-    let failure: Mutex<Option<String>> = Mutex::new(None);
-    let deadline = Instant::now() + Duration::from_secs_f64(a.common.setup_timeout);
-    std::thread::scope(|sc| {
-        for _ in 0..ADMIN_CONNS.min(puts.len()) {
-            sc.spawn(|| loop {
-                if failure.lock().map_or(true, |f| f.is_some()) {
-                    return;
-                }
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(path) = puts.get(i) else {
-                    return;
-                };
-                let r = admin(a, "PUT", path, deadline).and_then(|(status, body)| {
-                    if status == 204 {
-                        Ok(())
-                    } else {
-                        Err(format!("PUT {path}: HTTP {status} {body}"))
-                    }
-                });
-                if let Err(e) = r {
-                    if let Ok(mut f) = failure.lock() {
-                        f.get_or_insert(e);
-                    }
-                    return;
-                }
-            });
-        }
-    });
-    if let Some(e) = failure.into_inner().ok().flatten() {
-        return Err(e);
-    }
-    for (g, id) in groups.ids.iter().enumerate() {
-        let path = format!("/v1/groups/{id}");
-        let (status, body) = admin(a, "GET", &path, deadline)?;
-        if status != 200 {
-            return Err(format!("GET {path}: HTTP {status} {body}"));
-        }
-        let v: serde_json::Value =
-            serde_json::from_str(&body).map_err(|e| format!("GET {path}: {e}: {body}"))?;
-        let mut got: Vec<String> = v["members"]
-            .as_array()
-            .ok_or_else(|| format!("GET {path}: no members in {body}"))?
-            .iter()
-            .filter_map(|m| m.as_str().map(str::to_owned))
-            .collect();
-        let mut want: Vec<String> = groups.members[g].iter().map(|&u| im::uid(p, u)).collect();
-        got.sort();
-        want.sort();
-        if got != want {
-            return Err(format!(
-                "group {id} has {} members, not the run's {} (left over from another run? use another --uid-prefix)",
-                got.len(),
-                want.len()
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// One admin request on its own connection (the admin API answers one per connection);
-/// 503 (too many admin connections) is retried until `deadline`. Returns status and body.
-fn admin(
-    a: &FanoutArgs,
-    method: &str,
-    path: &str,
-    deadline: Instant,
-) -> Result<(u16, String), String> {
-    loop {
-        let r = admin_once(a.admin, a.admin_token.as_deref(), method, path, deadline);
-        match r {
-            Ok((503, _)) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            r => return r,
-        }
-    }
-}
-
-fn admin_once(
-    addr: SocketAddr,
-    token: Option<&str>,
-    method: &str,
-    path: &str,
-    deadline: Instant,
-) -> Result<(u16, String), String> {
-    let err = |e: std::io::Error| format!("{method} {path} to the admin API at {addr}: {e}");
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(100));
-    let mut s = TcpStream::connect_timeout(&addr, left).map_err(err)?;
-    s.set_read_timeout(Some(left)).map_err(err)?;
-    s.set_write_timeout(Some(left)).map_err(err)?;
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).map_err(err)?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).map_err(err)?;
-    let text = String::from_utf8_lossy(&resp);
-    let status = text
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|r| r.get(..3))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("{method} {path}: not an HTTP answer: {text:?}"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .trim()
-        .to_owned();
-    Ok((status, body))
 }
 
 fn report(a: &FanoutArgs, parts: &[Part], snaps: &[Snap], procs: usize) -> ExitCode {

@@ -5,6 +5,7 @@ pub mod chaos;
 pub mod echo;
 pub mod fanout;
 pub mod flood;
+pub mod groups;
 pub mod idle;
 pub mod relay;
 pub mod storm;
