@@ -940,3 +940,168 @@ fn deliveries_get_the_room_of_the_high_water_mark_less_what_is_unsent() {
     h.pump();
     assert_eq!(h.gw.metrics.messages_out.get(), 11);
 }
+
+#[test]
+fn after_the_input_ends_poll_transmit_names_the_connection_with_its_pong() {
+    let mut h = Harness::new(|_| {});
+    let bob = h.logged_in("bob", "phone");
+    // A Ping alone: its Pong is the only output, and the core has nothing to add.
+    let mut buf = client_frame(0x9, b"p");
+    let now = h.at();
+    h.gw.begin_turn(now);
+    assert!(h.gw.claim_turn(bob));
+    assert!(h.gw.handle_received(bob, buf.len(), now));
+    assert_eq!(h.gw.handle_input(bob, &mut buf, now), Input::Taken);
+    h.gw.end_input(bob);
+    assert_eq!(h.gw.poll_transmit(), Some(bob), "the Pong is not listed");
+    h.gw.write_to(bob, h.peers.get_mut(&bob).unwrap(), &buf);
+    assert_eq!(h.frames(bob), vec![(0xA, b"p".to_vec())]);
+}
+
+#[test]
+fn output_staged_for_a_connection_that_failed_is_not_sent_to_the_next_one_under_its_name() {
+    let mut h = Harness::new(|_| {});
+    let key = h.upgraded(UPGRADE_ECHO);
+    let now = h.at();
+    h.gw.begin_turn(now);
+    assert!(h.gw.claim_turn(key));
+    let mut buf = client_frame(0x1, b"lost");
+    assert_eq!(h.gw.handle_input(key, &mut buf, now), Input::Taken);
+    // The socket fails before the echo is written.
+    h.gw.handle_closed(key);
+    h.peers.remove(&key);
+    let next = h.accept(ListenerKind::Public);
+    assert_eq!(next, key, "the slab reuses the name");
+    h.send(next, UPGRADE_ECHO);
+    let out = h.take(next);
+    assert!(
+        out.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+}
+
+#[test]
+fn a_web_demo_request_handed_over_to_the_core_is_not_counted_as_a_stream_at_shutdown() {
+    let mut h = Harness::new(|c| {
+        c.im.dev_routes = true;
+        c.shutdown_timeout = Duration::from_secs(2);
+    });
+    let echo = h.upgraded(UPGRADE_ECHO);
+    h.peers.get_mut(&echo).unwrap().stuck = true;
+    let get = h.accept(ListenerKind::Public);
+    h.send(
+        get,
+        b"GET /dev/friends?uid=alice HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(h.take(get).starts_with(b"HTTP/1.1 200"));
+    assert!(h.dropped(get));
+    let now = h.at();
+    h.gw.handle_shutdown(now);
+    h.pump();
+    // The echo connection never answers the 1001: it is the one straggler.
+    assert_eq!(h.gw.is_finished(h.now), None);
+    assert_eq!(h.gw.is_finished(h.now + 2_000), Some(1));
+}
+
+#[test]
+fn metrics_count_connections_by_state_and_transport() {
+    let mut h = Harness::new(|_| {});
+    h.accept(ListenerKind::Public);
+    h.upgraded(UPGRADE_ECHO);
+    h.upgraded(UPGRADE_ECHO);
+    h.accept(ListenerKind::RawTcp);
+    let closing = h.upgraded(UPGRADE_ECHO);
+    h.peers.get_mut(&closing).unwrap().stuck = true;
+    h.send(closing, &[0x81, 0x01, b'x']);
+    let admin = h.accept(ListenerKind::Admin);
+    h.send(admin, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let text = String::from_utf8(h.take(admin)).expect("text");
+    let count = |state: &str, transport: &str| -> Option<i64> {
+        let labels = [
+            format!("state=\"{state}\""),
+            format!("transport=\"{transport}\""),
+        ];
+        text.lines()
+            .filter(|l| l.starts_with("imgate_connections{"))
+            .find(|l| labels.iter().all(|x| l.contains(x.as_str())))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    assert_eq!(count("handshaking", "ws"), Some(1), "{text}");
+    assert_eq!(count("open", "ws"), Some(2), "{text}");
+    assert_eq!(count("open", "tcp"), Some(1), "{text}");
+    assert_eq!(count("closing", "ws"), Some(1), "{text}");
+    let lines = text
+        .lines()
+        .filter(|l| l.starts_with("imgate_connections{"))
+        .count();
+    assert_eq!(lines, 4, "{text}");
+}
+
+#[test]
+fn a_timeout_too_long_for_milliseconds_never_fires() {
+    let mut h = Harness::new(|c| {
+        c.idle_timeout = Duration::MAX;
+        c.ping_interval = Duration::from_secs(1);
+    });
+    let key = h.upgraded(UPGRADE_ECHO);
+    for _ in 0..10 {
+        h.advance(1_000);
+    }
+    let frames = h.frames(key);
+    assert_eq!(frames.len(), 10, "{frames:?}");
+    assert!(frames.iter().all(|(op, _)| *op == 0x9), "{frames:?}");
+}
+
+#[test]
+fn admin_answers_carry_the_reason_of_their_status() {
+    for (status, reason) in [
+        (200, "OK"),
+        (204, "No Content"),
+        (400, "Bad Request"),
+        (401, "Unauthorized"),
+        (404, "Not Found"),
+        (405, "Method Not Allowed"),
+        (408, "Request Timeout"),
+        (409, "Conflict"),
+        (413, "Content Too Large"),
+        (431, "Request Header Fields Too Large"),
+        (501, "Not Implemented"),
+        (503, "Service Unavailable"),
+        (500, "Internal Server Error"),
+    ] {
+        let bytes = Response::error(status, "why").to_bytes();
+        let text = String::from_utf8(bytes).expect("text");
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {status} {reason}\r\n")),
+            "{text}"
+        );
+        assert_eq!(
+            text.contains("WWW-Authenticate: Bearer\r\n"),
+            status == 401,
+            "{text}"
+        );
+        assert_eq!(text.contains("Content-Length:"), status != 204, "{text}");
+    }
+}
+
+#[test]
+fn an_admin_request_may_be_128_kib_head_and_body_and_no_more() {
+    for (extra, too_large) in [(0, false), (1, true)] {
+        let mut h = Harness::new(|_| {});
+        let key = h.accept(ListenerKind::Admin);
+        // The head's length does not depend on the digits: both lengths have six.
+        let head = |n: usize| {
+            format!("POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: {n}\r\n\r\n")
+        };
+        let n = 128 * 1024 - head(100_000).len() + extra;
+        h.send(key, head(n).as_bytes());
+        let answer = h.take(key);
+        assert_eq!(
+            answer.starts_with(b"HTTP/1.1 413"),
+            too_large,
+            "{n} bytes of body: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+}
