@@ -1105,3 +1105,20 @@ fn an_admin_request_may_be_128_kib_head_and_body_and_no_more() {
         );
     }
 }
+
+#[test]
+fn an_admin_head_unfinished_past_128_kib_gets_431() {
+    let mut h = Harness::new(|_| {});
+    let key = h.accept(ListenerKind::Admin);
+    let mut head = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: ".to_vec();
+    head.resize(128 * 1024, b'a');
+    h.send(key, &head);
+    assert!(h.take(key).is_empty(), "answered at 128 KiB");
+    h.send(key, b"a");
+    let answer = h.take(key);
+    assert!(
+        answer.starts_with(b"HTTP/1.1 431"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}
