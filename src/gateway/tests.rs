@@ -1122,3 +1122,26 @@ fn an_admin_head_unfinished_past_128_kib_gets_431() {
         String::from_utf8_lossy(&answer)
     );
 }
+
+#[test]
+fn only_the_admin_token_itself_is_let_in() {
+    // Wrong tokens of the right length: one byte off, and two bytes off by the same bit.
+    for (token, status) in [
+        ("s3cret", "200"),
+        ("s3crex", "401"),
+        ("r2cret", "401"),
+        ("s3cre", "401"),
+    ] {
+        let mut h = Harness::new(|c| c.im.admin_token = Some("s3cret".into()));
+        let key = h.accept(ListenerKind::Admin);
+        let request =
+            format!("GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+        h.send(key, request.as_bytes());
+        let answer = h.take(key);
+        assert!(
+            answer.starts_with(format!("HTTP/1.1 {status}").as_bytes()),
+            "{token}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+}
