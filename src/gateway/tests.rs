@@ -1145,3 +1145,24 @@ fn only_the_admin_token_itself_is_let_in() {
         );
     }
 }
+
+#[test]
+fn admin_ids_are_1_to_64_bytes() {
+    for (uid, status) in [
+        ("u".repeat(64), "200"),
+        ("u".repeat(65), "400"),
+        (String::new(), "400"),
+    ] {
+        let mut h = Harness::new(|_| {});
+        let key = h.accept(ListenerKind::Admin);
+        let request = format!("GET /v1/users/{uid} HTTP/1.1\r\nHost: x\r\n\r\n");
+        h.send(key, request.as_bytes());
+        let answer = h.take(key);
+        assert!(
+            answer.starts_with(format!("HTTP/1.1 {status}").as_bytes()),
+            "{} bytes: {}",
+            uid.len(),
+            String::from_utf8_lossy(&answer)
+        );
+    }
+}
