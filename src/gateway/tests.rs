@@ -1166,3 +1166,25 @@ fn admin_ids_are_1_to_64_bytes() {
         );
     }
 }
+
+#[test]
+fn a_friendship_needs_two_valid_and_different_uids() {
+    let long = "u".repeat(65);
+    for path in [
+        format!("alice/{long}"),
+        format!("{long}/bob"),
+        "alice/alice".to_owned(),
+    ] {
+        let mut h = Harness::new(|_| {});
+        let key = h.accept(ListenerKind::Admin);
+        let request = format!("PUT /v1/friendships/{path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        h.send(key, request.as_bytes());
+        let answer = h.take(key);
+        assert!(
+            answer.starts_with(b"HTTP/1.1 400"),
+            "{path}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        assert!(h.gw.poll_batch().is_none(), "{path}: a change was made");
+    }
+}
