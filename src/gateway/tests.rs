@@ -1188,3 +1188,38 @@ fn a_friendship_needs_two_valid_and_different_uids() {
         assert!(h.gw.poll_batch().is_none(), "{path}: a change was made");
     }
 }
+
+#[test]
+fn a_users_friends_are_listed_with_whether_they_are_online() {
+    let mut h = Harness::new(|_| {});
+    for friend in ["bob", "carol"] {
+        let admin = h.accept(ListenerKind::Admin);
+        let request = format!("PUT /v1/friendships/alice/{friend} HTTP/1.1\r\nHost: x\r\n\r\n");
+        h.send(admin, request.as_bytes());
+        h.commit();
+        assert!(h.take(admin).starts_with(b"HTTP/1.1 204"));
+    }
+    h.logged_in("bob", "phone");
+    let admin = h.accept(ListenerKind::Admin);
+    h.send(
+        admin,
+        b"GET /v1/users/alice/friends HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    let answer = String::from_utf8(h.take(admin)).expect("text");
+    let body = answer.split("\r\n\r\n").nth(1).expect("a body");
+    let json: serde_json::Value = serde_json::from_str(body).expect("JSON");
+    let online = |uid: &str| {
+        json["friends"]
+            .as_array()
+            .expect("friends")
+            .iter()
+            .find(|f| f["uid"] == uid)
+            .map(|f| f["online"].clone())
+    };
+    assert_eq!(online("bob"), Some(serde_json::Value::Bool(true)), "{body}");
+    assert_eq!(
+        online("carol"),
+        Some(serde_json::Value::Bool(false)),
+        "{body}"
+    );
+}
