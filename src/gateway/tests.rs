@@ -21,20 +21,26 @@ const UPGRADE_IM: &[u8] = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\
     Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
     Sec-WebSocket-Version: 13\r\n\r\n";
 
-/// Where a simulated peer's output goes: kept, or refused (a peer that reads nothing).
+/// Where a simulated peer's output goes: kept, or refused (a peer that reads nothing), or
+/// kept up to a budget of bytes and refused after it (a peer that reads that much).
 #[derive(Default)]
 struct Sink {
     bytes: Vec<u8>,
     stuck: bool,
+    budget: Option<usize>,
 }
 
 impl Write for Sink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.stuck {
+        let n = buf.len().min(self.budget.unwrap_or(usize::MAX));
+        if self.stuck || n == 0 && !buf.is_empty() {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        self.bytes.extend_from_slice(buf);
-        Ok(buf.len())
+        if let Some(b) = &mut self.budget {
+            *b -= n;
+        }
+        self.bytes.extend_from_slice(&buf[..n]);
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -637,4 +643,583 @@ fn a_device_that_does_not_ack_its_deliveries_is_closed_at_the_ack_deadline() {
     let close = frames.iter().find(|(op, _)| *op == 0x8).expect("a Close");
     assert_eq!(close_of(&close.1), (1008, "ack timeout".into()));
     assert_eq!(h.closes(1008, "server"), 1);
+}
+
+/// An admin request's bytes: `method path` with `body`.
+fn admin_request(method: &str, path: &str, body: &str) -> Vec<u8> {
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The payloads of whole raw TCP frames (a 4-byte big-endian length, then the payload).
+fn tcp_frames(mut b: &[u8]) -> Vec<Vec<u8>> {
+    let mut frames = Vec::new();
+    while b.len() >= 4 {
+        let len = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        if b.len() < 4 + len {
+            break;
+        }
+        frames.push(b[4..4 + len].to_vec());
+        b = &b[4 + len..];
+    }
+    frames
+}
+
+#[test]
+fn the_websocket_endpoints_are_echo_when_enabled_and_ws() {
+    let h = Harness::new(|_| {});
+    assert_eq!(h.gw.endpoint_paths(), vec!["/echo", "/ws"]);
+    let h = Harness::new(|c| c.echo = false);
+    assert_eq!(h.gw.endpoint_paths(), vec!["/ws"]);
+}
+
+#[test]
+fn a_raw_tcp_connection_is_an_im_session_from_its_accept() {
+    let mut h = Harness::new(|_| {});
+    let key = h.accept(ListenerKind::RawTcp);
+    let exp = (h.at().unix_ms / 1000) as u64 + 3600;
+    let login = ClientFrame {
+        id: 1,
+        body: Some(C::Login(proto::Login {
+            token: crate::im::auth::issue(b"secret", "carol", exp),
+            device_id: "laptop".into(),
+            last_seq: 0,
+        })),
+    };
+    let mut bytes = Vec::new();
+    crate::im::tcp_framing::LengthPrefixed::encode(&login.encode_to_vec(), &mut bytes);
+    h.send(key, &bytes);
+    h.commit();
+    let frames = tcp_frames(&h.take(key));
+    let ok = frames
+        .iter()
+        .filter_map(|p| proto::ServerFrame::decode(p.as_slice()).ok())
+        .any(|f| matches!(f.body, Some(proto::server_frame::Body::LoginOk(_))));
+    assert!(ok, "no LoginOk over raw TCP in {frames:?}");
+}
+
+#[test]
+fn a_throttled_connection_resumes_once_its_output_is_down_to_half_the_high_water_mark() {
+    let mut h = Harness::new(|c| {
+        c.outbound_high_water = 64 * 1024;
+        c.idle_timeout = Duration::from_secs(60);
+        c.ping_interval = Duration::from_secs(60);
+    });
+    let key = h.upgraded(UPGRADE_ECHO);
+    assert!(h.gw.wants_input(key), "a fresh connection is not read");
+    assert_eq!(h.gw.poll_resume(), None, "nothing to resume yet");
+    h.peers.get_mut(&key).unwrap().stuck = true;
+    // Echoes of 8,196 bytes each: the eighth takes the output to 65,568 bytes, over the mark.
+    let message = client_frame(0x2, &[7; 8 * 1024]);
+    let input: Vec<u8> = (0..16).flat_map(|_| message.clone()).collect();
+    assert_eq!(h.send(key, &input), Input::Full);
+    assert!(!h.gw.wants_input(key));
+    // The peer reads all but 32,769 bytes: one over half the mark, still throttled.
+    let peer = h.peers.get_mut(&key).unwrap();
+    peer.stuck = false;
+    peer.budget = Some(8 * 8196 - 32 * 1024 - 1);
+    h.gw.write_to(key, h.peers.get_mut(&key).unwrap(), &[]);
+    assert!(
+        !h.gw.wants_input(key),
+        "resumed above half the high-water mark"
+    );
+    assert_eq!(h.gw.poll_resume(), None);
+    // One byte more: exactly half is left, and input goes on.
+    h.peers.get_mut(&key).unwrap().budget = Some(1);
+    h.gw.write_to(key, h.peers.get_mut(&key).unwrap(), &[]);
+    assert!(
+        h.gw.wants_input(key),
+        "still throttled at half the high-water mark"
+    );
+    assert_eq!(h.gw.poll_resume(), Some(key));
+    assert_eq!(h.gw.poll_resume(), None);
+}
+
+#[test]
+fn output_of_exactly_the_outbound_limit_is_kept_and_one_byte_more_closes() {
+    for (extra, kills) in [(0, 0), (1, 1)] {
+        let mut h = Harness::new(|c| {
+            c.max_outbound_bytes = 128 * 1024;
+            c.outbound_high_water = 128 * 1024;
+            c.im.core.delivery_window = 4;
+            c.im.core.max_content_bytes = 4 * 1024;
+        });
+        let key = h.upgraded(UPGRADE_ECHO);
+        h.peers.get_mut(&key).unwrap().stuck = true;
+        // Two echoes of 65,536 bytes each (a 4-byte header), the second `extra` bytes longer.
+        let mut input = client_frame(0x2, &[7; 65_532]);
+        input.extend(client_frame(0x2, &vec![7; 65_532 + extra]));
+        h.send(key, &input);
+        assert_eq!(
+            h.gw.metrics.slow_consumer_kills.get(),
+            kills,
+            "{} bytes unsent",
+            128 * 1024 + extra
+        );
+    }
+}
+
+#[test]
+fn a_peers_fin_drops_an_open_connection_at_once() {
+    let mut h = Harness::new(|_| {});
+    let key = h.upgraded(UPGRADE_ECHO);
+    h.peers.get_mut(&key).unwrap().stuck = true;
+    h.send(key, &client_frame(0x1, b"hi"));
+    h.gw.handle_eof(key);
+    h.pump();
+    assert!(
+        h.dropped(key),
+        "kept after the peer's FIN for output nobody reads"
+    );
+}
+
+#[test]
+fn after_the_peers_fin_the_answer_to_its_close_still_goes_out() {
+    let mut h = Harness::new(|_| {});
+    let key = h.upgraded(UPGRADE_ECHO);
+    h.peers.get_mut(&key).unwrap().stuck = true;
+    h.send(key, &client_frame(0x8, &1000u16.to_be_bytes()));
+    h.gw.handle_eof(key);
+    h.pump();
+    assert!(
+        !h.dropped(key),
+        "dropped before the answer to its Close left"
+    );
+    h.peers.get_mut(&key).unwrap().stuck = false;
+    h.gw.write_to(key, h.peers.get_mut(&key).unwrap(), &[]);
+    h.pump();
+    let frames = h.frames(key);
+    assert_eq!(frames.len(), 1);
+    assert_eq!(close_of(&frames[0].1).0, 1000);
+    let shut = h
+        .actions
+        .iter()
+        .position(|a| *a == SocketAction::ShutdownWrite(key));
+    let drop = h.actions.iter().position(|a| *a == SocketAction::Drop(key));
+    assert!(shut.is_some() && shut < drop, "{:?}", h.actions);
+}
+
+#[test]
+fn a_closed_connection_may_send_64_kib_more_and_is_dropped_past_it() {
+    let mut h = Harness::new(|_| {});
+    let key = h.upgraded(UPGRADE_ECHO);
+    let now = h.at();
+    // An open connection's bytes are not counted.
+    assert!(h.gw.handle_received(key, 200 * 1024, now));
+    // Nor are they while the answer to its Close is unsent.
+    h.peers.get_mut(&key).unwrap().stuck = true;
+    h.send(key, &client_frame(0x8, &1000u16.to_be_bytes()));
+    assert!(h.gw.handle_received(key, 200 * 1024, now));
+    h.peers.get_mut(&key).unwrap().stuck = false;
+    h.gw.write_to(key, h.peers.get_mut(&key).unwrap(), &[]);
+    h.pump();
+    assert!(h.actions.contains(&SocketAction::ShutdownWrite(key)));
+    // Shut down: 64 KiB more are thrown away, the byte after them ends it.
+    assert!(h.gw.handle_received(key, 64 * 1024 - 1, now));
+    assert!(h.gw.handle_received(key, 1, now), "dropped at 64 KiB");
+    h.pump();
+    assert!(!h.dropped(key));
+    assert!(!h.gw.handle_received(key, 1, now), "kept past 64 KiB");
+    h.pump();
+    assert!(h.dropped(key));
+}
+
+#[test]
+fn the_next_deadline_is_the_earliest_timer_or_the_shutdown_deadline() {
+    let mut h = Harness::new(|c| {
+        c.handshake_timeout = Duration::from_secs(3);
+        c.shutdown_timeout = Duration::from_secs(2);
+    });
+    assert_eq!(h.gw.poll_timeout(), None, "a deadline without connections");
+    h.accept(ListenerKind::Public);
+    // The wheel may wake the loop early (at a slot's start), never late nor in the past.
+    let at = h.gw.poll_timeout().expect("the handshake deadline");
+    assert!(
+        h.now < at && at <= h.now + 3_000,
+        "woken at {at} for a deadline at {}",
+        h.now + 3_000
+    );
+    let now = h.at();
+    h.gw.handle_shutdown(now);
+    h.pump();
+    // The handshaking connection is dropped: only the shutdown deadline is left.
+    assert_eq!(h.gw.poll_timeout(), Some(h.now + 2_000));
+}
+
+#[test]
+fn a_large_echo_refers_to_the_input_buffer_until_it_is_written() {
+    let mut h = Harness::new(|_| {});
+    let key = h.upgraded(UPGRADE_ECHO);
+    let now = h.at();
+    for (len, refers) in [(10, false), (2 * 1024, true)] {
+        assert!(!h.gw.output_refers_to_input());
+        h.gw.begin_turn(now);
+        assert!(h.gw.claim_turn(key));
+        let mut buf = client_frame(0x2, &vec![7; len]);
+        assert_eq!(h.gw.handle_input(key, &mut buf, now), Input::Taken);
+        assert_eq!(h.gw.output_refers_to_input(), refers, "a {len}-byte echo");
+        h.gw.write_to(key, h.peers.get_mut(&key).unwrap(), &buf);
+        assert!(
+            !h.gw.output_refers_to_input(),
+            "still referring after the write"
+        );
+        h.gw.end_input(key);
+        assert_eq!(h.frames(key), vec![(0x2, vec![7; len])]);
+    }
+}
+
+#[test]
+fn a_socket_error_drops_that_connection_without_a_drop_action_and_keeps_the_others() {
+    let mut h = Harness::new(|_| {});
+    let a = h.accept(ListenerKind::Public);
+    let b = h.accept(ListenerKind::Public);
+    // The peer of `a` leaves before its handshake: its Drop is decided, not yet polled.
+    h.gw.handle_eof(a);
+    h.gw.write_to(a, h.peers.get_mut(&a).unwrap(), &[]);
+    h.gw.handle_closed(b);
+    assert_eq!(h.gw.poll_close(), Some(SocketAction::Drop(a)));
+    assert_eq!(h.gw.poll_close(), None);
+}
+
+#[test]
+fn websocket_control_answers_leave_before_the_im_replies_to_later_frames() {
+    let mut h = Harness::new(|_| {});
+    let bob = h.logged_in("bob", "phone");
+    // A Ping and an empty IM frame in one read, handled in the reactor's order: input, the
+    // end of the input, one write.
+    let empty = ClientFrame { id: 5, body: None };
+    let mut buf = client_frame(0x9, b"p");
+    buf.extend(client_frame(0x2, &empty.encode_to_vec()));
+    let now = h.at();
+    h.gw.begin_turn(now);
+    assert!(h.gw.claim_turn(bob));
+    assert!(h.gw.handle_received(bob, buf.len(), now));
+    assert_eq!(h.gw.handle_input(bob, &mut buf, now), Input::Taken);
+    h.gw.end_input(bob);
+    h.gw.write_to(bob, h.peers.get_mut(&bob).unwrap(), &buf);
+    let frames = h.frames(bob);
+    let ops: Vec<u8> = frames.iter().map(|(op, _)| *op).collect();
+    assert_eq!(ops, vec![0xA, 0x2], "{frames:?}");
+}
+
+#[test]
+fn deliveries_get_the_room_of_the_high_water_mark_less_what_is_unsent() {
+    let mut h = Harness::new(|c| {
+        c.outbound_high_water = 16 * 1024;
+        c.im.core.output_room = 16 * 1024;
+    });
+    let bob = h.logged_in("bob", "phone");
+    h.peers.get_mut(&bob).unwrap().stuck = true;
+    let post = |h: &mut Harness, id: usize, text: &str| {
+        let admin = h.accept(ListenerKind::Admin);
+        let body = format!(
+            r#"{{"from_uid":"alice","to_uid":"bob","client_msg_id":"m{id}","text":"{text}"}}"#
+        );
+        h.send(admin, &admin_request("POST", "/v1/messages", &body));
+    };
+    // A 12 KiB message stays unsent: about 4 KiB of room is left.
+    post(&mut h, 0, &"x".repeat(12 * 1024));
+    h.commit();
+    assert_eq!(h.gw.metrics.messages_out.get(), 1);
+    // Ten of 1,000 bytes (each costing about 1.6 KiB of room): only some fit.
+    for id in 1..=10 {
+        post(&mut h, id, &"y".repeat(1000));
+    }
+    h.commit();
+    let sent = h.gw.metrics.messages_out.get();
+    assert!(
+        (2..=5).contains(&sent),
+        "{sent} deliveries with about 4 KiB of room"
+    );
+    // Once the peer reads, the rest follows.
+    h.peers.get_mut(&bob).unwrap().stuck = false;
+    h.gw.write_to(bob, h.peers.get_mut(&bob).unwrap(), &[]);
+    h.pump();
+    assert_eq!(h.gw.metrics.messages_out.get(), 11);
+}
+
+#[test]
+fn after_the_input_ends_poll_transmit_names_the_connection_with_its_pong() {
+    let mut h = Harness::new(|_| {});
+    let bob = h.logged_in("bob", "phone");
+    // A Ping alone: its Pong is the only output, and the core has nothing to add.
+    let mut buf = client_frame(0x9, b"p");
+    let now = h.at();
+    h.gw.begin_turn(now);
+    assert!(h.gw.claim_turn(bob));
+    assert!(h.gw.handle_received(bob, buf.len(), now));
+    assert_eq!(h.gw.handle_input(bob, &mut buf, now), Input::Taken);
+    h.gw.end_input(bob);
+    assert_eq!(h.gw.poll_transmit(), Some(bob), "the Pong is not listed");
+    h.gw.write_to(bob, h.peers.get_mut(&bob).unwrap(), &buf);
+    assert_eq!(h.frames(bob), vec![(0xA, b"p".to_vec())]);
+}
+
+#[test]
+fn output_staged_for_a_connection_that_failed_is_not_sent_to_the_next_one_under_its_name() {
+    let mut h = Harness::new(|_| {});
+    let key = h.upgraded(UPGRADE_ECHO);
+    let now = h.at();
+    h.gw.begin_turn(now);
+    assert!(h.gw.claim_turn(key));
+    let mut buf = client_frame(0x1, b"lost");
+    assert_eq!(h.gw.handle_input(key, &mut buf, now), Input::Taken);
+    // The socket fails before the echo is written.
+    h.gw.handle_closed(key);
+    h.peers.remove(&key);
+    let next = h.accept(ListenerKind::Public);
+    assert_eq!(next, key, "the slab reuses the name");
+    h.send(next, UPGRADE_ECHO);
+    let out = h.take(next);
+    assert!(
+        out.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+}
+
+#[test]
+fn a_web_demo_request_handed_over_to_the_core_is_not_counted_as_a_stream_at_shutdown() {
+    let mut h = Harness::new(|c| {
+        c.im.dev_routes = true;
+        c.shutdown_timeout = Duration::from_secs(2);
+    });
+    let echo = h.upgraded(UPGRADE_ECHO);
+    h.peers.get_mut(&echo).unwrap().stuck = true;
+    let get = h.accept(ListenerKind::Public);
+    h.send(
+        get,
+        b"GET /dev/friends?uid=alice HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(h.take(get).starts_with(b"HTTP/1.1 200"));
+    assert!(h.dropped(get));
+    let now = h.at();
+    h.gw.handle_shutdown(now);
+    h.pump();
+    // The echo connection never answers the 1001: it is the one straggler.
+    assert_eq!(h.gw.is_finished(h.now), None);
+    assert_eq!(h.gw.is_finished(h.now + 2_000), Some(1));
+}
+
+#[test]
+fn metrics_count_connections_by_state_and_transport() {
+    let mut h = Harness::new(|_| {});
+    h.accept(ListenerKind::Public);
+    h.upgraded(UPGRADE_ECHO);
+    h.upgraded(UPGRADE_ECHO);
+    h.accept(ListenerKind::RawTcp);
+    let closing = h.upgraded(UPGRADE_ECHO);
+    h.peers.get_mut(&closing).unwrap().stuck = true;
+    h.send(closing, &[0x81, 0x01, b'x']);
+    let admin = h.accept(ListenerKind::Admin);
+    h.send(admin, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let text = String::from_utf8(h.take(admin)).expect("text");
+    let count = |state: &str, transport: &str| -> Option<i64> {
+        let labels = [
+            format!("state=\"{state}\""),
+            format!("transport=\"{transport}\""),
+        ];
+        text.lines()
+            .filter(|l| l.starts_with("imgate_connections{"))
+            .find(|l| labels.iter().all(|x| l.contains(x.as_str())))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    assert_eq!(count("handshaking", "ws"), Some(1), "{text}");
+    assert_eq!(count("open", "ws"), Some(2), "{text}");
+    assert_eq!(count("open", "tcp"), Some(1), "{text}");
+    assert_eq!(count("closing", "ws"), Some(1), "{text}");
+    let lines = text
+        .lines()
+        .filter(|l| l.starts_with("imgate_connections{"))
+        .count();
+    assert_eq!(lines, 4, "{text}");
+}
+
+#[test]
+fn a_timeout_too_long_for_milliseconds_never_fires() {
+    let mut h = Harness::new(|c| {
+        c.idle_timeout = Duration::MAX;
+        c.ping_interval = Duration::from_secs(1);
+    });
+    let key = h.upgraded(UPGRADE_ECHO);
+    for _ in 0..10 {
+        h.advance(1_000);
+    }
+    let frames = h.frames(key);
+    assert_eq!(frames.len(), 10, "{frames:?}");
+    assert!(frames.iter().all(|(op, _)| *op == 0x9), "{frames:?}");
+}
+
+#[test]
+fn admin_answers_carry_the_reason_of_their_status() {
+    for (status, reason) in [
+        (200, "OK"),
+        (204, "No Content"),
+        (400, "Bad Request"),
+        (401, "Unauthorized"),
+        (404, "Not Found"),
+        (405, "Method Not Allowed"),
+        (408, "Request Timeout"),
+        (409, "Conflict"),
+        (413, "Content Too Large"),
+        (431, "Request Header Fields Too Large"),
+        (501, "Not Implemented"),
+        (503, "Service Unavailable"),
+        (500, "Internal Server Error"),
+    ] {
+        let bytes = Response::error(status, "why").to_bytes();
+        let text = String::from_utf8(bytes).expect("text");
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {status} {reason}\r\n")),
+            "{text}"
+        );
+        assert_eq!(
+            text.contains("WWW-Authenticate: Bearer\r\n"),
+            status == 401,
+            "{text}"
+        );
+        assert_eq!(text.contains("Content-Length:"), status != 204, "{text}");
+    }
+}
+
+#[test]
+fn an_admin_request_may_be_128_kib_head_and_body_and_no_more() {
+    for (extra, too_large) in [(0, false), (1, true)] {
+        let mut h = Harness::new(|_| {});
+        let key = h.accept(ListenerKind::Admin);
+        // The head's length does not depend on the digits: both lengths have six.
+        let head = |n: usize| {
+            format!("POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: {n}\r\n\r\n")
+        };
+        let n = 128 * 1024 - head(100_000).len() + extra;
+        h.send(key, head(n).as_bytes());
+        let answer = h.take(key);
+        assert_eq!(
+            answer.starts_with(b"HTTP/1.1 413"),
+            too_large,
+            "{n} bytes of body: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+}
+
+#[test]
+fn an_admin_head_unfinished_past_128_kib_gets_431() {
+    let mut h = Harness::new(|_| {});
+    let key = h.accept(ListenerKind::Admin);
+    let mut head = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: ".to_vec();
+    head.resize(128 * 1024, b'a');
+    h.send(key, &head);
+    assert!(h.take(key).is_empty(), "answered at 128 KiB");
+    h.send(key, b"a");
+    let answer = h.take(key);
+    assert!(
+        answer.starts_with(b"HTTP/1.1 431"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}
+
+#[test]
+fn only_the_admin_token_itself_is_let_in() {
+    // Wrong tokens of the right length: one byte off, and two bytes off by the same bit.
+    for (token, status) in [
+        ("s3cret", "200"),
+        ("s3crex", "401"),
+        ("r2cret", "401"),
+        ("s3cre", "401"),
+    ] {
+        let mut h = Harness::new(|c| c.im.admin_token = Some("s3cret".into()));
+        let key = h.accept(ListenerKind::Admin);
+        let request =
+            format!("GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+        h.send(key, request.as_bytes());
+        let answer = h.take(key);
+        assert!(
+            answer.starts_with(format!("HTTP/1.1 {status}").as_bytes()),
+            "{token}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+}
+
+#[test]
+fn admin_ids_are_1_to_64_bytes() {
+    for (uid, status) in [
+        ("u".repeat(64), "200"),
+        ("u".repeat(65), "400"),
+        (String::new(), "400"),
+    ] {
+        let mut h = Harness::new(|_| {});
+        let key = h.accept(ListenerKind::Admin);
+        let request = format!("GET /v1/users/{uid} HTTP/1.1\r\nHost: x\r\n\r\n");
+        h.send(key, request.as_bytes());
+        let answer = h.take(key);
+        assert!(
+            answer.starts_with(format!("HTTP/1.1 {status}").as_bytes()),
+            "{} bytes: {}",
+            uid.len(),
+            String::from_utf8_lossy(&answer)
+        );
+    }
+}
+
+#[test]
+fn a_friendship_needs_two_valid_and_different_uids() {
+    let long = "u".repeat(65);
+    for path in [
+        format!("alice/{long}"),
+        format!("{long}/bob"),
+        "alice/alice".to_owned(),
+    ] {
+        let mut h = Harness::new(|_| {});
+        let key = h.accept(ListenerKind::Admin);
+        let request = format!("PUT /v1/friendships/{path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        h.send(key, request.as_bytes());
+        let answer = h.take(key);
+        assert!(
+            answer.starts_with(b"HTTP/1.1 400"),
+            "{path}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        assert!(h.gw.poll_batch().is_none(), "{path}: a change was made");
+    }
+}
+
+#[test]
+fn a_users_friends_are_listed_with_whether_they_are_online() {
+    let mut h = Harness::new(|_| {});
+    for friend in ["bob", "carol"] {
+        let admin = h.accept(ListenerKind::Admin);
+        let request = format!("PUT /v1/friendships/alice/{friend} HTTP/1.1\r\nHost: x\r\n\r\n");
+        h.send(admin, request.as_bytes());
+        h.commit();
+        assert!(h.take(admin).starts_with(b"HTTP/1.1 204"));
+    }
+    h.logged_in("bob", "phone");
+    let admin = h.accept(ListenerKind::Admin);
+    h.send(
+        admin,
+        b"GET /v1/users/alice/friends HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    let answer = String::from_utf8(h.take(admin)).expect("text");
+    let body = answer.split("\r\n\r\n").nth(1).expect("a body");
+    let json: serde_json::Value = serde_json::from_str(body).expect("JSON");
+    let online = |uid: &str| {
+        json["friends"]
+            .as_array()
+            .expect("friends")
+            .iter()
+            .find(|f| f["uid"] == uid)
+            .map(|f| f["online"].clone())
+    };
+    assert_eq!(online("bob"), Some(serde_json::Value::Bool(true)), "{body}");
+    assert_eq!(
+        online("carol"),
+        Some(serde_json::Value::Bool(false)),
+        "{body}"
+    );
 }
