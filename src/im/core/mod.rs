@@ -241,6 +241,8 @@ pub struct Core {
     /// Reused for encoding message bodies.
     scratch: Vec<u8>,
     group_cache: groups::GroupCache,
+    /// Reused for the inboxes a send goes to, so that a 1:1 send allocates nothing for them.
+    owners: Vec<Arc<str>>,
 }
 
 fn frame(id: u64, body: server_frame::Body) -> ServerFrame {
@@ -279,6 +281,7 @@ impl Core {
             next_batch: 1,
             scratch: Vec::new(),
             group_cache: groups::GroupCache::default(),
+            owners: Vec::new(),
         }
     }
 

@@ -210,7 +210,12 @@ impl Core {
             }
             return Ok(());
         }
-        let owners = self.recipients(&from, to, store)?;
+        let mut owners = std::mem::take(&mut self.owners);
+        if let Err(e) = self.recipients(&from, to, store, &mut owners) {
+            owners.clear();
+            self.owners = owners;
+            return Err(e);
+        }
         let (to_uid, group_id) = match to {
             Target::User(uid) => (uid, ""),
             Target::Group(gid) => ("", gid),
@@ -228,7 +233,7 @@ impl Core {
             &mut self.scratch,
         );
         let mut sender_seq = 0;
-        for owner in owners {
+        for owner in owners.drain(..) {
             let user = self.users.get_mut(&owner).expect("loaded");
             user.assigned_seq += 1;
             user.uncommitted += 1;
@@ -248,6 +253,7 @@ impl Core {
         if let Some(f) = self.users.get_mut(&from).and_then(|u| u.sends.as_mut()) {
             f.insert(hash);
         }
+        self.owners = owners;
         self.batch.sends.push((from, client_msg_id, sender_seq));
         if let Requester::Conn { conn, .. } = req {
             if let Some(dev) = self.sessions.get_mut(&conn).and_then(|s| s.device.as_mut()) {
@@ -259,32 +265,43 @@ impl Core {
         Ok(())
     }
 
-    /// Whose inboxes a send goes to, each once and loaded: the sender first, then the
+    /// Fills `owners` with whose inboxes a send goes to, each once and loaded: the sender first, then the
     /// recipient or every other member of the group (as the store has them now).
     fn recipients(
         &mut self,
         from: &Arc<str>,
         to: Target<'_>,
         store: &dyn StoreRead,
-    ) -> Result<Vec<Arc<str>>, ReadError> {
-        let others: Arc<[Arc<str>]> = match to {
-            Target::User(uid) => Arc::new([Arc::from(uid)]),
-            Target::Group(gid) => self.members(gid, store)?,
-        };
-        let mut owners = Vec::with_capacity(others.len() + 1);
+        owners: &mut Vec<Arc<str>>,
+    ) -> Result<(), ReadError> {
         owners.push(from.clone());
+        let group;
+        let others: &[Arc<str>] = match to {
+            Target::User(uid) if uid == &**from => &[],
+            Target::User(uid) => {
+                let owner = self
+                    .user(uid, store)
+                    .ok_or_else(|| ReadError(format!("the inbox of {uid} could not be read")))?;
+                owners.push(owner);
+                return Ok(());
+            }
+            Target::Group(gid) => {
+                group = self.members(gid, store)?;
+                &group
+            }
+        };
         for uid in others.iter().filter(|u| **u != *from) {
             let Some(owner) = self.user(uid, store) else {
                 // Appends already queued for nobody: the users loaded for this send that no
                 // device needs are dropped again.
-                for u in &owners {
+                for u in owners.iter() {
                     self.maybe_evict(u);
                 }
                 return Err(ReadError(format!("the inbox of {uid} could not be read")));
             };
             owners.push(owner);
         }
-        Ok(owners)
+        Ok(())
     }
 
     /// The sender-inbox seq of an earlier send of `uid` with this client_msg_id (`hash` is its
