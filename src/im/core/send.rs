@@ -265,8 +265,8 @@ impl Core {
         Ok(())
     }
 
-    /// Fills `owners` with whose inboxes a send goes to, each once and loaded: the sender first, then the
-    /// recipient or every other member of the group (as the store has them now).
+    /// Fills `owners` with whose inboxes a send goes to, each once and loaded: the sender
+    /// first, then the recipient or every other member of the group (as the store has them).
     fn recipients(
         &mut self,
         from: &Arc<str>,
