@@ -146,7 +146,12 @@ pub(crate) mod tests {
             v.verify(&token(b"secret", "", Some(2000)), 1000),
             Err(AuthError::BadSubject)
         );
-        let long = "x".repeat(65);
+        let longest = "x".repeat(MAX_ID_BYTES);
+        assert_eq!(
+            v.verify(&token(b"secret", &longest, Some(2000)), 1000),
+            Ok(longest.clone())
+        );
+        let long = "x".repeat(MAX_ID_BYTES + 1);
         assert_eq!(
             v.verify(&token(b"secret", &long, Some(2000)), 1000),
             Err(AuthError::BadSubject)

@@ -157,4 +157,40 @@ mod tests {
         let mut d = LengthPrefixed::new(10);
         assert_eq!(frames(&mut d, &[0, 0, 0, 11], 1), Err(TooLarge(11)));
     }
+
+    #[test]
+    fn a_frame_of_exactly_the_limit_is_taken_whole_or_split() {
+        let mut stream = Vec::new();
+        LengthPrefixed::encode(&[1; 10], &mut stream);
+        for chunk in [1, 4, stream.len()] {
+            let mut d = LengthPrefixed::new(10);
+            assert_eq!(frames(&mut d, &stream, chunk), Ok(vec![vec![1; 10]]));
+        }
+    }
+
+    #[test]
+    fn a_frame_whole_in_the_input_is_returned_in_place() {
+        let input = [0, 0, 0, 3, b'o', b'n', b'e'];
+        let mut d = LengthPrefixed::new(10);
+        let (used, frame) = d.decode(&input).unwrap();
+        assert_eq!(used, input.len());
+        assert_eq!(frame.map(<[u8]>::as_ptr), Some(input[4..].as_ptr()));
+        assert_eq!(d.body.capacity(), 0, "no copy was made");
+    }
+
+    #[test]
+    fn the_buffer_of_a_finished_frame_is_freed_even_after_a_frame_read_in_place() {
+        let mut stream = Vec::new();
+        LengthPrefixed::encode(&[1; 10], &mut stream);
+        LengthPrefixed::encode(&[2; 2], &mut stream);
+        let mut d = LengthPrefixed::new(100);
+        // The first frame is split, so its body is buffered; the second chunk ends it and
+        // then holds the whole second frame, which is returned in place.
+        assert_eq!(frames(&mut d, &stream[..6], 6), Ok(Vec::new()));
+        assert_eq!(
+            frames(&mut d, &stream[6..], stream.len()),
+            Ok(vec![vec![1; 10], vec![2; 2]])
+        );
+        assert_eq!(d.body.capacity(), 0, "nothing held between frames");
+    }
 }
