@@ -206,6 +206,53 @@ mod tests {
         }
     }
 
+    /// A socket that takes at most `per_call` bytes per call without ever blocking, fails the
+    /// next calls with `errors`, and records each call: vectored or not, and its slices' lengths.
+    struct Recording {
+        written: Vec<u8>,
+        per_call: usize,
+        errors: VecDeque<io::ErrorKind>,
+        calls: Vec<(bool, Vec<usize>)>,
+    }
+
+    impl Recording {
+        fn new(per_call: usize, errors: &[io::ErrorKind]) -> Self {
+            Recording {
+                written: Vec::new(),
+                per_call,
+                errors: errors.iter().copied().collect(),
+                calls: Vec::new(),
+            }
+        }
+
+        fn take(&mut self, vectored: bool, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            self.calls
+                .push((vectored, bufs.iter().map(|b| b.len()).collect()));
+            assert!(self.calls.len() < 10_000, "the outbox never stops writing");
+            if let Some(kind) = self.errors.pop_front() {
+                return Err(kind.into());
+            }
+            let before = self.written.len();
+            for b in bufs {
+                let take = b.len().min(self.per_call - (self.written.len() - before));
+                self.written.extend_from_slice(&b[..take]);
+            }
+            Ok(self.written.len() - before)
+        }
+    }
+
+    impl Write for Recording {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.take(false, &[IoSlice::new(buf)])
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            self.take(true, bufs)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn fast_path_is_one_write_and_no_memory() {
         let mut pool = BufferPool::new(16, 4);
@@ -265,5 +312,102 @@ mod tests {
         ob.push(&[7u8; 1000], &mut pool);
         assert_eq!(ob.chunks.len(), 1);
         assert_eq!(ob.len(), 1000);
+    }
+
+    #[test]
+    fn one_fresh_slice_with_nothing_queued_is_one_plain_write() {
+        let mut pool = BufferPool::new(16, 4);
+        let mut ob = Outbox::default();
+        let mut s = Recording::new(usize::MAX, &[]);
+        assert_eq!(ob.flush(&mut s, &[b"hello"], &mut pool).unwrap(), 5);
+        assert_eq!(s.calls, vec![(false, vec![5])]);
+        assert_eq!(s.written, b"hello");
+    }
+
+    #[test]
+    fn fresh_slices_with_nothing_queued_are_one_vectored_write_without_the_empty_ones() {
+        let mut pool = BufferPool::new(16, 4);
+        let mut ob = Outbox::default();
+        let mut s = Recording::new(usize::MAX, &[]);
+        let fresh: [&[u8]; 4] = [b"abc", b"", b"defg", b"h"];
+        assert_eq!(ob.flush(&mut s, &fresh, &mut pool).unwrap(), 8);
+        assert_eq!(s.calls, vec![(true, vec![3, 4, 1])]);
+        assert_eq!(s.written, b"abcdefgh");
+    }
+
+    #[test]
+    fn queued_bytes_leave_before_a_single_fresh_slice() {
+        let mut pool = BufferPool::new(16, 4);
+        let mut ob = Outbox::default();
+        let mut s = sock(2);
+        assert_eq!(ob.flush(&mut s, &[b"abcdef"], &mut pool).unwrap(), 2);
+        assert_eq!(ob.len(), 4);
+        s.budget = usize::MAX;
+        assert_eq!(ob.flush(&mut s, &[b"ghi"], &mut pool).unwrap(), 7);
+        assert_eq!(s.written, b"abcdefghi");
+        assert!(ob.is_empty());
+    }
+
+    #[test]
+    fn short_writes_go_on_from_the_first_unwritten_byte() {
+        let data: Vec<u8> = (0..40u8).collect();
+        let fresh: Vec<&[u8]> = vec![&data[..10], &data[10..17], &data[17..18], &data[18..]];
+        for per_call in [1, 3, 4, 11] {
+            let mut pool = BufferPool::new(16, 4);
+            let mut ob = Outbox::default();
+            let mut s = Recording::new(per_call, &[]);
+            assert_eq!(ob.flush(&mut s, &fresh, &mut pool).unwrap(), 40);
+            assert_eq!(s.written, data, "{per_call} bytes a call");
+            assert!(ob.is_empty());
+        }
+    }
+
+    #[test]
+    fn an_interrupted_write_is_tried_again() {
+        let mut pool = BufferPool::new(16, 4);
+        let mut ob = Outbox::default();
+        let mut s = Recording::new(usize::MAX, &[io::ErrorKind::Interrupted]);
+        assert_eq!(ob.flush(&mut s, &[b"abc"], &mut pool).unwrap(), 3);
+        assert_eq!(s.written, b"abc");
+        assert_eq!(s.calls.len(), 2);
+        assert!(ob.is_empty());
+    }
+
+    #[test]
+    fn a_write_error_other_than_would_block_or_interrupted_is_returned() {
+        let mut pool = BufferPool::new(16, 4);
+        let mut ob = Outbox::default();
+        let mut s = Recording::new(usize::MAX, &[io::ErrorKind::BrokenPipe]);
+        let err = ob.flush(&mut s, &[b"abc"], &mut pool).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+        assert_eq!(s.calls.len(), 1, "not tried again");
+    }
+
+    #[test]
+    fn leftovers_fill_pool_buffers_one_after_another() {
+        let mut pool = BufferPool::new(16, 8);
+        let mut ob = Outbox::default();
+        let data: Vec<u8> = (0..40u8).collect();
+        ob.push(&data[..10], &mut pool);
+        ob.push(&data[10..], &mut pool);
+        let sizes: Vec<(usize, usize)> =
+            ob.chunks.iter().map(|c| (c.len(), c.capacity())).collect();
+        assert_eq!(sizes, vec![(16, 16), (16, 16), (8, 16)]);
+        let mut s = sock(usize::MAX);
+        assert_eq!(ob.flush(&mut s, &[], &mut pool).unwrap(), 40);
+        assert_eq!(s.written, data);
+        assert_eq!(pool.idle(), 3, "every chunk went back to the pool");
+    }
+
+    #[test]
+    fn a_leftover_of_exactly_four_pool_buffers_is_kept_in_pool_buffers() {
+        let mut pool = BufferPool::new(16, 8);
+        let mut ob = Outbox::default();
+        ob.push(&[7u8; 64], &mut pool);
+        assert_eq!(ob.chunks.len(), 4);
+        assert!(ob.chunks.iter().all(|c| c.capacity() == 16));
+        let mut s = sock(usize::MAX);
+        assert_eq!(ob.flush(&mut s, &[], &mut pool).unwrap(), 64);
+        assert_eq!(pool.idle(), 4, "every chunk went back to the pool");
     }
 }

@@ -15,8 +15,8 @@ const LEVELS: usize = 6;
 const SLOT_BITS: u32 = 6;
 const SLOTS: usize = 1 << SLOT_BITS;
 const SLOT_MASK: u64 = SLOTS as u64 - 1;
-/// The furthest deadline the wheel can hold, relative to now; later ones are clamped.
-const MAX_SPAN: u64 = (1 << (SLOT_BITS * LEVELS as u32)) - 1;
+/// The furthest deadline from now (later ones are clamped): 63 top slots, never the current one.
+const MAX_SPAN: u64 = (1 << (SLOT_BITS * LEVELS as u32)) - (1 << (SLOT_BITS * (LEVELS as u32 - 1)));
 const NIL: u32 = u32::MAX;
 
 /// Handle to a scheduled timer. Stale handles (fired or cancelled) are detected and ignored.
@@ -327,5 +327,96 @@ mod tests {
         w.insert(10, 7);
         assert_eq!(w.next_wakeup(), Some(1_000));
         assert_eq!(expire_at(&mut w, 1_000), vec![7]);
+    }
+
+    #[test]
+    fn a_scheduled_timer_tells_its_deadline_and_a_stale_id_tells_none() {
+        let mut w = TimerWheel::new();
+        let a = w.insert(500, 1);
+        let b = w.insert(40, 2);
+        assert_eq!(w.deadline(a), Some(500));
+        assert_eq!(w.deadline(b), Some(40));
+        assert_eq!(w.cancel(a), Some(1));
+        assert_eq!(w.deadline(a), None);
+        let c = w.insert(700, 3);
+        assert_eq!(c.key, a.key, "the slab slot is reused");
+        assert_eq!(w.deadline(a), None);
+        assert_eq!(w.deadline(c), Some(700));
+        assert_eq!(expire_at(&mut w, 40), vec![2]);
+        assert_eq!(w.deadline(b), None);
+    }
+
+    #[test]
+    fn a_stale_id_does_not_cancel_the_timer_that_reused_its_slot() {
+        let mut w = TimerWheel::new();
+        let a = w.insert(50, 1);
+        assert_eq!(w.cancel(a), Some(1));
+        let b = w.insert(50, 2);
+        assert_eq!(b.key, a.key, "the slab slot is reused");
+        assert_eq!(w.cancel(a), None);
+        assert_eq!(expire_at(&mut w, 50), vec![2]);
+    }
+
+    #[test]
+    fn cancelling_the_last_timer_leaves_nothing_to_wake_up_for() {
+        let mut w = TimerWheel::new();
+        let a = w.insert(50, 1);
+        assert_eq!(w.cancel(a), Some(1));
+        assert_eq!(w.next_wakeup(), None);
+    }
+
+    #[test]
+    fn cancelling_a_timer_keeps_the_others_of_its_slot_and_of_other_slots() {
+        let mut w = TimerWheel::new();
+        w.insert(50, 1);
+        let head = w.insert(50, 2);
+        let alone = w.insert(60, 3);
+        w.insert(70, 4);
+        assert_eq!(w.cancel(head), Some(2));
+        assert_eq!(w.cancel(alone), Some(3));
+        assert_eq!(expire_at(&mut w, 100), vec![1, 4]);
+        assert_eq!(w.next_wakeup(), None);
+    }
+
+    /// At the top level one slot stands for a whole round of the wheel, so a deadline there
+    /// can be a lower slot than now's, to be reached after the wheel wraps.
+    #[test]
+    fn top_level_timers_fire_in_deadline_order_across_the_wheels_wrap() {
+        const TOP_SLOT: u64 = 1 << 30;
+        let mut w = TimerWheel::new();
+        let now = 10 * TOP_SLOT + 5;
+        w.expire(now, &mut Vec::new());
+        let near = now + 32 * TOP_SLOT;
+        let wrapped = now + 62 * TOP_SLOT;
+        w.insert(wrapped, 2);
+        w.insert(near, 1);
+        let at = w.next_wakeup().unwrap();
+        assert!(at > now && at <= near, "wake-up {at}, deadline {near}");
+        assert_eq!(expire_at(&mut w, near - 1), Vec::<u32>::new());
+        assert_eq!(expire_at(&mut w, near), vec![1]);
+        let at = w.next_wakeup().unwrap();
+        assert!(
+            at > near && at <= wrapped,
+            "wake-up {at}, deadline {wrapped}"
+        );
+        assert_eq!(expire_at(&mut w, wrapped - 1), Vec::<u32>::new());
+        assert_eq!(expire_at(&mut w, wrapped), vec![2]);
+        assert_eq!(w.len(), 0);
+    }
+
+    /// A clamped deadline once landed in the current top-level slot, one round ahead, where
+    /// `expire` took it for due and re-filed it into the same slot forever.
+    #[test]
+    fn deadlines_past_the_wheels_reach_are_clamped_and_fire_there() {
+        const TOP_SLOT: u64 = 1 << 30;
+        let mut w = TimerWheel::new();
+        w.expire(1_000, &mut Vec::new());
+        let far = w.insert(u64::MAX, 1);
+        let reach = 1_000 + 63 * TOP_SLOT;
+        assert_eq!(w.deadline(far), Some(reach));
+        let at = w.next_wakeup().unwrap();
+        assert!(at > 1_000 && at <= reach, "wake-up {at}, deadline {reach}");
+        assert_eq!(expire_at(&mut w, reach - 1), Vec::<u32>::new());
+        assert_eq!(expire_at(&mut w, reach), vec![1]);
     }
 }

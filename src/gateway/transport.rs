@@ -184,3 +184,46 @@ impl Transport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::Event;
+
+    /// Feeds one read to the WebSocket; returns the lengths of the messages it completed.
+    fn read(t: &mut Transport, bytes: &[u8], pool: &mut BufferPool) -> Vec<usize> {
+        let Transport::Ws { ws, .. } = t else {
+            panic!("not a WebSocket");
+        };
+        let mut input = bytes.to_vec();
+        let (mut at, mut messages) = (0, Vec::new());
+        while at < input.len() {
+            let p = ws
+                .handle(&mut input[at..], 0, &mut Vec::new(), pool)
+                .unwrap();
+            if let Some(Event::Message(_, data)) = p.event {
+                messages.push(data.len());
+            }
+            at += p.consumed;
+        }
+        messages
+    }
+
+    #[test]
+    fn a_websockets_message_buffer_goes_back_to_the_pool_once_its_message_is_handled() {
+        let mut pool = BufferPool::new(1024, 4);
+        let mut t = Transport::Ws {
+            ws: ws::Connection::new_open(1 << 20),
+            service: Some(Service::Echo),
+        };
+        // One masked binary frame of 100 bytes (a zero key), split across two reads.
+        let mut frame = vec![0x82, 0x80 | 100, 0, 0, 0, 0];
+        frame.extend_from_slice(&[9; 100]);
+        assert_eq!(read(&mut t, &frame[..50], &mut pool), Vec::<usize>::new());
+        t.release_buffers(&mut pool);
+        assert_eq!(pool.idle(), 0, "the half message keeps its buffer");
+        assert_eq!(read(&mut t, &frame[50..], &mut pool), vec![100]);
+        t.release_buffers(&mut pool);
+        assert_eq!(pool.idle(), 1);
+    }
+}
