@@ -637,6 +637,22 @@ mod tests {
     }
 
     #[test]
+    fn a_signal_to_all_names_no_user_and_no_group() {
+        let post = |body: &str| {
+            format!(
+                "POST /v1/signals HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        for bad in [
+            r#"{"all":true,"to_uid":"a","to_group":"g","kind":"k","text":"t"}"#,
+            r#"{"all":true,"to_group":"g","kind":"k","text":"t"}"#,
+        ] {
+            assert_eq!(status(&post(bad), None), 400, "{bad}");
+        }
+    }
+
+    #[test]
     fn content_length_values_must_agree() {
         let body = r#"{"from_uid":"a","to_uid":"b","client_msg_id":"x","text":"t"}"#;
         let n = body.len();

@@ -1223,3 +1223,382 @@ fn a_users_friends_are_listed_with_whether_they_are_online() {
         "{body}"
     );
 }
+
+const UPGRADE_JSON: &[u8] = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+    Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+    Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: imgate.v1.json\r\n\r\n";
+
+/// A client `SendMessage` to `to_uid`, as a masked binary frame.
+fn send_frame(id: u64, to_uid: &str, client_msg_id: &str, content: &[u8]) -> Vec<u8> {
+    let send = ClientFrame {
+        id,
+        body: Some(C::Send(proto::SendMessage {
+            to_uid: to_uid.into(),
+            client_msg_id: client_msg_id.into(),
+            content: content.to_vec(),
+            group_id: String::new(),
+        })),
+    };
+    client_frame(0x2, &send.encode_to_vec())
+}
+
+/// The protobuf server frames among `frames` (binary messages).
+fn server_frames(frames: &[(u8, Vec<u8>)]) -> Vec<proto::ServerFrame> {
+    frames
+        .iter()
+        .filter(|(op, _)| *op == 0x2)
+        .filter_map(|(_, p)| proto::ServerFrame::decode(p.as_slice()).ok())
+        .collect()
+}
+
+#[test]
+fn a_connection_gets_one_share_of_input_per_turn() {
+    let mut h = Harness::new(|_| {});
+    let key = h.upgraded(UPGRADE_ECHO);
+    h.gw.begin_turn(h.at());
+    assert!(h.gw.claim_turn(key));
+    assert!(
+        !h.gw.claim_turn(key),
+        "a second share of the same turn (woken and scheduled)"
+    );
+    h.gw.begin_turn(h.at());
+    assert!(h.gw.claim_turn(key), "no share in the next turn");
+}
+
+#[test]
+fn an_echo_staged_for_one_connection_goes_to_it_when_another_connections_input_comes_first() {
+    let mut h = Harness::new(|_| {});
+    let a = h.upgraded(UPGRADE_ECHO);
+    let b = h.upgraded(UPGRADE_ECHO);
+    let now = h.at();
+    h.gw.begin_turn(now);
+    // Small echoes are copied, so nothing refers to the input and `a` need not be written
+    // before `b`'s input.
+    for (key, text) in [(a, b"to a"), (b, b"to b")] {
+        assert!(h.gw.claim_turn(key));
+        let mut buf = client_frame(0x1, text);
+        assert_eq!(h.gw.handle_input(key, &mut buf, now), Input::Taken);
+    }
+    h.gw.write_to(b, h.peers.get_mut(&b).unwrap(), &[]);
+    h.gw.end_input(b);
+    h.pump();
+    assert_eq!(h.frames(b), vec![(0x1, b"to b".to_vec())]);
+    assert_eq!(h.frames(a), vec![(0x1, b"to a".to_vec())]);
+}
+
+#[test]
+fn input_stopped_at_the_high_water_mark_goes_on_only_once_its_output_is_written() {
+    let mut h = Harness::new(|c| c.outbound_high_water = 1024);
+    let bob = h.logged_in("bob", "phone");
+    // Pongs of 102 bytes, staged by the WebSocket layer: the eleventh reaches the mark.
+    let pings: Vec<u8> = (0..20).flat_map(|_| client_frame(0x9, &[7; 100])).collect();
+    assert_eq!(h.send(bob, &pings), Input::Full);
+    assert!(h.gw.go_on(bob), "the peer took everything, yet input waits");
+    let mut buf = vec![0; 64 * 1024];
+    let n = h.gw.take_held(bob, &mut buf).expect("held input");
+    let now = h.at();
+    assert_eq!(h.gw.handle_input(bob, &mut buf[..n], now), Input::Taken);
+    h.gw.write_to(bob, h.peers.get_mut(&bob).unwrap(), &buf);
+    h.gw.end_input(bob);
+    let frames = h.frames(bob);
+    assert_eq!(frames.len(), 20, "{frames:?}");
+    assert!(
+        frames.iter().all(|f| *f == (0xA, vec![7; 100])),
+        "{frames:?}"
+    );
+    // A peer that reads nothing: throttled, and its input waits until the output drains.
+    h.peers.get_mut(&bob).unwrap().stuck = true;
+    assert_eq!(h.send(bob, &pings), Input::Full);
+    assert!(!h.gw.go_on(bob), "input goes on over the high-water mark");
+}
+
+#[test]
+fn a_read_of_exactly_a_turns_share_of_frames_is_all_taken() {
+    let mut h = Harness::new(|_| {});
+    let key = h.upgraded(UPGRADE_ECHO);
+    let input: Vec<u8> = (0..FRAMES_PER_TURN)
+        .flat_map(|_| client_frame(0x1, b"x"))
+        .collect();
+    assert_eq!(h.send(key, &input), Input::Taken);
+    assert_eq!(h.gw.poll_resume(), None, "resumed with nothing held");
+    assert_eq!(h.frames(key).len(), FRAMES_PER_TURN);
+}
+
+#[test]
+fn every_raw_tcp_frame_of_one_read_is_handled() {
+    let mut h = Harness::new(|_| {});
+    let key = h.accept(ListenerKind::RawTcp);
+    let exp = (h.at().unix_ms / 1000) as u64 + 3600;
+    let login = ClientFrame {
+        id: 1,
+        body: Some(C::Login(proto::Login {
+            token: crate::im::auth::issue(b"secret", "carol", exp),
+            device_id: "laptop".into(),
+            last_seq: 0,
+        })),
+    };
+    let ping = ClientFrame {
+        id: 2,
+        body: Some(C::Ping(proto::Ping { client_time_ms: 7 })),
+    };
+    let mut bytes = Vec::new();
+    for f in [&login, &ping] {
+        crate::im::tcp_framing::LengthPrefixed::encode(&f.encode_to_vec(), &mut bytes);
+    }
+    assert_eq!(h.send(key, &bytes), Input::Taken);
+    h.commit();
+    let answers: Vec<proto::ServerFrame> = tcp_frames(&h.take(key))
+        .iter()
+        .filter_map(|p| proto::ServerFrame::decode(p.as_slice()).ok())
+        .collect();
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert!(
+        matches!(
+            answers[0],
+            proto::ServerFrame {
+                id: 1,
+                body: Some(proto::server_frame::Body::LoginOk(_))
+            }
+        ),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(
+            answers[1],
+            proto::ServerFrame {
+                id: 2,
+                body: Some(proto::server_frame::Body::Pong(_))
+            }
+        ),
+        "{answers:?}"
+    );
+}
+
+#[test]
+fn an_upgrade_past_max_connections_or_during_shutdown_gets_503() {
+    let mut h = Harness::new(|c| c.max_connections = 1);
+    h.upgraded(UPGRADE_ECHO);
+    let key = h.accept(ListenerKind::Public);
+    h.send(key, UPGRADE_ECHO);
+    let answer = h.take(key);
+    assert!(
+        answer.starts_with(b"HTTP/1.1 503"),
+        "past max_connections: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    let mut h = Harness::new(|_| {});
+    let now = h.at();
+    h.gw.handle_shutdown(now);
+    let key = h.accept(ListenerKind::Public);
+    h.send(key, UPGRADE_ECHO);
+    let answer = h.take(key);
+    assert!(
+        answer.starts_with(b"HTTP/1.1 503"),
+        "shutting down: {}",
+        String::from_utf8_lossy(&answer)
+    );
+}
+
+#[test]
+fn a_json_connection_is_answered_in_json_text_frames() {
+    let mut h = Harness::new(|_| {});
+    let key = h.upgraded(UPGRADE_JSON);
+    let exp = (h.at().unix_ms / 1000) as u64 + 3600;
+    let login = ClientFrame {
+        id: 1,
+        body: Some(C::Login(proto::Login {
+            token: crate::im::auth::issue(b"secret", "bob", exp),
+            device_id: "phone".into(),
+            last_seq: 0,
+        })),
+    };
+    h.send(
+        key,
+        &client_frame(0x1, &serde_json::to_vec(&login).expect("JSON")),
+    );
+    h.commit();
+    let frames = h.frames(key);
+    assert!(!frames.is_empty(), "no answer");
+    assert!(frames.iter().all(|(op, _)| *op == 0x1), "{frames:?}");
+    let answer: proto::ServerFrame =
+        serde_json::from_slice(&frames[0].1).expect("a JSON server frame");
+    assert!(
+        matches!(
+            answer.body,
+            Some(proto::server_frame::Body::LoginOk(ref ok)) if ok.uid == "bob"
+        ),
+        "{answer:?}"
+    );
+}
+
+#[test]
+fn logins_and_accepted_messages_are_counted_and_duplicates_are_not() {
+    let mut h = Harness::new(|_| {});
+    let bob = h.logged_in("bob", "phone");
+    assert_eq!(h.gw.metrics.logins.get(), 1);
+    // The same client_msg_id twice: the second is a duplicate.
+    for duplicate in [false, true] {
+        h.send(bob, &send_frame(2, "alice", "m1", b"hi"));
+        h.commit();
+        let oks: Vec<bool> = server_frames(&h.frames(bob))
+            .into_iter()
+            .filter_map(|f| match f.body {
+                Some(proto::server_frame::Body::SendOk(ok)) => Some(ok.duplicate),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(oks, vec![duplicate]);
+        assert_eq!(h.gw.metrics.messages_in.get(), 1, "duplicate: {duplicate}");
+    }
+}
+
+#[test]
+fn delivery_latency_is_observed_in_seconds() {
+    let mut h = Harness::new(|_| {});
+    let bob = h.logged_in("bob", "phone");
+    let admin = h.accept(ListenerKind::Admin);
+    let body = r#"{"from_uid":"alice","to_uid":"bob","client_msg_id":"m1","text":"hi"}"#;
+    h.send(admin, &admin_request("POST", "/v1/messages", body));
+    // Its commit takes 1.5 s: bob gets it 1.5 s after it was accepted.
+    h.now += 1_500;
+    h.commit();
+    assert_eq!(h.frames(bob).len(), 1);
+    let text = h.gw.metrics.render(&[]);
+    let sum = text
+        .lines()
+        .find_map(|l| l.strip_prefix("imgate_delivery_latency_seconds_sum "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(sum, Some(1.5), "{text}");
+}
+
+#[test]
+fn im_frames_are_queued_while_the_output_is_within_the_outbound_limit() {
+    let mut h = Harness::new(|c| {
+        c.max_message_bytes = 1024;
+        c.max_outbound_bytes = 1270;
+        c.outbound_high_water = 1270;
+        c.im.core.delivery_window = 1;
+        c.im.core.max_content_bytes = 3;
+    });
+    let bob = h.logged_in("bob", "phone");
+    h.peers.get_mut(&bob).unwrap().stuck = true;
+    // Two sends, answered at their commit, then ten Pongs of 127 bytes: exactly the limit.
+    let mut input = send_frame(2, "alice", "m1", b"hi");
+    input.extend(send_frame(3, "alice", "m2", b"hi"));
+    for _ in 0..10 {
+        input.extend(client_frame(0x9, &[7; 125]));
+    }
+    assert_eq!(h.send(bob, &input), Input::Taken);
+    assert_eq!(h.gw.conns[bob].outbox.len(), 1270);
+    assert_eq!(h.gw.metrics.slow_consumer_kills.get(), 0);
+    // The first SendOk finds the output at the limit, the second past it.
+    h.commit();
+    assert_eq!(h.gw.metrics.slow_consumer_kills.get(), 1);
+    h.peers.get_mut(&bob).unwrap().stuck = false;
+    h.gw.write_to(bob, h.peers.get_mut(&bob).unwrap(), &[]);
+    let frames = h.frames(bob);
+    let ops: Vec<u8> = frames.iter().map(|(op, _)| *op).collect();
+    let mut expected = vec![0xA; 10];
+    expected.extend([0x2, 0x8]);
+    assert_eq!(ops, expected, "{frames:?}");
+    assert!(matches!(
+        server_frames(&frames)[..],
+        [proto::ServerFrame {
+            id: 2,
+            body: Some(proto::server_frame::Body::SendOk(_))
+        }]
+    ));
+    assert_eq!(close_of(&frames[11].1), (1008, "slow consumer".into()));
+}
+
+#[test]
+fn a_group_is_not_found_until_it_has_members() {
+    let mut h = Harness::new(|_| {});
+    let get = |h: &mut Harness| {
+        let admin = h.accept(ListenerKind::Admin);
+        h.send(admin, b"GET /v1/groups/g1 HTTP/1.1\r\nHost: x\r\n\r\n");
+        String::from_utf8(h.take(admin)).expect("text")
+    };
+    let answer = get(&mut h);
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    let admin = h.accept(ListenerKind::Admin);
+    h.send(
+        admin,
+        b"PUT /v1/groups/g1/members/alice HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    h.commit();
+    assert!(h.take(admin).starts_with(b"HTTP/1.1 204"));
+    let answer = get(&mut h);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = answer.split("\r\n\r\n").nth(1).expect("a body");
+    let json: serde_json::Value = serde_json::from_str(body).expect("JSON");
+    assert_eq!(json["members"], serde_json::json!(["alice"]), "{body}");
+}
+
+#[test]
+fn admin_changes_are_answered_once_their_own_batch_is_durable() {
+    let mut h = Harness::new(|_| {});
+    let put = |h: &mut Harness, path: &str| {
+        let admin = h.accept(ListenerKind::Admin);
+        h.send(
+            admin,
+            format!("PUT {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+        );
+        admin
+    };
+    // Two batches in flight, then the first one's membership again: it waits for the older
+    // batch, not for the newest.
+    let first = put(&mut h, "/v1/groups/g1/members/alice");
+    let (id1, batch1) = h.gw.poll_batch().expect("the first batch");
+    let second = put(&mut h, "/v1/friendships/alice/bob");
+    let (id2, batch2) = h.gw.poll_batch().expect("the second batch");
+    let again = put(&mut h, "/v1/groups/g1/members/alice");
+    assert!(
+        h.gw.poll_batch().is_none(),
+        "the repeated change was written"
+    );
+    for (id, batch) in [(id1, batch1), (id2, batch2)] {
+        h.store.get().apply(&batch);
+        let now = h.at();
+        h.gw.handle_committed(id, Duration::from_millis(1), now);
+        h.pump();
+        let answered = [first, second, again].map(|k| h.take(k).starts_with(b"HTTP/1.1 204"));
+        let expected = if id == id1 {
+            [true, false, true]
+        } else {
+            [false, true, false]
+        };
+        assert_eq!(answered, expected, "after batch {id}");
+    }
+}
+
+/// Up to `--max-admin-connections` exchanges may wait for the store at once; none keeps its
+/// request (up to 128 KiB) meanwhile.
+#[test]
+fn an_admin_exchange_waiting_for_its_commit_keeps_no_copy_of_its_request() {
+    let mut h = Harness::new(|_| {});
+    let admin = h.accept(ListenerKind::Admin);
+    h.send(
+        admin,
+        b"PUT /v1/friendships/alice/bob HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    let Transport::Http { request, phase, .. } = &h.gw.conns[admin].transport else {
+        panic!("not an HTTP exchange");
+    };
+    assert!(matches!(phase, Phase::Committing(_)), "{phase:?}");
+    assert_eq!(request.capacity(), 0, "the request is kept");
+}
+
+#[test]
+fn a_large_turn_does_not_leave_the_shared_staging_buffer_large() {
+    let mut h = Harness::new(|_| {});
+    let key = h.upgraded(UPGRADE_ECHO);
+    // 400 echoes of 1,000 bytes, under the zero-copy size: about 400 KB copied and staged.
+    let input: Vec<u8> = (0..400)
+        .flat_map(|_| client_frame(0x2, &[7; 1000]))
+        .collect();
+    assert_eq!(h.send(key, &input), Input::Taken);
+    assert_eq!(h.frames(key).len(), 400);
+    let capacity = h.gw.staging.capacity();
+    assert!(capacity <= 256 * 1024, "{capacity} bytes kept");
+}
