@@ -1053,6 +1053,32 @@ fn a_timeout_too_long_for_milliseconds_never_fires() {
     assert!(frames.iter().all(|(op, _)| *op == 0x9), "{frames:?}");
 }
 
+/// The timer wheel holds about 2.2 years; a connection's deadlines past that are clamped to
+/// its reach, which must never be the slot the wheel is in (it would take the timer as due
+/// and re-file it there for ever, inside `handle_timeout`).
+#[test]
+fn keep_alive_deadlines_past_the_timer_wheels_reach_wait_instead_of_firing() {
+    let three_years = Duration::from_secs(3 * 365 * 24 * 3600);
+    let mut h = Harness::new(|c| {
+        c.idle_timeout = three_years;
+        c.ping_interval = three_years;
+    });
+    h.advance(1_000);
+    let key = h.upgraded(UPGRADE_ECHO);
+    for _ in 0..10 {
+        h.advance(1_000);
+    }
+    assert_eq!(h.frames(key), Vec::new(), "no ping, no close");
+    let next =
+        h.gw.poll_timeout()
+            .expect("the clamped keep-alive deadline");
+    assert!(
+        next > h.now + 365 * 24 * 3600 * 1000,
+        "next deadline {next}, now {}",
+        h.now
+    );
+}
+
 #[test]
 fn admin_answers_carry_the_reason_of_their_status() {
     for (status, reason) in [
