@@ -341,4 +341,45 @@ mod tests {
         assert!(std::str::from_utf8(&out[4..]).is_ok());
         assert_eq!(&out[2..4], &1001u16.to_be_bytes());
     }
+
+    #[test]
+    fn a_control_frame_of_exactly_125_bytes_is_allowed() {
+        let (h, n) = parse_client_header(&[0x89, 0x80 | 125, 1, 2, 3, 4])
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.opcode, h.payload_len, n), (OpCode::Ping, 125, 6));
+    }
+
+    #[test]
+    fn a_16_bit_length_of_126_is_minimal() {
+        let (h, n) = parse_client_header(&[0x82, 0xFE, 0x00, 0x7E, 1, 2, 3, 4])
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.payload_len, n), (126, 8));
+    }
+
+    #[test]
+    fn server_frames_use_the_shortest_length_form() {
+        let mut out = Vec::new();
+        write_frame(&mut out, OpCode::Binary, &[7; 125]);
+        assert_eq!(out[..2], [0x82, 125]);
+        assert_eq!(out.len(), 2 + 125);
+        out.clear();
+        write_frame(&mut out, OpCode::Binary, &[7; 126]);
+        assert_eq!(out[..4], [0x82, 0x7E, 0x00, 0x7E]);
+        assert_eq!(out.len(), 4 + 126);
+    }
+
+    #[test]
+    fn a_long_close_reason_is_cut_to_fill_the_125_byte_payload() {
+        let mut out = Vec::new();
+        write_close(&mut out, 1001, &"x".repeat(200));
+        assert_eq!(out[..4], [0x88, 125, 0x03, 0xe9]);
+        assert_eq!(out[4..], [b'x'; 123]);
+        // Two-byte characters: 61 of them fit (122 bytes), half of the 62nd would not.
+        out.clear();
+        write_close(&mut out, 1001, &"é".repeat(100));
+        assert_eq!(out[1], 124);
+        assert_eq!(&out[4..], "é".repeat(61).as_bytes());
+    }
 }

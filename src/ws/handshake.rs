@@ -670,4 +670,94 @@ mod tests {
         };
         assert!(accept(&req, ENDPOINTS, &ok).is_ok());
     }
+
+    #[test]
+    fn an_error_response_names_its_status_and_says_what_was_wrong() {
+        assert_eq!(
+            String::from_utf8(HttpError::NotFound.response()).unwrap(),
+            "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain; charset=utf-8\r\n\
+             Content-Length: 17\r\nConnection: close\r\n\r\nno such endpoint\n"
+        );
+        for (e, status_line, body) in [
+            (
+                HttpError::BadRequest("missing Host header"),
+                "400 Bad Request",
+                "missing Host header",
+            ),
+            (HttpError::Forbidden, "403 Forbidden", "origin not allowed"),
+            (
+                HttpError::MethodNotAllowed,
+                "405 Method Not Allowed",
+                "only GET can upgrade to a WebSocket",
+            ),
+            (
+                HttpError::UpgradeRequired,
+                "426 Upgrade Required",
+                "this endpoint speaks WebSocket only",
+            ),
+            (
+                HttpError::UnsupportedVersion,
+                "426 Upgrade Required",
+                "only WebSocket version 13 is supported",
+            ),
+            (
+                HttpError::HeadersTooLarge,
+                "431 Request Header Fields Too Large",
+                "request head larger than 8 KiB",
+            ),
+            (
+                HttpError::Unavailable,
+                "503 Service Unavailable",
+                "server at capacity or shutting down",
+            ),
+        ] {
+            let resp = String::from_utf8(e.response()).unwrap();
+            assert!(
+                resp.starts_with(&format!("HTTP/1.1 {status_line}\r\n")),
+                "{resp}"
+            );
+            assert!(resp.ends_with(&format!("\r\n\r\n{body}\n")), "{resp}");
+            assert_eq!(e.detail(), body);
+        }
+    }
+
+    #[test]
+    fn error_responses_carry_the_headers_their_status_calls_for() {
+        for (e, header) in [
+            (HttpError::MethodNotAllowed, "\r\nAllow: GET\r\n"),
+            (HttpError::UpgradeRequired, "\r\nUpgrade: websocket\r\n"),
+            (HttpError::Unavailable, "\r\nRetry-After: 1\r\n"),
+        ] {
+            let resp = String::from_utf8(e.response()).unwrap();
+            assert!(resp.contains(header), "{resp}");
+        }
+    }
+
+    /// A plain GET whose head is `len` bytes long, cut to `cut` bytes.
+    fn get_of(len: usize, cut: usize) -> Vec<u8> {
+        let start = b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: ";
+        let mut b = start.to_vec();
+        b.resize(len - 4, b'a');
+        b.extend_from_slice(b"\r\n\r\n");
+        b.truncate(cut);
+        b
+    }
+
+    #[test]
+    fn a_request_head_may_be_8_kib_and_not_a_byte_more() {
+        assert!(matches!(
+            parse_request(&get_of(8192, 8192)),
+            Ok(Parse::Plain { head_len: 8192, .. })
+        ));
+        assert_eq!(
+            parse_request(&get_of(8193, 8193)),
+            Err(HttpError::HeadersTooLarge)
+        );
+        // Unfinished: 8 KiB may still become a valid head, one byte more may not.
+        assert_eq!(parse_request(&get_of(9000, 8192)), Ok(Parse::Partial));
+        assert_eq!(
+            parse_request(&get_of(9000, 8193)),
+            Err(HttpError::HeadersTooLarge)
+        );
+    }
 }
