@@ -1238,4 +1238,374 @@ mod tests {
             assert!(!names.iter().any(|n| n == old), "{old} in {names:?}");
         }
     }
+
+    #[test]
+    fn store_errors_say_what_failed() {
+        assert_eq!(
+            StoreError::Open("no space".into()).to_string(),
+            "cannot open the store: no space"
+        );
+        assert_eq!(
+            StoreError::Commit("no space".into()).to_string(),
+            "store commit failed: no space"
+        );
+    }
+
+    #[test]
+    fn entries_the_tables_already_hold_are_not_read_back_into_memory() {
+        let d = Dir::new("replay-moved");
+        {
+            let s = d.open(1);
+            s.commit(&[&batch(&["a"], 1)], false).unwrap();
+            assert!(s.step().unwrap(), "the move leaves the log to delete");
+            s.commit(&[], true).unwrap();
+        }
+        let s = d.open(usize::MAX);
+        assert_eq!(log_len(&s), 1);
+        assert_eq!(s.log_bytes_held(), 0);
+        assert_inbox(&s, "a", 1);
+        assert_eq!(s.recent_sends("a").unwrap(), vec![("k1".to_owned(), 1)]);
+    }
+
+    #[test]
+    fn commits_after_a_reopen_are_logged_after_the_last_record() {
+        let d = Dir::new("replay-next");
+        for seq in 1..=3 {
+            let s = d.open(usize::MAX);
+            s.commit(&[&batch(&["a"], seq)], true).unwrap();
+        }
+        let s = d.open(usize::MAX);
+        assert_eq!(log_len(&s), 3);
+        assert_inbox(&s, "a", 3);
+    }
+
+    #[test]
+    fn the_log_record_buffer_is_reused_up_to_its_limit_and_a_bursts_is_let_go() {
+        let d = Dir::new("record");
+        let s = d.open(usize::MAX);
+        let record = |s: &RedbStore| {
+            let r = s.record.lock().unwrap();
+            (r.as_ptr(), r.capacity())
+        };
+        s.commit(&[&batch(&["a"], 1)], false).unwrap();
+        let (ptr, capacity) = record(&s);
+        assert!(capacity > 0, "kept after the commit");
+        s.commit(&[&batch(&["a"], 2)], false).unwrap();
+        assert_eq!(
+            record(&s),
+            (ptr, capacity),
+            "the same buffer, not a new one"
+        );
+        *s.record.lock().unwrap() = Vec::with_capacity(RECORD_KEEP);
+        s.commit(&[&batch(&["a"], 3)], false).unwrap();
+        assert_eq!(record(&s).1, RECORD_KEEP, "a buffer of the limit is kept");
+        let burst = WriteBatch {
+            appends: vec![Append {
+                owner: "a".into(),
+                msg: StoredMessage {
+                    seq: 4,
+                    server_time_ms: 4,
+                    body: vec![7; RECORD_KEEP + 1].into(),
+                },
+            }],
+            ..WriteBatch::default()
+        };
+        s.commit(&[&burst], false).unwrap();
+        assert!(record(&s).1 <= RECORD_KEEP, "{} bytes kept", record(&s).1);
+        assert_eq!(
+            s.messages_after("a", 3, 10).unwrap()[0].body.len(),
+            RECORD_KEEP + 1
+        );
+    }
+
+    /// Each append below holds about 1,100 bytes: more than the limit of 1,000, and well under
+    /// twice it.
+    #[test]
+    fn maintain_takes_one_step_while_memory_held_is_within_twice_the_limit() {
+        let d = Dir::new("maintain");
+        let s = d.open(1000);
+        let store: &dyn Store = &s;
+        let append = |owner: &str| WriteBatch {
+            appends: vec![Append {
+                owner: owner.into(),
+                msg: StoredMessage {
+                    seq: 1,
+                    server_time_ms: 1,
+                    body: vec![7; 1100].into(),
+                },
+            }],
+            ..WriteBatch::default()
+        };
+        store.commit(&[&append("a")], false).unwrap();
+        assert_eq!(s.max_seq("a"), Ok(1));
+        // Moves "a"; its log record is still to be deleted.
+        assert_eq!(store.maintain(), Ok(true));
+        assert_eq!((log_len(&s), s.log_bytes_held()), (1, 0));
+        store.commit(&[&append("b")], false).unwrap();
+        let held = s.log_bytes_held();
+        assert!(held > 1002 && held <= 2000, "{held} bytes held");
+        // Deletes the log of "a" and leaves "b", within the bound, for the next call.
+        assert_eq!(store.maintain(), Ok(true));
+        assert_eq!((log_len(&s), s.log_bytes_held()), (1, held));
+        while store.maintain().unwrap() {}
+        assert_eq!((log_len(&s), s.log_bytes_held()), (0, 0));
+        assert_eq!(store.maintain(), Ok(false), "nothing is due");
+        assert_eq!(s.messages_after("b", 0, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_long_log_is_deleted_a_piece_at_a_time_to_its_end() {
+        let d = Dir::new("drop-pieces");
+        let s = d.open(1);
+        let n = DROP_RECORDS as u64 + 500;
+        for seq in 1..=n {
+            s.commit(&[&batch(&["a"], seq)], false).unwrap();
+        }
+        assert!(s.step().unwrap(), "moved");
+        assert!(s.step().unwrap(), "a piece deleted, more to delete");
+        assert_eq!(log_len(&s), n - DROP_RECORDS as u64);
+        assert!(!s.step().unwrap(), "the rest deleted");
+        assert_eq!(log_len(&s), 0);
+        assert_inbox(&s, "a", n);
+    }
+
+    #[test]
+    fn the_step_that_deletes_the_last_of_a_generations_log_leaves_nothing_due() {
+        let d = Dir::new("drop-last");
+        let s = d.open(1);
+        s.commit(&[&batch(&["a"], 1)], false).unwrap();
+        // Friendships are not logged: the generation's newest commit has no log record.
+        let friends = WriteBatch {
+            friendships: vec![("a".into(), "b".into(), true)],
+            ..WriteBatch::default()
+        };
+        s.commit(&[&friends], false).unwrap();
+        assert!(s.step().unwrap(), "moved");
+        assert!(!s.step().unwrap(), "the log deleted");
+        assert_eq!(log_len(&s), 0);
+        assert_inbox(&s, "a", 1);
+    }
+
+    /// `n` idempotency keys numbered from `from` (`k{from}`, ...), as the log holds them.
+    fn keys_from(from: u64, n: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        for q in from..from + n {
+            records::put_send(&format!("k{q}"), q, &mut out);
+        }
+        out
+    }
+
+    /// `uid`'s send chunks: (number of the first key, keys).
+    fn send_chunks(t: &Table<(&str, u64), &[u8]>, uid: &str) -> Vec<(u64, u64)> {
+        t.range((uid, 0)..=(uid, u64::MAX))
+            .unwrap()
+            .map(|e| {
+                let (k, v) = e.unwrap();
+                (k.value().1, records::send_chunk_len(v.value()).unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_send_chunk_takes_more_keys_while_it_holds_fewer_than_128_and_up_to_a_thousand() {
+        let d = Dir::new("join");
+        let s = d.open(usize::MAX);
+        let txn = s.db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(SENDS).unwrap();
+            let mut write = |uid: &str, from: u64, n: u64| {
+                write_sends(&mut t, uid, n as usize, &keys_from(from, n)).unwrap();
+                send_chunks(&t, uid)
+            };
+            assert_eq!(write("a", 1, 127), vec![(1, 127)]);
+            assert_eq!(write("a", 128, 1), vec![(1, 128)]);
+            assert_eq!(write("a", 129, 1), vec![(1, 128), (129, 1)]);
+            assert_eq!(write("b", 1, 100), vec![(1, 100)]);
+            assert_eq!(write("b", 101, 50), vec![(1, 150)]);
+            assert_eq!(write("c", 1, 100), vec![(1, 100)]);
+            assert_eq!(write("c", 101, 901), vec![(1, 100), (101, 901)]);
+        }
+        txn.abort().unwrap();
+    }
+
+    #[test]
+    fn a_send_chunk_is_dropped_once_its_newest_key_is_not_among_the_newest_thousand() {
+        let d = Dir::new("drop-chunk");
+        let s = d.open(usize::MAX);
+        let txn = s.db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(SENDS).unwrap();
+            let mut write = |from: u64, n: u64| {
+                write_sends(&mut t, "a", n as usize, &keys_from(from, n)).unwrap();
+                send_chunks(&t, "a")
+            };
+            assert_eq!(write(1, 200), vec![(1, 200)]);
+            assert_eq!(write(201, 100), vec![(1, 200), (201, 100)]);
+            // Joined: k200 is the thousandth newest of k1199.
+            assert_eq!(write(301, 899), vec![(1, 200), (201, 999)]);
+            assert_eq!(write(1200, 1), vec![(201, 999), (1200, 1)]);
+            // Joined, and k1199 is not among the newest thousand of k2199.
+            assert_eq!(write(1201, 999), vec![(1200, 1000)]);
+        }
+        txn.abort().unwrap();
+    }
+
+    #[test]
+    fn of_a_burst_of_keys_only_the_newest_thousand_are_written() {
+        let d = Dir::new("burst");
+        let s = d.open(usize::MAX);
+        let txn = s.db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(SENDS).unwrap();
+            write_sends(&mut t, "a", 3000, &keys_from(1, 3000)).unwrap();
+            let chunks: Vec<Vec<(String, u64)>> = t
+                .range(("a", 0)..=("a", u64::MAX))
+                .unwrap()
+                .map(|e| records::decode_send_chunk(e.unwrap().1.value()).unwrap())
+                .collect();
+            let want: Vec<(String, u64)> = (2001..=3000).map(|q| (format!("k{q}"), q)).collect();
+            assert_eq!(chunks, vec![want]);
+        }
+        txn.abort().unwrap();
+    }
+
+    #[test]
+    fn the_newest_thousand_keys_held_in_memory_are_the_ones_known() {
+        let d = Dir::new("held-keys");
+        let s = d.open(usize::MAX);
+        let b = WriteBatch {
+            sends: (1..=1200)
+                .map(|q| ("a".into(), format!("k{q}"), q))
+                .collect(),
+            ..WriteBatch::default()
+        };
+        s.commit(&[&b], false).unwrap();
+        let want: Vec<(String, u64)> = (201..=1200).map(|q| (format!("k{q}"), q)).collect();
+        assert_eq!(s.recent_sends("a").unwrap(), want);
+        assert_eq!(s.sent("a", "k201").unwrap(), Some(201));
+        assert_eq!(s.sent("a", "k200").unwrap(), None);
+    }
+
+    /// Logs seqs `seqs` of `uid` and moves them into the tables: one inbox chunk.
+    fn moved(s: &RedbStore, uid: &str, seqs: std::ops::RangeInclusive<u64>) {
+        for seq in seqs {
+            s.commit(&[&batch(&[uid], seq)], false).unwrap();
+        }
+        while s.maintain().unwrap() {}
+    }
+
+    #[test]
+    fn a_page_from_the_tables_spans_their_chunks_and_stops_at_its_limit() {
+        let d = Dir::new("pages");
+        let s = d.open(1);
+        moved(&s, "a", 1..=5);
+        moved(&s, "a", 6..=10);
+        let page = s.messages_after("a", 2, 4).unwrap();
+        assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), [3, 4, 5, 6]);
+        assert_inbox(&s, "a", 10);
+        for seq in 11..=14 {
+            s.commit(&[&batch(&["a"], seq)], false).unwrap();
+        }
+        // From the tables, then from memory.
+        let page = s.messages_after("a", 8, 4).unwrap();
+        assert_eq!(
+            page.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            [9, 10, 11, 12]
+        );
+        assert_inbox(&s, "a", 14);
+        assert_eq!(s.messages_after("a", u64::MAX, 10).unwrap(), vec![]);
+        assert_eq!(s.messages_after("a", 0, 0).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn messages_moved_while_memory_is_read_are_not_returned_twice() {
+        let d = Dir::new("overlap-inbox");
+        let s = d.open(1);
+        moved(&s, "a", 1..=3);
+        for seq in 4..=6 {
+            s.commit(&[&batch(&["a"], seq)], false).unwrap();
+        }
+        // As if a move of seqs 4 and 5 committed after memory was read and before the
+        // snapshot: they are in both.
+        let mut u = UserTail::default();
+        for seq in 4..=5 {
+            u.push_message(seq, seq as i64, &body("a", seq));
+        }
+        let txn = s.db.begin_write().unwrap();
+        {
+            let mut inbox = txn.open_table(INBOX).unwrap();
+            inbox.insert(("a", 4), u.inbox[0].bytes.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+        assert_inbox(&s, "a", 6);
+    }
+
+    #[test]
+    fn a_held_cursor_and_a_stored_one_of_the_same_device_read_as_the_newer() {
+        let d = Dir::new("cursor-merge");
+        let s = d.open(1);
+        let cursors = |v: &[(&str, u64)]| WriteBatch {
+            cursors: v
+                .iter()
+                .map(|(d, q)| ("b".into(), (*d).into(), *q))
+                .collect(),
+            ..WriteBatch::default()
+        };
+        s.commit(&[&cursors(&[("laptop", 2), ("phone", 5)])], false)
+            .unwrap();
+        while s.maintain().unwrap() {}
+        s.commit(&[&cursors(&[("phone", 7)])], false).unwrap();
+        assert_eq!(
+            s.cursors("b"),
+            vec![("laptop".to_owned(), 2), ("phone".to_owned(), 7)]
+        );
+        assert_eq!(s.cursor("b", "phone"), 7);
+    }
+
+    #[test]
+    fn a_group_member_is_one_until_it_leaves() {
+        use crate::store::Membership;
+        let d = Dir::new("member");
+        let s = d.open(usize::MAX);
+        let change = |joined| WriteBatch {
+            memberships: vec![Membership {
+                gid: "g".into(),
+                uid: "bob".into(),
+                joined,
+            }],
+            ..WriteBatch::default()
+        };
+        s.commit(&[&change(true)], false).unwrap();
+        assert_eq!(s.is_member("g", "bob"), Ok(true));
+        assert_eq!(s.is_member("g", "alice"), Ok(false));
+        s.commit(&[&change(false)], false).unwrap();
+        assert_eq!(s.is_member("g", "bob"), Ok(false));
+    }
+
+    #[test]
+    fn old_keys_of_several_users_are_converted_each_to_its_own_user() {
+        let d = Dir::new("convert-keys");
+        std::fs::create_dir_all(&d.0).unwrap();
+        {
+            let db = Database::create(d.0.join("imgate.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut order = txn.open_table(OLD_DEDUPE_ORDER).unwrap();
+                let mut dedupe = txn.open_table(OLD_DEDUPE).unwrap();
+                for uid in ["a", "b"] {
+                    for n in 1..=2u64 {
+                        let id = format!("{uid}{n}");
+                        order.insert((uid, n), id.as_str()).unwrap();
+                        dedupe.insert((uid, id.as_str()), (n, n)).unwrap();
+                    }
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let s = d.open(usize::MAX);
+        for uid in ["a", "b"] {
+            let want: Vec<(String, u64)> = (1..=2).map(|n| (format!("{uid}{n}"), n)).collect();
+            assert_eq!(s.recent_sends(uid).unwrap(), want, "{uid}");
+        }
+    }
 }
