@@ -150,3 +150,29 @@ impl StoreRead for MemoryStore {
             .unwrap_or_default())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_users_cursors_are_its_own_newest_per_device_by_device_id() {
+        let mut s = MemoryStore::default();
+        let mut b = WriteBatch::default();
+        for (uid, device, seq) in [
+            ("alice", "phone", 3),
+            ("alice", "laptop", 5),
+            ("bob", "phone", 7),
+            ("alice", "phone", 2),
+        ] {
+            b.cursors.push((uid.into(), device.into(), seq));
+        }
+        s.apply(&b);
+        assert_eq!(
+            s.cursors("alice"),
+            vec![("laptop".to_owned(), 5), ("phone".to_owned(), 3)]
+        );
+        assert_eq!(s.cursors("bob"), vec![("phone".to_owned(), 7)]);
+        assert_eq!(s.cursors("carol"), vec![]);
+    }
+}

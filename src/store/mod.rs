@@ -146,3 +146,16 @@ pub trait Store: StoreRead + Send + Sync {
 
 /// How many idempotency keys a store keeps per user, at least.
 pub const DEDUPE_KEEP: usize = 1000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_error_says_the_store_read_failed_and_why() {
+        assert_eq!(
+            ReadError("disk gone".into()).to_string(),
+            "store read failed: disk gone"
+        );
+    }
+}

@@ -399,6 +399,23 @@ mod tests {
     }
 
     #[test]
+    fn corruption_is_reported_with_what_was_wrong() {
+        assert_eq!(
+            Corrupt("truncated").to_string(),
+            "corrupt store record: truncated"
+        );
+    }
+
+    #[test]
+    fn an_inbox_chunk_is_empty_until_a_message_is_pushed() {
+        let mut c = InboxChunk::new(3, 16);
+        assert!(c.is_empty());
+        c.push(1, b"a");
+        assert!(!c.is_empty());
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
     fn varints_are_prosts() {
         for v in [0, 1, 127, 128, 300, u64::from(u32::MAX), u64::MAX] {
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());

@@ -391,6 +391,109 @@ mod tests {
     }
 
     #[test]
+    fn an_inbox_chunk_ends_after_256_messages() {
+        let mut u = UserTail::default();
+        for seq in 1..=300 {
+            u.push_message(seq, 1, b"x");
+        }
+        let chunks: Vec<(u64, u64)> = u.inbox.iter().map(|c| (c.first_seq, c.len())).collect();
+        assert_eq!(chunks, vec![(1, 256), (257, 44)]);
+    }
+
+    #[test]
+    fn an_inbox_chunk_ends_once_it_holds_64_kib() {
+        let mut u = UserTail::default();
+        // 65 messages of 1,003 bytes (time, length, body), then one of 341: exactly 64 KiB.
+        for seq in 1..=65 {
+            u.push_message(seq, 1, &[b'x'; 1000]);
+        }
+        u.push_message(66, 1, &[b'x'; 338]);
+        assert_eq!(u.inbox.len(), 1, "under 64 KiB a chunk takes more");
+        assert_eq!(u.inbox[0].bytes.len(), 64 * 1024);
+        u.push_message(67, 1, b"x");
+        let chunks: Vec<(u64, u64)> = u.inbox.iter().map(|c| (c.first_seq, c.len())).collect();
+        assert_eq!(chunks, vec![(1, 66), (67, 1)]);
+    }
+
+    #[test]
+    fn the_chunk_after_an_oversized_message_is_sized_for_68_kib_not_for_that_message() {
+        let mut u = UserTail::default();
+        u.push_message(1, 1, &[b'x'; 100_000]);
+        let grew = u.push_message(2, 1, b"x");
+        assert_eq!(u.inbox.len(), 2);
+        let capacity = u.inbox[1].bytes.capacity();
+        assert_eq!(grew, capacity, "a new chunk counts its whole buffer");
+        assert!(
+            (68 * 1024..100_000).contains(&capacity),
+            "capacity {capacity}"
+        );
+    }
+
+    #[test]
+    fn a_moved_user_gives_back_exactly_the_bytes_its_entries_were_counted_as() {
+        let mut t = Tails::default();
+        t.apply(1, &batch("a", 1..=3));
+        let bytes_a = t.bytes();
+        // b's chunk outgrows its first buffer, and b has a second device.
+        t.apply(2, &batch("b", 1..=8));
+        let mut laptop = WriteBatch::default();
+        laptop.cursors.push(("b".into(), "laptop".into(), 3));
+        t.apply(3, &laptop);
+        let bytes_b = t.bytes() - bytes_a;
+        assert!(t.rotate(0));
+        let s = t.next_slice(1).unwrap();
+        assert!(t.flushed(&s, 1).is_none());
+        let left = if &*s.users[0] == "a" {
+            bytes_b
+        } else {
+            bytes_a
+        };
+        assert_eq!(t.bytes(), left, "{} was moved", s.users[0]);
+    }
+
+    #[test]
+    fn a_generation_is_frozen_only_once_it_holds_more_than_the_limit() {
+        let mut t = Tails::default();
+        t.apply(1, &batch("a", 1..=2));
+        let held = t.bytes();
+        assert!(!t.rotate(held), "exactly at the limit");
+        assert!(t.rotate(held - 1));
+    }
+
+    #[test]
+    fn a_found_key_is_the_newest_with_its_id_and_counts_the_keys_sent_after_it() {
+        let mut t = Tails::default();
+        t.apply(1, &batch("a", 1..=3));
+        assert!(t.rotate(0));
+        t.apply(2, &batch("a", 4..=5));
+        let mut again = WriteBatch::default();
+        again.sends.push(("a".into(), "k1".into(), 6));
+        t.apply(3, &again);
+        // Held now, oldest first: k1 k2 k3 (flushing), k4 k5 k1 (active).
+        let held = |id| t.find_send("a", id);
+        assert_eq!(
+            held("k2"),
+            HeldSends {
+                found: Some((2, 4)),
+                count: 6,
+                first_seq: 1
+            }
+        );
+        assert_eq!(held("k5").found, Some((5, 1)));
+        assert_eq!(held("k1").found, Some((6, 0)), "the id's newest use");
+        assert_eq!(held("k9").found, None);
+        assert_eq!(held("k9").count, 6);
+        assert_eq!(
+            t.find_send("b", "k1"),
+            HeldSends {
+                found: None,
+                count: 0,
+                first_seq: u64::MAX
+            }
+        );
+    }
+
+    #[test]
     fn flushing_goes_a_slice_at_a_time_and_the_last_one_drops_the_log() {
         let mut t = Tails::default();
         for (i, u) in ["a", "b", "c"].iter().enumerate() {

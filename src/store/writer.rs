@@ -23,6 +23,10 @@ pub struct Writer {
     jobs: Option<mpsc::Sender<(BatchId, Arc<WriteBatch>)>>,
     done: mpsc::Receiver<Done>,
     thread: Option<JoinHandle<()>>,
+    /// The thread's waker, kept open here too: the thread drops its own as it stops after a
+    /// failure, and closing the last one takes it out of the poll with its wake-up pending,
+    /// so that the failure might never be read.
+    _waker: Arc<mio::Waker>,
 }
 
 impl Writer {
@@ -34,6 +38,7 @@ impl Writer {
     ) -> std::io::Result<Writer> {
         let (jobs_tx, jobs_rx) = mpsc::channel::<(BatchId, Arc<WriteBatch>)>();
         let (done_tx, done_rx) = mpsc::channel();
+        let kept = waker.clone();
         let thread = std::thread::Builder::new()
             .name("imgate-store".into())
             .spawn(move || {
@@ -93,6 +98,7 @@ impl Writer {
             jobs: Some(jobs_tx),
             done: done_rx,
             thread: Some(thread),
+            _waker: kept,
         })
     }
 
@@ -122,5 +128,137 @@ impl Drop for Writer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::store::{ReadError, StoreRead, StoredMessage};
+
+    /// Records what the storage thread commits; it never reads.
+    #[derive(Default)]
+    struct Recording {
+        /// (batches, sync) of every commit, in order.
+        commits: Mutex<Vec<(Vec<WriteBatch>, bool)>>,
+        fail: bool,
+    }
+
+    impl StoreRead for Recording {
+        fn max_seq(&self, _: &str) -> Result<u64, ReadError> {
+            unreachable!()
+        }
+        fn messages_after(
+            &self,
+            _: &str,
+            _: u64,
+            _: usize,
+        ) -> Result<Vec<StoredMessage>, ReadError> {
+            unreachable!()
+        }
+        fn cursor(&self, _: &str, _: &str) -> u64 {
+            unreachable!()
+        }
+        fn cursors(&self, _: &str) -> Vec<(String, u64)> {
+            unreachable!()
+        }
+        fn recent_sends(&self, _: &str) -> Result<Vec<(String, u64)>, ReadError> {
+            unreachable!()
+        }
+        fn friends(&self, _: &str) -> Vec<String> {
+            unreachable!()
+        }
+        fn group_members(&self, _: &str) -> Result<Vec<String>, ReadError> {
+            unreachable!()
+        }
+        fn group_size(&self, _: &str) -> Result<usize, ReadError> {
+            unreachable!()
+        }
+        fn is_member(&self, _: &str, _: &str) -> Result<bool, ReadError> {
+            unreachable!()
+        }
+        fn groups_of(&self, _: &str) -> Result<Vec<String>, ReadError> {
+            unreachable!()
+        }
+    }
+
+    impl Store for Recording {
+        fn commit(&self, batches: &[&WriteBatch], sync: bool) -> Result<(), String> {
+            let batches = batches.iter().map(|b| (*b).clone()).collect();
+            self.commits.lock().unwrap().push((batches, sync));
+            if self.fail {
+                return Err("disk full".into());
+            }
+            Ok(())
+        }
+    }
+
+    fn batch(id: &str) -> WriteBatch {
+        WriteBatch {
+            sends: vec![("a".into(), id.into(), 1)],
+            ..WriteBatch::default()
+        }
+    }
+
+    fn waker(poll: &mio::Poll) -> Arc<mio::Waker> {
+        Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap())
+    }
+
+    #[test]
+    fn a_store_has_no_upkeep_due_unless_it_says_so() {
+        assert_eq!(Recording::default().maintain(), Ok(false));
+    }
+
+    #[test]
+    fn dropping_the_writer_commits_and_reports_everything_submitted_then_syncs() {
+        let poll = mio::Poll::new().unwrap();
+        let store = Arc::new(Recording::default());
+        let mut w = Writer::spawn(store.clone(), false, waker(&poll)).unwrap();
+        w.submit(1, Arc::new(batch("m1")));
+        w.submit(2, Arc::new(batch("m2")));
+        let done = std::mem::replace(&mut w.done, mpsc::channel().1);
+        drop(w);
+        let commits = store.commits.lock().unwrap().clone();
+        let (last, earlier) = commits.split_last().unwrap();
+        assert_eq!(last, &(vec![], true), "a final sync, once all is committed");
+        let committed: Vec<WriteBatch> = earlier.iter().flat_map(|(b, _)| b.clone()).collect();
+        assert_eq!(committed, vec![batch("m1"), batch("m2")]);
+        assert!(earlier.iter().all(|(_, sync)| !sync));
+        let reported: Vec<BatchId> = done
+            .try_iter()
+            .map(|d| match d {
+                Done::Committed(id, _) => id,
+                Done::Failed(e) => panic!("{e}"),
+            })
+            .collect();
+        assert_eq!(reported.last(), Some(&2), "reports {reported:?}");
+    }
+
+    #[test]
+    fn a_failed_commit_is_reported_wakes_the_loop_and_stops_the_thread() {
+        let mut poll = mio::Poll::new().unwrap();
+        let store = Arc::new(Recording {
+            fail: true,
+            ..Recording::default()
+        });
+        let w = Writer::spawn(store.clone(), true, waker(&poll)).unwrap();
+        w.submit(1, Arc::new(batch("m1")));
+        // The timeouts only turn a missing report or wake-up into a failure instead of a hang.
+        let guard = std::time::Duration::from_secs(10);
+        match w.done.recv_timeout(guard) {
+            Ok(Done::Failed(e)) => assert_eq!(e, "disk full"),
+            Ok(Done::Committed(id, _)) => panic!("batch {id} reported committed"),
+            Err(e) => panic!("no report: {e}"),
+        }
+        let mut events = mio::Events::with_capacity(4);
+        // The thread may have stopped and dropped its waker by now: the Writer keeps one open.
+        poll.poll(&mut events, Some(guard)).unwrap();
+        assert!(events.iter().any(|e| e.token() == mio::Token(0)));
+        // Nothing is committed after a failure, not even the final sync.
+        w.submit(2, Arc::new(batch("m2")));
+        drop(w);
+        assert_eq!(store.commits.lock().unwrap().len(), 1);
     }
 }
