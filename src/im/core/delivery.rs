@@ -515,4 +515,64 @@ mod tests {
         );
         assert_eq!(page(&mut h), (1, true));
     }
+
+    #[test]
+    fn room_coming_back_with_nothing_to_deliver_produces_no_output() {
+        let mut h = H::new(ImConfig {
+            output_room: 100,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        while h.core.has_room(1) {
+            h.req(1, 42, C::Ping(proto::Ping { client_time_ms: 7 }));
+        }
+        assert!(!h.core.handle_room(1, 10_000, h.now, &h.store));
+        assert!(h.turn().is_empty());
+        assert!(h.core.has_room(1));
+    }
+
+    #[test]
+    fn a_failed_inbox_read_is_tried_again_at_the_next_commit_not_at_a_room_report() {
+        let mut h = H::new(ImConfig {
+            delivery_window: 1,
+            rate_burst: 1000.0,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "bob", "phone", 0);
+        for i in 1..=20 {
+            h.send(1, "bob", &format!("m{i}"), &format!("t{i}"));
+        }
+        // Bob has 1; 2 is no longer in memory, and the store cannot be read.
+        let (out, reads) = h.req_failing(2, 0, C::Ack(proto::Ack { seq: 1 }), "bob");
+        assert!(messages_to(&out, 2).is_empty());
+        assert_eq!(reads, 1);
+        // The connection never ran out of room: a report of room is no reason to read again.
+        assert!(h.core.has_room(2));
+        assert!(!h.core.handle_room(2, 1024 * 1024, h.now, &h.store));
+        assert!(messages_to(&h.turn(), 2).is_empty());
+        let out = h.send(1, "bob", "m21", "t21");
+        assert_eq!(messages_to(&out, 2), vec![(2, "t2".into())]);
+    }
+
+    #[test]
+    fn a_connection_without_room_reads_nothing_from_the_store() {
+        let mut h = H::new(ImConfig {
+            output_room: 10_000,
+            rate_burst: 1000.0,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        for i in 1..=20 {
+            h.send(1, "bob", &format!("m{i}"), &"x".repeat(1000));
+        }
+        let out = h.login(2, "bob", "phone", 0);
+        assert_eq!(messages_to(&out, 2).len(), 7);
+        assert!(!h.core.has_room(2));
+        // A new message to bob: his stream is far behind it, in the store, but he has no room.
+        h.send_uncommitted(1, "bob", "m21", "x");
+        let (out, reads) = h.turn_failing("");
+        assert!(messages_to(&out, 2).is_empty());
+        assert_eq!(reads, 0);
+    }
 }
