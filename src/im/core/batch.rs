@@ -169,7 +169,7 @@ mod tests {
                 messages_to(&out, 2),
                 vec![(seq + 1, format!("t{}", seq + 1))]
             );
-            assert_eq!(reads, 0, "the store was read for {}", seq + 1);
+            assert_eq!(reads.calls, 0, "the store was read for {}", seq + 1);
         }
         // Lagging by 17: the oldest of them has left the cache.
         for i in lag + 2..=2 * lag + 2 {
@@ -180,6 +180,6 @@ mod tests {
             messages_to(&out, 2),
             vec![(lag + 2, format!("t{}", lag + 2))]
         );
-        assert_eq!(reads, 1);
+        assert_eq!(reads.calls, 1);
     }
 }

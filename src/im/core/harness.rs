@@ -69,16 +69,18 @@ impl H {
         last_seq: u64,
     ) -> Vec<Output> {
         self.core.on_open(conn, self.now);
+        let login = self.login_frame(uid, device, last_seq);
+        self.req(conn, 1, login)
+    }
+
+    /// A Login with a token for `uid` valid for an hour.
+    pub(super) fn login_frame(&self, uid: &str, device: &str, last_seq: u64) -> C {
         let exp = (self.now.unix_ms / 1000) as u64 + 3600;
-        self.req(
-            conn,
-            1,
-            C::Login(proto::Login {
-                token: token(SECRET, uid, Some(exp)),
-                device_id: device.into(),
-                last_seq,
-            }),
-        )
+        C::Login(proto::Login {
+            token: token(SECRET, uid, Some(exp)),
+            device_id: device.into(),
+            last_seq,
+        })
     }
 
     pub(super) fn send(&mut self, conn: ConnId, to: &str, cmid: &str, text: &str) -> Vec<Output> {
@@ -146,14 +148,14 @@ impl H {
     }
 
     /// Runs a frame against the store as [`Failing`] for `uid` shows it, then ends the turn
-    /// with the store itself. Returns the outputs and how many inbox reads the frame made.
+    /// with the store itself. Returns the outputs and the inbox reads the frame made.
     pub(super) fn req_failing(
         &mut self,
         conn: ConnId,
         id: u64,
         body: C,
         uid: &'static str,
-    ) -> (Vec<Output>, usize) {
+    ) -> (Vec<Output>, Reads) {
         let store = Failing::new(&self.store, uid);
         self.core.on_frame(
             conn,
@@ -164,34 +166,42 @@ impl H {
             self.now,
             &store,
         );
-        let reads = store.inbox_reads.get();
+        let reads = store.reads.get();
         let mut out: Vec<Output> = self.core.drain_output().collect();
         out.extend(self.turn());
         (out, reads)
     }
 
     /// Ends the turn as [`H::turn`] does, except that the core reads the store as [`Failing`]
-    /// for `uid` shows it when it hears of the commit. Also returns how many inbox reads that
-    /// made.
-    pub(super) fn turn_failing(&mut self, uid: &'static str) -> (Vec<Output>, usize) {
+    /// for `uid` shows it when it hears of the commit. Also returns the inbox reads that made.
+    pub(super) fn turn_failing(&mut self, uid: &'static str) -> (Vec<Output>, Reads) {
         let mut out: Vec<Output> = self.core.drain_output().collect();
         let Some((id, batch)) = self.core.take_batch() else {
-            return (out, 0);
+            return (out, Reads::default());
         };
         self.store.apply(&batch);
         let store = Failing::new(&self.store, uid);
         self.core.on_committed(id, self.now, &store);
         out.extend(self.core.drain_output());
-        (out, store.inbox_reads.get())
+        (out, store.reads.get())
     }
 }
 
 /// The memory store, except that every read about `uid` that can fail does (none when no
-/// user or group has that id); it counts the inbox reads (`messages_after`), failed or not.
+/// user or group has that id); it counts the inbox reads (`messages_after`).
 pub(super) struct Failing<'a> {
     inner: &'a MemoryStore,
     uid: &'static str,
-    pub(super) inbox_reads: Cell<usize>,
+    pub(super) reads: Cell<Reads>,
+}
+
+/// Inbox reads through [`Failing`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(super) struct Reads {
+    /// How many, failed or not.
+    pub(super) calls: usize,
+    /// How many messages they returned.
+    pub(super) messages: usize,
 }
 
 impl<'a> Failing<'a> {
@@ -199,7 +209,7 @@ impl<'a> Failing<'a> {
         Failing {
             inner,
             uid,
-            inbox_reads: Cell::new(0),
+            reads: Cell::default(),
         }
     }
 
@@ -222,9 +232,14 @@ impl StoreRead for Failing<'_> {
         after: u64,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, ReadError> {
-        self.inbox_reads.set(self.inbox_reads.get() + 1);
+        let mut reads = self.reads.get();
+        reads.calls += 1;
+        self.reads.set(reads);
         self.fail(uid)?;
-        self.inner.messages_after(uid, after, limit)
+        let msgs = self.inner.messages_after(uid, after, limit)?;
+        reads.messages += msgs.len();
+        self.reads.set(reads);
+        Ok(msgs)
     }
     fn cursor(&self, uid: &str, device_id: &str) -> u64 {
         self.inner.cursor(uid, device_id)
