@@ -559,4 +559,18 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn content_of_exactly_max_content_bytes_is_taken_and_one_byte_more_is_too_large() {
+        let mut h = H::new(ImConfig {
+            max_content_bytes: 4,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "a", 0);
+        assert!(send_ok(&h.send(1, "bob", "m1", "1234"), 1).is_some());
+        assert_eq!(
+            error_code(&h.send(1, "bob", "m2", "12345"), 1),
+            Some(ErrorCode::TooLarge)
+        );
+    }
 }
