@@ -573,4 +573,55 @@ mod tests {
             Some(ErrorCode::TooLarge)
         );
     }
+
+    #[test]
+    fn the_token_bucket_refills_at_rate_per_sec() {
+        let mut h = H::new(ImConfig {
+            rate_burst: 2.0,
+            rate_per_sec: 2.0,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "a", 0);
+        let mut n = 0;
+        let mut sent = |h: &mut H| {
+            n += 1;
+            send_ok(&h.send(1, "bob", &format!("m{n}"), "x"), 1).is_some()
+        };
+        assert_eq!(
+            [sent(&mut h), sent(&mut h), sent(&mut h)],
+            [true, true, false]
+        );
+        // Half a second at 2 a second: one more send, not two.
+        h.now.mono_ms += 500;
+        assert_eq!([sent(&mut h), sent(&mut h)], [true, false]);
+    }
+
+    #[test]
+    fn an_admin_send_needs_valid_ids_and_content_of_at_most_max_content_bytes() {
+        let mut h = H::new(ImConfig {
+            max_content_bytes: 4,
+            ..ImConfig::default()
+        });
+        let mut admin_send = |from: &str, to: &str, cmid: &str, content: &str| {
+            let r = h.core.admin_send(
+                1,
+                from,
+                Target::User(to),
+                cmid.into(),
+                content.into(),
+                h.now,
+                &h.store,
+            );
+            h.turn();
+            r
+        };
+        let invalid = |r: Result<(), AdminSendError>| matches!(r, Err(AdminSendError::Invalid(_)));
+        assert!(invalid(admin_send("", "bob", "m1", "x")), "no sender");
+        assert!(invalid(admin_send("system", "", "m1", "x")), "no recipient");
+        assert!(invalid(admin_send("system", &"b".repeat(65), "m1", "x")));
+        assert!(invalid(admin_send("system", "bob", "", "x")), "no id");
+        assert!(invalid(admin_send("system", "bob", "m1", "12345")));
+        assert_eq!(admin_send("system", "bob", "m1", "1234"), Ok(()));
+        assert_eq!(h.store.max_seq("bob"), Ok(1));
+    }
 }
