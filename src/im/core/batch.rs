@@ -89,8 +89,10 @@ impl Core {
 
 #[cfg(test)]
 mod tests {
+    use super::super::delivery::RECENT_KEEP;
     use super::super::harness::{messages_to, send_ok, H};
     use super::super::{ImConfig, Output};
+    use crate::im::proto::{self, client_frame::Body as C};
     use crate::store::StoreRead;
 
     #[test]
@@ -144,5 +146,40 @@ mod tests {
             h.core.users.contains_key("alice"),
             "an online user's cache was dropped"
         );
+    }
+
+    #[test]
+    fn a_device_lagging_by_up_to_16_messages_is_fed_from_memory_and_one_lagging_more_reads_the_store(
+    ) {
+        let mut h = H::new(ImConfig {
+            delivery_window: 1,
+            rate_burst: 1000.0,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "bob", "phone", 0);
+        let lag = RECENT_KEEP as u64;
+        for i in 1..=lag + 1 {
+            h.send(1, "bob", &format!("m{i}"), &format!("t{i}"));
+        }
+        // Bob has 1 and waits for its ack; the 16 after it are still in memory.
+        for seq in 1..=lag {
+            let (out, reads) = h.req_failing(2, 0, C::Ack(proto::Ack { seq }), "bob");
+            assert_eq!(
+                messages_to(&out, 2),
+                vec![(seq + 1, format!("t{}", seq + 1))]
+            );
+            assert_eq!(reads.calls, 0, "the store was read for {}", seq + 1);
+        }
+        // Lagging by 17: the oldest of them has left the cache.
+        for i in lag + 2..=2 * lag + 2 {
+            h.send(1, "bob", &format!("m{i}"), &format!("t{i}"));
+        }
+        let (out, reads) = h.req_failing(2, 0, C::Ack(proto::Ack { seq: lag + 1 }), "");
+        assert_eq!(
+            messages_to(&out, 2),
+            vec![(lag + 2, format!("t{}", lag + 2))]
+        );
+        assert_eq!(reads.calls, 1);
     }
 }

@@ -515,4 +515,198 @@ mod tests {
         );
         assert_eq!(page(&mut h), (1, true));
     }
+
+    #[test]
+    fn room_coming_back_with_nothing_to_deliver_produces_no_output() {
+        let mut h = H::new(ImConfig {
+            output_room: 100,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        while h.core.has_room(1) {
+            h.req(1, 42, C::Ping(proto::Ping { client_time_ms: 7 }));
+        }
+        assert!(!h.core.handle_room(1, 10_000, h.now, &h.store));
+        assert!(h.turn().is_empty());
+        assert!(h.core.has_room(1));
+    }
+
+    #[test]
+    fn a_failed_inbox_read_is_tried_again_at_the_next_commit_not_at_a_room_report() {
+        let mut h = H::new(ImConfig {
+            delivery_window: 1,
+            rate_burst: 1000.0,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "bob", "phone", 0);
+        for i in 1..=20 {
+            h.send(1, "bob", &format!("m{i}"), &format!("t{i}"));
+        }
+        // Bob has 1; 2 is no longer in memory, and the store cannot be read.
+        let (out, reads) = h.req_failing(2, 0, C::Ack(proto::Ack { seq: 1 }), "bob");
+        assert!(messages_to(&out, 2).is_empty());
+        assert_eq!(reads.calls, 1);
+        // The connection never ran out of room: a report of room is no reason to read again.
+        assert!(h.core.has_room(2));
+        assert!(!h.core.handle_room(2, 1024 * 1024, h.now, &h.store));
+        assert!(messages_to(&h.turn(), 2).is_empty());
+        let out = h.send(1, "bob", "m21", "t21");
+        assert_eq!(messages_to(&out, 2), vec![(2, "t2".into())]);
+    }
+
+    #[test]
+    fn a_connection_without_room_reads_nothing_from_the_store() {
+        let mut h = H::new(ImConfig {
+            output_room: 10_000,
+            rate_burst: 1000.0,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        for i in 1..=20 {
+            h.send(1, "bob", &format!("m{i}"), &"x".repeat(1000));
+        }
+        let out = h.login(2, "bob", "phone", 0);
+        assert_eq!(messages_to(&out, 2).len(), 7);
+        assert!(!h.core.has_room(2));
+        // A new message to bob: his stream is far behind it, in the store, but he has no room.
+        h.send_uncommitted(1, "bob", "m21", "x");
+        let (out, reads) = h.turn_failing("");
+        assert!(messages_to(&out, 2).is_empty());
+        assert_eq!(reads.calls, 0);
+    }
+
+    #[test]
+    fn a_connection_with_under_256_bytes_of_room_reads_one_message_at_a_time() {
+        let mut h = H::new(ImConfig {
+            output_room: 250,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        for i in 1..=10 {
+            h.send(1, "bob", &format!("m{i}"), "x");
+        }
+        h.core.on_open(2, h.now);
+        let login = h.login_frame("bob", "phone", 0);
+        let (out, reads) = h.req_failing(2, 1, login, "");
+        let got = messages_to(&out, 2).len();
+        assert!(got >= 1, "the stream is stuck");
+        assert_eq!(reads.messages, got, "read more than there was room for");
+    }
+
+    #[test]
+    fn a_devices_own_messages_read_back_from_the_store_cost_it_no_room() {
+        let mut h = H::new(ImConfig {
+            delivery_window: 1,
+            output_room: 10_000,
+            rate_burst: 1000.0,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "bob", "phone", 0);
+        h.send(2, "alice", "b1", "hi");
+        // While 1 waits for its ack, alice's phone sends 30 of 1,000 bytes; only the newest
+        // 16 of them stay in memory.
+        for i in 1..=30 {
+            h.send(1, "bob", &format!("m{i}"), &"x".repeat(1000));
+        }
+        h.req(1, 0, C::Ack(proto::Ack { seq: 1 }));
+        assert!(h.core.has_room(1));
+        let out = h.send(2, "alice", "b2", "yo");
+        assert_eq!(messages_to(&out, 1), vec![(32, "yo".into())]);
+    }
+
+    #[test]
+    fn a_devices_own_messages_take_no_window_unless_one_before_them_is_outstanding() {
+        let mut h = H::new(ImConfig {
+            delivery_window: 2,
+            rate_burst: 1000.0,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "bob", "phone", 0);
+        for i in 1..=3 {
+            h.send(1, "bob", &format!("m{i}"), "x");
+        }
+        assert_eq!(h.core.ack_deadline(1), None, "her own 1 to 3 are acked");
+        let out = h.send(2, "alice", "b1", "hi");
+        assert_eq!(messages_to(&out, 1), vec![(4, "hi".into())]);
+        // Behind 4, which she has not acked, her own 5 waits for an ack like any other.
+        h.send(1, "bob", "m4", "x");
+        let out = h.send(2, "alice", "b2", "yo");
+        assert!(messages_to(&out, 1).is_empty(), "the window of 2 is full");
+        let out = h.req(1, 0, C::Ack(proto::Ack { seq: 4 }));
+        assert_eq!(messages_to(&out, 1), vec![(6, "yo".into())]);
+    }
+
+    #[test]
+    fn the_ack_deadline_runs_from_the_first_delivery_after_none_was_outstanding_or_the_last_ack() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "bob", "phone", 0);
+        assert_eq!(h.core.ack_deadline(2), None, "nothing outstanding");
+        h.now.mono_ms += 5_000;
+        h.send(1, "bob", "m1", "x");
+        let first = h.now.mono_ms;
+        assert_eq!(h.core.ack_deadline(2), Some(first + 60_000));
+        h.now.mono_ms += 5_000;
+        h.send(1, "bob", "m2", "x");
+        assert_eq!(
+            h.core.ack_deadline(2),
+            Some(first + 60_000),
+            "a further delivery is no progress"
+        );
+        h.now.mono_ms += 5_000;
+        h.req(2, 0, C::Ack(proto::Ack { seq: 1 }));
+        assert_eq!(h.core.ack_deadline(2), Some(h.now.mono_ms + 60_000));
+        h.req(2, 0, C::Ack(proto::Ack { seq: 2 }));
+        assert_eq!(h.core.ack_deadline(2), None);
+    }
+
+    #[test]
+    fn messages_every_online_device_was_sent_leave_memory_so_a_device_logging_in_reads_the_store() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "bob", "phone", 0);
+        for i in 1..=3 {
+            h.send(1, "bob", &format!("m{i}"), &format!("t{i}"));
+        }
+        h.core.on_open(3, h.now);
+        let login = h.login_frame("bob", "laptop", 0);
+        let (out, reads) = h.req_failing(3, 1, login, "");
+        assert_eq!(
+            messages_to(&out, 3),
+            vec![(1, "t1".into()), (2, "t2".into()), (3, "t3".into())]
+        );
+        assert_eq!(reads.calls, 1);
+    }
+
+    #[test]
+    fn a_sync_page_may_fill_exactly_half_the_room() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        for i in 1..=3 {
+            h.send(1, "alice", &format!("m{i}"), &"x".repeat(100));
+        }
+        let two: usize = h
+            .store
+            .messages_after("alice", 0, 2)
+            .unwrap()
+            .iter()
+            .map(|m| m.body.len())
+            .sum();
+        h.core.handle_room(1, 2 * two, h.now, &h.store);
+        let out = h.req(
+            1,
+            5,
+            C::Sync(proto::Sync {
+                after_seq: 0,
+                limit: 10,
+            }),
+        );
+        match frames_to(&out, 1).pop() {
+            Some(S::SyncResult(r)) => assert_eq!((r.messages.len(), r.has_more), (2, true)),
+            other => panic!("{other:?}"),
+        }
+    }
 }

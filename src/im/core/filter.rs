@@ -154,4 +154,23 @@ mod tests {
             "{false_hits} of 100,000 new ids looked used"
         );
     }
+
+    #[test]
+    fn a_filter_is_sized_for_twice_its_keys_and_at_full_size_starts_a_generation_instead_of_growing(
+    ) {
+        let keys = RandomState::new();
+        let mut f = SendFilter::with((0..20u64).map(|k| keys.hash_one(k)).collect());
+        for i in 20..64u64 {
+            assert!(!f.must_grow(), "built from 20 keys, grows with {i} of 64");
+            f.insert(keys.hash_one(i));
+        }
+        assert!(f.must_grow());
+        let full = DEDUPE_KEEP as u64;
+        let mut f = SendFilter::with((0..full).map(|k| keys.hash_one(k)).collect());
+        for i in full..3 * full {
+            assert!(!f.must_grow(), "a full-size filter grows with {i} keys");
+            f.insert(keys.hash_one(i));
+        }
+        assert!((2 * full..3 * full).all(|k| f.may_contain(keys.hash_one(k))));
+    }
 }

@@ -206,8 +206,10 @@ mod tests {
     use super::super::harness::{error_code, frames_to, messages_to, send_ok, H};
     use super::super::{ImConfig, Output};
     use super::*;
-    use crate::im::proto::{server_frame::Body as S, ErrorCode};
+    use crate::im::proto::{client_frame::Body as C, server_frame::Body as S, ErrorCode};
     use crate::im::wire;
+    use crate::store::memory::MemoryStore;
+    use crate::store::StoredMessage;
 
     fn group_changes(out: &[Output], conn: ConnId) -> Vec<(String, bool)> {
         frames_to(out, conn)
@@ -287,6 +289,7 @@ mod tests {
             max_group_members: 3,
             ..ImConfig::default()
         });
+        assert_eq!(h.core.max_group_members(), 3);
         for uid in ["a", "b", "c"] {
             assert!(h.core.set_membership("g", uid, true, &h.store).is_ok());
         }
@@ -507,5 +510,122 @@ mod tests {
             Err(super::super::AdminSendError::NoSuchGroup)
         );
         assert!(h.core.take_batch().is_none(), "nothing written");
+    }
+
+    #[test]
+    fn the_groups_used_lately_are_sent_to_without_reading_the_store() {
+        let mut h = group();
+        h.member("other", "alice", true);
+        h.member("other", "bob", true);
+        h.group_send(1, "g", "m1", "hello");
+        h.group_send(1, "other", "m2", "hi");
+        let send = C::Send(proto::SendMessage {
+            group_id: "g".into(),
+            client_msg_id: "m3".into(),
+            content: b"again".to_vec(),
+            ..Default::default()
+        });
+        let (out, _) = h.req_failing(1, 7, send, "g");
+        assert_eq!(
+            error_code(&out, 1),
+            None,
+            "the members of g were read again"
+        );
+        assert!(send_ok(&out, 1).is_some());
+        assert_eq!(messages_to(&out, 3), vec![(3, "again".into())]);
+    }
+
+    #[test]
+    fn the_group_cache_holds_groups_weighing_up_to_its_limit_in_all_and_starts_over_past_it() {
+        let mut h = group();
+        h.member("b", "bob", true);
+        // g weighs 4 (3 members and 1), b 2; b is forgotten when its membership changes.
+        h.group_send(1, "g", "m1", "x");
+        h.group_send(3, "b", "m2", "x");
+        h.member("b", "carol", true);
+        let g_is_cached = |h: &mut H, cmid: &str| {
+            let send = C::Send(proto::SendMessage {
+                group_id: "g".into(),
+                client_msg_id: cmid.into(),
+                content: b"x".to_vec(),
+                ..Default::default()
+            });
+            let (out, _) = h.req_failing(1, 7, send, "g");
+            error_code(&out, 1).is_none()
+        };
+        // A group weighing the rest of the limit: the cache is full, not past it.
+        let big = Big {
+            inner: &h.store,
+            members: GROUP_CACHE_WEIGHT.saturating_sub(4 + 1),
+        };
+        let send = C::Send(proto::SendMessage {
+            group_id: "big".into(),
+            client_msg_id: "m3".into(),
+            content: b"x".to_vec(),
+            ..Default::default()
+        });
+        h.core.on_frame(
+            1,
+            proto::ClientFrame {
+                id: 7,
+                body: Some(send),
+            },
+            h.now,
+            &big,
+        );
+        assert_eq!(error_code(&h.turn(), 1), Some(ErrorCode::Forbidden));
+        assert!(g_is_cached(&mut h, "m4"));
+        // Then a group of nobody, weighing 1: past the limit, the cache starts over.
+        let out = h.group_send(1, "nobody", "m5", "x");
+        assert_eq!(error_code(&out, 1), Some(ErrorCode::Forbidden));
+        assert!(!g_is_cached(&mut h, "m6"));
+    }
+
+    /// The memory store with one more group, "big", of `members` members (not the users of
+    /// the tests), without the cost of writing them to the memory store.
+    struct Big<'a> {
+        inner: &'a MemoryStore,
+        members: usize,
+    }
+
+    impl StoreRead for Big<'_> {
+        fn max_seq(&self, uid: &str) -> Result<u64, ReadError> {
+            self.inner.max_seq(uid)
+        }
+        fn messages_after(
+            &self,
+            uid: &str,
+            after: u64,
+            limit: usize,
+        ) -> Result<Vec<StoredMessage>, ReadError> {
+            self.inner.messages_after(uid, after, limit)
+        }
+        fn cursor(&self, uid: &str, device_id: &str) -> u64 {
+            self.inner.cursor(uid, device_id)
+        }
+        fn cursors(&self, uid: &str) -> Vec<(String, u64)> {
+            self.inner.cursors(uid)
+        }
+        fn recent_sends(&self, uid: &str) -> Result<Vec<(String, u64)>, ReadError> {
+            self.inner.recent_sends(uid)
+        }
+        fn friends(&self, uid: &str) -> Vec<String> {
+            self.inner.friends(uid)
+        }
+        fn group_members(&self, gid: &str) -> Result<Vec<String>, ReadError> {
+            if gid != "big" {
+                return self.inner.group_members(gid);
+            }
+            Ok((0..self.members).map(|i| format!("u{i:07}")).collect())
+        }
+        fn group_size(&self, gid: &str) -> Result<usize, ReadError> {
+            self.inner.group_size(gid)
+        }
+        fn is_member(&self, gid: &str, uid: &str) -> Result<bool, ReadError> {
+            self.inner.is_member(gid, uid)
+        }
+        fn groups_of(&self, uid: &str) -> Result<Vec<String>, ReadError> {
+            self.inner.groups_of(uid)
+        }
     }
 }

@@ -2,6 +2,8 @@
 //! every concern: each request ends the loop turn (its batch taken, applied and reported
 //! durable), and helpers pick the outputs a test asserts on.
 
+use std::cell::Cell;
+
 use super::{ConnId, Core, ImConfig, Now, Output};
 use crate::im::auth::tests::token;
 use crate::im::proto::{
@@ -9,6 +11,7 @@ use crate::im::proto::{
 };
 use crate::im::wire;
 use crate::store::memory::MemoryStore;
+use crate::store::{ReadError, StoreRead, StoredMessage};
 
 /// The key the harness signs login tokens with.
 pub(super) const SECRET: &[u8] = b"test-secret";
@@ -66,16 +69,18 @@ impl H {
         last_seq: u64,
     ) -> Vec<Output> {
         self.core.on_open(conn, self.now);
+        let login = self.login_frame(uid, device, last_seq);
+        self.req(conn, 1, login)
+    }
+
+    /// A Login with a token for `uid` valid for an hour.
+    pub(super) fn login_frame(&self, uid: &str, device: &str, last_seq: u64) -> C {
         let exp = (self.now.unix_ms / 1000) as u64 + 3600;
-        self.req(
-            conn,
-            1,
-            C::Login(proto::Login {
-                token: token(SECRET, uid, Some(exp)),
-                device_id: device.into(),
-                last_seq,
-            }),
-        )
+        C::Login(proto::Login {
+            token: token(SECRET, uid, Some(exp)),
+            device_id: device.into(),
+            last_seq,
+        })
     }
 
     pub(super) fn send(&mut self, conn: ConnId, to: &str, cmid: &str, text: &str) -> Vec<Output> {
@@ -140,6 +145,131 @@ impl H {
     pub(super) fn close(&mut self, conn: ConnId) -> Vec<Output> {
         self.core.on_close(conn, &self.store);
         self.turn()
+    }
+
+    /// Runs a frame against the store as [`Failing`] for `uid` shows it, then ends the turn
+    /// with the store itself. Returns the outputs and the inbox reads the frame made.
+    pub(super) fn req_failing(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        body: C,
+        uid: &'static str,
+    ) -> (Vec<Output>, Reads) {
+        let store = Failing::new(&self.store, uid);
+        self.core.on_frame(
+            conn,
+            ClientFrame {
+                id,
+                body: Some(body),
+            },
+            self.now,
+            &store,
+        );
+        let reads = store.reads.get();
+        let mut out: Vec<Output> = self.core.drain_output().collect();
+        out.extend(self.turn());
+        (out, reads)
+    }
+
+    /// Ends the turn as [`H::turn`] does, except that the core reads the store as [`Failing`]
+    /// for `uid` shows it when it hears of the commit. Also returns the inbox reads that made.
+    pub(super) fn turn_failing(&mut self, uid: &'static str) -> (Vec<Output>, Reads) {
+        let mut out: Vec<Output> = self.core.drain_output().collect();
+        let Some((id, batch)) = self.core.take_batch() else {
+            return (out, Reads::default());
+        };
+        self.store.apply(&batch);
+        let store = Failing::new(&self.store, uid);
+        self.core.on_committed(id, self.now, &store);
+        out.extend(self.core.drain_output());
+        (out, store.reads.get())
+    }
+}
+
+/// The memory store, except that every read about `uid` that can fail does (none when no
+/// user or group has that id); it counts the inbox reads (`messages_after`).
+pub(super) struct Failing<'a> {
+    inner: &'a MemoryStore,
+    uid: &'static str,
+    pub(super) reads: Cell<Reads>,
+}
+
+/// Inbox reads through [`Failing`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(super) struct Reads {
+    /// How many, failed or not.
+    pub(super) calls: usize,
+    /// How many messages they returned.
+    pub(super) messages: usize,
+}
+
+impl<'a> Failing<'a> {
+    pub(super) fn new(inner: &'a MemoryStore, uid: &'static str) -> Self {
+        Failing {
+            inner,
+            uid,
+            reads: Cell::default(),
+        }
+    }
+
+    fn fail(&self, uid: &str) -> Result<(), ReadError> {
+        if uid == self.uid {
+            return Err(ReadError("disk on fire".into()));
+        }
+        Ok(())
+    }
+}
+
+impl StoreRead for Failing<'_> {
+    fn max_seq(&self, uid: &str) -> Result<u64, ReadError> {
+        self.fail(uid)?;
+        self.inner.max_seq(uid)
+    }
+    fn messages_after(
+        &self,
+        uid: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, ReadError> {
+        let mut reads = self.reads.get();
+        reads.calls += 1;
+        self.reads.set(reads);
+        self.fail(uid)?;
+        let msgs = self.inner.messages_after(uid, after, limit)?;
+        reads.messages += msgs.len();
+        self.reads.set(reads);
+        Ok(msgs)
+    }
+    fn cursor(&self, uid: &str, device_id: &str) -> u64 {
+        self.inner.cursor(uid, device_id)
+    }
+    fn cursors(&self, uid: &str) -> Vec<(String, u64)> {
+        self.inner.cursors(uid)
+    }
+    fn recent_sends(&self, uid: &str) -> Result<Vec<(String, u64)>, ReadError> {
+        self.fail(uid)?;
+        self.inner.recent_sends(uid)
+    }
+    fn friends(&self, uid: &str) -> Vec<String> {
+        self.inner.friends(uid)
+    }
+    fn group_members(&self, gid: &str) -> Result<Vec<String>, ReadError> {
+        self.fail(gid)?;
+        self.inner.group_members(gid)
+    }
+    fn group_size(&self, gid: &str) -> Result<usize, ReadError> {
+        self.fail(gid)?;
+        self.inner.group_size(gid)
+    }
+    fn is_member(&self, gid: &str, uid: &str) -> Result<bool, ReadError> {
+        self.fail(gid)?;
+        self.fail(uid)?;
+        self.inner.is_member(gid, uid)
+    }
+    fn groups_of(&self, uid: &str) -> Result<Vec<String>, ReadError> {
+        self.fail(uid)?;
+        self.inner.groups_of(uid)
     }
 }
 

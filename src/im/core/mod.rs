@@ -405,7 +405,7 @@ impl Core {
 
 #[cfg(test)]
 mod tests {
-    use super::harness::{frames_to, H};
+    use super::harness::{closes, error_code, frames_to, H};
     use super::*;
     use client_frame::Body as C;
     use server_frame::Body as S;
@@ -419,5 +419,15 @@ mod tests {
             panic!()
         };
         assert_eq!((p.client_time_ms, p.server_time_ms), (7, h.now.unix_ms));
+    }
+
+    #[test]
+    fn a_raw_tcp_frame_over_the_limit_is_answered_too_large_and_closes_the_connection() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "a", 0);
+        h.core.on_frame_too_large(1);
+        let out = h.turn();
+        assert_eq!(error_code(&out, 1), Some(ErrorCode::TooLarge));
+        assert_eq!(closes(&out), vec![(1, code::POLICY_VIOLATION)]);
     }
 }

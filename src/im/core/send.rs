@@ -355,14 +355,13 @@ impl Core {
 
 #[cfg(test)]
 mod tests {
-    use super::super::harness::{closes, error_code, send_ok, H, SECRET};
+    use super::super::harness::{closes, error_code, send_ok, Failing, H, SECRET};
     use super::super::ImConfig;
     use super::*;
     use crate::im::auth::tests::token;
     use crate::im::proto::{
         client_frame::Body as C, server_frame::Body as S, ClientFrame, ServerFrame,
     };
-    use crate::store::memory::MemoryStore;
     use crate::ws::code;
 
     #[test]
@@ -479,67 +478,6 @@ mod tests {
         assert_eq!(retry(&mut h, "m99"), (1101, true));
     }
 
-    /// The memory store, except that every read about `uid` that can fail does.
-    struct Failing<'a> {
-        inner: &'a MemoryStore,
-        uid: &'static str,
-    }
-
-    impl StoreRead for Failing<'_> {
-        fn max_seq(&self, uid: &str) -> Result<u64, ReadError> {
-            self.fail(uid)?;
-            self.inner.max_seq(uid)
-        }
-        fn messages_after(
-            &self,
-            uid: &str,
-            after: u64,
-            limit: usize,
-        ) -> Result<Vec<StoredMessage>, ReadError> {
-            self.fail(uid)?;
-            self.inner.messages_after(uid, after, limit)
-        }
-        fn cursor(&self, uid: &str, device_id: &str) -> u64 {
-            self.inner.cursor(uid, device_id)
-        }
-        fn cursors(&self, uid: &str) -> Vec<(String, u64)> {
-            self.inner.cursors(uid)
-        }
-        fn recent_sends(&self, uid: &str) -> Result<Vec<(String, u64)>, ReadError> {
-            self.fail(uid)?;
-            self.inner.recent_sends(uid)
-        }
-        fn friends(&self, uid: &str) -> Vec<String> {
-            self.inner.friends(uid)
-        }
-        fn group_members(&self, gid: &str) -> Result<Vec<String>, ReadError> {
-            self.fail(gid)?;
-            self.inner.group_members(gid)
-        }
-        fn group_size(&self, gid: &str) -> Result<usize, ReadError> {
-            self.fail(gid)?;
-            self.inner.group_size(gid)
-        }
-        fn is_member(&self, gid: &str, uid: &str) -> Result<bool, ReadError> {
-            self.fail(gid)?;
-            self.fail(uid)?;
-            self.inner.is_member(gid, uid)
-        }
-        fn groups_of(&self, uid: &str) -> Result<Vec<String>, ReadError> {
-            self.fail(uid)?;
-            self.inner.groups_of(uid)
-        }
-    }
-
-    impl Failing<'_> {
-        fn fail(&self, uid: &str) -> Result<(), ReadError> {
-            if uid == self.uid {
-                return Err(ReadError("disk on fire".into()));
-            }
-            Ok(())
-        }
-    }
-
     #[test]
     fn a_store_that_cannot_be_read_refuses_instead_of_guessing() {
         let mut h = H::new(ImConfig::default());
@@ -555,10 +493,7 @@ mod tests {
             })),
         };
         // Where bob's inbox ends is unknown: nothing is appended, the sender is told.
-        let bob_fails = Failing {
-            inner: &h.store,
-            uid: "bob",
-        };
+        let bob_fails = Failing::new(&h.store, "bob");
         h.core.on_frame(1, frame("bob"), h.now, &bob_fails);
         let out: Vec<Output> = h.core.drain_output().collect();
         assert_eq!(error_code(&out, 1), Some(ErrorCode::Unavailable));
@@ -580,10 +515,7 @@ mod tests {
         assert_eq!(error_code(&out, 3), Some(ErrorCode::Unavailable));
         assert_eq!(closes(&out), vec![(3, code::INTERNAL_ERROR)]);
         // Whether carol used the id before is unknown: refused rather than taken for new.
-        let carol_fails = Failing {
-            inner: &h.store,
-            uid: "carol",
-        };
+        let carol_fails = Failing::new(&h.store, "carol");
         h.core.on_frame(2, frame("alice"), h.now, &carol_fails);
         let out: Vec<Output> = h.core.drain_output().collect();
         assert_eq!(error_code(&out, 2), Some(ErrorCode::Unavailable));
@@ -626,5 +558,70 @@ mod tests {
                 "closed after 10 in a row ({i})"
             );
         }
+    }
+
+    #[test]
+    fn content_of_exactly_max_content_bytes_is_taken_and_one_byte_more_is_too_large() {
+        let mut h = H::new(ImConfig {
+            max_content_bytes: 4,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "a", 0);
+        assert!(send_ok(&h.send(1, "bob", "m1", "1234"), 1).is_some());
+        assert_eq!(
+            error_code(&h.send(1, "bob", "m2", "12345"), 1),
+            Some(ErrorCode::TooLarge)
+        );
+    }
+
+    #[test]
+    fn the_token_bucket_refills_at_rate_per_sec() {
+        let mut h = H::new(ImConfig {
+            rate_burst: 2.0,
+            rate_per_sec: 2.0,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "a", 0);
+        let mut n = 0;
+        let mut sent = |h: &mut H| {
+            n += 1;
+            send_ok(&h.send(1, "bob", &format!("m{n}"), "x"), 1).is_some()
+        };
+        assert_eq!(
+            [sent(&mut h), sent(&mut h), sent(&mut h)],
+            [true, true, false]
+        );
+        // Half a second at 2 a second: one more send, not two.
+        h.now.mono_ms += 500;
+        assert_eq!([sent(&mut h), sent(&mut h)], [true, false]);
+    }
+
+    #[test]
+    fn an_admin_send_needs_valid_ids_and_content_of_at_most_max_content_bytes() {
+        let mut h = H::new(ImConfig {
+            max_content_bytes: 4,
+            ..ImConfig::default()
+        });
+        let mut admin_send = |from: &str, to: &str, cmid: &str, content: &str| {
+            let r = h.core.admin_send(
+                1,
+                from,
+                Target::User(to),
+                cmid.into(),
+                content.into(),
+                h.now,
+                &h.store,
+            );
+            h.turn();
+            r
+        };
+        let invalid = |r: Result<(), AdminSendError>| matches!(r, Err(AdminSendError::Invalid(_)));
+        assert!(invalid(admin_send("", "bob", "m1", "x")), "no sender");
+        assert!(invalid(admin_send("system", "", "m1", "x")), "no recipient");
+        assert!(invalid(admin_send("system", &"b".repeat(65), "m1", "x")));
+        assert!(invalid(admin_send("system", "bob", "", "x")), "no id");
+        assert!(invalid(admin_send("system", "bob", "m1", "12345")));
+        assert_eq!(admin_send("system", "bob", "m1", "1234"), Ok(()));
+        assert_eq!(h.store.max_seq("bob"), Ok(1));
     }
 }
