@@ -37,6 +37,8 @@ pub struct ServerProc {
     pub tcp: Option<SocketAddr>,
     pub data_dir: std::path::PathBuf,
     pub keep_data: bool,
+    /// The first line the server printed: where it listens, and its WebSocket endpoints.
+    pub listening: String,
 }
 
 impl ServerProc {
@@ -114,6 +116,7 @@ impl ServerProc {
             tcp,
             data_dir,
             keep_data: false,
+            listening: line,
         }
     }
 
@@ -143,6 +146,11 @@ impl ServerProc {
         )
         .unwrap();
         String::from_utf8_lossy(&read_until_closed(&mut s, CLOSE_WITHIN)).into_owned()
+    }
+
+    /// The server's stderr, when the test started it with `Stdio::piped()` there.
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.stderr.take()
     }
 
     pub fn pid(&self) -> u32 {
@@ -339,14 +347,20 @@ pub fn poll_until<T>(
 /// Makes the command's process start with an open-file limit (soft and hard) of `n`, so that
 /// a test can drive the server into descriptor exhaustion.
 pub fn limit_open_files(cmd: &mut Command, n: u64) {
+    limit_open_files_to(cmd, n, n);
+}
+
+/// Makes the command's process start with a soft open-file limit of `soft` under a hard one of
+/// `hard`.
+pub fn limit_open_files_to(cmd: &mut Command, soft: u64, hard: u64) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs between fork and exec and only calls setrlimit, which is
     // async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
             let lim = libc::rlimit {
-                rlim_cur: n,
-                rlim_max: n,
+                rlim_cur: soft,
+                rlim_max: hard,
             };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
                 return Err(std::io::Error::last_os_error());
