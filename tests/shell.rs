@@ -108,3 +108,46 @@ fn the_listening_line_names_the_endpoints() {
         both.listening
     );
 }
+
+/// The seconds since midnight of a log line (`2026-12-02T16:36:46.839Z WARN ...`).
+fn logged_at(line: &str) -> Option<f64> {
+    let time = line.split_whitespace().next()?.split('T').nth(1)?;
+    let mut parts = time.trim_end_matches('Z').split(':');
+    let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
+}
+
+#[test]
+fn running_out_of_descriptors_is_warned_about_at_most_once_a_second() {
+    let mut server = ServerProc::start_with(&["--echo"], |cmd| {
+        common::limit_open_files(cmd, 48);
+        cmd.stderr(Stdio::piped());
+    });
+    // Two bursts of connections past the limit, well over a second apart, while the first
+    // burst's connections are held: each burst is shed, and warned about.
+    let mut held = Vec::new();
+    for burst in [80, 20] {
+        held.extend((0..burst).filter_map(|_| std::net::TcpStream::connect(server.addr).ok()));
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    drop(held);
+    assert!(server.terminate(Duration::from_secs(10)).success());
+    let mut log = String::new();
+    server
+        .take_stderr()
+        .expect("stderr piped")
+        .read_to_string(&mut log)
+        .unwrap();
+    let warned: Vec<f64> = log
+        .lines()
+        .filter(|l| l.contains("out of file descriptors"))
+        .map(|l| logged_at(l).expect("a timestamped line"))
+        .collect();
+    assert!(warned.len() >= 2, "a warning for each burst: {log}");
+    for pair in warned.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= 0.99,
+            "warnings {pair:?} s apart: {log}"
+        );
+    }
+}
