@@ -4,9 +4,9 @@
 # integration tests against the release binary, the interop tests with Python's `websockets`
 # and `protobuf` (installed into a private virtualenv on first use), and the web demo's
 # end-to-end test in Debian's Chromium driven by playwright-core (Chromium installed with
-# apt-get, playwright-core with npm, on first use). strace (for the durability tests) is
-# installed with apt-get on first use too. Screenshots of the browser test land in
-# target/screenshots/.
+# apt-get, playwright-core with npm, on first use). strace (for the durability tests) and
+# redis-server (for the Redis store's tests) are installed with apt-get on first use too.
+# Screenshots of the browser test land in target/screenshots/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,12 +15,17 @@ if command -v git >/dev/null 2>&1 && [ -d .git ]; then
     git apply --check bench/no-store.patch
 fi
 
-# tests/durability.rs watches the server's fsyncs with strace.
-if ! command -v strace >/dev/null 2>&1; then
+# tests/durability.rs watches the server's fsyncs with strace; tests/redis_store.rs starts its
+# own redis-server processes (Debian's, 7.0).
+missing=""
+command -v strace >/dev/null 2>&1 || missing="$missing strace"
+command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+if [ -n "$missing" ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq strace >/dev/null
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $missing >/dev/null
 fi
 
 cargo test --lib

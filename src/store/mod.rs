@@ -8,6 +8,7 @@
 pub mod memory;
 pub mod records;
 pub(crate) mod redb_store;
+pub mod redis;
 pub(crate) mod tail;
 pub(crate) mod writer;
 

@@ -1,0 +1,423 @@
+//! The Redis store's inbox contract (docs/CLUSTER.md), against real `redis-server` processes
+//! started by the tests: dense seqs assigned by Redis, a body stored once and read back through
+//! references, appends that land exactly once however often they are retried, bounded
+//! idempotency keys, and what survives a `kill -9` of Redis.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::redis::RedisProc;
+use imgate::store::redis::{Changes, NewSend, RedisStore, Sent};
+use imgate::store::{Body, Membership, DEDUPE_KEEP};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+fn store(r: &RedisProc) -> RedisStore {
+    RedisStore::connect(&r.url(), TIMEOUT).expect("connect to the test Redis")
+}
+
+fn body(text: &str) -> Body {
+    Body::from(text.as_bytes())
+}
+
+fn send(from: &str, id: &str, to: &[&str]) -> NewSend {
+    NewSend {
+        from_uid: from.into(),
+        client_msg_id: id.into(),
+        server_time_ms: 1_000 + id.len() as i64,
+        body: body(&format!("{from}:{id}")),
+        to: to.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+/// The bodies of `uid`'s inbox, in seq order, checking that its seqs run 1, 2, 3...
+fn inbox(s: &mut RedisStore, uid: &str) -> Vec<String> {
+    let msgs = s.messages_after(uid, 0, 100_000).expect("read the inbox");
+    for (i, m) in msgs.iter().enumerate() {
+        assert_eq!(m.seq, i as u64 + 1, "{uid}'s seqs are dense");
+    }
+    assert_eq!(s.max_seq(uid), Ok(msgs.len() as u64));
+    msgs.iter()
+        .map(|m| String::from_utf8(m.body.to_vec()).expect("a test body"))
+        .collect()
+}
+
+/// A raw connection, to look at or break what the store wrote.
+fn raw(r: &RedisProc) -> redis::Connection {
+    redis::Client::open(r.url())
+        .and_then(|c| c.get_connection())
+        .expect("connect")
+}
+
+#[test]
+fn a_send_reaches_each_inbox_under_its_next_seq_and_reads_back_its_body() {
+    let r = RedisProc::start();
+    let mut s = store(&r);
+    let sent = s
+        .commit_sends(&[
+            send("alice", "m1", &["bob", "carol"]),
+            send("bob", "m1", &["alice"]),
+            send("alice", "m2", &["bob"]),
+        ])
+        .unwrap();
+    // The senders' copies come first, then the references, each sender's in its order.
+    assert_eq!(
+        sent,
+        vec![
+            Sent {
+                seq: 1,
+                duplicate: false,
+                to_seqs: vec![2, 1]
+            },
+            Sent {
+                seq: 1,
+                duplicate: false,
+                to_seqs: vec![3]
+            },
+            Sent {
+                seq: 2,
+                duplicate: false,
+                to_seqs: vec![3]
+            },
+        ]
+    );
+    assert_eq!(inbox(&mut s, "alice"), ["alice:m1", "alice:m2", "bob:m1"]);
+    assert_eq!(inbox(&mut s, "bob"), ["bob:m1", "alice:m1", "alice:m2"]);
+    assert_eq!(inbox(&mut s, "carol"), ["alice:m1"]);
+    // Pages start after the given seq and stop at the limit; times are kept.
+    let page = s.messages_after("bob", 1, 1).unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!((page[0].seq, page[0].server_time_ms), (2, 1_002));
+    assert_eq!(&*page[0].body, b"alice:m1");
+    assert_eq!(s.messages_after("bob", 3, 10), Ok(vec![]));
+    assert_eq!(s.messages_after("nobody", 0, 10), Ok(vec![]));
+    assert_eq!(s.messages_after("bob", 0, 0), Ok(vec![]));
+}
+
+#[test]
+fn the_body_is_stored_once_per_send() {
+    let r = RedisProc::start();
+    let mut s = store(&r);
+    let big = "x".repeat(10_000);
+    let mut g = send(
+        "alice",
+        "big",
+        &["m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8"],
+    );
+    g.body = body(&big);
+    s.commit_sends(&[g]).unwrap();
+    let mut c = raw(&r);
+    let used: Vec<(String, usize)> = ["alice", "m1", "m8"]
+        .iter()
+        .map(|u| {
+            let v: redis::Value = redis::cmd("XRANGE")
+                .arg(format!("im:{{{u}}}:inbox"))
+                .arg("-")
+                .arg("+")
+                .query(&mut c)
+                .unwrap();
+            (u.to_string(), format!("{v:?}").len())
+        })
+        .collect();
+    assert!(
+        used[0].1 > 10_000,
+        "the sender's copy holds the body: {used:?}"
+    );
+    assert!(
+        used[1].1 < 500 && used[2].1 < 500,
+        "recipients hold a reference: {used:?}"
+    );
+    for m in ["m1", "m8"] {
+        assert_eq!(inbox(&mut s, m), std::slice::from_ref(&big));
+    }
+}
+
+#[test]
+fn a_retried_send_lands_exactly_once_in_each_inbox() {
+    let r = RedisProc::start();
+    let mut s = store(&r);
+    s.commit_sends(&[send("alice", "warm-up", &["bob"])])
+        .unwrap();
+    // The first attempt stopped after the sender's copy (as if the node died between the
+    // two inboxes): the retry adds the recipients, once each, and keeps the sender's seq.
+    let first = s.commit_sends(&[send("alice", "m", &[])]).unwrap();
+    assert_eq!(
+        first[0],
+        Sent {
+            seq: 2,
+            duplicate: false,
+            to_seqs: vec![]
+        }
+    );
+    let retry = s
+        .commit_sends(&[send("alice", "m", &["bob", "carol"])])
+        .unwrap();
+    assert_eq!(
+        retry[0],
+        Sent {
+            seq: 2,
+            duplicate: true,
+            to_seqs: vec![2, 1]
+        }
+    );
+    // Retried again, on another connection (another node), twice in one pipeline.
+    let mut other = store(&r);
+    let again = other
+        .commit_sends(&[
+            send("alice", "m", &["bob", "carol"]),
+            send("alice", "m", &["bob", "carol"]),
+        ])
+        .unwrap();
+    assert_eq!(again, vec![retry[0].clone(), retry[0].clone()]);
+    assert_eq!(inbox(&mut s, "alice"), ["alice:warm-up", "alice:m"]);
+    assert_eq!(inbox(&mut s, "bob"), ["alice:warm-up", "alice:m"]);
+    assert_eq!(inbox(&mut s, "carol"), ["alice:m"]);
+    // The same id from another sender is another message.
+    let bobs = s.commit_sends(&[send("bob", "m", &["carol"])]).unwrap();
+    assert_eq!(
+        bobs[0],
+        Sent {
+            seq: 3,
+            duplicate: false,
+            to_seqs: vec![2]
+        }
+    );
+}
+
+#[test]
+fn the_newest_thousand_ids_of_an_inbox_are_remembered_and_no_more() {
+    let r = RedisProc::start();
+    let mut s = store(&r);
+    let sends: Vec<NewSend> = (0..=DEDUPE_KEEP)
+        .map(|i| send("alice", &format!("id{i}"), &["bob"]))
+        .collect();
+    s.commit_sends(&sends).unwrap();
+    let n = DEDUPE_KEEP as u64 + 1;
+    assert_eq!(s.max_seq("bob"), Ok(n));
+    // id1 is among the newest thousand: a duplicate.
+    let kept = s.commit_sends(&[send("alice", "id1", &["bob"])]).unwrap();
+    assert_eq!(
+        kept[0],
+        Sent {
+            seq: 2,
+            duplicate: true,
+            to_seqs: vec![2]
+        }
+    );
+    // id0 was dropped from both inboxes: stored again, as a new message.
+    let dropped = s.commit_sends(&[send("alice", "id0", &["bob"])]).unwrap();
+    assert_eq!(
+        dropped[0],
+        Sent {
+            seq: n + 1,
+            duplicate: false,
+            to_seqs: vec![n + 1]
+        }
+    );
+    let mut c = raw(&r);
+    for key in ["im:{alice}:ids", "im:{bob}:ids"] {
+        let held: usize = redis::cmd("HLEN").arg(key).query(&mut c).unwrap();
+        assert_eq!(held, DEDUPE_KEEP, "{key}");
+    }
+    let queued: usize = redis::cmd("LLEN")
+        .arg("im:{bob}:idq")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(queued, DEDUPE_KEEP);
+}
+
+#[test]
+fn seqs_stay_dense_when_several_nodes_append_to_one_inbox_at_once() {
+    let r = Arc::new(RedisProc::start());
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let r = r.clone();
+            std::thread::spawn(move || {
+                let mut s = store(&r);
+                let from = format!("node{t}");
+                for chunk in 0..10 {
+                    let batch: Vec<NewSend> = (0..25)
+                        .map(|i| send(&from, &format!("{chunk}-{i}"), &["bob"]))
+                        .collect();
+                    s.commit_sends(&batch).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut s = store(&r);
+    let mut got = inbox(&mut s, "bob");
+    assert_eq!(got.len(), 1000);
+    got.sort();
+    got.dedup();
+    assert_eq!(got.len(), 1000, "each message once");
+}
+
+#[test]
+fn cursors_only_rise_and_friendships_and_groups_are_kept_both_ways() {
+    let r = RedisProc::start();
+    let mut s = store(&r);
+    let m = |gid: &str, uid: &str, joined| Membership {
+        gid: gid.into(),
+        uid: uid.into(),
+        joined,
+    };
+    s.commit(&Changes {
+        cursors: vec![
+            ("bob".into(), "phone".into(), 5),
+            ("bob".into(), "phone".into(), 3),
+            ("bob".into(), "web".into(), 1),
+        ],
+        friendships: vec![
+            ("alice".into(), "bob".into(), true),
+            ("alice".into(), "carol".into(), true),
+        ],
+        memberships: vec![
+            m("g1", "alice", true),
+            m("g1", "bob", true),
+            m("g2", "bob", true),
+        ],
+    })
+    .unwrap();
+    assert_eq!(s.cursor("bob", "phone"), Ok(5));
+    assert_eq!(s.cursor("bob", "tablet"), Ok(0));
+    assert_eq!(
+        s.cursors("bob"),
+        Ok(vec![("phone".into(), 5), ("web".into(), 1)])
+    );
+    assert_eq!(s.friends("alice"), Ok(vec!["bob".into(), "carol".into()]));
+    assert_eq!(s.friends("carol"), Ok(vec!["alice".into()]));
+    assert_eq!(
+        s.group_members("g1"),
+        Ok(vec!["alice".into(), "bob".into()])
+    );
+    assert_eq!(s.groups_of("bob"), Ok(vec!["g1".into(), "g2".into()]));
+    s.commit(&Changes {
+        cursors: vec![("bob".into(), "phone".into(), 9)],
+        friendships: vec![("carol".into(), "alice".into(), false)],
+        memberships: vec![m("g1", "alice", false)],
+    })
+    .unwrap();
+    assert_eq!(s.cursor("bob", "phone"), Ok(9));
+    assert_eq!(s.friends("alice"), Ok(vec!["bob".into()]));
+    assert_eq!(s.friends("carol"), Ok(vec![]));
+    assert_eq!(s.group_size("g1"), Ok(1));
+    assert_eq!(s.is_member("g1", "alice"), Ok(false));
+    assert_eq!(s.is_member("g1", "bob"), Ok(true));
+    assert_eq!(s.groups_of("alice"), Ok(vec![]));
+    s.commit(&Changes::default()).unwrap();
+}
+
+#[test]
+fn what_redis_acknowledged_survives_its_kill_9_and_scripts_it_forgot_are_loaded_again() {
+    let mut r = RedisProc::start();
+    let mut s = store(&r);
+    let sends: Vec<NewSend> = (0..50)
+        .map(|i| send("alice", &format!("m{i}"), &["bob"]))
+        .collect();
+    s.commit_sends(&sends).unwrap();
+    s.commit(&Changes {
+        cursors: vec![("bob".into(), "phone".into(), 40)],
+        ..Changes::default()
+    })
+    .unwrap();
+    r.kill9();
+    r.restart();
+    // The restarted Redis read its AOF back, and has no scripts: the store loads them again.
+    let mut s = RedisStore::connect(&r.url(), TIMEOUT).unwrap();
+    assert_eq!(inbox(&mut s, "bob").len(), 50);
+    assert_eq!(s.cursor("bob", "phone"), Ok(40));
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut raw(&r))
+        .unwrap();
+    let retried = s
+        .commit_sends(&[
+            send("alice", "m49", &["bob"]),
+            send("alice", "new", &["bob"]),
+        ])
+        .unwrap();
+    assert_eq!(
+        retried[0],
+        Sent {
+            seq: 50,
+            duplicate: true,
+            to_seqs: vec![50]
+        }
+    );
+    assert_eq!(
+        retried[1],
+        Sent {
+            seq: 51,
+            duplicate: false,
+            to_seqs: vec![51]
+        }
+    );
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut raw(&r))
+        .unwrap();
+    s.commit(&Changes {
+        cursors: vec![("bob".into(), "phone".into(), 51)],
+        ..Changes::default()
+    })
+    .unwrap();
+    assert_eq!(s.cursor("bob", "phone"), Ok(51));
+}
+
+#[test]
+fn an_unreachable_redis_is_an_error_within_the_timeout() {
+    let mut r = RedisProc::start();
+    let mut s = store(&r);
+    r.kill9();
+    let started = Instant::now();
+    assert!(s.commit_sends(&[send("alice", "m", &["bob"])]).is_err());
+    assert!(s.max_seq("bob").is_err());
+    assert!(started.elapsed() < TIMEOUT * 4, "{:?}", started.elapsed());
+    assert!(RedisStore::connect(&r.url(), TIMEOUT).is_err());
+    assert!(RedisStore::connect("not a url", TIMEOUT).is_err());
+}
+
+#[test]
+fn an_inbox_entry_that_does_not_parse_or_refers_to_nothing_is_an_error_not_a_guess() {
+    let r = RedisProc::start();
+    let mut s = store(&r);
+    let mut c = raw(&r);
+    // A reference (kind R, time, seq 7) to a body ghost never stored.
+    let mut dangling = b"R".to_vec();
+    dangling.extend_from_slice(&5i64.to_le_bytes());
+    dangling.extend_from_slice(&7u64.to_le_bytes());
+    dangling.extend_from_slice(b"ghost");
+    let _: String = redis::cmd("XADD")
+        .arg("im:{bob}:inbox")
+        .arg("1-1")
+        .arg("m")
+        .arg(dangling)
+        .query(&mut c)
+        .unwrap();
+    let e = s.messages_after("bob", 0, 10).unwrap_err();
+    assert!(e.0.contains("ghost's 7 is missing"), "{e}");
+    let _: String = redis::cmd("XADD")
+        .arg("im:{carol}:inbox")
+        .arg("1-1")
+        .arg("m")
+        .arg("?")
+        .query(&mut c)
+        .unwrap();
+    assert!(s.messages_after("carol", 0, 10).is_err());
+    // A gap in the seqs (an entry 2 with none at 1) is corruption too.
+    s.commit_sends(&[send("dave", "m", &[])]).unwrap();
+    let _: () = redis::cmd("XDEL")
+        .arg("im:{dave}:inbox")
+        .arg("1-1")
+        .query(&mut c)
+        .map(|_: i64| ())
+        .unwrap();
+    s.commit_sends(&[send("dave", "n", &[])]).unwrap();
+    let e = s.messages_after("dave", 0, 10).unwrap_err();
+    assert!(e.0.contains("gap"), "{e}");
+}
