@@ -499,10 +499,7 @@ fn admin_api_sends_and_reports_users() {
 
 /// The value of one sample line of the metrics text, e.g. `imgate_logins_total`.
 fn metric(text: &str, sample: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample {sample} in:\n{text}"))
+    common::metric_sample(text, sample).unwrap_or_else(|| panic!("no sample {sample} in:\n{text}"))
 }
 
 #[test]

@@ -19,11 +19,8 @@ const LONG_TIMERS: [&str; 4] = ["--ping-interval", "300s", "--idle-timeout", "60
 /// Open WebSocket connections, as `/metrics` counts them.
 fn open_ws_connections(server: &ServerProc) -> f64 {
     let text = server.admin_request("GET", "/metrics", "");
-    let sample = "imgate_connections{state=\"open\",transport=\"ws\"} ";
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample))
-        .and_then(|v| v.trim().parse().ok())
-        // States with no connection are left out of the exposition.
+    // States with no connection are left out of the exposition.
+    common::metric_sample(&text, "imgate_connections{state=\"open\",transport=\"ws\"}")
         .unwrap_or(0.0)
 }
 
