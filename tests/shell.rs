@@ -24,6 +24,18 @@ fn open_ws_connections(server: &ServerProc) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Stops a server started with its stderr piped; returns what it logged.
+fn terminate_and_read_log(server: &mut ServerProc) -> String {
+    assert!(server.terminate(Duration::from_secs(10)).success());
+    let mut log = String::new();
+    server
+        .take_stderr()
+        .expect("stderr piped")
+        .read_to_string(&mut log)
+        .unwrap();
+    log
+}
+
 #[test]
 fn a_fin_that_arrives_with_the_last_frame_ends_the_connection() {
     let server = ServerProc::start(&[&["--echo"][..], &LONG_TIMERS[..]].concat());
@@ -77,13 +89,7 @@ fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
     let held: Vec<Raw> = (0..128).map(|_| Raw::open(server.addr, "/echo")).collect();
     assert_eq!(open_ws_connections(&server), 128.0);
     drop(held);
-    assert!(server.terminate(Duration::from_secs(10)).success());
-    let mut log = String::new();
-    server
-        .take_stderr()
-        .expect("stderr piped")
-        .read_to_string(&mut log)
-        .unwrap();
+    let log = terminate_and_read_log(&mut server);
     // 1024 covers --max-connections + 32, so the limit warning must not appear.
     assert!(!log.contains("open-file limit"), "{log}");
 }
@@ -128,13 +134,7 @@ fn running_out_of_descriptors_is_warned_about_at_most_once_a_second() {
         std::thread::sleep(Duration::from_millis(1500));
     }
     drop(held);
-    assert!(server.terminate(Duration::from_secs(10)).success());
-    let mut log = String::new();
-    server
-        .take_stderr()
-        .expect("stderr piped")
-        .read_to_string(&mut log)
-        .unwrap();
+    let log = terminate_and_read_log(&mut server);
     let warned: Vec<f64> = log
         .lines()
         .filter(|l| l.contains("out of file descriptors"))
