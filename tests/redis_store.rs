@@ -1,6 +1,7 @@
 //! The Redis store's inbox contract (docs/CLUSTER.md), against real `redis-server` processes
-//! started by the tests: dense seqs assigned by Redis, a body stored once and read back through
-//! references, appends that land exactly once however often they are retried, bounded
+//! started by the tests, each case twice: on one Redis with AOF `always`, and on a Redis
+//! Cluster of three primaries. Dense seqs assigned by Redis, a body stored once and read back
+//! through references, appends that land exactly once however often they are retried, bounded
 //! idempotency keys, and what survives a `kill -9` of Redis.
 
 mod common;
@@ -8,14 +9,75 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::redis::RedisProc;
+use common::redis::{RedisCluster, RedisProc};
 use imgate::store::redis::{Changes, NewSend, RedisStore, Sent};
 use imgate::store::{Body, Membership, DEDUPE_KEEP};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
-fn store(r: &RedisProc) -> RedisStore {
-    RedisStore::connect(&r.url(), TIMEOUT).expect("connect to the test Redis")
+/// What a case runs against.
+enum Backend {
+    One(RedisProc),
+    Cluster(RedisCluster),
+}
+
+impl Backend {
+    fn connect(&self) -> Result<RedisStore, imgate::store::redis::WriteError> {
+        match self {
+            Backend::One(r) => RedisStore::connect(&r.url(), TIMEOUT),
+            Backend::Cluster(c) => RedisStore::connect_cluster(&c.urls(), TIMEOUT),
+        }
+    }
+
+    /// Kills every Redis process with SIGKILL.
+    fn kill9(&mut self) {
+        match self {
+            Backend::One(r) => r.kill9(),
+            Backend::Cluster(c) => c.nodes.iter_mut().for_each(RedisProc::kill9),
+        }
+    }
+
+    /// Starts every process again from its data.
+    fn restart(&mut self) {
+        match self {
+            Backend::One(r) => r.restart(),
+            Backend::Cluster(c) => c.restart_all(),
+        }
+    }
+}
+
+/// Each case as a test on one Redis (`one::`) and on a Redis Cluster (`cluster::`).
+macro_rules! on_both {
+    ($($case:ident),* $(,)?) => {
+        mod one {
+            $(#[test]
+            fn $case() {
+                super::$case(super::Backend::One(super::RedisProc::start()))
+            })*
+        }
+        mod cluster {
+            $(#[test]
+            fn $case() {
+                super::$case(super::Backend::Cluster(super::RedisCluster::start(3)))
+            })*
+        }
+    };
+}
+
+on_both!(
+    a_send_reaches_each_inbox_under_its_next_seq_and_reads_back_its_body,
+    the_body_is_stored_once_per_send,
+    a_retried_send_lands_exactly_once_in_each_inbox,
+    the_newest_thousand_ids_of_an_inbox_are_remembered_and_no_more,
+    seqs_stay_dense_when_several_nodes_append_to_one_inbox_at_once,
+    cursors_only_rise_and_friendships_and_groups_are_kept_both_ways,
+    what_redis_acknowledged_survives_its_kill_9_and_functions_it_lost_are_loaded_again,
+    an_unreachable_redis_is_an_error_within_the_timeout,
+    an_inbox_entry_that_does_not_parse_or_refers_to_nothing_is_an_error_not_a_guess,
+);
+
+fn store(b: &Backend) -> RedisStore {
+    b.connect().expect("connect to the test Redis")
 }
 
 fn body(text: &str) -> Body {
@@ -45,15 +107,22 @@ fn inbox(s: &mut RedisStore, uid: &str) -> Vec<String> {
 }
 
 /// A raw connection, to look at or break what the store wrote.
-fn raw(r: &RedisProc) -> redis::Connection {
-    redis::Client::open(r.url())
-        .and_then(|c| c.get_connection())
-        .expect("connect")
+fn raw(b: &Backend) -> Box<dyn redis::ConnectionLike> {
+    match b {
+        Backend::One(r) => Box::new(
+            redis::Client::open(r.url())
+                .and_then(|c| c.get_connection())
+                .expect("connect"),
+        ),
+        Backend::Cluster(c) => Box::new(
+            redis::cluster::ClusterClient::new(c.urls())
+                .and_then(|c| c.get_connection())
+                .expect("connect"),
+        ),
+    }
 }
 
-#[test]
-fn a_send_reaches_each_inbox_under_its_next_seq_and_reads_back_its_body() {
-    let r = RedisProc::start();
+fn a_send_reaches_each_inbox_under_its_next_seq_and_reads_back_its_body(r: Backend) {
     let mut s = store(&r);
     let sent = s
         .commit_sends(&[
@@ -96,9 +165,7 @@ fn a_send_reaches_each_inbox_under_its_next_seq_and_reads_back_its_body() {
     assert_eq!(s.messages_after("bob", 0, 0), Ok(vec![]));
 }
 
-#[test]
-fn the_body_is_stored_once_per_send() {
-    let r = RedisProc::start();
+fn the_body_is_stored_once_per_send(r: Backend) {
     let mut s = store(&r);
     let big = "x".repeat(10_000);
     let mut g = send(
@@ -116,7 +183,7 @@ fn the_body_is_stored_once_per_send() {
                 .arg(format!("im:{{{u}}}:inbox"))
                 .arg("-")
                 .arg("+")
-                .query(&mut c)
+                .query(&mut *c)
                 .unwrap();
             (u.to_string(), format!("{v:?}").len())
         })
@@ -134,9 +201,7 @@ fn the_body_is_stored_once_per_send() {
     }
 }
 
-#[test]
-fn a_retried_send_lands_exactly_once_in_each_inbox() {
-    let r = RedisProc::start();
+fn a_retried_send_lands_exactly_once_in_each_inbox(r: Backend) {
     let mut s = store(&r);
     s.commit_sends(&[send("alice", "warm-up", &["bob"])])
         .unwrap();
@@ -186,9 +251,7 @@ fn a_retried_send_lands_exactly_once_in_each_inbox() {
     );
 }
 
-#[test]
-fn the_newest_thousand_ids_of_an_inbox_are_remembered_and_no_more() {
-    let r = RedisProc::start();
+fn the_newest_thousand_ids_of_an_inbox_are_remembered_and_no_more(r: Backend) {
     let mut s = store(&r);
     let sends: Vec<NewSend> = (0..=DEDUPE_KEEP)
         .map(|i| send("alice", &format!("id{i}"), &["bob"]))
@@ -218,19 +281,18 @@ fn the_newest_thousand_ids_of_an_inbox_are_remembered_and_no_more() {
     );
     let mut c = raw(&r);
     for key in ["im:{alice}:ids", "im:{bob}:ids"] {
-        let held: usize = redis::cmd("HLEN").arg(key).query(&mut c).unwrap();
+        let held: usize = redis::cmd("HLEN").arg(key).query(&mut *c).unwrap();
         assert_eq!(held, DEDUPE_KEEP, "{key}");
     }
     let queued: usize = redis::cmd("LLEN")
         .arg("im:{bob}:idq")
-        .query(&mut c)
+        .query(&mut *c)
         .unwrap();
     assert_eq!(queued, DEDUPE_KEEP);
 }
 
-#[test]
-fn seqs_stay_dense_when_several_nodes_append_to_one_inbox_at_once() {
-    let r = Arc::new(RedisProc::start());
+fn seqs_stay_dense_when_several_nodes_append_to_one_inbox_at_once(r: Backend) {
+    let r = Arc::new(r);
     let threads: Vec<_> = (0..4)
         .map(|t| {
             let r = r.clone();
@@ -257,9 +319,7 @@ fn seqs_stay_dense_when_several_nodes_append_to_one_inbox_at_once() {
     assert_eq!(got.len(), 1000, "each message once");
 }
 
-#[test]
-fn cursors_only_rise_and_friendships_and_groups_are_kept_both_ways() {
-    let r = RedisProc::start();
+fn cursors_only_rise_and_friendships_and_groups_are_kept_both_ways(r: Backend) {
     let mut s = store(&r);
     let m = |gid: &str, uid: &str, joined| Membership {
         gid: gid.into(),
@@ -312,9 +372,9 @@ fn cursors_only_rise_and_friendships_and_groups_are_kept_both_ways() {
     s.commit(&Changes::default()).unwrap();
 }
 
-#[test]
-fn what_redis_acknowledged_survives_its_kill_9_and_scripts_it_forgot_are_loaded_again() {
-    let mut r = RedisProc::start();
+fn what_redis_acknowledged_survives_its_kill_9_and_functions_it_lost_are_loaded_again(
+    mut r: Backend,
+) {
     let mut s = store(&r);
     let sends: Vec<NewSend> = (0..50)
         .map(|i| send("alice", &format!("m{i}"), &["bob"]))
@@ -327,13 +387,14 @@ fn what_redis_acknowledged_survives_its_kill_9_and_scripts_it_forgot_are_loaded_
     .unwrap();
     r.kill9();
     r.restart();
-    // The restarted Redis read its AOF back, and has no scripts: the store loads them again.
-    let mut s = RedisStore::connect(&r.url(), TIMEOUT).unwrap();
+    // The restarted Redis read its AOF back; a Redis that lost imgate's functions (flushed
+    // here) gets them again from the store.
+    let mut s = store(&r);
     assert_eq!(inbox(&mut s, "bob").len(), 50);
     assert_eq!(s.cursor("bob", "phone"), Ok(40));
-    let _: () = redis::cmd("SCRIPT")
+    let _: () = redis::cmd("FUNCTION")
         .arg("FLUSH")
-        .query(&mut raw(&r))
+        .query(&mut *raw(&r))
         .unwrap();
     let retried = s
         .commit_sends(&[
@@ -357,9 +418,9 @@ fn what_redis_acknowledged_survives_its_kill_9_and_scripts_it_forgot_are_loaded_
             to_seqs: vec![51]
         }
     );
-    let _: () = redis::cmd("SCRIPT")
+    let _: () = redis::cmd("FUNCTION")
         .arg("FLUSH")
-        .query(&mut raw(&r))
+        .query(&mut *raw(&r))
         .unwrap();
     s.commit(&Changes {
         cursors: vec![("bob".into(), "phone".into(), 51)],
@@ -369,22 +430,18 @@ fn what_redis_acknowledged_survives_its_kill_9_and_scripts_it_forgot_are_loaded_
     assert_eq!(s.cursor("bob", "phone"), Ok(51));
 }
 
-#[test]
-fn an_unreachable_redis_is_an_error_within_the_timeout() {
-    let mut r = RedisProc::start();
+fn an_unreachable_redis_is_an_error_within_the_timeout(mut r: Backend) {
     let mut s = store(&r);
     r.kill9();
     let started = Instant::now();
     assert!(s.commit_sends(&[send("alice", "m", &["bob"])]).is_err());
     assert!(s.max_seq("bob").is_err());
     assert!(started.elapsed() < TIMEOUT * 4, "{:?}", started.elapsed());
-    assert!(RedisStore::connect(&r.url(), TIMEOUT).is_err());
+    assert!(r.connect().is_err());
     assert!(RedisStore::connect("not a url", TIMEOUT).is_err());
 }
 
-#[test]
-fn an_inbox_entry_that_does_not_parse_or_refers_to_nothing_is_an_error_not_a_guess() {
-    let r = RedisProc::start();
+fn an_inbox_entry_that_does_not_parse_or_refers_to_nothing_is_an_error_not_a_guess(r: Backend) {
     let mut s = store(&r);
     let mut c = raw(&r);
     // A reference (kind R, time, seq 7) to a body ghost never stored.
@@ -397,7 +454,7 @@ fn an_inbox_entry_that_does_not_parse_or_refers_to_nothing_is_an_error_not_a_gue
         .arg("1-1")
         .arg("m")
         .arg(dangling)
-        .query(&mut c)
+        .query(&mut *c)
         .unwrap();
     let e = s.messages_after("bob", 0, 10).unwrap_err();
     assert!(e.0.contains("ghost's 7 is missing"), "{e}");
@@ -406,7 +463,7 @@ fn an_inbox_entry_that_does_not_parse_or_refers_to_nothing_is_an_error_not_a_gue
         .arg("1-1")
         .arg("m")
         .arg("?")
-        .query(&mut c)
+        .query(&mut *c)
         .unwrap();
     assert!(s.messages_after("carol", 0, 10).is_err());
     // A gap in the seqs (an entry 2 with none at 1) is corruption too.
@@ -414,7 +471,7 @@ fn an_inbox_entry_that_does_not_parse_or_refers_to_nothing_is_an_error_not_a_gue
     let _: () = redis::cmd("XDEL")
         .arg("im:{dave}:inbox")
         .arg("1-1")
-        .query(&mut c)
+        .query(&mut *c)
         .map(|_: i64| ())
         .unwrap();
     s.commit_sends(&[send("dave", "n", &[])]).unwrap();

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 pub struct RedisProc {
     child: Option<Child>,
     dir: PathBuf,
+    /// Arguments beyond the common ones, kept for restarts.
+    extra: Vec<String>,
     pub port: u16,
 }
 
@@ -20,11 +22,17 @@ impl RedisProc {
     /// Panics when `redis-server` is missing (tests/run.sh installs Debian's) or does not
     /// come up within 10 s.
     pub fn start() -> RedisProc {
+        RedisProc::start_with(&[])
+    }
+
+    /// [`RedisProc::start`] with more arguments for `redis-server`.
+    pub fn start_with(extra: &[&str]) -> RedisProc {
         let dir = super::temp_data_dir();
         std::fs::create_dir_all(&dir).expect("create the Redis folder");
         let mut r = RedisProc {
             child: None,
             dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             port: 0,
         };
         r.spawn_on_a_free_port();
@@ -77,6 +85,7 @@ impl RedisProc {
             .args(["--appendonly", "yes", "--appendfsync", "always"])
             .args(["--save", "", "--daemonize", "no", "--protected-mode", "no"])
             .args(["--loglevel", "warning"])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -99,6 +108,100 @@ impl RedisProc {
         self.kill9();
         false
     }
+}
+
+/// A Redis Cluster of `RedisProc`s, every one a primary (no replicas), made with
+/// `redis-cli --cluster create`; all killed on drop.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisProc>,
+}
+
+impl RedisCluster {
+    /// Starts `primaries` nodes, joins them into a cluster that covers every slot, and waits
+    /// until each node reports the cluster up.
+    pub fn start(primaries: usize) -> RedisCluster {
+        let nodes: Vec<RedisProc> = (0..primaries)
+            .map(|_| {
+                RedisProc::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let status = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .expect("run redis-cli --cluster create");
+        assert!(status.success(), "redis-cli --cluster create failed");
+        let c = RedisCluster { nodes };
+        c.wait_until_up();
+        c
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.url()).collect()
+    }
+
+    /// Kills every node with SIGKILL, then starts each again on its port and folder (its AOF
+    /// and its view of the cluster), and waits until the cluster is up again.
+    pub fn restart_all(&mut self) {
+        for n in &mut self.nodes {
+            n.kill9();
+        }
+        for n in &mut self.nodes {
+            n.restart();
+        }
+        self.wait_until_up();
+    }
+
+    fn wait_until_up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.nodes.iter().all(|n| cluster_up(n.port)) {
+            assert!(
+                Instant::now() < deadline,
+                "the Redis Cluster did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Whether the node on `port` says `cluster_state:ok`.
+fn cluster_up(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    if s.write_all(b"CLUSTER INFO\r\n").is_err() {
+        return false;
+    }
+    // A bulk string: `$<len>\r\n<len bytes>\r\n`.
+    let mut buf = [0u8; 4096];
+    let mut got = Vec::new();
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got);
+        let whole = text
+            .strip_prefix('$')
+            .and_then(|t| t.split_once("\r\n"))
+            .and_then(|(len, rest)| Some(rest.len() >= len.parse::<usize>().ok()? + 2));
+        if whole != Some(false) {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&got).contains("cluster_state:ok")
 }
 
 /// Whether a Redis on `port` answers PING with PONG (and is done loading its AOF).

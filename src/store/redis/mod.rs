@@ -2,41 +2,48 @@
 //! assigned by Redis, idempotent appends, cursors, friendships and groups.
 //!
 //! [`RedisStore`] is a blocking client, for side threads only: the network thread never calls
-//! it. Each call is one pipeline (one round trip), but [`RedisStore::commit_sends`], which is
-//! two: the senders' copies first, then the references to them.
+//! it. It speaks to one Redis or to a Redis Cluster. Each call is one pipeline (one round trip
+//! per node it touches), but [`RedisStore::commit_sends`], which is two: the senders' copies
+//! first, then the references to them.
 
 mod entry;
 mod keys;
 
 use std::time::Duration;
 
-use redis::{Connection, Script, Value};
+use redis::{Connection, Value};
 
 pub use entry::{Content, Entry};
 use keys::{group_members, idempotency_key, UserKeys};
 
 use super::{Body, Membership, ReadError, StoredMessage, DEDUPE_KEEP};
 
-/// Appends one entry to one inbox unless its idempotency key is among the inbox's newest
-/// `ARGV[3]`; answers `{seq, 1}` for a key already there, `{new seq, 0}` otherwise.
-/// KEYS: seq, inbox, ids, idq. ARGV: idempotency key, entry, how many keys to keep.
-const APPEND: &str = r"
-local seen = redis.call('HGET', KEYS[3], ARGV[1])
-if seen then return {tonumber(seen), 1} end
-local seq = redis.call('INCR', KEYS[1])
-redis.call('XADD', KEYS[2], seq .. '-1', 'm', ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[1], seq)
-if redis.call('RPUSH', KEYS[4], ARGV[1]) > tonumber(ARGV[3]) then
-  redis.call('HDEL', KEYS[3], redis.call('LPOP', KEYS[4]))
-end
-return {seq, 0}
-";
-
-/// Raises a device's cursor, never lowers it. KEYS: cursors. ARGV: device id, seq.
-const RAISE_CURSOR: &str = r"
-local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if tonumber(ARGV[2]) > old then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
-return 0
+/// The functions imgate calls, as one Redis function library. Functions (not `EVALSHA`
+/// scripts) because Redis keeps them in its AOF and copies them to replicas, so a restarted or
+/// promoted server still has them, and because a Redis Cluster pipeline can carry `FCALL`.
+///
+/// `imgate_append` appends one entry to one inbox unless its idempotency key is among the
+/// inbox's newest `args[3]`: it answers `{seq, 1}` for a key already there, `{new seq, 0}`
+/// otherwise (keys: seq, inbox, ids, idq; args: idempotency key, entry, how many keys to keep).
+/// `imgate_raise_cursor` raises a device's cursor, never lowers it (keys: cursors; args:
+/// device id, seq).
+const LIBRARY: &str = r"#!lua name=imgate
+redis.register_function('imgate_append', function(keys, args)
+  local seen = redis.call('HGET', keys[3], args[1])
+  if seen then return {tonumber(seen), 1} end
+  local seq = redis.call('INCR', keys[1])
+  redis.call('XADD', keys[2], seq .. '-1', 'm', args[2])
+  redis.call('HSET', keys[3], args[1], seq)
+  if redis.call('RPUSH', keys[4], args[1]) > tonumber(args[3]) then
+    redis.call('HDEL', keys[3], redis.call('LPOP', keys[4]))
+  end
+  return {seq, 0}
+end)
+redis.register_function('imgate_raise_cursor', function(keys, args)
+  local old = tonumber(redis.call('HGET', keys[1], args[1]) or '0')
+  if tonumber(args[2]) > old then redis.call('HSET', keys[1], args[1], args[2]) end
+  return 0
+end)
 ";
 
 /// Why a write did not complete. Every write is idempotent, so the caller may retry it as
@@ -89,16 +96,80 @@ pub struct Changes {
     pub memberships: Vec<Membership>,
 }
 
-/// A blocking connection to one Redis server.
+/// A blocking connection to one Redis server or to a Redis Cluster.
+enum Conn {
+    Single(Connection),
+    Cluster(Box<redis::cluster::ClusterConnection>),
+}
+
+/// The commands of one round trip, each with whether its answer is wanted.
+#[derive(Default)]
+struct Batch(Vec<(redis::Cmd, bool)>);
+
+impl Batch {
+    fn push(&mut self, c: redis::Cmd, answered: bool) {
+        self.0.push((c, answered));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Conn {
+    fn as_dyn(&mut self) -> &mut dyn redis::ConnectionLike {
+        match self {
+            Conn::Single(c) => c,
+            Conn::Cluster(c) => c,
+        }
+    }
+
+    fn query<T: redis::FromRedisValue>(&mut self, c: &redis::Cmd) -> redis::RedisResult<T> {
+        c.query(self.as_dyn())
+    }
+
+    /// Sends the batch as one pipeline (on a cluster, one per node it touches, in parallel
+    /// round trips the client makes).
+    fn pipeline<T: redis::FromRedisValue>(&mut self, b: &Batch) -> redis::RedisResult<T> {
+        match self {
+            Conn::Single(c) => {
+                let mut p = redis::pipe();
+                for (cmd, answered) in &b.0 {
+                    p.add_command(cmd.clone());
+                    if !answered {
+                        p.ignore();
+                    }
+                }
+                p.query(c)
+            }
+            Conn::Cluster(c) => {
+                let mut p = redis::cluster::cluster_pipe();
+                for (cmd, answered) in &b.0 {
+                    p.add_command(cmd.clone());
+                    if !answered {
+                        p.ignore();
+                    }
+                }
+                p.query(c)
+            }
+        }
+    }
+}
+
+/// Whether Redis does not know imgate's functions (a server that never had them, or lost
+/// them with its data).
+fn functions_missing(e: &redis::RedisError) -> bool {
+    e.to_string().contains("Function not found")
+}
+
+/// A blocking connection to the cluster's Redis: one server or a Redis Cluster.
 pub struct RedisStore {
-    conn: Connection,
-    append: Script,
-    raise_cursor: Script,
+    conn: Conn,
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://host:port/db`), waiting at most `timeout` for the
-    /// connection and for each answer afterwards, and loads the scripts.
+    /// Connects to one Redis at `url` (`redis://host:port/db`), waiting at most `timeout`
+    /// for the connection and for each answer afterwards, and loads imgate's functions.
     ///
     /// # Errors
     /// A bad URL, or a server that cannot be reached or does not answer within `timeout`.
@@ -107,28 +178,43 @@ impl RedisStore {
         let conn = client.get_connection_with_timeout(timeout)?;
         conn.set_read_timeout(Some(timeout))?;
         conn.set_write_timeout(Some(timeout))?;
-        let mut s = RedisStore {
-            conn,
-            append: Script::new(APPEND),
-            raise_cursor: Script::new(RAISE_CURSOR),
-        };
-        s.load_scripts()?;
+        RedisStore::with(Conn::Single(conn))
+    }
+
+    /// Connects to the Redis Cluster that `urls` (some of its nodes) belong to, with the same
+    /// timeouts, and loads imgate's functions on every primary.
+    ///
+    /// # Errors
+    /// Bad URLs, or no node that can be reached and answers within `timeout`.
+    pub fn connect_cluster(urls: &[String], timeout: Duration) -> Result<RedisStore, WriteError> {
+        let client = redis::cluster::ClusterClient::builder(urls.iter().map(String::as_str))
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .retries(1)
+            .build()?;
+        RedisStore::with(Conn::Cluster(Box::new(client.get_connection()?)))
+    }
+
+    fn with(conn: Conn) -> Result<RedisStore, WriteError> {
+        let mut s = RedisStore { conn };
+        s.load_functions()?;
         Ok(s)
     }
 
-    fn load_scripts(&mut self) -> redis::RedisResult<()> {
-        self.append.prepare_invoke().load(&mut self.conn)?;
-        self.raise_cursor.prepare_invoke().load(&mut self.conn)?;
+    fn load_functions(&mut self) -> redis::RedisResult<()> {
+        let mut load = redis::cmd("FUNCTION");
+        load.arg("LOAD").arg("REPLACE").arg(LIBRARY);
+        self.conn.query::<redis::Value>(&load)?;
         Ok(())
     }
 
-    /// Runs a pipeline of idempotent commands; when Redis has lost the scripts (a restart
-    /// without them), loads them again and runs it once more.
-    fn run<T: redis::FromRedisValue>(&mut self, p: &redis::Pipeline) -> redis::RedisResult<T> {
-        match p.query(&mut self.conn) {
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                self.load_scripts()?;
-                p.query(&mut self.conn)
+    /// Runs a batch of idempotent commands; when Redis has lost imgate's functions (a server
+    /// replaced by an empty one), loads them again and runs it once more.
+    fn run<T: redis::FromRedisValue>(&mut self, b: &Batch) -> redis::RedisResult<T> {
+        match self.conn.pipeline(b) {
+            Err(e) if functions_missing(&e) => {
+                self.load_functions()?;
+                self.conn.pipeline(b)
             }
             r => r,
         }
@@ -148,19 +234,19 @@ impl RedisStore {
         if sends.is_empty() {
             return Ok(Vec::new());
         }
-        let mut own = redis::pipe();
+        let mut own = Batch::default();
         for s in sends {
             let e = Entry {
                 server_time_ms: s.server_time_ms,
                 content: Content::Body(s.body.clone()),
             };
-            self.add_append(&mut own, &s.from_uid, &s.from_uid, &s.client_msg_id, &e);
+            own.push(append(&s.from_uid, &s.from_uid, &s.client_msg_id, &e), true);
         }
         let firsts: Vec<(u64, u8)> = self.run(&own)?;
         if firsts.len() != sends.len() {
             return Err(WriteError("an append had no answer".into()));
         }
-        let mut refs = redis::pipe();
+        let mut refs = Batch::default();
         for (s, (seq, _)) in sends.iter().zip(&firsts) {
             let e = Entry {
                 server_time_ms: s.server_time_ms,
@@ -170,7 +256,7 @@ impl RedisStore {
                 },
             };
             for to in &s.to {
-                self.add_append(&mut refs, to, &s.from_uid, &s.client_msg_id, &e);
+                refs.push(append(to, &s.from_uid, &s.client_msg_id, &e), true);
             }
         }
         let mut to_seqs = if !refs.is_empty() {
@@ -194,66 +280,36 @@ impl RedisStore {
         Ok(out)
     }
 
-    fn add_append(
-        &self,
-        p: &mut redis::Pipeline,
-        owner: &str,
-        from_uid: &str,
-        client_msg_id: &str,
-        e: &Entry,
-    ) {
-        let k = UserKeys::of(owner);
-        p.invoke_script(
-            self.append
-                .key(k.seq)
-                .key(k.inbox)
-                .key(k.ids)
-                .key(k.idq)
-                .arg(idempotency_key(from_uid, client_msg_id))
-                .arg(e.encode())
-                .arg(DEDUPE_KEEP),
-        );
-    }
-
     /// Applies cursors, friendships and memberships in one pipeline.
     ///
     /// # Errors
     /// Redis could not be reached or refused a command; some of the changes may have been
     /// made, and applying them again is harmless.
     pub fn commit(&mut self, c: &Changes) -> Result<(), WriteError> {
-        let mut p = redis::pipe();
+        let mut b = Batch::default();
         for (uid, device, seq) in &c.cursors {
-            p.invoke_script(
-                self.raise_cursor
-                    .key(UserKeys::of(uid).cursors)
-                    .arg(device.as_str())
-                    .arg(*seq),
-            )
-            .ignore();
+            let mut f = redis::cmd("FCALL");
+            f.arg("imgate_raise_cursor")
+                .arg(1)
+                .arg(UserKeys::of(uid).cursors)
+                .arg(device.as_str())
+                .arg(*seq);
+            b.push(f, false);
         }
-        for (a, b, present) in &c.friendships {
+        for (a, b_uid, present) in &c.friendships {
             let op = if *present { "SADD" } else { "SREM" };
-            p.cmd(op)
-                .arg(UserKeys::of(a).friends)
-                .arg(b.as_str())
-                .ignore();
-            p.cmd(op)
-                .arg(UserKeys::of(b).friends)
-                .arg(a.as_str())
-                .ignore();
+            b.push(set_op(op, UserKeys::of(a).friends, b_uid), false);
+            b.push(set_op(op, UserKeys::of(b_uid).friends, a), false);
         }
         for m in &c.memberships {
             let op = if m.joined { "SADD" } else { "SREM" };
-            p.cmd(op).arg(group_members(&m.gid)).arg(&*m.uid).ignore();
-            p.cmd(op)
-                .arg(UserKeys::of(&m.uid).groups)
-                .arg(&*m.gid)
-                .ignore();
+            b.push(set_op(op, group_members(&m.gid), &m.uid), false);
+            b.push(set_op(op, UserKeys::of(&m.uid).groups, &m.gid), false);
         }
-        if p.is_empty() {
+        if b.is_empty() {
             return Ok(());
         }
-        self.run::<()>(&p)?;
+        self.run::<()>(&b)?;
         Ok(())
     }
 
@@ -262,9 +318,9 @@ impl RedisStore {
     /// # Errors
     /// Redis could not be reached, or the counter is not a number.
     pub fn max_seq(&mut self, uid: &str) -> Result<u64, ReadError> {
-        let n: Option<u64> = redis::cmd("GET")
-            .arg(UserKeys::of(uid).seq)
-            .query(&mut self.conn)?;
+        let n: Option<u64> = self
+            .conn
+            .query(redis::cmd("GET").arg(UserKeys::of(uid).seq))?;
         Ok(n.unwrap_or(0))
     }
 
@@ -284,13 +340,14 @@ impl RedisStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let v: Value = redis::cmd("XRANGE")
-            .arg(UserKeys::of(uid).inbox)
-            .arg(format!("{}-0", after.saturating_add(1)))
-            .arg("+")
-            .arg("COUNT")
-            .arg(limit)
-            .query(&mut self.conn)?;
+        let v: Value = self.conn.query(
+            redis::cmd("XRANGE")
+                .arg(UserKeys::of(uid).inbox)
+                .arg(format!("{}-0", after.saturating_add(1)))
+                .arg("+")
+                .arg("COUNT")
+                .arg(limit),
+        )?;
         let entries = stream_entries(v)?;
         let mut out = Vec::with_capacity(entries.len());
         // (index in `out`, sender, sender seq) of the entries whose body is elsewhere.
@@ -316,15 +373,14 @@ impl RedisStore {
         if refs.is_empty() {
             return Ok(out);
         }
-        let mut p = redis::pipe();
+        let mut b = Batch::default();
         for (_, from_uid, from_seq) in &refs {
             let id = format!("{from_seq}-1");
-            p.cmd("XRANGE")
-                .arg(UserKeys::of(from_uid).inbox)
-                .arg(&id)
-                .arg(&id);
+            let mut x = redis::cmd("XRANGE");
+            x.arg(UserKeys::of(from_uid).inbox).arg(&id).arg(&id);
+            b.push(x, true);
         }
-        let found: Vec<Value> = p.query(&mut self.conn)?;
+        let found: Vec<Value> = self.conn.pipeline(&b)?;
         if found.len() != refs.len() {
             return Err(ReadError("a referenced body had no answer".into()));
         }
@@ -351,10 +407,11 @@ impl RedisStore {
     /// # Errors
     /// Redis could not be reached, or the cursor is not a number.
     pub fn cursor(&mut self, uid: &str, device_id: &str) -> Result<u64, ReadError> {
-        let c: Option<u64> = redis::cmd("HGET")
-            .arg(UserKeys::of(uid).cursors)
-            .arg(device_id)
-            .query(&mut self.conn)?;
+        let c: Option<u64> = self.conn.query(
+            redis::cmd("HGET")
+                .arg(UserKeys::of(uid).cursors)
+                .arg(device_id),
+        )?;
         Ok(c.unwrap_or(0))
     }
 
@@ -363,9 +420,9 @@ impl RedisStore {
     /// # Errors
     /// Redis could not be reached, or a cursor is not a number.
     pub fn cursors(&mut self, uid: &str) -> Result<Vec<(String, u64)>, ReadError> {
-        let mut c: Vec<(String, u64)> = redis::cmd("HGETALL")
-            .arg(UserKeys::of(uid).cursors)
-            .query(&mut self.conn)?;
+        let mut c: Vec<(String, u64)> = self
+            .conn
+            .query(redis::cmd("HGETALL").arg(UserKeys::of(uid).cursors))?;
         c.sort();
         Ok(c)
     }
@@ -391,18 +448,17 @@ impl RedisStore {
     /// # Errors
     /// Redis could not be reached.
     pub fn group_size(&mut self, gid: &str) -> Result<usize, ReadError> {
-        Ok(redis::cmd("SCARD")
-            .arg(group_members(gid))
-            .query(&mut self.conn)?)
+        Ok(self
+            .conn
+            .query(redis::cmd("SCARD").arg(group_members(gid)))?)
     }
 
     /// # Errors
     /// Redis could not be reached.
     pub fn is_member(&mut self, gid: &str, uid: &str) -> Result<bool, ReadError> {
-        Ok(redis::cmd("SISMEMBER")
-            .arg(group_members(gid))
-            .arg(uid)
-            .query(&mut self.conn)?)
+        Ok(self
+            .conn
+            .query(redis::cmd("SISMEMBER").arg(group_members(gid)).arg(uid))?)
     }
 
     /// The groups `uid` belongs to, by group id.
@@ -414,7 +470,7 @@ impl RedisStore {
     }
 
     fn sorted_set(&mut self, key: String) -> Result<Vec<String>, ReadError> {
-        let mut v: Vec<String> = redis::cmd("SMEMBERS").arg(key).query(&mut self.conn)?;
+        let mut v: Vec<String> = self.conn.query(redis::cmd("SMEMBERS").arg(key))?;
         v.sort();
         Ok(v)
     }
@@ -451,4 +507,27 @@ fn stream_entries(v: Value) -> Result<Vec<(u64, Vec<u8>)>, ReadError> {
         out.push((seq, raw));
     }
     Ok(out)
+}
+
+/// One append (`imgate_append`) to `owner`'s inbox.
+fn append(owner: &str, from_uid: &str, client_msg_id: &str, e: &Entry) -> redis::Cmd {
+    let k = UserKeys::of(owner);
+    let mut f = redis::cmd("FCALL");
+    f.arg("imgate_append")
+        .arg(4)
+        .arg(k.seq)
+        .arg(k.inbox)
+        .arg(k.ids)
+        .arg(k.idq)
+        .arg(idempotency_key(from_uid, client_msg_id))
+        .arg(e.encode())
+        .arg(DEDUPE_KEEP);
+    f
+}
+
+/// `SADD` or `SREM` of one member.
+fn set_op(op: &str, key: String, member: &str) -> redis::Cmd {
+    let mut c = redis::cmd(op);
+    c.arg(key).arg(member);
+    c
 }
