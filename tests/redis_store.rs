@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::redis::{RedisCluster, RedisProc};
-use imgate::store::redis::{Changes, NewSend, RedisStore, Sent};
+use imgate::store::redis::{Changes, DeviceOn, NewSend, RedisStore, Sent};
 use imgate::store::{Body, Membership, DEDUPE_KEEP};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -74,6 +74,8 @@ on_both!(
     what_redis_acknowledged_survives_its_kill_9_and_functions_it_lost_are_loaded_again,
     an_unreachable_redis_is_an_error_within_the_timeout,
     an_inbox_entry_that_does_not_parse_or_refers_to_nothing_is_an_error_not_a_guess,
+    a_device_is_on_one_node_and_the_first_and_last_ones_are_told,
+    a_dead_nodes_devices_are_taken_offline_once_by_one_node,
 );
 
 fn store(b: &Backend) -> RedisStore {
@@ -477,4 +479,76 @@ fn an_inbox_entry_that_does_not_parse_or_refers_to_nothing_is_an_error_not_a_gue
     s.commit_sends(&[send("dave", "n", &[])]).unwrap();
     let e = s.messages_after("dave", 0, 10).unwrap_err();
     assert!(e.0.contains("gap"), "{e}");
+}
+
+fn a_device_is_on_one_node_and_the_first_and_last_ones_are_told(r: Backend) {
+    let mut a = store(&r);
+    let mut b = store(&r);
+    let on = |replaced_on: Option<&str>, first| DeviceOn {
+        replaced_on: replaced_on.map(String::from),
+        first,
+    };
+    assert_eq!(a.device_on("A", "bob", "phone"), Ok(on(None, true)));
+    assert_eq!(b.device_on("B", "bob", "web"), Ok(on(None, false)));
+    // The phone logs in again on node B: node A's connection is to be kicked.
+    assert_eq!(b.device_on("B", "bob", "phone"), Ok(on(Some("A"), false)));
+    assert_eq!(
+        a.devices("bob"),
+        Ok(vec![
+            ("phone".into(), "B".into()),
+            ("web".into(), "B".into())
+        ])
+    );
+    // Node A's kicked connection closing changes nothing: the phone is node B's now.
+    assert_eq!(a.device_off("A", "bob", "phone"), Ok(false));
+    assert_eq!(a.devices("bob").unwrap().len(), 2);
+    assert_eq!(b.device_off("B", "bob", "web"), Ok(false));
+    assert_eq!(b.device_off("B", "bob", "phone"), Ok(true), "the last one");
+    assert_eq!(b.device_off("B", "bob", "phone"), Ok(false), "already gone");
+    assert_eq!(a.devices("bob"), Ok(vec![]));
+    // Node B has none of bob's devices left, so it has nothing of bob's to clean up.
+    let members: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("im:node:{B}:users")
+        .query(&mut *raw(&r))
+        .unwrap();
+    assert!(members.is_empty(), "{members:?}");
+}
+
+fn a_dead_nodes_devices_are_taken_offline_once_by_one_node(r: Backend) {
+    let mut a = store(&r);
+    let mut b = store(&r);
+    assert_eq!(
+        a.renew_lease("A", Duration::from_millis(300)),
+        Ok(true),
+        "new"
+    );
+    assert_eq!(b.renew_lease("B", Duration::from_secs(60)), Ok(true));
+    assert_eq!(
+        b.renew_lease("B", Duration::from_secs(60)),
+        Ok(false),
+        "renewed"
+    );
+    a.device_on("A", "ann", "phone").unwrap();
+    a.device_on("A", "bob", "phone").unwrap();
+    b.device_on("B", "bob", "web").unwrap();
+    // A stops renewing (it was killed): once its lease runs out, B sees it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.expired_nodes().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the lease never ran out");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(b.expired_nodes(), Ok(vec!["A".to_string()]));
+    // ann had only A's device: offline; bob still has B's.
+    assert_eq!(
+        b.reap_node("A", Duration::from_secs(5)),
+        Ok(vec!["ann".to_string()])
+    );
+    assert_eq!(b.devices("ann"), Ok(vec![]));
+    assert_eq!(b.devices("bob"), Ok(vec![("web".into(), "B".into())]));
+    assert_eq!(b.expired_nodes(), Ok(vec![]));
+    // Another node cleaning up after A at the same time gets nothing to tell.
+    let mut c = store(&r);
+    assert_eq!(c.reap_node("A", Duration::from_secs(5)), Ok(vec![]));
+    // A was only slow: its next renewal says its devices were removed.
+    assert_eq!(a.renew_lease("A", Duration::from_secs(60)), Ok(true));
 }

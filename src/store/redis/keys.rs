@@ -34,6 +34,8 @@ pub(crate) struct UserKeys {
     pub(crate) cursors: String,
     pub(crate) friends: String,
     pub(crate) groups: String,
+    /// Online device id -> the node it is connected to.
+    pub(crate) devices: String,
 }
 
 impl UserKeys {
@@ -46,6 +48,7 @@ impl UserKeys {
             cursors: tagged("im:", uid, ":cur"),
             friends: tagged("im:", uid, ":friends"),
             groups: tagged("im:", uid, ":groups"),
+            devices: tagged("im:", uid, ":devs"),
         }
     }
 }
@@ -53,6 +56,19 @@ impl UserKeys {
 /// The member set of a group.
 pub(crate) fn group_members(gid: &str) -> String {
     tagged("im:g:", gid, ":members")
+}
+
+/// Every node's lease: a sorted set of node id by the time (Redis's clock, ms) it runs out.
+pub(crate) const NODES: &str = "im:nodes";
+
+/// The uids a node has had devices of since it last started (what to clean up after it).
+pub(crate) fn node_users(node: &str) -> String {
+    tagged("im:node:", node, ":users")
+}
+
+/// Held by the node that cleans up after a dead one, so that only one does.
+pub(crate) fn node_reaper(node: &str) -> String {
+    tagged("im:node:", node, ":reaper")
 }
 
 /// The idempotency key of an append: the sender and its `client_msg_id`, the sender's length
@@ -77,9 +93,9 @@ mod tests {
         key
     }
 
-    fn all(k: &UserKeys) -> [&str; 7] {
+    fn all(k: &UserKeys) -> [&str; 8] {
         [
-            &k.seq, &k.inbox, &k.ids, &k.idq, &k.cursors, &k.friends, &k.groups,
+            &k.seq, &k.inbox, &k.ids, &k.idq, &k.cursors, &k.friends, &k.groups, &k.devices,
         ]
     }
 

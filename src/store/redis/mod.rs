@@ -8,6 +8,7 @@
 
 mod entry;
 mod keys;
+mod presence;
 
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use redis::{Connection, Value};
 
 pub use entry::{Content, Entry};
 use keys::{group_members, idempotency_key, UserKeys};
+pub use presence::DeviceOn;
 
 use super::{Body, Membership, ReadError, StoredMessage, DEDUPE_KEEP};
 
@@ -26,7 +28,7 @@ use super::{Body, Membership, ReadError, StoredMessage, DEDUPE_KEEP};
 /// inbox's newest `args[3]`: it answers `{seq, 1}` for a key already there, `{new seq, 0}`
 /// otherwise (keys: seq, inbox, ids, idq; args: idempotency key, entry, how many keys to keep).
 /// `imgate_raise_cursor` raises a device's cursor, never lowers it (keys: cursors; args:
-/// device id, seq).
+/// device id, seq). The presence functions are described in `presence`.
 const LIBRARY: &str = r"#!lua name=imgate
 redis.register_function('imgate_append', function(keys, args)
   local seen = redis.call('HGET', keys[3], args[1])
@@ -43,6 +45,42 @@ redis.register_function('imgate_raise_cursor', function(keys, args)
   local old = tonumber(redis.call('HGET', keys[1], args[1]) or '0')
   if tonumber(args[2]) > old then redis.call('HSET', keys[1], args[1], args[2]) end
   return 0
+end)
+redis.register_function('imgate_device_on', function(keys, args)
+  local prev = redis.call('HGET', keys[1], args[1])
+  local first = redis.call('HLEN', keys[1]) == 0
+  redis.call('HSET', keys[1], args[1], args[2])
+  return {prev or '', first and 1 or 0}
+end)
+redis.register_function('imgate_device_off', function(keys, args)
+  if redis.call('HGET', keys[1], args[1]) ~= args[2] then return {0, 0} end
+  redis.call('HDEL', keys[1], args[1])
+  local rest = redis.call('HVALS', keys[1])
+  local mine = 0
+  for _, node in ipairs(rest) do if node == args[2] then mine = 1 end end
+  return {#rest == 0 and 1 or 0, mine}
+end)
+redis.register_function('imgate_node_gone', function(keys, args)
+  local all = redis.call('HGETALL', keys[1])
+  local removed = 0
+  for i = 1, #all, 2 do
+    if all[i + 1] == args[1] then
+      redis.call('HDEL', keys[1], all[i])
+      removed = removed + 1
+    end
+  end
+  if removed > 0 and redis.call('HLEN', keys[1]) == 0 then return 1 end
+  return 0
+end)
+redis.register_function('imgate_lease', function(keys, args)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return redis.call('ZADD', keys[1], now + tonumber(args[2]), args[1])
+end)
+redis.register_function('imgate_expired', function(keys, args)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return redis.call('ZRANGEBYSCORE', keys[1], '-inf', '(' .. now)
 end)
 ";
 
