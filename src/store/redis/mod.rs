@@ -1,5 +1,7 @@
 //! The cluster's shared state in Redis (docs/CLUSTER.md): inboxes with dense per-user seqs
-//! assigned by Redis, idempotent appends, cursors, friendships and groups.
+//! assigned by Redis, idempotent appends, cursors, friendships and groups, and presence
+//! (`presence`: which node holds each online device, node leases on Redis's clock, and the
+//! cleanup after a node whose lease ran out).
 //!
 //! [`RedisStore`] is a blocking client, for side threads only: the network thread never calls
 //! it. It speaks to one Redis or to a Redis Cluster. Each call is one pipeline (one round trip
