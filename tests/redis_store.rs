@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::redis::{RedisCluster, RedisProc};
-use imgate::store::redis::{Changes, DeviceOn, NewSend, RedisStore, Sent};
+use imgate::store::redis::{Changes, DeviceOn, RedisStore};
 use imgate::store::{Body, Membership, DEDUPE_KEEP};
+use imgate::store::{NewSend, Sent};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -88,11 +89,11 @@ fn body(text: &str) -> Body {
 
 fn send(from: &str, id: &str, to: &[&str]) -> NewSend {
     NewSend {
-        from_uid: from.into(),
+        from: from.into(),
         client_msg_id: id.into(),
         server_time_ms: 1_000 + id.len() as i64,
         body: body(&format!("{from}:{id}")),
-        to: to.iter().map(|s| s.to_string()).collect(),
+        to: to.iter().map(|s| (*s).into()).collect(),
     }
 }
 

@@ -18,7 +18,7 @@ use imgate::config::ServerConfig;
 use imgate::gateway::{Accept, Gateway, Input, ListenerKind, SocketAction};
 use imgate::im::core::Now;
 use imgate::store::memory::MemoryStore;
-use imgate::store::StoreRead;
+use imgate::store::{Sent, StoreRead};
 use libfuzzer_sys::fuzz_target;
 
 const UPGRADES: [&[u8]; 3] = [
@@ -61,10 +61,27 @@ fn now(ms: u64) -> Now {
     }
 }
 
-fn pump(gw: &mut Gateway, peers: &mut HashMap<usize, Peer>, t: u64) {
+/// The next seq of each inbox, as a store would give them (nothing is stored).
+type Seqs = HashMap<String, u64>;
+
+fn pump(gw: &mut Gateway, peers: &mut HashMap<usize, Peer>, seqs: &mut Seqs, t: u64) {
     // The store commits at once.
-    if let Some((id, _)) = gw.poll_batch() {
-        gw.handle_committed(id, Duration::from_millis(1), now(t));
+    if let Some((id, batch)) = gw.poll_batch() {
+        let mut next = |uid: &str| {
+            let s = seqs.entry(uid.to_owned()).or_default();
+            *s += 1;
+            *s
+        };
+        let sents = batch
+            .sends
+            .iter()
+            .map(|s| Sent {
+                seq: next(&s.from),
+                duplicate: false,
+                to_seqs: s.to.iter().map(|u| next(u)).collect(),
+            })
+            .collect();
+        gw.handle_committed(vec![(id, sents)], Duration::from_millis(1), now(t));
     }
     while let Some(key) = gw.poll_transmit() {
         let peer = peers
@@ -98,6 +115,7 @@ fuzz_target!(|data: &[u8]| {
     let store: Arc<dyn StoreRead> = Arc::new(MemoryStore::default());
     let mut gw = Gateway::new(&cfg, store);
     let mut peers: HashMap<usize, Peer> = HashMap::new();
+    let mut seqs = Seqs::new();
     let mut t = 1_000;
     gw.begin_turn(now(t));
     let kind = match mode % 3 {
@@ -128,7 +146,7 @@ fuzz_target!(|data: &[u8]| {
             if let Some(p) = peers.get_mut(&key) {
                 p.stuck = piece[0] & 1 == 1;
             }
-            pump(&mut gw, &mut peers, t);
+            pump(&mut gw, &mut peers, &mut seqs, t);
         }
         gw.begin_turn(now(t));
         if !gw.claim_turn(key) || !gw.wants_input(key) {
@@ -139,7 +157,7 @@ fuzz_target!(|data: &[u8]| {
         buf[n..n + piece.len()].copy_from_slice(piece);
         n += piece.len();
         if !gw.handle_received(key, piece.len(), now(t)) {
-            pump(&mut gw, &mut peers, t);
+            pump(&mut gw, &mut peers, &mut seqs, t);
             break;
         }
         let input = gw.handle_input(key, &mut buf[..n], now(t));
@@ -148,13 +166,13 @@ fuzz_target!(|data: &[u8]| {
             gw.write_to(key, peer, &buf[..n]);
             gw.end_input(key);
         }
-        pump(&mut gw, &mut peers, t);
+        pump(&mut gw, &mut peers, &mut seqs, t);
         while gw.poll_resume().is_some() {}
     }
     if data.len() % 2 == 0 {
         gw.handle_eof(key);
         gw.end_input(key);
-        pump(&mut gw, &mut peers, t);
+        pump(&mut gw, &mut peers, &mut seqs, t);
     }
     // Whatever state it is in, the connection ends once every deadline has passed.
     if let Some(p) = peers.get_mut(&key) {
@@ -164,7 +182,7 @@ fuzz_target!(|data: &[u8]| {
         t += millis(Duration::from_secs(200));
         gw.begin_turn(now(t));
         gw.handle_timeout(now(t));
-        pump(&mut gw, &mut peers, t);
+        pump(&mut gw, &mut peers, &mut seqs, t);
     }
     assert!(peers[&key].dropped, "a connection outlived every deadline");
 });

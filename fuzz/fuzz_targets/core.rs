@@ -25,7 +25,7 @@ use imgate::im::core::{ConnId, Core, ImConfig, Now, Output, Target};
 use imgate::im::proto::{self, client_frame::Body as C, server_frame::Body as S, ClientFrame};
 use imgate::im::wire;
 use imgate::store::memory::MemoryStore;
-use imgate::store::{StoreRead, WriteBatch};
+use imgate::store::{Sent, StoreRead, WriteBatch};
 use libfuzzer_sys::fuzz_target;
 
 const SECRET: &[u8] = b"fuzz-secret";
@@ -113,15 +113,18 @@ impl Driver {
         if n == 0 {
             return;
         }
-        let upto = self.taken[n - 1].0;
-        for (_, batch) in self.taken.drain(..n) {
-            self.store.apply(&batch);
-        }
+        let answers: Vec<(u64, Vec<Sent>)> = self
+            .taken
+            .drain(..n)
+            .map(|(id, batch)| (id, self.store.apply(&batch)))
+            .collect();
         for g in GROUPS {
             let size = self.store.group_size(g).unwrap();
             assert!(size <= MAX_GROUP_MEMBERS, "{g} has {size} members");
         }
-        self.core.on_committed(upto, self.now, &self.store);
+        for (id, sents) in &answers {
+            self.core.on_committed(*id, sents, self.now, &self.store);
+        }
     }
 
     fn check_output(&mut self) {

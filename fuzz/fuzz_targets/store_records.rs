@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use imgate::store::records::{self, InboxChunk, LogEntry};
-use imgate::store::{Append, Body, StoredMessage, WriteBatch};
+use imgate::store::{Append, Body, StoredBatch, StoredMessage};
 use libfuzzer_sys::fuzz_target;
 
 /// Reads the fuzz input; zeros (and empty strings) once it runs out.
@@ -47,12 +47,12 @@ impl<'a> Bytes<'a> {
 
 /// Batches of appends, sends and cursors, and the log entries they must read back as.
 fn log_round_trip(input: &mut Bytes<'_>) {
-    let mut batches = vec![WriteBatch::default()];
+    let mut batches = vec![StoredBatch::default()];
     let mut prev: Option<StoredMessage> = None;
     for _ in 0..usize::from(input.byte() % 32) {
         let b = batches.last_mut().expect("one batch at least");
         match input.byte() % 5 {
-            0 => batches.push(WriteBatch::default()),
+            0 => batches.push(StoredBatch::default()),
             1 | 2 => {
                 let msg = match prev.clone().filter(|_| input.byte() & 1 == 0) {
                     // The same send in a second inbox.
@@ -100,7 +100,7 @@ fn log_round_trip(input: &mut Bytes<'_>) {
         }));
     }
     let mut rec = Vec::new();
-    let refs: Vec<&WriteBatch> = batches.iter().collect();
+    let refs: Vec<&StoredBatch> = batches.iter().collect();
     records::encode_log(&refs, &mut rec);
     assert_eq!(records::decode_log(&rec).expect("a record decodes"), want);
 }
@@ -167,7 +167,7 @@ fn arbitrary(data: &[u8]) {
         let mut batches = Vec::new();
         let mut prev: Option<(&[u8], StoredMessage)> = None;
         for e in &entries {
-            let mut b = WriteBatch::default();
+            let mut b = StoredBatch::default();
             match *e {
                 LogEntry::Append {
                     owner,
@@ -206,7 +206,7 @@ fn arbitrary(data: &[u8]) {
             batches.push(b);
         }
         let mut rec = Vec::new();
-        let refs: Vec<&WriteBatch> = batches.iter().collect();
+        let refs: Vec<&StoredBatch> = batches.iter().collect();
         records::encode_log(&refs, &mut rec);
         assert_eq!(records::decode_log(&rec).as_ref(), Ok(&entries));
         assert!(rec.len() <= data.len(), "re-encoding grew the record");

@@ -70,7 +70,7 @@ use crate::buffer_pool::BufferPool;
 use crate::config::ServerConfig;
 pub use crate::im::core::Now;
 use crate::im::core::{BatchId, Core};
-use crate::store::{StoreRead, WriteBatch};
+use crate::store::{Sent, StoreRead, WriteBatch};
 use crate::ws::handshake::{Endpoint, HttpError, Policy};
 
 /// A connection's name: the reactor keys its socket (and its poll token) by it.
@@ -411,12 +411,25 @@ impl Gateway {
         self.im.core.take_batch()
     }
 
-    /// Batches up to `id` are durable (`took`: how long the commit took): acknowledge and
-    /// deliver them, and answer the admin requests that waited for them.
-    pub fn handle_committed(&mut self, id: BatchId, took: std::time::Duration, now: Now) {
+    /// These batches (in id order, with the answers to their sends) are durable (`took`: how
+    /// long the commit took): acknowledge and deliver them, and answer the admin requests
+    /// that waited for them.
+    pub fn handle_committed(
+        &mut self,
+        answers: Vec<(BatchId, Vec<Sent>)>,
+        took: std::time::Duration,
+        now: Now,
+    ) {
         self.now = now;
         self.metrics.commit_latency.observe(took.as_secs_f64());
-        self.im.core.on_committed(id, now, &*self.im.store);
+        let Some(id) = answers.last().map(|(id, _)| *id) else {
+            return;
+        };
+        for (batch, sents) in &answers {
+            self.im
+                .core
+                .on_committed(*batch, sents, now, &*self.im.store);
+        }
         while self.committing.front().is_some_and(|(b, _)| *b <= id) {
             let Some((batch, key)) = self.committing.pop_front() else {
                 break;

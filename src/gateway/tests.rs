@@ -174,9 +174,10 @@ impl Harness {
     /// durable.
     fn commit(&mut self) {
         if let Some((id, batch)) = self.gw.poll_batch() {
-            self.store.get().apply(&batch);
+            let sents = self.store.get().apply(&batch);
             let now = self.at();
-            self.gw.handle_committed(id, Duration::from_millis(1), now);
+            self.gw
+                .handle_committed(vec![(id, sents)], Duration::from_millis(1), now);
             self.pump();
         }
     }
@@ -553,9 +554,10 @@ fn a_friendship_is_answered_once_its_batch_is_durable() {
         b"PUT /v1/friendships/alice/bob HTTP/1.1\r\nHost: x\r\n\r\n",
     );
     assert!(h.take(key).is_empty(), "answered before the commit");
-    let (batch, _) = h.gw.poll_batch().expect("a batch");
+    let (id, batch) = h.gw.poll_batch().expect("a batch");
+    let sents = h.store.get().apply(&batch);
     let now = h.at();
-    h.gw.handle_committed(batch, Duration::from_millis(1), now);
+    h.gw.handle_committed(vec![(id, sents)], Duration::from_millis(1), now);
     h.pump();
     assert!(h.take(key).starts_with(b"HTTP/1.1 204"));
 }
@@ -1584,9 +1586,9 @@ fn admin_changes_are_answered_once_their_own_batch_is_durable() {
         "the repeated change was written"
     );
     for (id, batch) in [(id1, batch1), (id2, batch2)] {
-        h.store.get().apply(&batch);
+        let sents = h.store.get().apply(&batch);
         let now = h.at();
-        h.gw.handle_committed(id, Duration::from_millis(1), now);
+        h.gw.handle_committed(vec![(id, sents)], Duration::from_millis(1), now);
         h.pump();
         let answered = [first, second, again].map(|k| h.take(k).starts_with(b"HTTP/1.1 204"));
         let expected = if id == id1 {

@@ -238,19 +238,18 @@ impl Server {
 
     /// The storage thread committed batches: the gateway acknowledges and delivers them.
     fn on_store_done(&mut self) -> io::Result<()> {
-        let mut latest = None;
-        for done in self.writer.completed() {
-            match done {
-                Done::Committed(id, took) => latest = Some((id, took)),
+        let done: Vec<Done> = self.writer.completed().collect();
+        for d in done {
+            match d {
+                Done::Committed { answers, took } => {
+                    let now = self.now_value();
+                    self.gateway.handle_committed(answers, took, now);
+                }
                 Done::Failed(e) => {
                     log::error!("{e}; stopping: no send is acknowledged unless it is durable");
                     return Err(io::Error::other(e));
                 }
             }
-        }
-        if let Some((id, took)) = latest {
-            let now = self.now_value();
-            self.gateway.handle_committed(id, took, now);
         }
         Ok(())
     }

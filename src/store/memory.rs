@@ -2,7 +2,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
-use super::{ReadError, StoreRead, StoredMessage, WriteBatch, DEDUPE_KEEP};
+use super::assign::Assigner;
+use super::{ReadError, Sent, StoreRead, StoredBatch, StoredMessage, WriteBatch, DEDUPE_KEEP};
 
 #[derive(Debug, Default)]
 pub struct MemoryStore {
@@ -13,11 +14,29 @@ pub struct MemoryStore {
     friends: HashMap<String, BTreeSet<String>>,
     groups: HashMap<String, BTreeSet<String>>,
     user_groups: HashMap<String, BTreeSet<String>>,
+    assigner: Assigner,
 }
 
 impl MemoryStore {
-    /// Applies a batch. Appends must continue each inbox without a gap.
-    pub fn apply(&mut self, batch: &WriteBatch) {
+    /// Commits a batch as the embedded store does: seqs assigned, sends deduped, then
+    /// applied. Answers each send.
+    ///
+    /// # Panics
+    /// If a read fails, which this store's reads never do.
+    pub fn apply(&mut self, batch: &WriteBatch) -> Vec<Sent> {
+        let mut assigner = std::mem::take(&mut self.assigner);
+        let resolved = assigner.resolve(&[batch], self);
+        let resolved = resolved.expect("memory reads do not fail");
+        for b in &resolved.batches {
+            self.apply_stored(b);
+        }
+        let mut answers = assigner.applied(resolved);
+        self.assigner = assigner;
+        answers.pop().unwrap_or_default()
+    }
+
+    /// Applies a batch whose seqs are placed. Appends must continue each inbox without a gap.
+    pub fn apply_stored(&mut self, batch: &StoredBatch) {
         for a in &batch.appends {
             let inbox = self.inboxes.entry(a.owner.to_string()).or_default();
             let next = inbox.keys().next_back().copied().unwrap_or(0) + 1;

@@ -4,7 +4,11 @@
 //! The core reads through [`StoreRead`] (reads never wait on a disk sync) and describes every
 //! change of one loop turn as a [`WriteBatch`], which the shell commits as one transaction off
 //! the network thread (group commit) before the core releases any acknowledgement for it.
+//! The store, not the core, gives each send its seqs and recognises a retry ([`Sent`]), so
+//! that several writers may share an inbox.
 
+pub(crate) mod assign;
+pub(crate) mod filter;
 pub mod memory;
 pub mod records;
 pub(crate) mod redb_store;
@@ -37,12 +41,48 @@ pub struct Append {
     pub msg: StoredMessage,
 }
 
+/// A send the core accepted, not yet given a seq anywhere: the store dedupes it by
+/// `(from, client_msg_id)` and appends `body` to the sender's inbox and to each of `to`'s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSend {
+    pub from: Arc<str>,
+    pub client_msg_id: String,
+    pub server_time_ms: i64,
+    pub body: Body,
+    /// The other inboxes it goes to, each once, never the sender's.
+    pub to: Vec<Arc<str>>,
+}
+
+/// What the store did with a [`NewSend`]: the seq of the sender's copy, whether an earlier
+/// send with the same key had taken it (`duplicate`), and the seq in each of `to`'s inboxes,
+/// in the same order. A duplicate's `to_seqs` name what that earlier send was given, or are
+/// empty when the store knows every one was appended with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    pub seq: u64,
+    pub duplicate: bool,
+    pub to_seqs: Vec<u64>,
+}
+
 /// Everything one loop turn changes, committed atomically.
 ///
 /// A taken batch is shared (`Arc`) by the storage thread, which commits it, and the IM core,
 /// which acknowledges and delivers from it once committed: it is never copied.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct WriteBatch {
+    /// Accepted sends, in order; the commit answers each with a [`Sent`].
+    pub sends: Vec<NewSend>,
+    /// (uid, device_id, seq): delivery cursors moved by acks.
+    pub cursors: Vec<(Arc<str>, Arc<str>, u64)>,
+    /// (a, b, present): symmetric friendships set or removed.
+    pub friendships: Vec<(String, String, bool)>,
+    /// Group memberships that change: each one joins a non-member or removes a member.
+    pub memberships: Vec<Membership>,
+}
+
+/// A [`WriteBatch`] once its sends have seqs: what the embedded store logs and applies.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StoredBatch {
     /// Appends to inboxes, each inbox in seq order.
     pub appends: Vec<Append>,
     /// (uid, client_msg_id, seq in the sender's inbox): idempotency keys, in send order.
@@ -65,8 +105,7 @@ pub struct Membership {
 
 impl WriteBatch {
     pub fn is_empty(&self) -> bool {
-        self.appends.is_empty()
-            && self.sends.is_empty()
+        self.sends.is_empty()
             && self.cursors.is_empty()
             && self.friendships.is_empty()
             && self.memberships.is_empty()
@@ -134,9 +173,12 @@ pub trait StoreRead {
 /// [`redb_store::RedbStore`] is the one implementation today; a networked backend would be
 /// another.
 pub trait Store: StoreRead + Send + Sync {
-    /// Applies the batches atomically, in order. With `sync`, they are durable on return.
-    /// Reads see them once this returns.
-    fn commit(&self, batches: &[&WriteBatch], sync: bool) -> Result<(), String>;
+    /// Applies the batches atomically, in order, and answers each of their sends, batch by
+    /// batch. With `sync`, they are durable on return. Reads see them once this returns.
+    ///
+    /// Errors: a failed write, or a read the seqs or the dedupe depend on; then nothing of
+    /// the batches is applied.
+    fn commit(&self, batches: &[&WriteBatch], sync: bool) -> Result<Vec<Vec<Sent>>, String>;
     /// One bounded step of upkeep that commits may leave behind (for the redb store: moving
     /// the commit log into the per-user tables). Returns whether more is due. The storage
     /// thread runs it between commits, so no step delays a commit by much.

@@ -12,7 +12,7 @@
 
 use prost::encoding::decode_varint;
 
-use super::{Body, StoredMessage, WriteBatch};
+use super::{Body, StoredBatch, StoredMessage};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Corrupt(pub &'static str);
@@ -73,7 +73,7 @@ fn put_bytes(b: &[u8], out: &mut Vec<u8>) {
 
 /// Appends the log record of `batches` (their appends, sends and cursors; friendships are
 /// not logged) to `out`.
-pub fn encode_log(batches: &[&WriteBatch], out: &mut Vec<u8>) {
+pub fn encode_log(batches: &[&StoredBatch], out: &mut Vec<u8>) {
     let mut prev: Option<&StoredMessage> = None;
     for b in batches {
         for a in &b.appends {
@@ -327,7 +327,7 @@ mod tests {
     #[test]
     fn a_log_record_lists_its_batches_in_order() {
         let shared = msg(7, b"body");
-        let a = WriteBatch {
+        let a = StoredBatch {
             appends: vec![
                 Append {
                     owner: "alice".into(),
@@ -348,9 +348,9 @@ mod tests {
             friendships: vec![("x".into(), "y".into(), true)],
             memberships: vec![],
         };
-        let b = WriteBatch {
+        let b = StoredBatch {
             cursors: vec![(Arc::from("bob"), Arc::from("phone"), 1)],
-            ..WriteBatch::default()
+            ..StoredBatch::default()
         };
         let mut rec = Vec::new();
         encode_log(&[&a, &b], &mut rec);

@@ -30,9 +30,12 @@ use redb::{
     WriteTransaction,
 };
 
+use super::assign::Assigner;
 use super::records::{self, Corrupt, LogEntry};
 use super::tail::{Tails, UserTail};
-use super::{ReadError, Store, StoreRead, StoredMessage, WriteBatch, DEDUPE_KEEP};
+use super::{
+    ReadError, Sent, Store, StoreRead, StoredBatch, StoredMessage, WriteBatch, DEDUPE_KEEP,
+};
 use crate::im::proto;
 
 /// log id -> a commit's appends, keys and cursors ([`records::encode_log`]).
@@ -99,6 +102,8 @@ pub struct RedbStore {
     /// The log record being encoded, kept between commits so that it is not grown anew each
     /// time (only the storage thread commits: never contended).
     record: Mutex<Vec<u8>>,
+    /// Places sends; only the storage thread commits, so it is never contended.
+    assigner: Mutex<Assigner>,
 }
 
 fn commit_err(e: impl std::fmt::Display) -> StoreError {
@@ -139,6 +144,7 @@ impl RedbStore {
             next_log: AtomicU64::new(1),
             log_bytes,
             record: Mutex::new(Vec::new()),
+            assigner: Mutex::new(Assigner::default()),
         };
         store.replay()?;
         Ok(store)
@@ -209,8 +215,29 @@ impl RedbStore {
         Ok(())
     }
 
-    /// Logs the batches in one transaction. With `sync`, it is on disk when this returns.
-    pub fn commit(&self, batches: &[&WriteBatch], sync: bool) -> Result<(), StoreError> {
+    /// Places the batches' sends (seqs and dedupe), then logs them in one transaction. With
+    /// `sync`, it is on disk when this returns.
+    ///
+    /// Errors: [`StoreError::Commit`] for a failed write or a failed read the placing needs.
+    pub fn commit(
+        &self,
+        batches: &[&WriteBatch],
+        sync: bool,
+    ) -> Result<Vec<Vec<Sent>>, StoreError> {
+        let mut assigner = self.assigner.lock().unwrap_or_else(|e| e.into_inner());
+        let resolved = assigner.resolve(batches, self).map_err(commit_err)?;
+        let refs: Vec<&StoredBatch> = resolved.batches.iter().collect();
+        self.commit_stored(&refs, sync)?;
+        Ok(assigner.applied(resolved))
+    }
+
+    /// Logs batches whose sends are placed, in one transaction. With `sync`, it is on disk
+    /// when this returns.
+    pub(crate) fn commit_stored(
+        &self,
+        batches: &[&StoredBatch],
+        sync: bool,
+    ) -> Result<(), StoreError> {
         let id = self.next_log.fetch_add(1, Ordering::Relaxed);
         let mut record = self.record.lock().unwrap_or_else(|e| e.into_inner());
         record.clear();
@@ -573,7 +600,7 @@ fn migrate(
 }
 
 impl Store for RedbStore {
-    fn commit(&self, batches: &[&WriteBatch], sync: bool) -> Result<(), String> {
+    fn commit(&self, batches: &[&WriteBatch], sync: bool) -> Result<Vec<Vec<Sent>>, String> {
         RedbStore::commit(self, batches, sync).map_err(|e| e.to_string())
     }
 
@@ -822,8 +849,8 @@ mod tests {
     }
 
     /// Appends seq `seq` to each owner's inbox, with an idempotency key `k{seq}` for the first.
-    fn batch(owners: &[&str], seq: u64) -> WriteBatch {
-        WriteBatch {
+    fn batch(owners: &[&str], seq: u64) -> StoredBatch {
+        StoredBatch {
             appends: owners
                 .iter()
                 .map(|o| Append {
@@ -836,7 +863,7 @@ mod tests {
                 })
                 .collect(),
             sends: vec![(owners[0].into(), format!("k{seq}"), seq)],
-            ..WriteBatch::default()
+            ..StoredBatch::default()
         }
     }
 
@@ -875,7 +902,7 @@ mod tests {
         };
         {
             let s = dir.open(1 << 20);
-            let b = WriteBatch {
+            let b = StoredBatch {
                 memberships: vec![
                     change("g", "bob", true),
                     change("g", "alice", true),
@@ -883,18 +910,18 @@ mod tests {
                     // A repeat is no second member.
                     change("g", "bob", true),
                 ],
-                ..WriteBatch::default()
+                ..StoredBatch::default()
             };
-            s.commit(&[&b], true).unwrap();
+            s.commit_stored(&[&b], true).unwrap();
             assert_eq!(s.group_members("g"), Ok(vec!["alice".into(), "bob".into()]));
             assert_eq!(s.group_size("g"), Ok(2));
             assert_eq!(s.groups_of("alice"), Ok(vec!["g".into(), "h".into()]));
             assert_eq!(s.is_member("h", "bob"), Ok(false));
-            let b = WriteBatch {
+            let b = StoredBatch {
                 memberships: vec![change("g", "alice", false), change("g", "nobody", false)],
-                ..WriteBatch::default()
+                ..StoredBatch::default()
             };
-            s.commit(&[&b], true).unwrap();
+            s.commit_stored(&[&b], true).unwrap();
         }
         let s = dir.open(1 << 20);
         assert_eq!(s.group_members("g"), Ok(vec!["bob".into()]));
@@ -914,7 +941,7 @@ mod tests {
             // A limit of one byte: every maintenance step moves what is logged.
             let s = d.open(1);
             for seq in 1..=300 {
-                s.commit(&[&batch(&["a", "b"], seq)], seq % 50 == 0)
+                s.commit_stored(&[&batch(&["a", "b"], seq)], seq % 50 == 0)
                     .unwrap();
                 if seq % 7 == 0 {
                     s.maintain().unwrap();
@@ -951,11 +978,11 @@ mod tests {
         {
             let s = d.open(1);
             for u in &users {
-                s.commit(&[&batch(&[u], 1)], false).unwrap();
+                s.commit_stored(&[&batch(&[u], 1)], false).unwrap();
             }
             // One step moves some of the 600; the log stays whole until the last.
             assert!(s.step().unwrap());
-            s.commit(&[], true).unwrap();
+            s.commit_stored(&[], true).unwrap();
             assert_eq!(log_len(&s), 600);
         }
         let s = d.open(usize::MAX);
@@ -966,7 +993,7 @@ mod tests {
                 vec![("k1".to_owned(), 1)],
                 "{u}"
             );
-            s.commit(&[&batch(&[u], 2)], false).unwrap();
+            s.commit_stored(&[&batch(&[u], 2)], false).unwrap();
             assert_inbox(&s, u, 2);
         }
     }
@@ -980,7 +1007,7 @@ mod tests {
         let users: Vec<String> = (0..600).map(|i| format!("u{i}")).collect();
         let mut most = 0;
         for seq in 1..=30u64 {
-            let mut b = WriteBatch::default();
+            let mut b = StoredBatch::default();
             for u in &users {
                 b.appends.push(Append {
                     owner: u.as_str().into(),
@@ -992,7 +1019,7 @@ mod tests {
                 });
             }
             // As the storage thread does: one maintenance step after every commit.
-            s.commit(&[&b], false).unwrap();
+            s.commit_stored(&[&b], false).unwrap();
             s.maintain().unwrap();
             most = most.max(s.log_bytes_held());
         }
@@ -1011,11 +1038,11 @@ mod tests {
         let s = d.open(1);
         let n = DEDUPE_KEEP as u64 + 333;
         for first in (1..=n).step_by(50) {
-            let mut b = WriteBatch::default();
+            let mut b = StoredBatch::default();
             for seq in first..(first + 50).min(n + 1) {
                 b.sends.push(("a".into(), format!("k{seq}"), seq));
             }
-            s.commit(&[&b], false).unwrap();
+            s.commit_stored(&[&b], false).unwrap();
             while s.maintain().unwrap() {}
         }
         let keys = s.recent_sends("a").unwrap();
@@ -1047,18 +1074,18 @@ mod tests {
             assert_eq!(s.sent("a", "never").unwrap(), None);
         };
         check(&s, n);
-        let mut b = WriteBatch::default();
+        let mut b = StoredBatch::default();
         for seq in n + 1..=n + 10 {
             b.sends.push(("a".into(), format!("k{seq}"), seq));
         }
-        s.commit(&[&b], false).unwrap();
+        s.commit_stored(&[&b], false).unwrap();
         check(&s, n + 10);
         // An id used again counts at its newest use.
-        let reuse = WriteBatch {
+        let reuse = StoredBatch {
             sends: vec![("a".into(), format!("k{n}"), n + 11)],
-            ..WriteBatch::default()
+            ..StoredBatch::default()
         };
-        s.commit(&[&reuse], false).unwrap();
+        s.commit_stored(&[&reuse], false).unwrap();
         assert_eq!(s.sent("a", &format!("k{n}")).unwrap(), Some(n + 11));
     }
 
@@ -1078,11 +1105,11 @@ mod tests {
         };
         // A user that sends once per move: its keys gather in a few chunks.
         for seq in 1..=1500u64 {
-            let b = WriteBatch {
+            let b = StoredBatch {
                 sends: vec![("a".into(), format!("k{seq}"), seq)],
-                ..WriteBatch::default()
+                ..StoredBatch::default()
             };
-            s.commit(&[&b], false).unwrap();
+            s.commit_stored(&[&b], false).unwrap();
             while s.maintain().unwrap() {}
         }
         let c = chunks(&s);
@@ -1090,13 +1117,13 @@ mod tests {
         let want: Vec<(String, u64)> = (501..=1500).map(|q| (format!("k{q}"), q)).collect();
         assert_eq!(s.recent_sends("a").unwrap(), want);
         // A burst of 3,000 in one move: only the newest 1,000 are written.
-        let b = WriteBatch {
+        let b = StoredBatch {
             sends: (1501..=4500)
                 .map(|q| ("a".into(), format!("k{q}"), q))
                 .collect(),
-            ..WriteBatch::default()
+            ..StoredBatch::default()
         };
-        s.commit(&[&b], false).unwrap();
+        s.commit_stored(&[&b], false).unwrap();
         while s.maintain().unwrap() {}
         assert_eq!(chunks(&s).iter().sum::<u64>(), DEDUPE_KEEP as u64);
         assert_eq!(s.sent("a", "k3501").unwrap(), Some(3501));
@@ -1107,15 +1134,15 @@ mod tests {
     fn keys_moved_while_memory_is_read_are_not_counted_twice() {
         let d = Dir::new("overlap");
         let s = d.open(1);
-        let keys = |range: std::ops::RangeInclusive<u64>| WriteBatch {
+        let keys = |range: std::ops::RangeInclusive<u64>| StoredBatch {
             sends: range
                 .map(|seq| ("a".into(), format!("k{seq}"), seq))
                 .collect(),
-            ..WriteBatch::default()
+            ..StoredBatch::default()
         };
-        s.commit(&[&keys(1..=700)], false).unwrap();
+        s.commit_stored(&[&keys(1..=700)], false).unwrap();
         while s.maintain().unwrap() {}
-        s.commit(&[&keys(701..=1100)], false).unwrap();
+        s.commit_stored(&[&keys(701..=1100)], false).unwrap();
         // As if a move of the 400 held keys committed after memory was read and before the
         // snapshot: they are in both.
         let txn = s.db.begin_write().unwrap();
@@ -1140,28 +1167,28 @@ mod tests {
     fn cursors_only_move_forward_and_friendships_go_both_ways() {
         let d = Dir::new("cursors");
         let s = d.open(usize::MAX);
-        let cursor = |seq| WriteBatch {
+        let cursor = |seq| StoredBatch {
             cursors: vec![("b".into(), "phone".into(), seq)],
             friendships: vec![
                 ("a".into(), "b".into(), true),
                 ("a".into(), "c".into(), true),
             ],
-            ..WriteBatch::default()
+            ..StoredBatch::default()
         };
-        s.commit(&[&cursor(5), &cursor(3)], false).unwrap();
+        s.commit_stored(&[&cursor(5), &cursor(3)], false).unwrap();
         assert_eq!(s.cursor("b", "phone"), 5);
         assert_eq!(s.cursors("b"), vec![("phone".to_owned(), 5)]);
         assert_eq!(s.friends("a"), vec!["b".to_owned(), "c".to_owned()]);
         assert_eq!(s.friends("b"), vec!["a".to_owned()]);
         drop(s);
         let s = d.open(1);
-        s.commit(&[&cursor(2)], false).unwrap();
+        s.commit_stored(&[&cursor(2)], false).unwrap();
         while s.maintain().unwrap() {}
         assert_eq!(s.cursor("b", "phone"), 5, "a cursor never moves back");
-        s.commit(
-            &[&WriteBatch {
+        s.commit_stored(
+            &[&StoredBatch {
                 friendships: vec![("b".into(), "a".into(), false)],
-                ..WriteBatch::default()
+                ..StoredBatch::default()
             }],
             false,
         )
@@ -1256,9 +1283,9 @@ mod tests {
         let d = Dir::new("replay-moved");
         {
             let s = d.open(1);
-            s.commit(&[&batch(&["a"], 1)], false).unwrap();
+            s.commit_stored(&[&batch(&["a"], 1)], false).unwrap();
             assert!(s.step().unwrap(), "the move leaves the log to delete");
-            s.commit(&[], true).unwrap();
+            s.commit_stored(&[], true).unwrap();
         }
         let s = d.open(usize::MAX);
         assert_eq!(log_len(&s), 1);
@@ -1272,7 +1299,7 @@ mod tests {
         let d = Dir::new("replay-next");
         for seq in 1..=3 {
             let s = d.open(usize::MAX);
-            s.commit(&[&batch(&["a"], seq)], true).unwrap();
+            s.commit_stored(&[&batch(&["a"], seq)], true).unwrap();
         }
         let s = d.open(usize::MAX);
         assert_eq!(log_len(&s), 3);
@@ -1287,19 +1314,19 @@ mod tests {
             let r = s.record.lock().unwrap();
             (r.as_ptr(), r.capacity())
         };
-        s.commit(&[&batch(&["a"], 1)], false).unwrap();
+        s.commit_stored(&[&batch(&["a"], 1)], false).unwrap();
         let (ptr, capacity) = record(&s);
         assert!(capacity > 0, "kept after the commit");
-        s.commit(&[&batch(&["a"], 2)], false).unwrap();
+        s.commit_stored(&[&batch(&["a"], 2)], false).unwrap();
         assert_eq!(
             record(&s),
             (ptr, capacity),
             "the same buffer, not a new one"
         );
         *s.record.lock().unwrap() = Vec::with_capacity(RECORD_KEEP);
-        s.commit(&[&batch(&["a"], 3)], false).unwrap();
+        s.commit_stored(&[&batch(&["a"], 3)], false).unwrap();
         assert_eq!(record(&s).1, RECORD_KEEP, "a buffer of the limit is kept");
-        let burst = WriteBatch {
+        let burst = StoredBatch {
             appends: vec![Append {
                 owner: "a".into(),
                 msg: StoredMessage {
@@ -1308,9 +1335,9 @@ mod tests {
                     body: vec![7; RECORD_KEEP + 1].into(),
                 },
             }],
-            ..WriteBatch::default()
+            ..StoredBatch::default()
         };
-        s.commit(&[&burst], false).unwrap();
+        s.commit_stored(&[&burst], false).unwrap();
         assert!(record(&s).1 <= RECORD_KEEP, "{} bytes kept", record(&s).1);
         assert_eq!(
             s.messages_after("a", 3, 10).unwrap()[0].body.len(),
@@ -1325,7 +1352,7 @@ mod tests {
         let d = Dir::new("maintain");
         let s = d.open(1000);
         let store: &dyn Store = &s;
-        let append = |owner: &str| WriteBatch {
+        let append = |owner: &str| StoredBatch {
             appends: vec![Append {
                 owner: owner.into(),
                 msg: StoredMessage {
@@ -1334,14 +1361,14 @@ mod tests {
                     body: vec![7; 1100].into(),
                 },
             }],
-            ..WriteBatch::default()
+            ..StoredBatch::default()
         };
-        store.commit(&[&append("a")], false).unwrap();
+        s.commit_stored(&[&append("a")], false).unwrap();
         assert_eq!(s.max_seq("a"), Ok(1));
         // Moves "a"; its log record is still to be deleted.
         assert_eq!(store.maintain(), Ok(true));
         assert_eq!((log_len(&s), s.log_bytes_held()), (1, 0));
-        store.commit(&[&append("b")], false).unwrap();
+        s.commit_stored(&[&append("b")], false).unwrap();
         let held = s.log_bytes_held();
         assert!(held > 1002 && held <= 2000, "{held} bytes held");
         // Deletes the log of "a" and leaves "b", within the bound, for the next call.
@@ -1359,7 +1386,7 @@ mod tests {
         let s = d.open(1);
         let n = DROP_RECORDS as u64 + 500;
         for seq in 1..=n {
-            s.commit(&[&batch(&["a"], seq)], false).unwrap();
+            s.commit_stored(&[&batch(&["a"], seq)], false).unwrap();
         }
         assert!(s.step().unwrap(), "moved");
         assert!(s.step().unwrap(), "a piece deleted, more to delete");
@@ -1373,13 +1400,13 @@ mod tests {
     fn the_step_that_deletes_the_last_of_a_generations_log_leaves_nothing_due() {
         let d = Dir::new("drop-last");
         let s = d.open(1);
-        s.commit(&[&batch(&["a"], 1)], false).unwrap();
+        s.commit_stored(&[&batch(&["a"], 1)], false).unwrap();
         // Friendships are not logged: the generation's newest commit has no log record.
-        let friends = WriteBatch {
+        let friends = StoredBatch {
             friendships: vec![("a".into(), "b".into(), true)],
-            ..WriteBatch::default()
+            ..StoredBatch::default()
         };
-        s.commit(&[&friends], false).unwrap();
+        s.commit_stored(&[&friends], false).unwrap();
         assert!(s.step().unwrap(), "moved");
         assert!(!s.step().unwrap(), "the log deleted");
         assert_eq!(log_len(&s), 0);
@@ -1473,13 +1500,13 @@ mod tests {
     fn the_newest_thousand_keys_held_in_memory_are_the_ones_known() {
         let d = Dir::new("held-keys");
         let s = d.open(usize::MAX);
-        let b = WriteBatch {
+        let b = StoredBatch {
             sends: (1..=1200)
                 .map(|q| ("a".into(), format!("k{q}"), q))
                 .collect(),
-            ..WriteBatch::default()
+            ..StoredBatch::default()
         };
-        s.commit(&[&b], false).unwrap();
+        s.commit_stored(&[&b], false).unwrap();
         let want: Vec<(String, u64)> = (201..=1200).map(|q| (format!("k{q}"), q)).collect();
         assert_eq!(s.recent_sends("a").unwrap(), want);
         assert_eq!(s.sent("a", "k201").unwrap(), Some(201));
@@ -1489,7 +1516,7 @@ mod tests {
     /// Logs seqs `seqs` of `uid` and moves them into the tables: one inbox chunk.
     fn moved(s: &RedbStore, uid: &str, seqs: std::ops::RangeInclusive<u64>) {
         for seq in seqs {
-            s.commit(&[&batch(&[uid], seq)], false).unwrap();
+            s.commit_stored(&[&batch(&[uid], seq)], false).unwrap();
         }
         while s.maintain().unwrap() {}
     }
@@ -1504,7 +1531,7 @@ mod tests {
         assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), [3, 4, 5, 6]);
         assert_inbox(&s, "a", 10);
         for seq in 11..=14 {
-            s.commit(&[&batch(&["a"], seq)], false).unwrap();
+            s.commit_stored(&[&batch(&["a"], seq)], false).unwrap();
         }
         // From the tables, then from memory.
         let page = s.messages_after("a", 8, 4).unwrap();
@@ -1523,7 +1550,7 @@ mod tests {
         let s = d.open(1);
         moved(&s, "a", 1..=3);
         for seq in 4..=6 {
-            s.commit(&[&batch(&["a"], seq)], false).unwrap();
+            s.commit_stored(&[&batch(&["a"], seq)], false).unwrap();
         }
         // As if a move of seqs 4 and 5 committed after memory was read and before the
         // snapshot: they are in both.
@@ -1544,17 +1571,18 @@ mod tests {
     fn a_held_cursor_and_a_stored_one_of_the_same_device_read_as_the_newer() {
         let d = Dir::new("cursor-merge");
         let s = d.open(1);
-        let cursors = |v: &[(&str, u64)]| WriteBatch {
+        let cursors = |v: &[(&str, u64)]| StoredBatch {
             cursors: v
                 .iter()
                 .map(|(d, q)| ("b".into(), (*d).into(), *q))
                 .collect(),
-            ..WriteBatch::default()
+            ..StoredBatch::default()
         };
-        s.commit(&[&cursors(&[("laptop", 2), ("phone", 5)])], false)
+        s.commit_stored(&[&cursors(&[("laptop", 2), ("phone", 5)])], false)
             .unwrap();
         while s.maintain().unwrap() {}
-        s.commit(&[&cursors(&[("phone", 7)])], false).unwrap();
+        s.commit_stored(&[&cursors(&[("phone", 7)])], false)
+            .unwrap();
         assert_eq!(
             s.cursors("b"),
             vec![("laptop".to_owned(), 2), ("phone".to_owned(), 7)]
@@ -1567,18 +1595,18 @@ mod tests {
         use crate::store::Membership;
         let d = Dir::new("member");
         let s = d.open(usize::MAX);
-        let change = |joined| WriteBatch {
+        let change = |joined| StoredBatch {
             memberships: vec![Membership {
                 gid: "g".into(),
                 uid: "bob".into(),
                 joined,
             }],
-            ..WriteBatch::default()
+            ..StoredBatch::default()
         };
-        s.commit(&[&change(true)], false).unwrap();
+        s.commit_stored(&[&change(true)], false).unwrap();
         assert_eq!(s.is_member("g", "bob"), Ok(true));
         assert_eq!(s.is_member("g", "alice"), Ok(false));
-        s.commit(&[&change(false)], false).unwrap();
+        s.commit_stored(&[&change(false)], false).unwrap();
         assert_eq!(s.is_member("g", "bob"), Ok(false));
     }
 

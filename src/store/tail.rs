@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::records::{self, InboxChunk};
-use super::{StoredMessage, WriteBatch};
+use super::{StoredBatch, StoredMessage};
 
 /// What entries weigh, roughly, beyond their strings and bodies.
 const KEY_OVERHEAD: usize = 10;
@@ -163,7 +163,7 @@ pub struct Slice {
 
 impl Tails {
     /// Adds a committed batch, logged as record `log_id`.
-    pub fn apply(&mut self, log_id: u64, batch: &WriteBatch) {
+    pub fn apply(&mut self, log_id: u64, batch: &StoredBatch) {
         let t = &mut self.active;
         for a in &batch.appends {
             let m = &a.msg;
@@ -329,8 +329,8 @@ mod tests {
     use super::*;
     use crate::store::Append;
 
-    fn batch(owner: &str, seqs: std::ops::RangeInclusive<u64>) -> WriteBatch {
-        WriteBatch {
+    fn batch(owner: &str, seqs: std::ops::RangeInclusive<u64>) -> StoredBatch {
+        StoredBatch {
             appends: seqs
                 .clone()
                 .map(|seq| Append {
@@ -373,7 +373,7 @@ mod tests {
             (1..=5).map(|s| (format!("k{s}"), s)).collect::<Vec<_>>()
         );
         // One cursor per device, the newest.
-        let mut b = WriteBatch::default();
+        let mut b = StoredBatch::default();
         b.cursors.push(("a".into(), "phone".into(), 4));
         b.cursors.push(("a".into(), "laptop".into(), 2));
         t.apply(3, &b);
@@ -436,7 +436,7 @@ mod tests {
         let bytes_a = t.bytes();
         // b's chunk outgrows its first buffer, and b has a second device.
         t.apply(2, &batch("b", 1..=8));
-        let mut laptop = WriteBatch::default();
+        let mut laptop = StoredBatch::default();
         laptop.cursors.push(("b".into(), "laptop".into(), 3));
         t.apply(3, &laptop);
         let bytes_b = t.bytes() - bytes_a;
@@ -466,7 +466,7 @@ mod tests {
         t.apply(1, &batch("a", 1..=3));
         assert!(t.rotate(0));
         t.apply(2, &batch("a", 4..=5));
-        let mut again = WriteBatch::default();
+        let mut again = StoredBatch::default();
         again.sends.push(("a".into(), "k1".into(), 6));
         t.apply(3, &again);
         // Held now, oldest first: k1 k2 k3 (flushing), k4 k5 k1 (active).

@@ -2,20 +2,25 @@
 //!
 //! The loop submits one batch per turn and never waits. The thread takes every batch that is
 //! waiting, commits them in one transaction (group commit: one disk sync for many turns under
-//! load), reports the newest committed batch id and wakes the loop through a `mio::Waker`.
+//! load), reports what each batch's sends were given and wakes the loop through a
+//! `mio::Waker`.
 
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use super::{Store, WriteBatch};
+use super::{Sent, Store, WriteBatch};
 
-/// Batch ids grow by one per submitted batch; a report covers every id up to it.
+/// Batch ids grow by one per submitted batch, and batches are reported in that order.
 pub type BatchId = u64;
 
 pub enum Done {
-    /// Every batch up to this id is durable; the commit took this long.
-    Committed(BatchId, std::time::Duration),
+    /// These batches (in id order) are durable, with the answers to their sends; the
+    /// commit took `took`.
+    Committed {
+        answers: Vec<(BatchId, Vec<Sent>)>,
+        took: std::time::Duration,
+    },
     Failed(String),
 }
 
@@ -64,21 +69,21 @@ impl Writer {
                             Err(_) => break,
                         }
                     };
-                    let mut last = first.0;
+                    let mut ids = vec![first.0];
                     let mut batches = vec![first.1];
                     while let Ok((id, b)) = jobs_rx.try_recv() {
-                        last = id;
+                        ids.push(id);
                         batches.push(b);
                     }
                     let started = std::time::Instant::now();
                     let refs: Vec<&WriteBatch> = batches.iter().map(|b| &**b).collect();
-                    if let Err(e) = store.commit(&refs, sync) {
-                        return fail(&done_tx, &waker, e);
-                    }
-                    if done_tx
-                        .send(Done::Committed(last, started.elapsed()))
-                        .is_err()
-                    {
+                    let sents = match store.commit(&refs, sync) {
+                        Ok(sents) => sents,
+                        Err(e) => return fail(&done_tx, &waker, e),
+                    };
+                    let answers = ids.into_iter().zip(sents).collect();
+                    let took = started.elapsed();
+                    if done_tx.send(Done::Committed { answers, took }).is_err() {
                         return;
                     }
                     let _ = waker.wake();
@@ -185,19 +190,20 @@ mod tests {
     }
 
     impl Store for Recording {
-        fn commit(&self, batches: &[&WriteBatch], sync: bool) -> Result<(), String> {
+        fn commit(&self, batches: &[&WriteBatch], sync: bool) -> Result<Vec<Vec<Sent>>, String> {
+            let answers = batches.iter().map(|_| Vec::new()).collect();
             let batches = batches.iter().map(|b| (*b).clone()).collect();
             self.commits.lock().unwrap().push((batches, sync));
             if self.fail {
                 return Err("disk full".into());
             }
-            Ok(())
+            Ok(answers)
         }
     }
 
     fn batch(id: &str) -> WriteBatch {
         WriteBatch {
-            sends: vec![("a".into(), id.into(), 1)],
+            cursors: vec![("a".into(), id.into(), 1)],
             ..WriteBatch::default()
         }
     }
@@ -228,12 +234,12 @@ mod tests {
         assert!(earlier.iter().all(|(_, sync)| !sync));
         let reported: Vec<BatchId> = done
             .try_iter()
-            .map(|d| match d {
-                Done::Committed(id, _) => id,
+            .flat_map(|d| match d {
+                Done::Committed { answers, .. } => answers.into_iter().map(|(id, _)| id),
                 Done::Failed(e) => panic!("{e}"),
             })
             .collect();
-        assert_eq!(reported.last(), Some(&2), "reports {reported:?}");
+        assert_eq!(reported, vec![1, 2], "each batch once, in order");
     }
 
     #[test]
@@ -249,7 +255,7 @@ mod tests {
         let guard = std::time::Duration::from_secs(10);
         match w.done.recv_timeout(guard) {
             Ok(Done::Failed(e)) => assert_eq!(e, "disk full"),
-            Ok(Done::Committed(id, _)) => panic!("batch {id} reported committed"),
+            Ok(Done::Committed { .. }) => panic!("a batch reported committed"),
             Err(e) => panic!("no report: {e}"),
         }
         let mut events = mio::Events::with_capacity(4);

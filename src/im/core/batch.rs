@@ -1,13 +1,13 @@
 //! The group commit: every write of a loop turn goes into one [`WriteBatch`], taken once per
-//! turn and committed off the network thread. Until the shell reports a batch durable, the
-//! acknowledgements of its sends wait beside it and its messages are not delivered, so that
-//! nothing a client was told about can be lost.
+//! turn and committed off the network thread. Until the shell reports a batch durable, with
+//! the store's answer to each of its sends, nothing in it is acknowledged or delivered, so
+//! that nothing a client was told about can be lost.
 
 use std::sync::Arc;
 
 use super::delivery::RECENT_KEEP;
-use super::{BatchId, ConnId, Core, Now};
-use crate::store::{StoreRead, WriteBatch};
+use super::{BatchId, ConnId, Core, InFlight, Now, Requester};
+use crate::store::{Sent, StoreRead, StoredMessage, WriteBatch};
 
 impl Core {
     /// The id the writes made since the last [`Core::take_batch`] will be committed under.
@@ -18,71 +18,116 @@ impl Core {
     /// The writes of this turn, if any. Commit it, then call [`Core::on_committed`].
     pub fn take_batch(&mut self) -> Option<(BatchId, Arc<WriteBatch>)> {
         if self.batch.is_empty() {
-            // Only answers to duplicates of pending sends: they wait for the newest batch in
-            // flight, which holds or follows the originals, instead of a commit of their own.
-            if let Some((_, _, waiting)) = self.in_flight.back_mut() {
-                waiting.append(&mut self.deferred);
-            }
-            if self.deferred.is_empty() {
-                return None;
-            }
+            return None;
         }
         let id = self.next_batch;
         self.next_batch += 1;
         // The next turn likely writes as much: room for it at once, not by doubling.
         let next = WriteBatch {
-            appends: Vec::with_capacity(self.batch.appends.len()),
             sends: Vec::with_capacity(self.batch.sends.len()),
             ..WriteBatch::default()
         };
         let batch = Arc::new(std::mem::replace(&mut self.batch, next));
-        let room = self.deferred.len();
-        let deferred = std::mem::replace(&mut self.deferred, Vec::with_capacity(room));
-        self.in_flight.push_back((id, batch.clone(), deferred));
+        let room = self.requesters.len();
+        let requesters = std::mem::replace(&mut self.requesters, Vec::with_capacity(room));
+        self.in_flight.push_back(InFlight {
+            id,
+            batch: batch.clone(),
+            requesters,
+        });
         Some((id, batch))
     }
 
-    /// The batch `id` (and every one taken before it) is durable: acknowledge and deliver.
-    pub fn on_committed(&mut self, id: BatchId, now: Now, store: &dyn StoreRead) {
+    /// The batch `id` is durable, and `sents` answer its sends in order: acknowledge them
+    /// (a duplicate with the seq the first attempt got) and deliver what they appended.
+    /// Batches are reported in the order they were taken; a report of another batch than the
+    /// oldest in flight is ignored (logged).
+    pub fn on_committed(&mut self, id: BatchId, sents: &[Sent], now: Now, store: &dyn StoreRead) {
+        let Some(front) = self.in_flight.front().map(|f| f.id) else {
+            return log::error!("batch {id} reported durable with none in flight");
+        };
+        if front != id {
+            return log::error!("batch {id} reported durable before batch {front}");
+        }
+        let Some(InFlight {
+            batch, requesters, ..
+        }) = self.in_flight.pop_front()
+        else {
+            return;
+        };
+        if sents.len() != batch.sends.len() {
+            log::error!(
+                "batch {id}: {} answers to {} sends",
+                sents.len(),
+                batch.sends.len()
+            );
+        }
         let mut touched: Vec<Arc<str>> = Vec::new();
-        let mut conns: Vec<ConnId> = Vec::new();
-        while self.in_flight.front().is_some_and(|(b, _, _)| *b <= id) {
-            let Some((bid, batch, deferred)) = self.in_flight.pop_front() else {
-                break;
-            };
-            for a in &batch.appends {
-                let Some(user) = self.users.get_mut(&*a.owner) else {
+        for ((send, sent), req) in batch.sends.iter().zip(sents).zip(requesters) {
+            if let Some(req) = req {
+                if !sent.duplicate {
+                    self.learn_own(req, &send.from, sent.seq);
+                }
+                self.out
+                    .push(Self::acknowledgement(req, sent.seq, sent.duplicate, now));
+            }
+            let owners = std::iter::once(&send.from).zip(std::iter::once(&sent.seq));
+            for (owner, &seq) in owners.chain(send.to.iter().zip(&sent.to_seqs)) {
+                let Some(user) = self.users.get_mut(&**owner) else {
                     continue;
                 };
-                user.committed_seq = a.msg.seq;
-                user.uncommitted -= 1;
-                user.recent.push_back(a.msg.clone());
+                if seq <= user.committed_seq {
+                    // Already known: the store had it at login, or a retry named it again.
+                    continue;
+                }
+                if seq > user.committed_seq + 1 {
+                    user.recent.clear();
+                }
+                user.committed_seq = seq;
+                user.recent.push_back(StoredMessage {
+                    seq,
+                    server_time_ms: send.server_time_ms,
+                    body: send.body.clone(),
+                });
                 if user.recent.len() > RECENT_KEEP {
                     user.recent.pop_front();
                 }
                 // Each user once, in order of first append (a sort would reorder deliveries).
-                if user.touched_by != bid {
-                    user.touched_by = bid;
-                    touched.push(a.owner.clone());
+                if user.touched_by != id {
+                    user.touched_by = id;
+                    touched.push(owner.clone());
                 }
             }
-            self.out.extend(deferred);
-            for (a, b, present) in &batch.friendships {
-                self.friendship_committed(a, b, *present);
+        }
+        for (a, b, present) in &batch.friendships {
+            self.friendship_committed(a, b, *present);
+        }
+        for m in &batch.memberships {
+            self.membership_committed(m);
+        }
+        let mut conns: Vec<ConnId> = Vec::new();
+        for uid in touched {
+            if let Some(u) = self.users.get(&uid) {
+                conns.extend(u.devices.values());
             }
-            for m in &batch.memberships {
-                self.membership_committed(m);
+            for conn in conns.drain(..) {
+                self.pump(conn, now, store);
             }
-            for uid in touched.drain(..) {
-                if let Some(u) = self.users.get(&uid) {
-                    conns.extend(u.devices.values());
-                }
-                for conn in conns.drain(..) {
-                    self.pump(conn, now, store);
-                }
-                self.trim_recent(&uid);
-                self.maybe_evict(&uid);
-            }
+            self.trim_recent(&uid);
+        }
+    }
+
+    /// The sending device learns its message's seq from SendOk, so its own stream skips
+    /// it; told before the stream moves on, and only by the connection of the sender.
+    fn learn_own(&mut self, req: Requester, from: &str, seq: u64) {
+        let Requester::Conn { conn, .. } = req else {
+            return;
+        };
+        let Some(dev) = self.sessions.get_mut(&conn).and_then(|s| s.device.as_mut()) else {
+            return;
+        };
+        if &*dev.uid == from && seq > dev.sent_upto && dev.own.back().is_none_or(|s| *s < seq) {
+            dev.own.push_back(seq);
         }
     }
 }
@@ -108,9 +153,9 @@ mod tests {
             "no delivery before the commit"
         );
         let (id, batch) = h.core.take_batch().unwrap();
-        assert_eq!(batch.appends.len(), 2);
-        h.store.apply(&batch);
-        h.core.on_committed(id, h.now, &h.store);
+        assert_eq!(batch.sends.len(), 1);
+        let sents = h.store.apply(&batch);
+        h.core.on_committed(id, &sents, h.now, &h.store);
         let out: Vec<Output> = h.core.drain_output().collect();
         assert_eq!(
             send_ok(&out, 1).map(|s| (s.seq, s.duplicate)),
@@ -129,23 +174,60 @@ mod tests {
     }
 
     #[test]
-    fn an_offline_users_cache_is_dropped_once_its_appends_are_durable() {
+    fn a_send_to_an_offline_user_caches_nothing_of_it() {
         let mut h = H::new(ImConfig::default());
         h.login(1, "alice", "phone", 0);
         h.send_uncommitted(1, "bob", "m1", "hi");
-        assert!(
-            h.core.users.contains_key("bob"),
-            "bob's inbox is written through the cache"
-        );
         h.turn();
         assert!(
             !h.core.users.contains_key("bob"),
-            "the cache of a user with no device online outlived the commit"
+            "a user with no device online was cached"
         );
-        assert!(
-            h.core.users.contains_key("alice"),
-            "an online user's cache was dropped"
+        assert!(h.core.users.contains_key("alice"));
+        assert_eq!(h.store.max_seq("bob"), Ok(1));
+    }
+
+    #[test]
+    fn a_commit_naming_a_seq_beyond_the_next_makes_the_device_read_the_gap_from_the_store() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "bob", "phone", 0);
+        // Another writer (a node of a cluster) appends to bob's inbox unseen by this core.
+        let elsewhere = crate::store::WriteBatch {
+            sends: vec![crate::store::NewSend {
+                from: "carol".into(),
+                client_msg_id: "c1".into(),
+                server_time_ms: 5,
+                body: crate::im::wire::encode_body(
+                    &crate::im::wire::Body {
+                        from_uid: "carol",
+                        to_uid: "bob",
+                        client_msg_id: "c1",
+                        content: b"from afar",
+                        server_time_ms: 5,
+                        from_device: "d",
+                        group_id: "",
+                    },
+                    &mut Vec::new(),
+                ),
+                to: vec!["bob".into()],
+            }],
+            ..Default::default()
+        };
+        h.store.apply(&elsewhere);
+        let out = h.send(1, "bob", "m1", "hi");
+        assert_eq!(
+            messages_to(&out, 2),
+            vec![(1, "from afar".into()), (2, "hi".into())],
+            "the gap first, from the store, then the new message"
         );
+        // A repeated answer (a retry's) changes nothing.
+        let out = h.send(1, "bob", "m1", "hi");
+        assert_eq!(
+            send_ok(&out, 1).map(|s| (s.seq, s.duplicate)),
+            Some((1, true))
+        );
+        assert!(messages_to(&out, 2).is_empty());
     }
 
     #[test]

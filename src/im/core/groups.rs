@@ -106,7 +106,7 @@ impl Core {
         let in_flight = self
             .in_flight
             .iter()
-            .flat_map(|(id, b, _)| b.memberships.iter().map(move |m| (*id, m)));
+            .flat_map(|f| f.batch.memberships.iter().map(move |m| (f.id, m)));
         let current = self.batch.memberships.iter().map(|m| (self.next_batch, m));
         in_flight.chain(current)
     }
@@ -317,7 +317,7 @@ mod tests {
             h.core.set_membership("g", "e", true, &h.store),
             Err(MembershipError::Full)
         );
-        h.core.on_committed(id, h.now, &h.store);
+        h.core.on_committed(id, &[], h.now, &h.store);
         h.turn();
         assert_eq!(
             h.store.group_members("g"),
@@ -386,15 +386,21 @@ mod tests {
             &h.store,
         );
         let (_, batch) = h.core.take_batch().unwrap();
-        assert_eq!(batch.appends.len(), 3);
-        assert!(batch
-            .appends
+        let [send] = &batch.sends[..] else {
+            panic!("one send: {:?}", batch.sends)
+        };
+        assert_eq!(&*send.from, "alice", "the sender's inbox first");
+        assert_eq!(send.to.len(), 2, "to every other member");
+        let sents = h.store.apply(&batch);
+        let bodies: Vec<_> = ["alice", "bob", "carol"]
+            .map(|u| h.store.messages_after(u, 0, 10).unwrap())
+            .into_iter()
+            .map(|m| m.last().unwrap().body.clone())
+            .collect();
+        assert!(bodies
             .windows(2)
-            .all(|w| std::sync::Arc::ptr_eq(&w[0].msg.body, &w[1].msg.body)));
-        assert_eq!(
-            &*batch.appends[0].owner, "alice",
-            "the sender's inbox first"
-        );
+            .all(|w| std::sync::Arc::ptr_eq(&w[0], &w[1])));
+        assert_eq!(sents[0].to_seqs.len(), 2);
     }
 
     #[test]

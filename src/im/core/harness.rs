@@ -54,8 +54,8 @@ impl H {
     pub(super) fn turn(&mut self) -> Vec<Output> {
         let mut out: Vec<Output> = self.core.drain_output().collect();
         if let Some((id, batch)) = self.core.take_batch() {
-            self.store.apply(&batch);
-            self.core.on_committed(id, self.now, &self.store);
+            let sents = self.store.apply(&batch);
+            self.core.on_committed(id, &sents, self.now, &self.store);
             out.extend(self.core.drain_output());
         }
         out
@@ -179,9 +179,9 @@ impl H {
         let Some((id, batch)) = self.core.take_batch() else {
             return (out, Reads::default());
         };
-        self.store.apply(&batch);
+        let sents = self.store.apply(&batch);
         let store = Failing::new(&self.store, uid);
-        self.core.on_committed(id, self.now, &store);
+        self.core.on_committed(id, &sents, self.now, &store);
         out.extend(self.core.drain_output());
         (out, store.reads.get())
     }

@@ -9,13 +9,14 @@
 //! A message is encoded once, when it is accepted (`wire::encode_body`), and that body is
 //! shared by both inboxes, the store and every delivery ([`Output::Deliver`]).
 //!
+//! The store, not the core, gives a send its seqs and recognises a retry: the core hands it
+//! each accepted send with the uids it goes to, and acknowledges from the store's answer.
+//!
 //! Invariants:
-//! - Each inbox's seqs are assigned densely (`assigned_seq`) and become visible in the same
-//!   order once committed (`committed_seq`).
+//! - Only users with a device online are cached, and a cached user's `recent` messages are
+//!   contiguous up to its `committed_seq`, the newest seq of its inbox the core has heard of.
 //! - A device's stream is `sent_upto` over the committed inbox: messages go out in seq order,
 //!   without gaps, at most `delivery_window` beyond the device's cumulative ack.
-//! - A cached user's send filter, once loaded, covers its newest idempotency keys: the
-//!   committed ones the store had, then every send accepted since.
 //!
 //! This module holds the types the shell sees, the state the core keeps and the dispatch of
 //! client frames; the rest lives beside it, one concern per file:
@@ -25,12 +26,10 @@
 //!   and dedupe.
 //! - `groups`: group membership and its announcements.
 //! - `signal`: ephemeral signals to the devices online now.
-//! - `filter`: the per-user filter of recent idempotency keys behind dedupe.
 //! - `batch`: the writes of a loop turn, and what their commit releases.
 //! - `delivery`: each device's stream within its window and output room, acks, Sync pages.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::RandomState;
 use std::sync::Arc;
 
 use super::auth::{Verifier, MAX_ID_BYTES};
@@ -39,11 +38,9 @@ use crate::store::{StoreRead, StoredMessage, WriteBatch};
 use crate::ws::code;
 
 use delivery::output_cost;
-use filter::SendFilter;
 
 mod batch;
 mod delivery;
-mod filter;
 mod groups;
 #[cfg(test)]
 mod harness;
@@ -211,38 +208,39 @@ struct Session {
 struct User {
     /// Online devices: device id -> connection.
     devices: HashMap<Arc<str>, ConnId>,
-    assigned_seq: u64,
+    /// The newest seq of the inbox: what the store had at login, then what commits answered.
     committed_seq: u64,
     /// The most recently committed messages, contiguous up to `committed_seq`, so live
-    /// delivery needs no store read.
+    /// delivery needs no store read. Emptied when a commit names a seq beyond the next one
+    /// (another writer appended in between): the devices then read the gap from the store.
     recent: VecDeque<StoredMessage>,
-    /// The ids of its newest sends, loaded at the first send of this cache lifetime.
-    sends: Option<SendFilter>,
-    /// Uncommitted appends to this inbox; the user stays cached while any are in flight.
-    uncommitted: usize,
     /// The last batch whose commit touched this user (to visit each user once per commit).
     touched_by: BatchId,
+}
+
+/// A taken batch until the store answers it: who asked for each of its sends (None once
+/// that connection has closed: its key may be given to another).
+#[derive(Debug)]
+struct InFlight {
+    id: BatchId,
+    batch: Arc<WriteBatch>,
+    requesters: Vec<Option<Requester>>,
 }
 
 pub struct Core {
     cfg: ImConfig,
     verifier: Verifier,
-    /// Hashes client_msg_ids for send windows; keyed per process, so ids cannot be chosen to
-    /// collide.
-    hasher: RandomState,
     sessions: HashMap<ConnId, Session>,
     users: HashMap<Arc<str>, User>,
     out: Vec<Output>,
     batch: WriteBatch,
-    /// Acknowledgements released when the current batch is durable.
-    deferred: Vec<Output>,
-    in_flight: VecDeque<(BatchId, Arc<WriteBatch>, Vec<Output>)>,
+    /// Who asked for each send of `batch`.
+    requesters: Vec<Option<Requester>>,
+    in_flight: VecDeque<InFlight>,
     next_batch: BatchId,
     /// Reused for encoding message bodies.
     scratch: Vec<u8>,
     group_cache: groups::GroupCache,
-    /// Reused for the inboxes a send goes to, so that a 1:1 send allocates nothing for them.
-    owners: Vec<Arc<str>>,
 }
 
 fn frame(id: u64, body: server_frame::Body) -> ServerFrame {
@@ -271,17 +269,15 @@ impl Core {
         Core {
             cfg,
             verifier: Verifier::new(jwt_secret),
-            hasher: RandomState::new(),
             sessions: HashMap::new(),
             users: HashMap::new(),
             out: Vec::new(),
             batch: WriteBatch::default(),
-            deferred: Vec::new(),
+            requesters: Vec::new(),
             in_flight: VecDeque::new(),
             next_batch: 1,
             scratch: Vec::new(),
             group_cache: groups::GroupCache::default(),
-            owners: Vec::new(),
         }
     }
 
@@ -367,7 +363,7 @@ impl Core {
     }
 
     /// Loads (or finds) the cached state of `uid`; None when the store cannot tell its
-    /// inbox's last seq (nothing may then be appended to it).
+    /// inbox's last seq (its stream could not tell what is new).
     fn user(&mut self, uid: &str, store: &dyn StoreRead) -> Option<Arc<str>> {
         if let Some((k, _)) = self.users.get_key_value(uid) {
             return Some(k.clone());
@@ -383,7 +379,6 @@ impl Core {
         self.users.insert(
             key.clone(),
             User {
-                assigned_seq: max,
                 committed_seq: max,
                 ..User::default()
             },
@@ -393,11 +388,7 @@ impl Core {
 
     /// Drops the cache of a user nobody needs right now; the store has everything.
     fn maybe_evict(&mut self, uid: &str) {
-        if self
-            .users
-            .get(uid)
-            .is_some_and(|u| u.devices.is_empty() && u.uncommitted == 0)
-        {
+        if self.users.get(uid).is_some_and(|u| u.devices.is_empty()) {
             self.users.remove(uid);
         }
     }

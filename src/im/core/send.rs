@@ -1,18 +1,17 @@
 //! Accepting a message, from a client's SendMessage or the admin API: validation, the rate
-//! limit, dedupe by client_msg_id, seqs in both inboxes and the appends to the turn's batch.
-//! A send is acknowledged only once that batch is durable (see `batch`).
+//! limit, and the send (with the inboxes it goes to) in the turn's batch. The store dedupes
+//! it by client_msg_id and gives it its seqs; it is acknowledged only once that batch is
+//! durable (see `batch`).
 
-use std::hash::BuildHasher;
 use std::sync::Arc;
 
-use super::filter::SendFilter;
 use super::{
     error, frame, valid_id, AdminSendError, ConnId, Core, Now, Output, Requester, Target,
     STORE_UNAVAILABLE,
 };
 use crate::im::proto::{self, server_frame, ErrorCode};
 use crate::im::wire;
-use crate::store::{Append, ReadError, StoreRead, StoredMessage};
+use crate::store::{NewSend, ReadError, StoreRead};
 
 impl Core {
     /// A client's SendMessage: refused at once if over the rate limit, malformed, too large
@@ -145,11 +144,12 @@ impl Core {
                 }
             }
         }
-        let from = self
-            .user(from_uid, store)
-            .ok_or(AdminSendError::Unavailable)?;
-        let accepted = self.accept_send(
-            from.clone(),
+        let from = match self.users.get_key_value(from_uid) {
+            Some((k, _)) => k.clone(),
+            None => from_uid.into(),
+        };
+        self.accept_send(
+            from,
             "admin",
             to,
             client_msg_id,
@@ -157,12 +157,11 @@ impl Core {
             now,
             store,
             Requester::Admin(admin),
-        );
-        self.maybe_evict(&from);
-        accepted.map_err(|_| AdminSendError::Unavailable)
+        )
+        .map_err(|_| AdminSendError::Unavailable)
     }
 
-    fn acknowledgement(req: Requester, seq: u64, duplicate: bool, now: Now) -> Output {
+    pub(super) fn acknowledgement(req: Requester, seq: u64, duplicate: bool, now: Now) -> Output {
         match req {
             Requester::Conn { conn, id } => Output::Frame {
                 conn,
@@ -183,10 +182,9 @@ impl Core {
         }
     }
 
-    /// Dedupes, assigns a seq in every recipient's inbox (the sender's first) and queues the
-    /// appends; the acknowledgement is released when the batch is durable. `from` must be
-    /// cached. Fails, appending nothing, when the store cannot tell whether the id was used,
-    /// who is in the group or where a recipient's inbox ends.
+    /// Queues the send with the inboxes it goes to; the store gives it its seqs (or finds
+    /// it a retry) at the commit, and the acknowledgement is built from that answer. Fails,
+    /// queueing nothing, when the store cannot tell who is in the group.
     #[allow(clippy::too_many_arguments)]
     fn accept_send(
         &mut self,
@@ -199,26 +197,20 @@ impl Core {
         store: &dyn StoreRead,
         req: Requester,
     ) -> Result<(), ReadError> {
-        let hash = self.hasher.hash_one(client_msg_id.as_str());
-        if let Some((seq, pending)) = self.earlier_send(&from, hash, &client_msg_id, store)? {
-            let ok = Self::acknowledgement(req, seq, true, now);
-            // A duplicate of a send not yet durable is answered when it is.
-            if pending {
-                self.deferred.push(ok);
-            } else {
-                self.out.push(ok);
+        let (to_uid, group_id, others) = match to {
+            Target::User(uid) if uid == &*from => (uid, "", Vec::new()),
+            Target::User(uid) => {
+                let owner = match self.users.get_key_value(uid) {
+                    Some((k, _)) => k.clone(),
+                    None => uid.into(),
+                };
+                (uid, "", vec![owner])
             }
-            return Ok(());
-        }
-        let mut owners = std::mem::take(&mut self.owners);
-        if let Err(e) = self.recipients(&from, to, store, &mut owners) {
-            owners.clear();
-            self.owners = owners;
-            return Err(e);
-        }
-        let (to_uid, group_id) = match to {
-            Target::User(uid) => (uid, ""),
-            Target::Group(gid) => ("", gid),
+            Target::Group(gid) => {
+                let members = self.members(gid, store)?;
+                let others = members.iter().filter(|u| **u != from).cloned().collect();
+                ("", gid, others)
+            }
         };
         let body = wire::encode_body(
             &wire::Body {
@@ -232,124 +224,15 @@ impl Core {
             },
             &mut self.scratch,
         );
-        let mut sender_seq = 0;
-        for owner in owners.drain(..) {
-            let user = self.users.get_mut(&owner).expect("loaded");
-            user.assigned_seq += 1;
-            user.uncommitted += 1;
-            let seq = user.assigned_seq;
-            if sender_seq == 0 {
-                sender_seq = seq;
-            }
-            self.batch.appends.push(Append {
-                owner,
-                msg: StoredMessage {
-                    seq,
-                    server_time_ms: now.unix_ms,
-                    body: body.clone(),
-                },
-            });
-        }
-        if let Some(f) = self.users.get_mut(&from).and_then(|u| u.sends.as_mut()) {
-            f.insert(hash);
-        }
-        self.owners = owners;
-        self.batch.sends.push((from, client_msg_id, sender_seq));
-        if let Requester::Conn { conn, .. } = req {
-            if let Some(dev) = self.sessions.get_mut(&conn).and_then(|s| s.device.as_mut()) {
-                dev.own.push_back(sender_seq);
-            }
-        }
-        self.deferred
-            .push(Self::acknowledgement(req, sender_seq, false, now));
+        self.batch.sends.push(NewSend {
+            from,
+            client_msg_id,
+            server_time_ms: now.unix_ms,
+            body,
+            to: others,
+        });
+        self.requesters.push(Some(req));
         Ok(())
-    }
-
-    /// Fills `owners` with whose inboxes a send goes to, each once and loaded: the sender
-    /// first, then the recipient or every other member of the group (as the store has them).
-    fn recipients(
-        &mut self,
-        from: &Arc<str>,
-        to: Target<'_>,
-        store: &dyn StoreRead,
-        owners: &mut Vec<Arc<str>>,
-    ) -> Result<(), ReadError> {
-        owners.push(from.clone());
-        let group;
-        let others: &[Arc<str>] = match to {
-            Target::User(uid) if uid == &**from => &[],
-            Target::User(uid) => {
-                let owner = self
-                    .user(uid, store)
-                    .ok_or_else(|| ReadError(format!("the inbox of {uid} could not be read")))?;
-                owners.push(owner);
-                return Ok(());
-            }
-            Target::Group(gid) => {
-                group = self.members(gid, store)?;
-                &group
-            }
-        };
-        for uid in others.iter().filter(|u| **u != *from) {
-            let Some(owner) = self.user(uid, store) else {
-                // Appends already queued for nobody: the users loaded for this send that no
-                // device needs are dropped again.
-                for u in owners.iter() {
-                    self.maybe_evict(u);
-                }
-                return Err(ReadError(format!("the inbox of {uid} could not be read")));
-            };
-            owners.push(owner);
-        }
-        Ok(())
-    }
-
-    /// The sender-inbox seq of an earlier send of `uid` with this client_msg_id (`hash` is its
-    /// hash), and whether it is still pending. Loads the user's send filter at its first send.
-    fn earlier_send(
-        &mut self,
-        uid: &Arc<str>,
-        hash: u64,
-        client_msg_id: &str,
-        store: &dyn StoreRead,
-    ) -> Result<Option<(u64, bool)>, ReadError> {
-        let Some(user) = self.users.get(uid) else {
-            return Ok(None);
-        };
-        if user.sends.as_ref().is_none_or(SendFilter::must_grow) {
-            // First send of this cache lifetime, or more ids than the filter was sized for:
-            // (re)build it from the store's newest ids and those still in flight.
-            let hashes: Vec<u64> = store
-                .recent_sends(uid)?
-                .iter()
-                .map(|(id, _)| id.as_str())
-                .chain(self.pending_sends(uid).map(|(id, _)| id))
-                .map(|id| self.hasher.hash_one(id))
-                .collect();
-            let f = SendFilter::with(hashes);
-            if let Some(u) = self.users.get_mut(uid) {
-                u.sends = Some(f);
-            }
-        }
-        let filter = self.users.get(uid).and_then(|u| u.sends.as_ref());
-        if !filter.is_some_and(|f| f.may_contain(hash)) {
-            return Ok(None);
-        }
-        // A pending id is in one batch at most: a second send of it was a duplicate.
-        if let Some((_, seq)) = self.pending_sends(uid).find(|(id, _)| *id == client_msg_id) {
-            return Ok(Some((seq, true)));
-        }
-        Ok(store.sent(uid, client_msg_id)?.map(|seq| (seq, false)))
-    }
-
-    /// The idempotency keys of `uid` not committed yet, oldest first: (client_msg_id, seq).
-    fn pending_sends<'a>(&'a self, uid: &'a str) -> impl Iterator<Item = (&'a str, u64)> + 'a {
-        let batches = self.in_flight.iter().map(|(_, b, _)| &**b);
-        batches
-            .chain(std::iter::once(&self.batch))
-            .flat_map(|b| b.sends.iter())
-            .filter(move |(u, _, _)| &**u == uid)
-            .map(|(_, id, seq)| (id.as_str(), *seq))
     }
 }
 
@@ -406,8 +289,8 @@ mod tests {
             })
             .collect();
         assert_eq!(oks, vec![(20, 2, false), (21, 2, true)]);
-        // A retry in a later turn, while the original's batch is still being committed, waits
-        // for that batch instead of costing a commit of its own.
+        // A retry in a later turn, while the original's batch is still being committed, is
+        // answered with the original's seq once its own batch is.
         let send = |h: &mut H, id| {
             h.core.on_frame(
                 1,
@@ -428,9 +311,11 @@ mod tests {
         let (first, batch) = h.core.take_batch().unwrap();
         send(&mut h, 31);
         assert!(h.core.drain_output().next().is_none());
-        assert!(h.core.take_batch().is_none(), "no batch of its own");
-        h.store.apply(&batch);
-        h.core.on_committed(first, h.now, &h.store);
+        let (second, retry) = h.core.take_batch().unwrap();
+        for (id, b) in [(first, batch), (second, retry)] {
+            let sents = h.store.apply(&b);
+            h.core.on_committed(id, &sents, h.now, &h.store);
+        }
         let acked: Vec<(u64, bool)> = h
             .core
             .drain_output()
@@ -482,24 +367,31 @@ mod tests {
     fn a_store_that_cannot_be_read_refuses_instead_of_guessing() {
         let mut h = H::new(ImConfig::default());
         h.login(1, "alice", "phone", 0);
-        h.login(2, "carol", "phone", 0);
-        let frame = |to: &str| ClientFrame {
+        h.member("g", "alice", true);
+        let frame = |to: &str, group: &str| ClientFrame {
             id: 5,
             body: Some(C::Send(proto::SendMessage {
                 to_uid: to.into(),
                 client_msg_id: "m1".into(),
                 content: b"x".to_vec(),
-                group_id: String::new(),
+                group_id: group.into(),
             })),
         };
-        // Where bob's inbox ends is unknown: nothing is appended, the sender is told.
-        let bob_fails = Failing::new(&h.store, "bob");
-        h.core.on_frame(1, frame("bob"), h.now, &bob_fails);
+        // Who is in the group is unknown: nothing is queued, the sender is told.
+        let g_fails = Failing::new(&h.store, "g");
+        h.core.on_frame(1, frame("", "g"), h.now, &g_fails);
         let out: Vec<Output> = h.core.drain_output().collect();
         assert_eq!(error_code(&out, 1), Some(ErrorCode::Unavailable));
         assert!(closes(&out).is_empty(), "the connection stays");
-        assert!(h.core.take_batch().is_none(), "nothing appended");
-        // Nor can bob log in.
+        assert!(h.core.take_batch().is_none(), "nothing queued");
+        // Where bob's inbox ends is the store's business at the commit: the send is queued
+        // without reading it.
+        let bob_fails = Failing::new(&h.store, "bob");
+        h.core.on_frame(1, frame("bob", ""), h.now, &bob_fails);
+        assert!(h.core.drain_output().next().is_none());
+        assert!(send_ok(&h.turn(), 1).is_some());
+        // Bob cannot log in while his inbox cannot be read: his stream could not tell what
+        // is new.
         h.core.on_open(3, h.now);
         let exp = (h.now.unix_ms / 1000) as u64 + 3600;
         let login = ClientFrame {
@@ -510,18 +402,13 @@ mod tests {
                 last_seq: 0,
             })),
         };
+        let bob_fails = Failing::new(&h.store, "bob");
         h.core.on_frame(3, login, h.now, &bob_fails);
         let out: Vec<Output> = h.core.drain_output().collect();
         assert_eq!(error_code(&out, 3), Some(ErrorCode::Unavailable));
         assert_eq!(closes(&out), vec![(3, code::INTERNAL_ERROR)]);
-        // Whether carol used the id before is unknown: refused rather than taken for new.
-        let carol_fails = Failing::new(&h.store, "carol");
-        h.core.on_frame(2, frame("alice"), h.now, &carol_fails);
-        let out: Vec<Output> = h.core.drain_output().collect();
-        assert_eq!(error_code(&out, 2), Some(ErrorCode::Unavailable));
-        assert!(h.core.take_batch().is_none(), "nothing appended");
-        // Once the store reads again, the same send goes through.
-        assert!(send_ok(&h.send(2, "alice", "m1", "x"), 2).is_some());
+        // Once the store reads again, the group send goes through.
+        assert!(send_ok(&h.group_send(1, "g", "m2", "x"), 1).is_some());
     }
 
     #[test]

@@ -6,8 +6,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::{
-    error, frame, valid_id, Bucket, ConnId, Core, Device, Now, Output, Session, CLOSE_REPLACED,
-    STORE_UNAVAILABLE,
+    error, frame, valid_id, Bucket, ConnId, Core, Device, Now, Output, Requester, Session,
+    CLOSE_REPLACED, STORE_UNAVAILABLE,
 };
 use crate::im::proto::{self, server_frame, ErrorCode};
 use crate::store::StoreRead;
@@ -52,10 +52,11 @@ impl Core {
         };
         // Its answers still waiting for a commit would reach whoever the shell gives its key
         // next; the sends stay accepted, and a retry is answered as a duplicate.
-        let not_to_it = |o: &Output| !matches!(o, Output::Frame { conn: c, .. } if *c == conn);
-        self.deferred.retain(not_to_it);
-        for (_, _, waiting) in &mut self.in_flight {
-            waiting.retain(not_to_it);
+        let batches = self.in_flight.iter_mut().map(|f| &mut f.requesters);
+        for r in batches.chain([&mut self.requesters]).flatten() {
+            if matches!(r, Some(Requester::Conn { conn: c, .. }) if *c == conn) {
+                *r = None;
+            }
         }
         let Some(dev) = session.device else {
             return;

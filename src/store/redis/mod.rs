@@ -20,7 +20,7 @@ pub use entry::{Content, Entry};
 use keys::{group_members, idempotency_key, UserKeys};
 pub use presence::DeviceOn;
 
-use super::{Body, Membership, ReadError, StoredMessage, DEDUPE_KEEP};
+use super::{Body, Membership, NewSend, ReadError, Sent, StoredMessage, DEDUPE_KEEP};
 
 /// The functions imgate calls, as one Redis function library. Functions (not `EVALSHA`
 /// scripts) because Redis keeps them in its AOF and copies them to replicas, so a restarted or
@@ -101,29 +101,6 @@ impl From<redis::RedisError> for WriteError {
     fn from(e: redis::RedisError) -> Self {
         WriteError(e.to_string())
     }
-}
-
-/// A message for the inboxes of `to` (and the sender's own), identified by the sender's
-/// `client_msg_id`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewSend {
-    pub from_uid: String,
-    pub client_msg_id: String,
-    pub server_time_ms: i64,
-    /// The `imgate.v1.Message` encoding without `seq` (see `im::wire`).
-    pub body: Body,
-    /// The recipients, each once.
-    pub to: Vec<String>,
-}
-
-/// Where a send landed: its seq in the sender's inbox, then in each recipient's (in the
-/// order of [`NewSend::to`]); `duplicate` when the sender's copy was already there, so that
-/// this was a retry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sent {
-    pub seq: u64,
-    pub duplicate: bool,
-    pub to_seqs: Vec<u64>,
 }
 
 /// Changes that need no seq: applying one twice is the same as once.
@@ -280,7 +257,7 @@ impl RedisStore {
                 server_time_ms: s.server_time_ms,
                 content: Content::Body(s.body.clone()),
             };
-            own.push(append(&s.from_uid, &s.from_uid, &s.client_msg_id, &e), true);
+            own.push(append(&s.from, &s.from, &s.client_msg_id, &e), true);
         }
         let firsts: Vec<(u64, u8)> = self.run(&own)?;
         if firsts.len() != sends.len() {
@@ -291,12 +268,12 @@ impl RedisStore {
             let e = Entry {
                 server_time_ms: s.server_time_ms,
                 content: Content::Ref {
-                    from_uid: s.from_uid.clone(),
+                    from_uid: s.from.to_string(),
                     from_seq: *seq,
                 },
             };
             for to in &s.to {
-                refs.push(append(to, &s.from_uid, &s.client_msg_id, &e), true);
+                refs.push(append(to, &s.from, &s.client_msg_id, &e), true);
             }
         }
         let mut to_seqs = if !refs.is_empty() {

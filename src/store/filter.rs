@@ -19,7 +19,7 @@ use crate::store::DEDUPE_KEEP;
 /// A key's bits fall in one 64-byte block per generation, and the two generations' blocks
 /// for it are neighbours, so a lookup costs about one cache miss.
 #[derive(Debug)]
-pub(super) struct SendFilter {
+pub(crate) struct SendFilter {
     /// Pairs of blocks: for block `i`, generation `g`'s words are at
     /// `(2 * i + g) * BLOCK_WORDS`.
     words: Box<[u64]>,
@@ -41,7 +41,7 @@ const FILTER_MIN_KEYS: usize = BLOCK_WORDS * 64 / FILTER_BITS_PER_KEY;
 impl SendFilter {
     /// A filter holding the newest [`DEDUPE_KEEP`] of `hashes` (oldest first), sized for
     /// twice as many (at most `DEDUPE_KEEP`).
-    pub(super) fn with(hashes: Vec<u64>) -> SendFilter {
+    pub(crate) fn with(hashes: Vec<u64>) -> SendFilter {
         // Each key once (the same key twice would count twice towards the next generation),
         // the newest ones, still oldest first: all of them fit in one generation.
         let mut seen = HashSet::with_capacity(hashes.len());
@@ -69,7 +69,7 @@ impl SendFilter {
     }
 
     /// Whether it must be rebuilt larger before it takes another key.
-    pub(super) fn must_grow(&self) -> bool {
+    pub(crate) fn must_grow(&self) -> bool {
         self.count >= self.capacity && self.capacity < DEDUPE_KEEP
     }
 
@@ -86,7 +86,7 @@ impl SendFilter {
         (pair, bits)
     }
 
-    pub(super) fn may_contain(&self, hash: u64) -> bool {
+    pub(crate) fn may_contain(&self, hash: u64) -> bool {
         (0..2).any(|g| {
             let (pair, bits) = self.place(hash);
             let block = &self.words[pair + g * BLOCK_WORDS..][..BLOCK_WORDS];
@@ -94,7 +94,7 @@ impl SendFilter {
         })
     }
 
-    pub(super) fn insert(&mut self, hash: u64) {
+    pub(crate) fn insert(&mut self, hash: u64) {
         if self.count >= self.capacity {
             // Full size: the current generation becomes the previous one, and the previous
             // one's bits are cleared for the new current one.
