@@ -64,7 +64,33 @@ fn now(ms: u64) -> Now {
 /// The next seq of each inbox, as a store would give them (nothing is stored).
 type Seqs = HashMap<String, u64>;
 
-fn pump(gw: &mut Gateway, peers: &mut HashMap<usize, Peer>, seqs: &mut Seqs, t: u64) {
+fn pump(
+    gw: &mut Gateway,
+    peers: &mut HashMap<usize, Peer>,
+    seqs: &mut Seqs,
+    store: &dyn StoreRead,
+    t: u64,
+) {
+    // The store reads at once; input held for the read goes on.
+    let mut read = false;
+    while let Some((rid, req)) = gw.poll_read() {
+        read = true;
+        gw.handle_read(rid, req.run(store), now(t));
+    }
+    while let Some(key) = read.then(|| gw.poll_resume()).flatten() {
+        let mut buf = vec![0; 1 << 16];
+        if !gw.wants_input(key) {
+            continue;
+        }
+        if let Some(n) = gw.take_held(key, &mut buf) {
+            buf.truncate(n);
+            gw.handle_input(key, &mut buf, now(t));
+            if let Some(peer) = peers.get_mut(&key) {
+                gw.write_to(key, peer, &buf);
+            }
+            gw.end_input(key);
+        }
+    }
     // The store commits at once.
     if let Some((id, batch)) = gw.poll_batch() {
         let mut next = |uid: &str| {
@@ -113,6 +139,7 @@ fuzz_target!(|data: &[u8]| {
     cfg.im.core.max_content_bytes = 1024;
     cfg.max_outbound_bytes = 256 * 1024;
     let store: Arc<dyn StoreRead> = Arc::new(MemoryStore::default());
+    let reads = store.clone();
     let mut gw = Gateway::new(&cfg, store);
     let mut peers: HashMap<usize, Peer> = HashMap::new();
     let mut seqs = Seqs::new();
@@ -146,7 +173,7 @@ fuzz_target!(|data: &[u8]| {
             if let Some(p) = peers.get_mut(&key) {
                 p.stuck = piece[0] & 1 == 1;
             }
-            pump(&mut gw, &mut peers, &mut seqs, t);
+            pump(&mut gw, &mut peers, &mut seqs, &*reads, t);
         }
         gw.begin_turn(now(t));
         if !gw.claim_turn(key) || !gw.wants_input(key) {
@@ -157,7 +184,7 @@ fuzz_target!(|data: &[u8]| {
         buf[n..n + piece.len()].copy_from_slice(piece);
         n += piece.len();
         if !gw.handle_received(key, piece.len(), now(t)) {
-            pump(&mut gw, &mut peers, &mut seqs, t);
+            pump(&mut gw, &mut peers, &mut seqs, &*reads, t);
             break;
         }
         let input = gw.handle_input(key, &mut buf[..n], now(t));
@@ -166,13 +193,13 @@ fuzz_target!(|data: &[u8]| {
             gw.write_to(key, peer, &buf[..n]);
             gw.end_input(key);
         }
-        pump(&mut gw, &mut peers, &mut seqs, t);
+        pump(&mut gw, &mut peers, &mut seqs, &*reads, t);
         while gw.poll_resume().is_some() {}
     }
     if data.len() % 2 == 0 {
         gw.handle_eof(key);
         gw.end_input(key);
-        pump(&mut gw, &mut peers, &mut seqs, t);
+        pump(&mut gw, &mut peers, &mut seqs, &*reads, t);
     }
     // Whatever state it is in, the connection ends once every deadline has passed.
     if let Some(p) = peers.get_mut(&key) {
@@ -182,7 +209,7 @@ fuzz_target!(|data: &[u8]| {
         t += millis(Duration::from_secs(200));
         gw.begin_turn(now(t));
         gw.handle_timeout(now(t));
-        pump(&mut gw, &mut peers, &mut seqs, t);
+        pump(&mut gw, &mut peers, &mut seqs, &*reads, t);
     }
     assert!(peers[&key].dropped, "a connection outlived every deadline");
 });

@@ -21,7 +21,7 @@ use std::collections::HashSet;
 use std::sync::OnceLock;
 
 use imgate::im::auth;
-use imgate::im::core::{ConnId, Core, ImConfig, Now, Output, Target};
+use imgate::im::core::{ConnId, Core, ImConfig, Now, Output, ReadId, ReadRequest, Target};
 use imgate::im::proto::{self, client_frame::Body as C, server_frame::Body as S, ClientFrame};
 use imgate::im::wire;
 use imgate::store::memory::MemoryStore;
@@ -90,6 +90,8 @@ struct Driver {
     conns: Vec<Conn>,
     /// Taken batches not committed yet, oldest first.
     taken: Vec<(u64, std::sync::Arc<WriteBatch>)>,
+    /// Reads put out and not answered yet, oldest first.
+    reads: Vec<(ReadId, ReadRequest)>,
     next_request: u64,
     admin_waiting: HashSet<usize>,
     next_admin: usize,
@@ -100,7 +102,8 @@ impl Driver {
         let id = self.next_request;
         self.next_request += 1;
         let c = &mut self.conns[conn];
-        if c.open && c.closing {
+        // The shell feeds no input to a connection that waits for a read.
+        if c.open && c.closing || self.core.is_waiting(conn) {
             return;
         }
         c.requests.insert(id);
@@ -123,7 +126,19 @@ impl Driver {
             assert!(size <= MAX_GROUP_MEMBERS, "{g} has {size} members");
         }
         for (id, sents) in &answers {
-            self.core.on_committed(*id, sents, self.now, &self.store);
+            self.core.on_committed(*id, sents, self.now);
+        }
+    }
+
+    /// Answers the oldest `n` reads put out, as the read thread would.
+    fn answer(&mut self, n: usize) {
+        while let Some((rid, req)) = self.core.poll_read() {
+            self.reads.push((rid, req));
+        }
+        let n = n.min(self.reads.len());
+        for (rid, req) in self.reads.drain(..n).collect::<Vec<_>>() {
+            let answer = req.run(&self.store);
+            self.core.handle_read(rid, answer, self.now);
         }
     }
 
@@ -305,10 +320,18 @@ impl Driver {
                     self.taken.push(taken);
                 }
             }
-            11 => self.commit(usize::from(input.byte() % 4) + 1),
+            11 => {
+                let how = input.byte();
+                let n = usize::from(how / 2 % 4) + 1;
+                if how & 1 == 0 {
+                    self.commit(n);
+                } else {
+                    self.answer(n);
+                }
+            }
             12 => {
                 let room = *input.pick(&[0, 200, 4096, 1 << 20]);
-                self.core.handle_room(conn, room, self.now, &self.store);
+                self.core.handle_room(conn, room, self.now);
             }
             13 => {
                 let ms = u64::from(input.byte()) * 250;
@@ -377,6 +400,7 @@ fuzz_target!(|data: &[u8]| {
         },
         conns: (0..CONNS).map(|_| Conn::default()).collect(),
         taken: Vec::new(),
+        reads: Vec::new(),
         next_request: 1,
         admin_waiting: HashSet::new(),
         next_admin: 0,
@@ -386,10 +410,20 @@ fuzz_target!(|data: &[u8]| {
     }
     // The end of the run: everything taken or pending is committed, and every admin send
     // has its answer.
-    if let Some(taken) = d.core.take_batch() {
-        d.taken.push(taken);
+    loop {
+        if let Some(taken) = d.core.take_batch() {
+            d.taken.push(taken);
+        }
+        while let Some(r) = d.core.poll_read() {
+            d.reads.push(r);
+        }
+        if d.taken.is_empty() && d.reads.is_empty() {
+            break;
+        }
+        d.commit(usize::MAX);
+        d.answer(usize::MAX);
+        d.check_output();
     }
-    d.commit(usize::MAX);
     d.check_output();
     assert!(d.admin_waiting.is_empty(), "unanswered admin sends");
 });

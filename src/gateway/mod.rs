@@ -69,7 +69,7 @@ use self::transport::{Phase, Route, Transport};
 use crate::buffer_pool::BufferPool;
 use crate::config::ServerConfig;
 pub use crate::im::core::Now;
-use crate::im::core::{BatchId, Core};
+use crate::im::core::{BatchId, Core, ReadAnswer, ReadId, ReadRequest};
 use crate::store::{Sent, StoreRead, WriteBatch};
 use crate::ws::handshake::{Endpoint, HttpError, Policy};
 
@@ -342,7 +342,7 @@ impl Gateway {
     /// Whether the reactor should hand the connection input now: it exists, is not
     /// throttled, and (for IM) the core has room for what the input would produce.
     pub fn wants_input(&self, conn: ConnId) -> bool {
-        self.conns.get(conn).is_some_and(|c| !c.throttled)
+        self.conns.get(conn).is_some_and(|c| !c.throttled) && !self.im.core.is_waiting(conn)
     }
 
     /// Moves the connection's held input (see [`Input`]) into `buf`; returns its length, or
@@ -411,6 +411,22 @@ impl Gateway {
         self.im.core.take_batch()
     }
 
+    /// The next store read the IM core needs: run it off the network thread, then hand its
+    /// answer to [`Gateway::handle_read`].
+    pub fn poll_read(&mut self) -> Option<(ReadId, ReadRequest)> {
+        self.im.core.poll_read()
+    }
+
+    /// The answer to a store read: the IM core carries on, and a connection whose input
+    /// waited for it is read again ([`Gateway::poll_resume`]).
+    pub fn handle_read(&mut self, rid: ReadId, answer: ReadAnswer, now: Now) {
+        self.now = now;
+        if let Some(conn) = self.im.core.handle_read(rid, answer, now) {
+            self.resume.push(conn);
+        }
+        self.dispatch_im();
+    }
+
     /// These batches (in id order, with the answers to their sends) are durable (`took`: how
     /// long the commit took): acknowledge and deliver them, and answer the admin requests
     /// that waited for them.
@@ -426,9 +442,7 @@ impl Gateway {
             return;
         };
         for (batch, sents) in &answers {
-            self.im
-                .core
-                .on_committed(*batch, sents, now, &*self.im.store);
+            self.im.core.on_committed(*batch, sents, now);
         }
         while self.committing.front().is_some_and(|(b, _)| *b <= id) {
             let Some((batch, key)) = self.committing.pop_front() else {
@@ -533,11 +547,7 @@ impl Gateway {
                 c.throttled = true;
             }
             let room = if c.throttled { 0 } else { high_water - queued };
-            let produced = c.transport.is_im()
-                && self
-                    .im
-                    .core
-                    .handle_room(conn, room, self.now, &*self.im.store);
+            let produced = c.transport.is_im() && self.im.core.handle_room(conn, room, self.now);
             if !produced {
                 break;
             }

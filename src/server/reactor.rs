@@ -22,6 +22,7 @@ use self::accept::Listeners;
 use super::signals::ShutdownSignals;
 use crate::config::ServerConfig;
 use crate::gateway::{ConnId, Gateway, Input, ListenerKind, Now, SocketAction};
+use crate::store::reader::Reader;
 use crate::store::redb_store::RedbStore;
 use crate::store::writer::{Done, Writer};
 use crate::store::{Store, StoreRead};
@@ -43,6 +44,8 @@ pub struct Server {
     listeners: Listeners,
     signals: ShutdownSignals,
     writer: Writer,
+    /// Runs the IM core's store reads; answers wake the loop through the writer's waker.
+    reader: Reader,
     /// Sockets, indexed by the gateway's [`ConnId`].
     sockets: Vec<Option<TcpStream>>,
     read_buf: Vec<u8>,
@@ -89,15 +92,19 @@ impl Server {
             RedbStore::open(&im.data_dir, im.store_cache_bytes, im.store_log_bytes)
                 .map_err(|e| io::Error::other(e.to_string()))?,
         );
+        // One waker for both threads: a poll takes one at most.
         let waker = Arc::new(mio::Waker::new(registry, STORE_WAKER)?);
-        let writer = Writer::spawn(store.clone(), im.sync, waker)?;
-        let reader: Arc<dyn StoreRead> = store;
+        let writer = Writer::spawn(store.clone(), im.sync, waker.clone())?;
+        let reads: Arc<dyn StoreRead + Send + Sync> = store.clone();
+        let reader = Reader::spawn(reads, waker)?;
+        let store: Arc<dyn StoreRead> = store;
         Ok(Server {
-            gateway: Gateway::new(&cfg, reader),
+            gateway: Gateway::new(&cfg, store),
             poll,
             listeners,
             signals,
             writer,
+            reader,
             // Reserved up front: growing it by doubling would leave the old copies behind in
             // the allocator, and each slot is 4 bytes.
             sockets: Vec::with_capacity(cfg.max_connections.min(1 << 20) + 64),
@@ -212,6 +219,9 @@ impl Server {
         if let Some((id, batch)) = self.gateway.poll_batch() {
             self.writer.submit(id, batch);
         }
+        while let Some((rid, req)) = self.gateway.poll_read() {
+            self.reader.submit(rid, req);
+        }
         self.flush_all();
         while let Some(key) = self.gateway.poll_resume() {
             self.again.push(key);
@@ -236,8 +246,14 @@ impl Server {
             .map(|t| Duration::from_millis(t.saturating_sub(self.now)))
     }
 
-    /// The storage thread committed batches: the gateway acknowledges and delivers them.
+    /// The storage threads answered: reads carry the IM core's work on, and committed
+    /// batches are acknowledged and delivered.
     fn on_store_done(&mut self) -> io::Result<()> {
+        let answers: Vec<_> = self.reader.completed().collect();
+        for (rid, answer) in answers {
+            let now = self.now_value();
+            self.gateway.handle_read(rid, answer, now);
+        }
         let done: Vec<Done> = self.writer.completed().collect();
         for d in done {
             match d {

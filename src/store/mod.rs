@@ -10,6 +10,7 @@
 pub(crate) mod assign;
 pub(crate) mod filter;
 pub mod memory;
+pub(crate) mod reader;
 pub mod records;
 pub(crate) mod redb_store;
 pub mod redis;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::delivery::RECENT_KEEP;
 use super::{BatchId, ConnId, Core, InFlight, Now, Requester};
-use crate::store::{Sent, StoreRead, StoredMessage, WriteBatch};
+use crate::store::{Sent, StoredMessage, WriteBatch};
 
 impl Core {
     /// The id the writes made since the last [`Core::take_batch`] will be committed under.
@@ -42,7 +42,7 @@ impl Core {
     /// (a duplicate with the seq the first attempt got) and deliver what they appended.
     /// Batches are reported in the order they were taken; a report of another batch than the
     /// oldest in flight is ignored (logged).
-    pub fn on_committed(&mut self, id: BatchId, sents: &[Sent], now: Now, store: &dyn StoreRead) {
+    pub fn on_committed(&mut self, id: BatchId, sents: &[Sent], now: Now) {
         let Some(front) = self.in_flight.front().map(|f| f.id) else {
             return log::error!("batch {id} reported durable with none in flight");
         };
@@ -111,7 +111,7 @@ impl Core {
                 conns.extend(u.devices.values());
             }
             for conn in conns.drain(..) {
-                self.pump(conn, now, store);
+                self.pump(conn, now);
             }
             self.trim_recent(&uid);
         }
@@ -155,7 +155,7 @@ mod tests {
         let (id, batch) = h.core.take_batch().unwrap();
         assert_eq!(batch.sends.len(), 1);
         let sents = h.store.apply(&batch);
-        h.core.on_committed(id, &sents, h.now, &h.store);
+        h.core.on_committed(id, &sents, h.now);
         let out: Vec<Output> = h.core.drain_output().collect();
         assert_eq!(
             send_ok(&out, 1).map(|s| (s.seq, s.duplicate)),

@@ -2,10 +2,11 @@
 //! delivery window beyond its cumulative ack and only while the connection has output room;
 //! acks, the ack timeout, and Sync pages bounded by count, bytes and room.
 
+use super::reads::{ReadId, ReadRequest, Waiter};
 use super::{error, frame, ConnId, Core, Device, Now, Output, Session, STORE_UNAVAILABLE};
 use crate::im::proto::{self, server_frame, ErrorCode};
 use crate::im::wire;
-use crate::store::{StoreRead, StoredMessage};
+use crate::store::{ReadError, StoredMessage};
 use crate::ws::code;
 
 /// Most content bytes in one SyncResult (a page holds at least one message).
@@ -22,19 +23,16 @@ impl Core {
     /// know). While it cannot, the shell feeds it no input: every answer is then built only
     /// once there is room for it.
     pub fn has_room(&self, conn: ConnId) -> bool {
-        self.sessions.get(&conn).is_none_or(|s| s.room > 0)
+        self.sessions
+            .get(&conn)
+            .is_none_or(|s| s.room > 0 && s.busy.is_none())
     }
 
     /// The shell's report of how many more bytes the connection can take (its high-water mark
     /// less what is unsent, or zero while it drains). When room comes back after it ran out,
-    /// the delivery window moves on. Returns whether that produced output.
-    pub fn handle_room(
-        &mut self,
-        conn: ConnId,
-        room: usize,
-        now: Now,
-        store: &dyn StoreRead,
-    ) -> bool {
+    /// the delivery window moves on. Returns whether that produced output or a read (whose
+    /// answer will).
+    pub fn handle_room(&mut self, conn: ConnId, room: usize, now: Now) -> bool {
         let Some(s) = self.sessions.get_mut(&conn) else {
             return false;
         };
@@ -43,13 +41,13 @@ impl Core {
         if !starved || room == 0 || s.device.is_none() {
             return false;
         }
-        let before = self.out.len();
-        self.pump(conn, now, store);
-        self.out.len() > before
+        let before = (self.out.len(), self.reads.len());
+        self.pump(conn, now);
+        (self.out.len(), self.reads.len()) != before
     }
 
     /// Sends the device as much of its committed inbox as the delivery window allows.
-    pub(super) fn pump(&mut self, conn: ConnId, now: Now, store: &dyn StoreRead) {
+    pub(super) fn pump(&mut self, conn: ConnId, now: Now) {
         let window = self.cfg.delivery_window;
         let Some(Session {
             device: Some(dev),
@@ -83,39 +81,77 @@ impl Core {
                     }
                 }
             } else {
-                // A failed read stops the stream here; the next ack or commit tries again.
-                // Read no more than the room can take, counting each message as at least
-                // MIN_DELIVERY_COST, so that a connection with little room reads little.
-                let room = room.min(*bytes_room / MIN_DELIVERY_COST + 1);
-                let older = match store.messages_after(&dev.uid, dev.sent_upto, room) {
-                    Ok(older) => older,
-                    Err(e) => {
-                        log::error!("{e}");
-                        break;
-                    }
-                };
-                if older.is_empty() {
-                    break;
+                // Older than memory holds: read from the store, no more than the room can
+                // take (counting each message as at least MIN_DELIVERY_COST, so that a
+                // connection with little room reads little). The stream goes on when the
+                // page comes.
+                if dev.reading.is_none() {
+                    let limit = room.min(*bytes_room / MIN_DELIVERY_COST + 1);
+                    let req = ReadRequest::Page {
+                        uid: dev.uid.clone(),
+                        after: dev.sent_upto,
+                        limit,
+                    };
+                    dev.reading = Some(self.next_read);
+                    self.request(req, Waiter::Stream { conn });
                 }
-                for m in &older {
-                    if *bytes_room == 0 {
-                        return;
-                    }
-                    let before = self.out.len();
-                    if !advance(dev, m, conn, now, &mut self.out) {
-                        return;
-                    }
-                    if self.out.len() > before {
-                        *bytes_room = bytes_room.saturating_sub(output_cost(m.body.len()));
-                    }
-                }
+                return;
             }
+        }
+    }
+
+    /// Older messages for the stream of `conn`'s device, read for it as `rid`: sent on as
+    /// far as its window and room allow, then the stream goes on. A failed read stops the
+    /// stream here; the next ack or commit tries again.
+    pub(super) fn stream_read(
+        &mut self,
+        conn: ConnId,
+        rid: ReadId,
+        page: Result<Vec<StoredMessage>, ReadError>,
+        now: Now,
+    ) {
+        let window = self.cfg.delivery_window;
+        let Some(Session {
+            device: Some(dev),
+            room: bytes_room,
+            ..
+        }) = self.sessions.get_mut(&conn)
+        else {
+            return;
+        };
+        if dev.reading != Some(rid) {
+            return;
+        }
+        dev.reading = None;
+        let older = match page {
+            Ok(older) => older,
+            Err(e) => return log::error!("{e}"),
+        };
+        let mut more = !older.is_empty();
+        for m in &older {
+            if m.seq <= dev.sent_upto {
+                continue;
+            }
+            if *bytes_room == 0 || dev.sent_upto - dev.acked >= window {
+                break;
+            }
+            let before = self.out.len();
+            if !advance(dev, m, conn, now, &mut self.out) {
+                more = false;
+                break;
+            }
+            if self.out.len() > before {
+                *bytes_room = bytes_room.saturating_sub(output_cost(m.body.len()));
+            }
+        }
+        if more {
+            self.pump(conn, now);
         }
     }
 
     /// A cumulative ack, capped at what was sent. One that moves the cursor is stored with the
     /// turn's batch, restarts the ack timeout and moves the window on; others are ignored.
-    pub(super) fn ack(&mut self, conn: ConnId, seq: u64, now: Now, store: &dyn StoreRead) {
+    pub(super) fn ack(&mut self, conn: ConnId, seq: u64, now: Now) {
         let Some(dev) = self.sessions.get_mut(&conn).and_then(|s| s.device.as_mut()) else {
             return;
         };
@@ -128,7 +164,7 @@ impl Core {
         self.batch
             .cursors
             .push((dev.uid.clone(), dev.device_id.clone(), seq));
-        self.pump(conn, now, store);
+        self.pump(conn, now);
     }
 
     /// When the connection's ack deadline falls (loop ms), while it has messages outstanding:
@@ -174,8 +210,8 @@ impl Core {
     }
 
     /// A Sync: one page of the inbox after `after_seq`, read from the store, at most `limit`
-    /// messages (100 by default, 1,000 at most).
-    pub(super) fn sync(&mut self, conn: ConnId, id: u64, s: proto::Sync, store: &dyn StoreRead) {
+    /// messages (100 by default, 1,000 at most). The connection's input waits for it.
+    pub(super) fn sync(&mut self, conn: ConnId, id: u64, s: proto::Sync) {
         let Some((uid, room)) = self
             .sessions
             .get(&conn)
@@ -188,7 +224,33 @@ impl Core {
             0 => 100,
             n => n.min(1000) as usize,
         };
-        let mut msgs = match store.messages_after(&uid, s.after_seq, limit + 1) {
+        let req = ReadRequest::Page {
+            uid,
+            after: s.after_seq,
+            limit: limit + 1,
+        };
+        let waiter = Waiter::Sync {
+            conn,
+            id,
+            limit,
+            page_bytes,
+        };
+        let rid = self.request(req, waiter);
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            s.busy = Some(rid);
+        }
+    }
+
+    /// The page a Sync of `conn` (request `id`) read: its answer.
+    pub(super) fn sync_read(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        limit: usize,
+        page_bytes: usize,
+        page: Result<Vec<StoredMessage>, ReadError>,
+    ) {
+        let mut msgs = match page {
             Ok(msgs) => msgs,
             Err(e) => {
                 log::error!("{e}");
@@ -279,6 +341,7 @@ mod tests {
     use super::super::ImConfig;
     use super::*;
     use crate::im::proto::{client_frame::Body as C, server_frame::Body as S};
+    use crate::store::StoreRead;
 
     #[test]
     fn every_device_of_both_users_gets_it_except_the_sender() {
@@ -382,15 +445,15 @@ mod tests {
             "no input is taken while there is no room"
         );
         // A report of no room changes nothing; room again moves the stream on, in order.
-        assert!(!h.core.handle_room(2, 0, h.now, &h.store));
-        assert!(h.core.handle_room(2, 10_000, h.now, &h.store));
+        assert!(!h.core.handle_room(2, 0, h.now));
+        assert!(h.core.handle_room(2, 10_000, h.now));
         let next: Vec<u64> = messages_to(&h.turn(), 2).iter().map(|m| m.0).collect();
         assert_eq!(next, (8..=14).collect::<Vec<_>>());
         // Room reported while the stream was not starved does not deliver twice.
-        assert!(h.core.handle_room(2, 100_000, h.now, &h.store));
+        assert!(h.core.handle_room(2, 100_000, h.now));
         let rest: Vec<u64> = messages_to(&h.turn(), 2).iter().map(|m| m.0).collect();
         assert_eq!(rest, (15..=20).collect::<Vec<_>>());
-        assert!(!h.core.handle_room(2, 100_000, h.now, &h.store));
+        assert!(!h.core.handle_room(2, 100_000, h.now));
         assert!(h.core.has_room(2));
     }
 
@@ -483,7 +546,7 @@ mod tests {
         for i in 1..=30 {
             h.send(1, "alice", &format!("m{i}"), &"x".repeat(1000));
         }
-        h.core.handle_room(1, 40_000, h.now, &h.store);
+        h.core.handle_room(1, 40_000, h.now);
         let page = |h: &mut H| match frames_to(
             &h.req(
                 1,
@@ -526,7 +589,7 @@ mod tests {
         while h.core.has_room(1) {
             h.req(1, 42, C::Ping(proto::Ping { client_time_ms: 7 }));
         }
-        assert!(!h.core.handle_room(1, 10_000, h.now, &h.store));
+        assert!(!h.core.handle_room(1, 10_000, h.now));
         assert!(h.turn().is_empty());
         assert!(h.core.has_room(1));
     }
@@ -549,7 +612,7 @@ mod tests {
         assert_eq!(reads.calls, 1);
         // The connection never ran out of room: a report of room is no reason to read again.
         assert!(h.core.has_room(2));
-        assert!(!h.core.handle_room(2, 1024 * 1024, h.now, &h.store));
+        assert!(!h.core.handle_room(2, 1024 * 1024, h.now));
         assert!(messages_to(&h.turn(), 2).is_empty());
         let out = h.send(1, "bob", "m21", "t21");
         assert_eq!(messages_to(&out, 2), vec![(2, "t2".into())]);
@@ -695,7 +758,7 @@ mod tests {
             .iter()
             .map(|m| m.body.len())
             .sum();
-        h.core.handle_room(1, 2 * two, h.now, &h.store);
+        h.core.handle_room(1, 2 * two, h.now);
         let out = h.req(
             1,
             5,

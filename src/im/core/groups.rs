@@ -317,7 +317,7 @@ mod tests {
             h.core.set_membership("g", "e", true, &h.store),
             Err(MembershipError::Full)
         );
-        h.core.on_committed(id, &[], h.now, &h.store);
+        h.core.on_committed(id, &[], h.now);
         h.turn();
         assert_eq!(
             h.store.group_members("g"),

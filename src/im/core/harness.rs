@@ -49,16 +49,22 @@ impl H {
         self.turn()
     }
 
-    /// Ends the loop turn: everything drained, and the batch (if any) committed and its
-    /// outputs drained too.
+    /// Ends the loop turn, and the turns after it until nothing is left to do: every read
+    /// answered and every batch committed, and everything drained.
     pub(super) fn turn(&mut self) -> Vec<Output> {
         let mut out: Vec<Output> = self.core.drain_output().collect();
-        if let Some((id, batch)) = self.core.take_batch() {
-            let sents = self.store.apply(&batch);
-            self.core.on_committed(id, &sents, self.now, &self.store);
-            out.extend(self.core.drain_output());
+        loop {
+            let answered = answer_reads(&mut self.core, &self.store, self.now);
+            let read = !answered.is_empty();
+            out.extend(answered);
+            if let Some((id, batch)) = self.core.take_batch() {
+                let sents = self.store.apply(&batch);
+                self.core.on_committed(id, &sents, self.now);
+                out.extend(self.core.drain_output());
+            } else if !read {
+                return out;
+            }
         }
-        out
     }
 
     pub(super) fn login(
@@ -166,8 +172,9 @@ impl H {
             self.now,
             &store,
         );
-        let reads = store.reads.get();
         let mut out: Vec<Output> = self.core.drain_output().collect();
+        out.extend(answer_reads(&mut self.core, &store, self.now));
+        let reads = store.reads.get();
         out.extend(self.turn());
         (out, reads)
     }
@@ -181,10 +188,23 @@ impl H {
         };
         let sents = self.store.apply(&batch);
         let store = Failing::new(&self.store, uid);
-        self.core.on_committed(id, &sents, self.now, &store);
+        self.core.on_committed(id, &sents, self.now);
         out.extend(self.core.drain_output());
+        out.extend(answer_reads(&mut self.core, &store, self.now));
         (out, store.reads.get())
     }
+}
+
+/// Runs the core's reads against `store` as the read thread does, and every read they lead
+/// to, until none is left; returns what the answers produced.
+fn answer_reads(core: &mut Core, store: &dyn StoreRead, now: Now) -> Vec<Output> {
+    let mut out = Vec::new();
+    while let Some((rid, req)) = core.poll_read() {
+        let answer = req.run(store);
+        core.handle_read(rid, answer, now);
+        out.extend(core.drain_output());
+    }
+    out
 }
 
 /// The memory store, except that every read about `uid` that can fail does (none when no

@@ -27,6 +27,7 @@
 //! - `groups`: group membership and its announcements.
 //! - `signal`: ephemeral signals to the devices online now.
 //! - `batch`: the writes of a loop turn, and what their commit releases.
+//! - `reads`: store reads as requests whose answers carry the work on.
 //! - `delivery`: each device's stream within its window and output room, acks, Sync pages.
 
 use std::collections::{HashMap, VecDeque};
@@ -45,12 +46,14 @@ mod groups;
 #[cfg(test)]
 mod harness;
 mod presence;
+mod reads;
 mod send;
 mod session;
 mod signal;
 
 pub use delivery::SYNC_MAX_BYTES;
 pub use groups::MembershipError;
+pub use reads::{LoginFacts, ReadAnswer, ReadId, ReadRequest};
 pub use signal::{SignalError, SignalTarget, MAX_SIGNAL_KIND, MAX_SIGNAL_PAYLOAD};
 
 /// The shell's identifier of a connection (its slab key).
@@ -191,6 +194,8 @@ struct Device {
     /// Seqs (in its own inbox, ascending) of what this connection sent and has not passed
     /// yet: it learnt them from SendOk, so they are not delivered back to it.
     own: VecDeque<u64>,
+    /// The read of older messages its stream waits for, if any.
+    reading: Option<reads::ReadId>,
 }
 
 #[derive(Debug)]
@@ -202,6 +207,8 @@ struct Session {
     /// estimate of what was produced since. Deliveries stop at zero, and Sync pages shrink to
     /// fit, so that output is bounded before it is built (see [`Core::handle_room`]).
     room: usize,
+    /// The read (its login, or a Sync) the connection's input waits for.
+    busy: Option<reads::ReadId>,
 }
 
 #[derive(Debug, Default)]
@@ -216,6 +223,9 @@ struct User {
     recent: VecDeque<StoredMessage>,
     /// The last batch whose commit touched this user (to visit each user once per commit).
     touched_by: BatchId,
+    /// Logins of the user being read: it stays cached meanwhile, so that no commit answered
+    /// before the read's answer goes unseen.
+    logins: usize,
 }
 
 /// A taken batch until the store answers it: who asked for each of its sends (None once
@@ -241,6 +251,10 @@ pub struct Core {
     /// Reused for encoding message bodies.
     scratch: Vec<u8>,
     group_cache: groups::GroupCache,
+    /// Reads not yet taken by the shell, and what each outstanding read carries on.
+    reads: VecDeque<(reads::ReadId, ReadRequest)>,
+    waiting: HashMap<reads::ReadId, reads::Waiter>,
+    next_read: reads::ReadId,
 }
 
 fn frame(id: u64, body: server_frame::Body) -> ServerFrame {
@@ -278,6 +292,9 @@ impl Core {
             next_batch: 1,
             scratch: Vec::new(),
             group_cache: groups::GroupCache::default(),
+            reads: VecDeque::new(),
+            waiting: HashMap::new(),
+            next_read: 1,
         }
     }
 
@@ -332,13 +349,13 @@ impl Core {
             Some(client_frame::Body::Login(_)) if logged_in => {
                 self.reply(conn, error(id, ErrorCode::BadRequest, "already logged in"))
             }
-            Some(client_frame::Body::Login(l)) => self.login(conn, id, l, now, store),
+            Some(client_frame::Body::Login(l)) => self.login(conn, id, l, now),
             Some(_) if !logged_in => {
                 self.reply(conn, error(id, ErrorCode::Unauthenticated, "log in first"))
             }
             Some(client_frame::Body::Send(s)) => self.send(conn, id, s, now, store),
-            Some(client_frame::Body::Ack(a)) => self.ack(conn, a.seq, now, store),
-            Some(client_frame::Body::Sync(s)) => self.sync(conn, id, s, store),
+            Some(client_frame::Body::Ack(a)) => self.ack(conn, a.seq, now),
+            Some(client_frame::Body::Sync(s)) => self.sync(conn, id, s),
             Some(client_frame::Body::Signal(s)) => self.signal(conn, id, s, now, store),
             Some(client_frame::Body::Ping(p)) => self.reply(
                 conn,
@@ -362,33 +379,24 @@ impl Core {
         self.out.push(Output::Frame { conn, frame });
     }
 
-    /// Loads (or finds) the cached state of `uid`; None when the store cannot tell its
-    /// inbox's last seq (its stream could not tell what is new).
-    fn user(&mut self, uid: &str, store: &dyn StoreRead) -> Option<Arc<str>> {
+    /// Finds or creates the cached state of `uid`. A new one knows no seq of its inbox until
+    /// a login read answers (see `session`).
+    fn cache_user(&mut self, uid: &str) -> Arc<str> {
         if let Some((k, _)) = self.users.get_key_value(uid) {
-            return Some(k.clone());
+            return k.clone();
         }
         let key: Arc<str> = uid.into();
-        let max = match store.max_seq(uid) {
-            Ok(max) => max,
-            Err(e) => {
-                log::error!("{e}: user {uid} not loaded");
-                return None;
-            }
-        };
-        self.users.insert(
-            key.clone(),
-            User {
-                committed_seq: max,
-                ..User::default()
-            },
-        );
-        Some(key)
+        self.users.insert(key.clone(), User::default());
+        key
     }
 
     /// Drops the cache of a user nobody needs right now; the store has everything.
     fn maybe_evict(&mut self, uid: &str) {
-        if self.users.get(uid).is_some_and(|u| u.devices.is_empty()) {
+        if self
+            .users
+            .get(uid)
+            .is_some_and(|u| u.devices.is_empty() && u.logins == 0)
+        {
             self.users.remove(uid);
         }
     }

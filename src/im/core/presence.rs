@@ -13,16 +13,6 @@ impl Core {
             .push((a.to_owned(), b.to_owned(), present));
     }
 
-    /// Friends of `uid` online now, in the order the store lists them.
-    pub(super) fn online_friends(&self, uid: &str, store: &dyn StoreRead) -> Vec<String> {
-        let friends = store.friends(uid);
-        friends
-            .iter()
-            .filter(|f| self.is_online(f))
-            .cloned()
-            .collect()
-    }
-
     /// A friendship made (or ended) is durable. While both are online it is news to both
     /// now: each learns the other's presence as if it had just come online (or gone offline).
     pub(super) fn friendship_committed(&mut self, a: &str, b: &str, present: bool) {
@@ -34,7 +24,7 @@ impl Core {
     }
 
     /// Whether any device of `uid` is online.
-    fn is_online(&self, uid: &str) -> bool {
+    pub(super) fn is_online(&self, uid: &str) -> bool {
         self.users.get(uid).is_some_and(|u| !u.devices.is_empty())
     }
 
@@ -47,7 +37,7 @@ impl Core {
     }
 
     /// Sends `Presence{uid, online}` to every online device of `to`.
-    fn tell_presence(&mut self, to: &str, uid: &str, online: bool) {
+    pub(super) fn tell_presence(&mut self, to: &str, uid: &str, online: bool) {
         let Some(u) = self.users.get(to) else {
             return;
         };

@@ -238,10 +238,9 @@ impl Core {
 
 #[cfg(test)]
 mod tests {
-    use super::super::harness::{closes, error_code, send_ok, Failing, H, SECRET};
+    use super::super::harness::{closes, error_code, send_ok, Failing, H};
     use super::super::ImConfig;
     use super::*;
-    use crate::im::auth::tests::token;
     use crate::im::proto::{
         client_frame::Body as C, server_frame::Body as S, ClientFrame, ServerFrame,
     };
@@ -314,7 +313,7 @@ mod tests {
         let (second, retry) = h.core.take_batch().unwrap();
         for (id, b) in [(first, batch), (second, retry)] {
             let sents = h.store.apply(&b);
-            h.core.on_committed(id, &sents, h.now, &h.store);
+            h.core.on_committed(id, &sents, h.now);
         }
         let acked: Vec<(u64, bool)> = h
             .core
@@ -393,18 +392,8 @@ mod tests {
         // Bob cannot log in while his inbox cannot be read: his stream could not tell what
         // is new.
         h.core.on_open(3, h.now);
-        let exp = (h.now.unix_ms / 1000) as u64 + 3600;
-        let login = ClientFrame {
-            id: 1,
-            body: Some(C::Login(proto::Login {
-                token: token(SECRET, "bob", Some(exp)),
-                device_id: "phone".into(),
-                last_seq: 0,
-            })),
-        };
-        let bob_fails = Failing::new(&h.store, "bob");
-        h.core.on_frame(3, login, h.now, &bob_fails);
-        let out: Vec<Output> = h.core.drain_output().collect();
+        let login = h.login_frame("bob", "phone", 0);
+        let (out, _) = h.req_failing(3, 1, login, "bob");
         assert_eq!(error_code(&out, 3), Some(ErrorCode::Unavailable));
         assert_eq!(closes(&out), vec![(3, code::INTERNAL_ERROR)]);
         // Once the store reads again, the group send goes through.

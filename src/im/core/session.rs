@@ -5,12 +5,13 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use super::reads::{LoginFacts, ReadRequest, Waiter};
 use super::{
     error, frame, valid_id, Bucket, ConnId, Core, Device, Now, Output, Requester, Session,
     CLOSE_REPLACED, STORE_UNAVAILABLE,
 };
 use crate::im::proto::{self, server_frame, ErrorCode};
-use crate::store::StoreRead;
+use crate::store::{ReadError, StoreRead};
 use crate::ws::code;
 
 impl Core {
@@ -26,6 +27,7 @@ impl Core {
                 },
                 bad_in_row: 0,
                 room: self.cfg.output_room,
+                busy: None,
             },
         );
     }
@@ -76,14 +78,7 @@ impl Core {
     /// A Login on a connection not logged in yet: on success the device is registered (a
     /// connection of the same device is kicked), LoginOk names the online friends, and the
     /// stream resumes from `last_seq` or the stored cursor.
-    pub(super) fn login(
-        &mut self,
-        conn: ConnId,
-        id: u64,
-        l: proto::Login,
-        now: Now,
-        store: &dyn StoreRead,
-    ) {
+    pub(super) fn login(&mut self, conn: ConnId, id: u64, l: proto::Login, now: Now) {
         let now_secs = u64::try_from(now.unix_ms / 1000).unwrap_or(0);
         let uid = match self.verifier.verify(&l.token, now_secs) {
             Ok(uid) => uid,
@@ -97,19 +92,63 @@ impl Core {
                 "device_id must be 1-64 bytes",
             );
         }
-        let Some(uid) = self.user(&uid, store) else {
-            return self.login_unavailable(conn, id);
-        };
-        let groups = match store.groups_of(&uid) {
-            Ok(groups) => groups,
-            Err(e) => {
-                log::error!("{e}: the groups of {uid}");
-                self.maybe_evict(&uid);
-                return self.login_unavailable(conn, id);
-            }
-        };
+        let uid = self.cache_user(&uid);
+        if let Some(u) = self.users.get_mut(&uid) {
+            u.logins += 1;
+        }
         let device_id: Arc<str> = l.device_id.as_str().into();
-        let user = self.users.get_mut(&uid).expect("loaded");
+        let req = ReadRequest::Login {
+            uid: uid.clone(),
+            device_id: device_id.clone(),
+        };
+        let waiter = Waiter::Login {
+            conn,
+            id,
+            uid,
+            device_id,
+            last_seq: l.last_seq,
+        };
+        let rid = self.request(req, waiter);
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            s.busy = Some(rid);
+        }
+    }
+
+    /// The store's answer to a login of `conn` (None once it has closed): the device is
+    /// registered (a connection of the same device is kicked), LoginOk names the online
+    /// friends, and the stream resumes from `last_seq` or the stored cursor.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn login_read(
+        &mut self,
+        conn: Option<ConnId>,
+        id: u64,
+        uid: Arc<str>,
+        device_id: Arc<str>,
+        last_seq: u64,
+        facts: Result<LoginFacts, ReadError>,
+        now: Now,
+    ) {
+        if let Some(u) = self.users.get_mut(&uid) {
+            u.logins -= 1;
+        }
+        let (conn, facts) = match (conn, facts) {
+            (Some(conn), Ok(facts)) => (conn, facts),
+            (Some(conn), Err(e)) => {
+                log::error!("{e}: user {uid} not logged in");
+                self.login_unavailable(conn, id);
+                return self.maybe_evict(&uid);
+            }
+            (None, _) => return self.maybe_evict(&uid),
+        };
+        // Kept while its login was read.
+        let Some(user) = self.users.get_mut(&uid) else {
+            return;
+        };
+        // Commits answered while the login was read may have named newer seqs already.
+        if facts.max_seq > user.committed_seq {
+            user.committed_seq = facts.max_seq;
+            user.recent.clear();
+        }
         let replaced = user.devices.get(&device_id).copied();
         if replaced.is_none() && user.devices.len() >= self.cfg.max_devices {
             self.maybe_evict(&uid);
@@ -137,12 +176,7 @@ impl Core {
                 reason: "replaced",
             });
         }
-        let cursor = if l.last_seq > 0 {
-            l.last_seq
-        } else {
-            store.cursor(&uid, &device_id)
-        }
-        .min(committed);
+        let cursor = if last_seq > 0 { last_seq } else { facts.cursor }.min(committed);
         if let Some(s) = self.sessions.get_mut(&conn) {
             s.device = Some(Device {
                 uid: uid.clone(),
@@ -151,9 +185,15 @@ impl Core {
                 acked: cursor,
                 progress_ms: now.mono_ms,
                 own: VecDeque::new(),
+                reading: None,
             });
         }
-        let online_friends = self.online_friends(&uid, store);
+        let online_friends = facts
+            .friends
+            .iter()
+            .filter(|f| self.is_online(f))
+            .cloned()
+            .collect();
         self.reply(
             conn,
             frame(
@@ -163,14 +203,16 @@ impl Core {
                     max_seq: committed,
                     online_friends,
                     server_time_ms: now.unix_ms,
-                    groups,
+                    groups: facts.groups,
                 }),
             ),
         );
         if first_device && replaced.is_none() {
-            self.broadcast_presence(&uid, true, store);
+            for friend in &facts.friends {
+                self.tell_presence(friend, &uid, true);
+            }
         }
-        self.pump(conn, now, store);
+        self.pump(conn, now);
     }
 
     /// A login the store could not serve: UNAVAILABLE, then 1011 (the client may retry).
@@ -196,10 +238,11 @@ impl Core {
 
 #[cfg(test)]
 mod tests {
-    use super::super::harness::{closes, error_code, frames_to, H, SECRET};
+    use super::super::harness::{closes, error_code, frames_to, messages_to, H, SECRET};
     use super::*;
     use crate::im::auth::tests::{token, token_with_nbf};
     use crate::im::core::ImConfig;
+    use crate::im::core::{ReadAnswer, ReadRequest};
     use crate::im::proto::{client_frame::Body as C, server_frame::Body as S};
 
     #[test]
@@ -326,5 +369,92 @@ mod tests {
         assert!(frames_to(&out, 2)
             .iter()
             .any(|f| matches!(f, S::LoginOk(ok) if ok.max_seq == 1)));
+    }
+
+    #[test]
+    fn a_connection_whose_login_is_being_read_takes_no_input_until_the_answer() {
+        let mut h = H::new(ImConfig::default());
+        h.core.on_open(1, h.now);
+        let login = h.login_frame("alice", "phone", 0);
+        h.core.on_frame(
+            1,
+            crate::im::proto::ClientFrame {
+                id: 1,
+                body: Some(login),
+            },
+            h.now,
+            &h.store,
+        );
+        assert!(
+            h.core.drain_output().next().is_none(),
+            "no answer before the read"
+        );
+        assert!(h.core.is_waiting(1) && !h.core.has_room(1));
+        let Some((rid, req)) = h.core.poll_read() else {
+            panic!("no read put out")
+        };
+        assert!(matches!(req, ReadRequest::Login { ref uid, .. } if &**uid == "alice"));
+        let answer = req.run(&h.store);
+        assert_eq!(h.core.handle_read(rid, answer.clone(), h.now), Some(1));
+        assert!(!h.core.is_waiting(1) && h.core.is_logged_in(1));
+        // The same answer again (a stale one) changes nothing.
+        assert_eq!(h.core.handle_read(rid, answer, h.now), None);
+    }
+
+    #[test]
+    fn a_message_committed_while_the_login_is_read_is_delivered_though_the_read_missed_it() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        h.core.on_open(2, h.now);
+        let login = h.login_frame("bob", "phone", 0);
+        h.core.on_frame(
+            2,
+            crate::im::proto::ClientFrame {
+                id: 1,
+                body: Some(login),
+            },
+            h.now,
+            &h.store,
+        );
+        let (rid, req) = h.core.poll_read().unwrap();
+        // The read runs before the commit; its answer arrives after the commit's.
+        let answer = req.run(&h.store);
+        assert!(matches!(&answer, ReadAnswer::Login(Ok(f)) if f.max_seq == 0));
+        h.send(1, "bob", "m1", "hi");
+        h.core.handle_read(rid, answer, h.now);
+        let mut out: Vec<Output> = h.core.drain_output().collect();
+        out.extend(h.turn());
+        assert!(frames_to(&out, 2)
+            .iter()
+            .any(|f| matches!(f, S::LoginOk(ok) if ok.max_seq == 1)));
+        assert_eq!(messages_to(&out, 2), vec![(1, "hi".into())]);
+    }
+
+    #[test]
+    fn a_login_answered_after_its_connection_closed_registers_nothing() {
+        let mut h = H::new(ImConfig::default());
+        h.core.on_open(1, h.now);
+        let login = h.login_frame("alice", "phone", 0);
+        h.core.on_frame(
+            1,
+            crate::im::proto::ClientFrame {
+                id: 1,
+                body: Some(login),
+            },
+            h.now,
+            &h.store,
+        );
+        let (rid, req) = h.core.poll_read().unwrap();
+        h.core.on_close(1, &h.store);
+        // The key is given to a new connection before the answer comes.
+        h.core.on_open(1, h.now);
+        assert_eq!(h.core.handle_read(rid, req.run(&h.store), h.now), None);
+        assert!(h.core.drain_output().next().is_none());
+        assert!(!h.core.is_logged_in(1));
+        assert!(h.core.online_devices("alice").is_empty());
+        assert!(
+            !h.core.users.contains_key("alice"),
+            "its cache outlived the login"
+        );
     }
 }

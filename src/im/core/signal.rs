@@ -348,7 +348,7 @@ mod tests {
         let mut h = H::new(ImConfig::default());
         h.login(1, "alice", "phone", 0);
         h.login(2, "bob", "phone", 0);
-        h.core.handle_room(2, 0, h.now, &h.store);
+        h.core.handle_room(2, 0, h.now);
         let out = h.req(1, 5, sig("bob", "", "typing", b""));
         assert!(signals(&out, 2).is_empty());
         assert!(super::super::harness::closes(&out).is_empty());
