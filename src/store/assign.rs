@@ -46,11 +46,12 @@ pub(crate) struct Resolved {
 }
 
 /// The state of one commit: the inboxes' next seqs and the keys its earlier sends took,
-/// neither of which the store can tell until the commit is applied.
+/// neither of which the store can tell until the commit is applied. The keys are searched
+/// only when a sender's filter matches (a retry, or rarely a new id), so a list does.
 #[derive(Default)]
 struct Commit<'a> {
     next: HashMap<Arc<str>, u64>,
-    keys: HashMap<(&'a str, &'a str), u64>,
+    keys: Vec<(&'a str, &'a str, u64)>,
 }
 
 impl Assigner {
@@ -76,7 +77,8 @@ impl Assigner {
             };
             let mut sents = Vec::with_capacity(b.sends.len());
             for s in &b.sends {
-                if let Some(seq) = self.earlier(&s.from, &s.client_msg_id, &commit, store)? {
+                let hash = self.hasher.hash_one(s.client_msg_id.as_str());
+                if let Some(seq) = self.earlier(&s.from, &s.client_msg_id, hash, &commit, store)? {
                     sents.push(Sent {
                         seq,
                         duplicate: true,
@@ -111,8 +113,11 @@ impl Assigner {
                 for owner in s.to.iter().filter(|o| **o != s.from) {
                     to_seqs.push(seq_of(owner)?);
                 }
-                self.remember(&s.from, &s.client_msg_id, &commit, store)?;
-                commit.keys.insert((&s.from, &s.client_msg_id), seq);
+                // `earlier` made the sender's filter.
+                if let Some(f) = self.filters.get_mut(&s.from) {
+                    f.insert(hash);
+                }
+                commit.keys.push((&s.from, &s.client_msg_id, seq));
                 out.sends
                     .push((s.from.clone(), s.client_msg_id.clone(), seq));
                 sents.push(Sent {
@@ -150,30 +155,18 @@ impl Assigner {
         &mut self,
         from: &Arc<str>,
         client_msg_id: &str,
+        hash: u64,
         commit: &Commit<'_>,
         store: &dyn StoreRead,
     ) -> Result<Option<u64>, ReadError> {
-        let hash = self.hasher.hash_one(client_msg_id);
         if !self.filter(from, commit, store)?.may_contain(hash) {
             return Ok(None);
         }
-        if let Some(seq) = commit.keys.get(&(&**from, client_msg_id)) {
+        let same = |(uid, id, _): &&(&str, &str, u64)| *uid == &**from && *id == client_msg_id;
+        if let Some((_, _, seq)) = commit.keys.iter().rev().find(same) {
             return Ok(Some(*seq));
         }
         store.sent(from, client_msg_id)
-    }
-
-    /// Records a new key of `from` in its filter.
-    fn remember(
-        &mut self,
-        from: &Arc<str>,
-        client_msg_id: &str,
-        commit: &Commit<'_>,
-        store: &dyn StoreRead,
-    ) -> Result<(), ReadError> {
-        let hash = self.hasher.hash_one(client_msg_id);
-        self.filter(from, commit, store)?.insert(hash);
-        Ok(())
     }
 
     /// The sender's filter, (re)built from the store's newest keys and this commit's when it
@@ -195,8 +188,8 @@ impl Assigner {
                 commit
                     .keys
                     .iter()
-                    .filter(|((uid, _), _)| *uid == &**from)
-                    .map(|((_, id), seq)| (*seq, self.hasher.hash_one(*id))),
+                    .filter(|(uid, _, _)| *uid == &**from)
+                    .map(|(_, id, seq)| (*seq, self.hasher.hash_one(*id))),
             );
             hashes.sort_unstable_by_key(|(seq, _)| *seq);
             if self.filters.len() >= MAX_FILTERS && !self.filters.contains_key(from) {
