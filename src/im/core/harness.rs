@@ -79,6 +79,22 @@ impl H {
         self.req(conn, 1, login)
     }
 
+    /// A new connection's Login handed to the core within a turn that has not ended: its
+    /// read is put out, not answered.
+    pub(super) fn login_pending(&mut self, conn: ConnId, uid: &str, device: &str) {
+        self.core.on_open(conn, self.now);
+        let login = self.login_frame(uid, device, 0);
+        self.core.on_frame(
+            conn,
+            ClientFrame {
+                id: 1,
+                body: Some(login),
+            },
+            self.now,
+            &self.store,
+        );
+    }
+
     /// A Login with a token for `uid` valid for an hour.
     pub(super) fn login_frame(&self, uid: &str, device: &str, last_seq: u64) -> C {
         let exp = (self.now.unix_ms / 1000) as u64 + 3600;

@@ -374,17 +374,7 @@ mod tests {
     #[test]
     fn a_connection_whose_login_is_being_read_takes_no_input_until_the_answer() {
         let mut h = H::new(ImConfig::default());
-        h.core.on_open(1, h.now);
-        let login = h.login_frame("alice", "phone", 0);
-        h.core.on_frame(
-            1,
-            crate::im::proto::ClientFrame {
-                id: 1,
-                body: Some(login),
-            },
-            h.now,
-            &h.store,
-        );
+        h.login_pending(1, "alice", "phone");
         assert!(
             h.core.drain_output().next().is_none(),
             "no answer before the read"
@@ -405,17 +395,7 @@ mod tests {
     fn a_message_committed_while_the_login_is_read_is_delivered_though_the_read_missed_it() {
         let mut h = H::new(ImConfig::default());
         h.login(1, "alice", "phone", 0);
-        h.core.on_open(2, h.now);
-        let login = h.login_frame("bob", "phone", 0);
-        h.core.on_frame(
-            2,
-            crate::im::proto::ClientFrame {
-                id: 1,
-                body: Some(login),
-            },
-            h.now,
-            &h.store,
-        );
+        h.login_pending(2, "bob", "phone");
         let (rid, req) = h.core.poll_read().unwrap();
         // The read runs before the commit; its answer arrives after the commit's.
         let answer = req.run(&h.store);
@@ -433,17 +413,7 @@ mod tests {
     #[test]
     fn a_login_answered_after_its_connection_closed_registers_nothing() {
         let mut h = H::new(ImConfig::default());
-        h.core.on_open(1, h.now);
-        let login = h.login_frame("alice", "phone", 0);
-        h.core.on_frame(
-            1,
-            crate::im::proto::ClientFrame {
-                id: 1,
-                body: Some(login),
-            },
-            h.now,
-            &h.store,
-        );
+        h.login_pending(1, "alice", "phone");
         let (rid, req) = h.core.poll_read().unwrap();
         h.core.on_close(1, &h.store);
         // The key is given to a new connection before the answer comes.
