@@ -68,17 +68,9 @@ impl Core {
             let first_recent = user.committed_seq + 1 - user.recent.len() as u64;
             if dev.sent_upto + 1 >= first_recent {
                 let skip = (dev.sent_upto + 1 - first_recent) as usize;
-                for m in user.recent.range(skip..).take(room) {
-                    if *bytes_room == 0 {
-                        return;
-                    }
-                    let before = self.out.len();
-                    if !advance(dev, m, conn, now, &mut self.out) {
-                        return;
-                    }
-                    if self.out.len() > before {
-                        *bytes_room = bytes_room.saturating_sub(output_cost(m.body.len()));
-                    }
+                let recent = user.recent.range(skip..);
+                if !send_on(dev, bytes_room, window, recent, conn, now, &mut self.out) {
+                    return;
                 }
             } else {
                 // Older than memory holds: read from the store, no more than the room can
@@ -127,24 +119,8 @@ impl Core {
             Ok(older) => older,
             Err(e) => return log::error!("{e}"),
         };
-        let mut more = !older.is_empty();
-        for m in &older {
-            if m.seq <= dev.sent_upto {
-                continue;
-            }
-            if *bytes_room == 0 || dev.sent_upto - dev.acked >= window {
-                break;
-            }
-            let before = self.out.len();
-            if !advance(dev, m, conn, now, &mut self.out) {
-                more = false;
-                break;
-            }
-            if self.out.len() > before {
-                *bytes_room = bytes_room.saturating_sub(output_cost(m.body.len()));
-            }
-        }
-        if more {
+        let sent = send_on(dev, bytes_room, window, &older, conn, now, &mut self.out);
+        if sent && !older.is_empty() {
             self.pump(conn, now);
         }
     }
@@ -283,6 +259,39 @@ impl Core {
             ),
         );
     }
+}
+
+/// Sends `msgs` (in seq order; those already sent are skipped) on the device's stream while
+/// its window and its connection's room allow. False when the stream stopped short: no room
+/// left, or a message that does not follow on.
+fn send_on<'a>(
+    dev: &mut Device,
+    bytes_room: &mut usize,
+    window: u64,
+    msgs: impl IntoIterator<Item = &'a StoredMessage>,
+    conn: ConnId,
+    now: Now,
+    out: &mut Vec<Output>,
+) -> bool {
+    for m in msgs {
+        if m.seq <= dev.sent_upto {
+            continue;
+        }
+        if *bytes_room == 0 {
+            return false;
+        }
+        if dev.sent_upto - dev.acked >= window {
+            return true;
+        }
+        let before = out.len();
+        if !advance(dev, m, conn, now, out) {
+            return false;
+        }
+        if out.len() > before {
+            *bytes_room = bytes_room.saturating_sub(output_cost(m.body.len()));
+        }
+    }
+    true
 }
 
 /// Moves the device's stream past `m`, delivering it unless the device sent it. False when
