@@ -68,8 +68,12 @@ impl Core {
                 if !sent.duplicate {
                     self.learn_own(req, &send.from, sent.seq);
                 }
-                self.out
-                    .push(Self::acknowledgement(req, sent.seq, sent.duplicate, now));
+                self.out.push(Self::acknowledgement(
+                    req,
+                    sent.seq,
+                    sent.duplicate,
+                    send.server_time_ms,
+                ));
             }
             let owners = std::iter::once(&send.from).zip(std::iter::once(&sent.seq));
             for (owner, &seq) in owners.chain(send.to.iter().zip(&sent.to_seqs)) {
@@ -171,6 +175,22 @@ mod tests {
         h.send(1, "alice", "self", "note");
         assert_eq!(h.store.max_seq("alice"), Ok(3));
         assert_eq!(h.store.max_seq("bob"), Ok(2));
+    }
+
+    #[test]
+    fn send_ok_carries_the_messages_own_server_time_however_late_the_commit_is_reported() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        let accepted_at = h.now.unix_ms;
+        h.send_uncommitted(1, "bob", "m1", "hi");
+        h.now.unix_ms += 500;
+        let out = h.turn();
+        assert_eq!(
+            send_ok(&out, 1).map(|s| s.server_time_ms),
+            Some(accepted_at)
+        );
+        let stored = h.store.messages_after("bob", 0, 1).unwrap();
+        assert_eq!(stored[0].server_time_ms, accepted_at);
     }
 
     #[test]

@@ -161,7 +161,14 @@ impl Core {
         .map_err(|_| AdminSendError::Unavailable)
     }
 
-    pub(super) fn acknowledgement(req: Requester, seq: u64, duplicate: bool, now: Now) -> Output {
+    /// The answer to a send; `server_time_ms` is the message's own (what its deliveries and
+    /// read marks carry).
+    pub(super) fn acknowledgement(
+        req: Requester,
+        seq: u64,
+        duplicate: bool,
+        server_time_ms: i64,
+    ) -> Output {
         match req {
             Requester::Conn { conn, id } => Output::Frame {
                 conn,
@@ -169,7 +176,7 @@ impl Core {
                     id,
                     server_frame::Body::SendOk(proto::SendOk {
                         seq,
-                        server_time_ms: now.unix_ms,
+                        server_time_ms,
                         duplicate,
                     }),
                 ),
