@@ -138,9 +138,8 @@ fuzz_target!(|data: &[u8]| {
     cfg.im.core.delivery_window = 8;
     cfg.im.core.max_content_bytes = 1024;
     cfg.max_outbound_bytes = 256 * 1024;
-    let store: Arc<dyn StoreRead> = Arc::new(MemoryStore::default());
-    let reads = store.clone();
-    let mut gw = Gateway::new(&cfg, store);
+    let reads: Arc<dyn StoreRead> = Arc::new(MemoryStore::default());
+    let mut gw = Gateway::new(&cfg);
     let mut peers: HashMap<usize, Peer> = HashMap::new();
     let mut seqs = Seqs::new();
     let mut t = 1_000;

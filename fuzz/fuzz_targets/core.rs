@@ -107,8 +107,7 @@ impl Driver {
             return;
         }
         c.requests.insert(id);
-        self.core
-            .on_frame(conn, ClientFrame { id, body }, self.now, &self.store);
+        self.core.on_frame(conn, ClientFrame { id, body }, self.now);
     }
 
     fn commit(&mut self, n: usize) {
@@ -157,6 +156,7 @@ impl Driver {
                     );
                     continue;
                 }
+                Output::AdminRead { .. } => continue,
             };
             let c = self
                 .conns
@@ -217,7 +217,7 @@ impl Driver {
                     );
                 }
                 Output::Close { .. } => c.closing = true,
-                Output::AdminSent { .. } => unreachable!(),
+                Output::AdminSent { .. } | Output::AdminRead { .. } => unreachable!(),
             }
         }
     }
@@ -312,7 +312,7 @@ impl Driver {
                 }
             }
             9 => {
-                self.core.on_close(conn, &self.store);
+                self.core.on_close(conn);
                 self.conns[conn].open = false;
             }
             10 => {
@@ -350,7 +350,10 @@ impl Driver {
                     self.core.set_friendship(a, b, present);
                 } else {
                     let g = *input.pick(&GROUPS);
-                    let _ = self.core.set_membership(g, a, present, &self.store);
+                    // As the admin API does: the members are read first unless cached
+                    // (the change is refused until the read is answered).
+                    let _ = self.core.warm_group(self.next_admin, g);
+                    let _ = self.core.set_membership(g, a, present);
                 }
             }
             _ => {
@@ -365,9 +368,12 @@ impl Driver {
                 let admin = self.next_admin;
                 self.next_admin += 1;
                 let now = self.now;
+                if let Target::Group(g) = to {
+                    let _ = self.core.warm_group(admin, g);
+                }
                 if self
                     .core
-                    .admin_send(admin, from, to, cmid, content, now, &self.store)
+                    .admin_send(admin, from, to, cmid, content, now)
                     .is_ok()
                 {
                     self.admin_waiting.insert(admin);

@@ -28,7 +28,7 @@ impl TimerKind {
         match transport {
             Transport::Http { phase, .. } => match phase {
                 Phase::Request | Phase::Answer => Some(TimerKind::Exchange),
-                Phase::Committing(_) | Phase::Sending => None,
+                Phase::Committing(_) | Phase::Sending | Phase::Reading(_) => None,
             },
             _ => Some(match transport.state() {
                 ws::State::Handshaking | ws::State::AwaitingAccept => TimerKind::Handshake,

@@ -12,8 +12,11 @@ use super::admin_api::{self, AdminAction, Recipient, Response, SignalRecipient};
 use super::input::Cx;
 use super::transport::{Phase, Transport};
 use super::{ConnId, Gateway};
+use std::sync::Arc;
+
 use crate::im::core::{
-    AdminSendError, BatchId, MembershipError, SignalError, SignalTarget, Target,
+    AdminSendError, BatchId, MembershipError, ReadAnswer, ReadId, ReadRequest, SignalError,
+    SignalTarget, Target,
 };
 use crate::web;
 use crate::ws::handshake::{HttpError, PlainRequest};
@@ -44,19 +47,24 @@ impl Gateway {
     }
 
     /// Carries out a routed admin (or web demo) request for the HTTP exchange `key`: answered
-    /// now, or once the store or the core has done its part.
+    /// now, or once the store or the core has done its part. A request that needs a group's
+    /// members waits for them unless they are cached, then is carried out again.
     fn execute(&mut self, key: ConnId, action: AdminAction) {
         let now = self.now;
-        let im = &mut self.im;
+        let core = &mut self.im.core;
+        if let Some(rid) = warm_for(&action).and_then(|gid| core.warm_group(key, gid)) {
+            return self.park(key, rid, action);
+        }
+        let read = |uid: &str| -> Arc<str> { uid.into() };
         let answer = match action {
             AdminAction::Respond(r) => r,
             AdminAction::SetFriendship { a, b, present } => {
-                im.core.set_friendship(&a, &b, present);
-                let batch = im.core.pending_batch_id();
+                core.set_friendship(&a, &b, present);
+                let batch = core.pending_batch_id();
                 return self.wait_for_commit(key, batch);
             }
             AdminAction::SetMembership { gid, uid, joined } => {
-                match im.core.set_membership(&gid, &uid, joined, &*im.store) {
+                match core.set_membership(&gid, &uid, joined) {
                     Ok(Some(batch)) => return self.wait_for_commit(key, batch),
                     Ok(None) => Response::no_content(),
                     Err(MembershipError::Invalid) => {
@@ -66,27 +74,12 @@ impl Gateway {
                         409,
                         &format!(
                             "the group has --max-group-members ({}) members already",
-                            im.core.max_group_members()
+                            core.max_group_members()
                         ),
                     ),
-                    Err(MembershipError::Unavailable) => {
-                        Response::error(503, "the store cannot be read")
-                    }
+                    Err(MembershipError::Unavailable) => unavailable(),
                 }
             }
-            AdminAction::GetGroup { gid } => match im.store.group_members(&gid) {
-                Ok(members) if members.is_empty() => {
-                    Response::error(404, "no group with this id has members")
-                }
-                Ok(members) => Response::json(
-                    200,
-                    &serde_json::json!({"group_id": gid, "members": members}),
-                ),
-                Err(e) => {
-                    log::error!("{e}");
-                    Response::error(503, "the store cannot be read")
-                }
-            },
             AdminAction::Signal {
                 to,
                 from_uid,
@@ -97,17 +90,12 @@ impl Gateway {
                     SignalRecipient::To(r) => SignalTarget::To(target(r)),
                     SignalRecipient::All => SignalTarget::All,
                 };
-                match im
-                    .core
-                    .admin_signal(to, &from_uid, kind, payload, &*im.store)
-                {
+                match core.admin_signal(to, &from_uid, kind, payload) {
                     Ok(devices) => {
                         self.dispatch_im();
                         Response::json(200, &serde_json::json!({ "devices": devices }))
                     }
-                    Err(SignalError::Unavailable) => {
-                        Response::error(503, "the store cannot be read")
-                    }
+                    Err(SignalError::Unavailable) => unavailable(),
                     Err(SignalError::BadRequest(why)) => Response::error(400, why),
                     Err(SignalError::TooLarge | SignalError::Forbidden) => {
                         Response::error(400, "kind is at most 32 bytes and payload at most 256")
@@ -119,15 +107,7 @@ impl Gateway {
                 to,
                 client_msg_id,
                 content,
-            } => match im.core.admin_send(
-                key,
-                &from_uid,
-                target(&to),
-                client_msg_id,
-                content,
-                now,
-                &*im.store,
-            ) {
+            } => match core.admin_send(key, &from_uid, target(&to), client_msg_id, content, now) {
                 Ok(()) => {
                     self.set_phase(key, Phase::Sending);
                     // A duplicate of a durable send is answered at once.
@@ -138,55 +118,86 @@ impl Gateway {
                 Err(AdminSendError::NoSuchGroup) => {
                     Response::error(404, "no group with this id has members")
                 }
-                Err(AdminSendError::Unavailable) => {
-                    Response::error(503, "the store cannot be read")
-                }
+                Err(AdminSendError::Unavailable) => unavailable(),
             },
-            AdminAction::GetUser { uid } => match im.store.max_seq(&uid) {
-                Ok(max_seq) => {
-                    let cursors: serde_json::Map<String, serde_json::Value> = im
-                        .store
-                        .cursors(&uid)
-                        .into_iter()
-                        .map(|(d, seq)| (d, seq.into()))
-                        .collect();
-                    match im.store.groups_of(&uid) {
-                        Ok(groups) => Response::json(
-                            200,
-                            &serde_json::json!({
-                                "uid": uid,
-                                "online_devices": im.core.online_devices(&uid),
-                                "max_seq": max_seq,
-                                "cursors": cursors,
-                                "groups": groups,
-                            }),
-                        ),
-                        Err(e) => {
-                            log::error!("{e}");
-                            Response::error(503, "the store cannot be read")
-                        }
-                    }
-                }
-                Err(e) => {
-                    log::error!("{e}");
-                    Response::error(503, "the store cannot be read")
-                }
-            },
+            AdminAction::GetGroup { gid } => {
+                let rid = core.admin_read(key, ReadRequest::Members { gid: read(&gid) });
+                return self.park(key, rid, AdminAction::GetGroup { gid });
+            }
+            AdminAction::GetUser { uid } => {
+                let rid = core.admin_read(key, ReadRequest::User { uid: read(&uid) });
+                return self.park(key, rid, AdminAction::GetUser { uid });
+            }
+            AdminAction::GetFriends { uid } => {
+                let rid = core.admin_read(key, ReadRequest::Friends { uid: read(&uid) });
+                return self.park(key, rid, AdminAction::GetFriends { uid });
+            }
             AdminAction::Metrics => {
                 Response::metrics(self.metrics.render(&self.connection_counts()))
             }
-            AdminAction::GetFriends { uid } => {
-                let friends: Vec<serde_json::Value> = im
-                    .store
-                    .friends(&uid)
+        };
+        self.answer_http(key, answer.to_bytes());
+    }
+
+    /// Holds the exchange until read `rid` answers ([`Gateway::admin_read`]).
+    fn park(&mut self, key: ConnId, rid: ReadId, action: AdminAction) {
+        self.parked.insert(key, action);
+        self.set_phase(key, Phase::Reading(rid));
+    }
+
+    /// The answer to read `rid` of exchange `key`: what a GET shows, or the members of the
+    /// group its request needed, after which it is carried out again.
+    pub(super) fn admin_read(&mut self, key: ConnId, rid: ReadId, answer: ReadAnswer) {
+        let reading = self.conns.get(key).is_some_and(
+            |c| matches!(c.transport, Transport::Http { phase: Phase::Reading(r), .. } if r == rid),
+        );
+        let Some(action) = reading.then(|| self.parked.remove(&key)).flatten() else {
+            return;
+        };
+        let core = &self.im.core;
+        let answer = match (action, answer) {
+            (AdminAction::GetGroup { .. }, ReadAnswer::Members(Ok(m))) if m.is_empty() => {
+                Response::error(404, "no group with this id has members")
+            }
+            (AdminAction::GetGroup { gid }, ReadAnswer::Members(Ok(members))) => Response::json(
+                200,
+                &serde_json::json!({"group_id": gid, "members": members}),
+            ),
+            (AdminAction::GetUser { uid }, ReadAnswer::User(Ok(facts))) => {
+                let cursors: serde_json::Map<String, serde_json::Value> = facts
+                    .cursors
+                    .into_iter()
+                    .map(|(d, seq)| (d, seq.into()))
+                    .collect();
+                Response::json(
+                    200,
+                    &serde_json::json!({
+                        "uid": uid,
+                        "online_devices": core.online_devices(&uid),
+                        "max_seq": facts.max_seq,
+                        "cursors": cursors,
+                        "groups": facts.groups,
+                    }),
+                )
+            }
+            (AdminAction::GetFriends { uid }, ReadAnswer::Friends(friends)) => {
+                let friends: Vec<serde_json::Value> = friends
                     .into_iter()
                     .map(|f| {
-                        let online = !im.core.online_devices(&f).is_empty();
+                        let online = !core.online_devices(&f).is_empty();
                         serde_json::json!({"uid": f, "online": online})
                     })
                     .collect();
-                let body = serde_json::json!({"uid": uid, "friends": friends});
-                Response::json(200, &body)
+                Response::json(200, &serde_json::json!({"uid": uid, "friends": friends}))
+            }
+            (_, ReadAnswer::Members(Err(e)) | ReadAnswer::User(Err(e))) => {
+                log::error!("{e}");
+                unavailable()
+            }
+            (action, ReadAnswer::Members(Ok(_))) => return self.execute(key, action),
+            (action, answer) => {
+                log::error!("admin read {rid}: {answer:?} does not answer {action:?}");
+                Response::error(500, "internal error")
             }
         };
         self.answer_http(key, answer.to_bytes());
@@ -240,7 +251,7 @@ impl Gateway {
                 self.answer_http(key, answer);
             }
             Phase::Answer => self.remove(key),
-            Phase::Committing(_) | Phase::Sending => {}
+            Phase::Committing(_) | Phase::Sending | Phase::Reading(_) => {}
         }
     }
 
@@ -267,6 +278,27 @@ pub(super) fn serve_get(ws: &mut crate::ws::Connection, request: &PlainRequest, 
         AdminAction::Respond(r) => ws.respond(&r.to_bytes(), cx.staging),
         action => cx.handover = Some(action),
     }
+}
+
+/// The group whose members `action` needs cached before it can be carried out.
+fn warm_for(action: &AdminAction) -> Option<&str> {
+    match action {
+        AdminAction::SetMembership { gid, .. }
+        | AdminAction::Send {
+            to: Recipient::Group(gid),
+            ..
+        }
+        | AdminAction::Signal {
+            to: SignalRecipient::To(Recipient::Group(gid)),
+            ..
+        } => Some(gid),
+        _ => None,
+    }
+}
+
+/// 503: a read the request needs failed.
+fn unavailable() -> Response {
+    Response::error(503, "the store cannot be read")
 }
 
 fn target(r: &Recipient) -> Target<'_> {

@@ -20,6 +20,7 @@ impl Gateway {
         self.settle_staging();
         let mut body = Vec::new();
         let mut admin_answers = Vec::new();
+        let mut admin_reads = Vec::new();
         let Gateway {
             im,
             conns,
@@ -45,6 +46,10 @@ impl Gateway {
                         metrics.messages_in.inc();
                     }
                     admin_answers.push((*admin, *seq, *duplicate));
+                    continue;
+                }
+                Output::AdminRead { .. } => {
+                    admin_reads.push(out);
                     continue;
                 }
             };
@@ -113,12 +118,17 @@ impl Gateway {
                 Output::Close { code, reason, .. } => {
                     start_close(key, c, Why::Im { code, reason }, metrics, scratch);
                 }
-                Output::AdminSent { .. } => {}
+                Output::AdminSent { .. } | Output::AdminRead { .. } => {}
             }
             c.outbox.push(scratch, pool);
             if !c.dirty {
                 c.dirty = true;
                 dirty.push(key);
+            }
+        }
+        for out in admin_reads {
+            if let Output::AdminRead { admin, rid, answer } = out {
+                self.admin_read(admin, rid, answer);
             }
         }
         for (key, seq, duplicate) in admin_answers {
@@ -157,7 +167,7 @@ impl Gateway {
 /// One IM frame (a binary WebSocket message or a raw TCP frame) into the core.
 pub(super) fn im_frame(im: &mut Im, key: ConnId, payload: &[u8], now: Now) {
     match ClientFrame::decode(payload) {
-        Ok(f) => im.core.on_frame(key, f, now, &*im.store),
+        Ok(f) => im.core.on_frame(key, f, now),
         Err(_) => im.core.on_bad_frame(key, "undecodable frame"),
     }
 }

@@ -324,7 +324,7 @@ fn process_ws(
                     }
                     (MessageKind::Text, Codec::Json) => {
                         match serde_json::from_slice::<ClientFrame>(payload) {
-                            Ok(f) => core.on_frame(cx.key, f, cx.now, &*cx.im.store),
+                            Ok(f) => core.on_frame(cx.key, f, cx.now),
                             Err(_) => core.on_bad_frame(cx.key, "malformed JSON frame"),
                         }
                     }

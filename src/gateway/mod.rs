@@ -37,7 +37,7 @@
 //! connection, with the same input buffer, before it handles another connection or reuses the
 //! buffer.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::ops::Range;
 use std::sync::Arc;
@@ -60,7 +60,7 @@ mod transport;
 #[cfg(test)]
 mod tests;
 
-use self::admin_api::Response;
+use self::admin_api::{AdminAction, Response};
 use self::close::Why;
 use self::conn::Conn;
 use self::metrics::Metrics;
@@ -70,7 +70,7 @@ use crate::buffer_pool::BufferPool;
 use crate::config::ServerConfig;
 pub use crate::im::core::Now;
 use crate::im::core::{BatchId, Core, ReadAnswer, ReadId, ReadRequest};
-use crate::store::{Sent, StoreRead, WriteBatch};
+use crate::store::{Sent, WriteBatch};
 use crate::ws::handshake::{Endpoint, HttpError, Policy};
 
 /// A connection's name: the reactor keys its socket (and its poll token) by it.
@@ -154,7 +154,6 @@ pub(crate) struct Limits {
 /// The IM endpoint: the sans-IO core and what the admin API and the web demo need.
 struct Im {
     core: Core,
-    store: Arc<dyn StoreRead>,
     admin_token: Option<String>,
     /// The JWT secret when `--dev` is on: the web demo's `/dev/*` routes use it.
     dev_secret: Option<Vec<u8>>,
@@ -185,6 +184,8 @@ pub struct Gateway {
     resume: Vec<ConnId>,
     /// HTTP exchanges answered 204 once their batch is durable, oldest first.
     committing: VecDeque<(BatchId, ConnId)>,
+    /// The requests of HTTP exchanges in `Phase::Reading`, carried out once the read answers.
+    parked: HashMap<ConnId, AdminAction>,
     /// WebSocket and raw TCP connections past the upgrade (for `--max-connections`).
     open_count: usize,
     /// HTTP exchanges on the admin listener (for `--max-admin-connections`).
@@ -199,9 +200,9 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// A gateway for `cfg`, reading the store through `store` (the writes go out through
-    /// [`Gateway::poll_batch`]).
-    pub fn new(cfg: &ServerConfig, store: Arc<dyn StoreRead>) -> Gateway {
+    /// A gateway for `cfg`. It reads the store through [`Gateway::poll_read`] and writes
+    /// through [`Gateway::poll_batch`].
+    pub fn new(cfg: &ServerConfig) -> Gateway {
         let im = &cfg.im;
         let mut endpoints = Vec::new();
         if cfg.echo {
@@ -241,7 +242,6 @@ impl Gateway {
             },
             im: Im {
                 core: Core::new(im.core.clone(), &im.jwt_secret),
-                store,
                 admin_token: im.admin_token.clone(),
                 dev_secret: im.dev_routes.then(|| im.jwt_secret.clone()),
             },
@@ -254,6 +254,7 @@ impl Gateway {
             closes: VecDeque::new(),
             resume: Vec::new(),
             committing: VecDeque::new(),
+            parked: HashMap::new(),
             open_count: 0,
             admin_count: 0,
             stream_count: 0,
@@ -695,6 +696,9 @@ impl Gateway {
         if conn.counted_open {
             self.open_count -= 1;
         }
+        if let Transport::Http { .. } = conn.transport {
+            self.parked.remove(&key);
+        }
         match conn.transport {
             Transport::Http { admin: true, .. } => self.admin_count -= 1,
             Transport::Http { admin: false, .. } => {}
@@ -709,7 +713,7 @@ impl Gateway {
         self.pool.give(std::mem::take(&mut conn.held));
         self.closes.push_back(SocketAction::Drop(key));
         if conn.transport.is_im() {
-            self.im.core.on_close(key, &*self.im.store);
+            self.im.core.on_close(key);
             self.dispatch_im();
         }
     }

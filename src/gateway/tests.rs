@@ -12,7 +12,7 @@ use prost::Message as _;
 use super::*;
 use crate::im::proto::{self, client_frame::Body as C, ClientFrame};
 use crate::store::memory::MemoryStore;
-use crate::store::{ReadError, StoredMessage};
+use crate::store::{ReadError, StoreRead, StoredMessage};
 
 const UPGRADE_ECHO: &[u8] = b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
     Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
@@ -117,9 +117,8 @@ impl Harness {
         tweak(&mut cfg);
         cfg.validate().expect("a valid configuration");
         let store = Arc::new(Shared::default());
-        let reader: Arc<dyn StoreRead> = store.clone();
         Harness {
-            gw: Gateway::new(&cfg, reader),
+            gw: Gateway::new(&cfg),
             now: 1_000,
             peers: HashMap::new(),
             actions: Vec::new(),

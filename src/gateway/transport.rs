@@ -7,7 +7,7 @@
 //! from.
 
 use crate::buffer_pool::BufferPool;
-use crate::im::core::BatchId;
+use crate::im::core::{BatchId, ReadId};
 use crate::im::tcp_framing::LengthPrefixed;
 use crate::ws::{self, MessageKind, State};
 
@@ -48,6 +48,8 @@ pub(crate) enum Phase {
     Committing(BatchId),
     /// A `POST /v1/messages` waits for the core's `AdminSent`.
     Sending,
+    /// Waits for the answer to this store read (`Output::AdminRead`).
+    Reading(ReadId),
     /// The answer is queued; the exchange ends once it is written.
     Answer,
 }

@@ -97,9 +97,8 @@ impl Server {
         let writer = Writer::spawn(store.clone(), im.sync, waker.clone())?;
         let reads: Arc<dyn StoreRead + Send + Sync> = store.clone();
         let reader = Reader::spawn(reads, waker)?;
-        let store: Arc<dyn StoreRead> = store;
         Ok(Server {
-            gateway: Gateway::new(&cfg, store),
+            gateway: Gateway::new(&cfg),
             poll,
             listeners,
             signals,

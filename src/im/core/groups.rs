@@ -10,9 +10,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::reads::{ReadId, Then};
 use super::{frame, valid_id, BatchId, ConnId, Core};
 use crate::im::proto::{self, server_frame};
-use crate::store::{Membership, ReadError, StoreRead};
+use crate::store::Membership;
+
+/// Whether `uid` is among `members` (sorted).
+pub(super) fn is_in(members: &[Arc<str>], uid: &str) -> bool {
+    members.binary_search_by(|m| (**m).cmp(uid)).is_ok()
+}
 
 /// What the group cache may hold in all, counting each group as one more than its members;
 /// past it, the cache starts over. At most about 15 MiB (an entry is a pointer and a uid).
@@ -42,7 +48,7 @@ pub enum MembershipError {
     Invalid,
     /// The group has `--max-group-members` members already (HTTP 409).
     Full,
-    /// The store could not be read (HTTP 503).
+    /// The group's members could not be read, or are not cached (HTTP 503).
     Unavailable,
 }
 
@@ -52,36 +58,46 @@ impl Core {
         self.cfg.max_group_members
     }
 
+    /// Reads the members of `gid` for the admin API exchange `admin` unless they are cached
+    /// (or `gid` is no group id): a request that needs them ([`Core::set_membership`], a
+    /// group send or signal) waits for the [`Output::AdminRead`] of the returned read, then
+    /// is made again.
+    ///
+    /// [`Output::AdminRead`]: super::Output::AdminRead
+    pub fn warm_group(&mut self, admin: ConnId, gid: &str) -> Option<ReadId> {
+        if !valid_id(gid) || self.has_members(gid) {
+            return None;
+        }
+        Some(self.read_members(gid, Then::Admin(admin)))
+    }
+
     /// Adds `uid` to group `gid`, or removes it. Returns the batch whose commit makes the
     /// membership durable, or None when it is durable already (nothing changes).
     ///
     /// Errors: [`MembershipError::Invalid`] for bad ids, [`MembershipError::Full`] for a join
-    /// that would pass `max_group_members`, [`MembershipError::Unavailable`] when the store
-    /// cannot tell the current membership.
+    /// that would pass `max_group_members`, [`MembershipError::Unavailable`] when the group's
+    /// members are not cached (see [`Core::warm_group`]).
     pub fn set_membership(
         &mut self,
         gid: &str,
         uid: &str,
         joined: bool,
-        store: &dyn StoreRead,
     ) -> Result<Option<BatchId>, MembershipError> {
         if !valid_id(gid) || !valid_id(uid) {
             return Err(MembershipError::Invalid);
         }
-        let unavailable = |e| {
-            log::error!("{e}: membership of {uid} in {gid}");
-            MembershipError::Unavailable
+        let Some(members) = self.cached_members(gid) else {
+            return Err(MembershipError::Unavailable);
         };
         let pending = self.pending_membership(gid, uid);
         let current = match pending {
             Some((_, joined)) => joined,
-            None => store.is_member(gid, uid).map_err(unavailable)?,
+            None => is_in(&members, uid),
         };
         if current == joined {
             return Ok(pending.map(|(batch, _)| batch));
         }
-        if joined && self.group_size(gid, store).map_err(unavailable)? >= self.cfg.max_group_members
-        {
+        if joined && self.group_size(gid, &members) >= self.cfg.max_group_members {
             return Err(MembershipError::Full);
         }
         self.batch.memberships.push(Membership {
@@ -111,67 +127,56 @@ impl Core {
         in_flight.chain(current)
     }
 
-    /// The members `gid` has counting the changes in flight. A batch may be in the store
-    /// before its commit is reported, so each pending change is compared with the store
-    /// instead of being added to its count. Pending changes are few: each waits on an admin
-    /// exchange, of which there are at most `--max-admin-connections`.
-    fn group_size(
-        &self,
-        gid: &str,
-        store: &dyn StoreRead,
-    ) -> Result<usize, crate::store::ReadError> {
+    /// The members `gid` has counting the changes in flight, from its cached `members`. A
+    /// batch may be in the store (and so in a read of it) before its commit is reported, so
+    /// each pending change is compared with `members` instead of being added to its count.
+    /// Pending changes are few: each waits on an admin exchange, of which there are at most
+    /// `--max-admin-connections`.
+    fn group_size(&self, gid: &str, members: &[Arc<str>]) -> usize {
         let mut newest: HashMap<&str, bool> = HashMap::new();
         for (_, m) in self.pending_memberships().filter(|(_, m)| &*m.gid == gid) {
             newest.insert(&m.uid, m.joined);
         }
-        let mut size = store.group_size(gid)?;
+        let mut size = members.len();
         for (uid, joined) in newest {
-            match (joined, store.is_member(gid, uid)?) {
+            match (joined, is_in(members, uid)) {
                 (true, false) => size += 1,
                 (false, true) => size = size.saturating_sub(1),
                 _ => {}
             }
         }
-        Ok(size)
+        size
     }
 
-    /// The members of `gid`, sorted by uid, as the store has them.
-    pub(super) fn members(
-        &mut self,
-        gid: &str,
-        store: &dyn StoreRead,
-    ) -> Result<Arc<[Arc<str>]>, ReadError> {
-        if let Some(members) = self.group_cache.groups.get(gid) {
-            return Ok(members.clone());
-        }
-        let members: Arc<[Arc<str>]> = store
-            .group_members(gid)?
-            .into_iter()
-            .map(Arc::from)
-            .collect();
+    /// Whether the members of `gid` are cached.
+    pub(super) fn has_members(&self, gid: &str) -> bool {
+        self.group_cache.groups.contains_key(gid)
+    }
+
+    /// The cached members of `gid`, sorted by uid, as the store had them.
+    pub(super) fn cached_members(&self, gid: &str) -> Option<Arc<[Arc<str>]>> {
+        self.group_cache.groups.get(gid).cloned()
+    }
+
+    /// Caches the members of `gid` as a read of the store answered them.
+    pub(super) fn cache_members(&mut self, gid: &str, members: &[String]) {
+        let mut members: Vec<Arc<str>> = members.iter().map(|m| Arc::from(m.as_str())).collect();
+        members.sort();
+        let members: Arc<[Arc<str>]> = members.into();
         let cache = &mut self.group_cache;
+        cache.forget(gid);
         if cache.weight + members.len() + 1 > GROUP_CACHE_WEIGHT {
             cache.groups.clear();
             cache.weight = 0;
         }
         cache.weight += members.len() + 1;
-        cache.groups.insert(gid.into(), members.clone());
-        Ok(members)
-    }
-
-    pub(super) fn is_group_member(
-        &mut self,
-        gid: &str,
-        uid: &str,
-        store: &dyn StoreRead,
-    ) -> Result<bool, ReadError> {
-        let members = self.members(gid, store)?;
-        Ok(members.binary_search_by(|m| (**m).cmp(uid)).is_ok())
+        cache.groups.insert(gid.into(), members);
     }
 
     /// A membership change is durable: every online device of the member hears of it.
     pub(super) fn membership_committed(&mut self, m: &Membership) {
         self.group_cache.forget(&m.gid);
+        self.members_changed(&m.gid);
         let Some(u) = self.users.get(&*m.uid) else {
             return;
         };
@@ -191,10 +196,14 @@ impl Core {
     }
 
     /// The connections of every online device of `members`, but `except`.
-    pub(super) fn member_conns(&self, members: &[String], except: Option<ConnId>) -> Vec<ConnId> {
+    pub(super) fn member_conns<U: AsRef<str>>(
+        &self,
+        members: &[U],
+        except: Option<ConnId>,
+    ) -> Vec<ConnId> {
         members
             .iter()
-            .filter_map(|uid| self.users.get(uid.as_str()))
+            .filter_map(|uid| self.users.get(uid.as_ref()))
             .flat_map(|u| u.devices.values().copied())
             .filter(|c| Some(*c) != except)
             .collect()
@@ -209,7 +218,7 @@ mod tests {
     use crate::im::proto::{client_frame::Body as C, server_frame::Body as S, ErrorCode};
     use crate::im::wire;
     use crate::store::memory::MemoryStore;
-    use crate::store::StoredMessage;
+    use crate::store::{ReadError, StoreRead, StoredMessage};
 
     fn group_changes(out: &[Output], conn: ConnId) -> Vec<(String, bool)> {
         frames_to(out, conn)
@@ -233,7 +242,7 @@ mod tests {
         let mut h = H::new(ImConfig::default());
         h.login(1, "alice", "phone", 0);
         h.login(2, "alice", "laptop", 0);
-        let batch = h.core.set_membership("g1", "alice", true, &h.store);
+        let batch = h.set_membership("g1", "alice", true);
         assert_eq!(batch, Ok(Some(h.core.pending_batch_id())));
         assert!(
             group_changes(&h.core.drain_output().collect::<Vec<_>>(), 1).is_empty(),
@@ -244,10 +253,7 @@ mod tests {
             assert_eq!(group_changes(&out, conn), vec![("g1".into(), true)]);
         }
         // Joining again changes nothing: durable already, and no news.
-        assert_eq!(
-            h.core.set_membership("g1", "alice", true, &h.store),
-            Ok(None)
-        );
+        assert_eq!(h.set_membership("g1", "alice", true), Ok(None));
         assert!(group_changes(&h.turn(), 1).is_empty());
         h.member("g2", "alice", true);
         assert_eq!(
@@ -263,21 +269,18 @@ mod tests {
     #[test]
     fn a_change_that_repeats_one_in_flight_waits_for_its_batch() {
         let mut h = H::new(ImConfig::default());
-        assert_eq!(h.core.set_membership("g", "a", true, &h.store), Ok(Some(1)));
+        assert_eq!(h.set_membership("g", "a", true), Ok(Some(1)));
         let (id, batch) = h.core.take_batch().unwrap();
         assert_eq!(
-            h.core.set_membership("g", "a", true, &h.store),
+            h.set_membership("g", "a", true),
             Ok(Some(id)),
             "the same join, still in flight"
         );
-        assert_eq!(
-            h.core.set_membership("g", "a", false, &h.store),
-            Ok(Some(2))
-        );
+        assert_eq!(h.set_membership("g", "a", false), Ok(Some(2)));
         assert!(h.core.take_batch().is_some());
         h.store.apply(&batch);
         assert_eq!(
-            h.core.set_membership("g", "a", false, &h.store),
+            h.set_membership("g", "a", false),
             Ok(Some(2)),
             "the store has the join, the removal is still in flight"
         );
@@ -291,32 +294,20 @@ mod tests {
         });
         assert_eq!(h.core.max_group_members(), 3);
         for uid in ["a", "b", "c"] {
-            assert!(h.core.set_membership("g", uid, true, &h.store).is_ok());
+            assert!(h.set_membership("g", uid, true).is_ok());
         }
-        assert_eq!(
-            h.core.set_membership("g", "d", true, &h.store),
-            Err(MembershipError::Full)
-        );
+        assert_eq!(h.set_membership("g", "d", true), Err(MembershipError::Full));
         // Committed to the store but not yet reported: counted once, not twice.
         let (id, batch) = h.core.take_batch().unwrap();
         h.store.apply(&batch);
-        assert_eq!(
-            h.core.set_membership("g", "d", true, &h.store),
-            Err(MembershipError::Full)
-        );
-        assert_eq!(
-            h.core.set_membership("g", "a", true, &h.store),
-            Ok(Some(id))
-        );
-        assert!(h.core.set_membership("g", "a", false, &h.store).is_ok());
+        assert_eq!(h.set_membership("g", "d", true), Err(MembershipError::Full));
+        assert_eq!(h.set_membership("g", "a", true), Ok(Some(id)));
+        assert!(h.set_membership("g", "a", false).is_ok());
         assert!(
-            h.core.set_membership("g", "d", true, &h.store).is_ok(),
+            h.set_membership("g", "d", true).is_ok(),
             "a removal in flight makes room"
         );
-        assert_eq!(
-            h.core.set_membership("g", "e", true, &h.store),
-            Err(MembershipError::Full)
-        );
+        assert_eq!(h.set_membership("g", "e", true), Err(MembershipError::Full));
         h.core.on_committed(id, &[], h.now);
         h.turn();
         assert_eq!(
@@ -324,7 +315,7 @@ mod tests {
             Ok(vec!["b".into(), "c".into(), "d".into()])
         );
         assert_eq!(
-            h.core.set_membership("g", "", true, &h.store),
+            h.set_membership("g", "", true),
             Err(MembershipError::Invalid)
         );
     }
@@ -339,6 +330,83 @@ mod tests {
         h.login(2, "alice", "laptop", 0);
         h.login(3, "bob", "phone", 0);
         h
+    }
+
+    fn send_frame(gid: &str, cmid: &str) -> proto::ClientFrame {
+        proto::ClientFrame {
+            id: 7,
+            body: Some(C::Send(proto::SendMessage {
+                group_id: gid.into(),
+                client_msg_id: cmid.into(),
+                content: b"x".to_vec(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn a_send_to_a_group_not_cached_waits_for_its_members_and_holds_the_input_meanwhile() {
+        let mut h = group();
+        h.core.on_frame(1, send_frame("g", "m1"), h.now);
+        assert!(h.core.is_waiting(1), "the input waits");
+        assert!(h.core.take_batch().is_none(), "nothing accepted yet");
+        let (rid, req) = h.core.poll_read().expect("a read");
+        assert_eq!(
+            req,
+            crate::im::core::ReadRequest::Members { gid: "g".into() }
+        );
+        let answer = req.run(&h.store);
+        assert_eq!(h.core.handle_read(rid, answer, h.now), Some(1));
+        assert!(!h.core.is_waiting(1));
+        let out = h.turn();
+        assert_eq!(send_ok(&out, 1).map(|ok| ok.seq), Some(1));
+        // Cached now: the next send reads nothing.
+        h.core.on_frame(1, send_frame("g", "m2"), h.now);
+        assert!(h.core.poll_read().is_none());
+        assert!(!h.core.is_waiting(1));
+    }
+
+    #[test]
+    fn members_read_before_a_membership_change_is_durable_are_not_cached_and_read_again() {
+        let mut h = group();
+        h.core.on_frame(1, send_frame("g", "m1"), h.now);
+        let (rid, req) = h.core.poll_read().expect("a read");
+        let stale = req.run(&h.store);
+        h.member("g", "dave", true);
+        assert_eq!(h.core.handle_read(rid, stale, h.now), Some(1));
+        assert!(h.core.is_waiting(1), "the send waits for a second read");
+        let out = h.turn();
+        assert!(send_ok(&out, 1).is_some());
+        assert_eq!(
+            h.store.max_seq("dave"),
+            Ok(1),
+            "dave, who joined first, has it"
+        );
+    }
+
+    #[test]
+    fn an_admin_request_for_a_group_not_cached_is_told_when_its_members_are() {
+        let mut h = group();
+        let rid = h.core.warm_group(5, "g").expect("a read");
+        assert_eq!(
+            h.core.warm_group(5, ""),
+            None,
+            "no group id, nothing to read"
+        );
+        let (taken, req) = h.core.poll_read().expect("the read");
+        assert_eq!(taken, rid);
+        let answer = req.run(&h.store);
+        assert_eq!(h.core.handle_read(rid, answer, h.now), None);
+        let out: Vec<Output> = h.core.drain_output().collect();
+        assert!(
+            matches!(&out[..], [Output::AdminRead { admin: 5, rid: r, answer: crate::im::core::ReadAnswer::Members(Ok(m)) }] if *r == rid && m.len() == 3),
+            "{out:?}"
+        );
+        assert_eq!(h.core.warm_group(5, "g"), None, "cached");
+        assert_eq!(
+            h.core.set_membership("g", "dave", true),
+            Ok(Some(h.core.pending_batch_id()))
+        );
     }
 
     #[test]
@@ -369,6 +437,7 @@ mod tests {
         assert_eq!(messages_to(&out, 1), vec![(2, "from the laptop".into())]);
         assert!(messages_to(&out, 2).is_empty());
         // The body is encoded once and shared by every inbox of the send.
+        h.warm("g");
         h.core.on_frame(
             1,
             crate::im::proto::ClientFrame {
@@ -383,7 +452,6 @@ mod tests {
                 )),
             },
             h.now,
-            &h.store,
         );
         let (_, batch) = h.core.take_batch().unwrap();
         let [send] = &batch.sends[..] else {
@@ -479,6 +547,7 @@ mod tests {
     #[test]
     fn an_admin_group_send_may_come_from_a_non_member() {
         let mut h = group();
+        h.warm("g");
         h.core
             .admin_send(
                 77,
@@ -487,7 +556,6 @@ mod tests {
                 "sys-1".into(),
                 b"notice".to_vec(),
                 h.now,
-                &h.store,
             )
             .unwrap();
         let out = h.turn();
@@ -503,6 +571,7 @@ mod tests {
             assert_eq!(messages_to(&out, conn), vec![(1, "notice".into())]);
         }
         assert_eq!(h.store.max_seq("system"), Ok(1), "the sender's own copy");
+        h.warm("nobody");
         assert_eq!(
             h.core.admin_send(
                 78,
@@ -511,7 +580,6 @@ mod tests {
                 "sys-2".into(),
                 vec![],
                 h.now,
-                &h.store,
             ),
             Err(super::super::AdminSendError::NoSuchGroup)
         );
@@ -577,8 +645,11 @@ mod tests {
                 body: Some(send),
             },
             h.now,
-            &big,
         );
+        while let Some((rid, req)) = h.core.poll_read() {
+            let answer = req.run(&big);
+            h.core.handle_read(rid, answer, h.now);
+        }
         assert_eq!(error_code(&h.turn(), 1), Some(ErrorCode::Forbidden));
         assert!(g_is_cached(&mut h, "m4"));
         // Then a group of nobody, weighing 1: past the limit, the cache starts over.

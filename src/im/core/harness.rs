@@ -44,7 +44,6 @@ impl H {
                 body: Some(body),
             },
             self.now,
-            &self.store,
         );
         self.turn()
     }
@@ -91,7 +90,6 @@ impl H {
                 body: Some(login),
             },
             self.now,
-            &self.store,
         );
     }
 
@@ -132,16 +130,39 @@ impl H {
                 })),
             },
             self.now,
-            &self.store,
         );
     }
 
     /// Adds (or removes) a member and ends the turn.
     pub(super) fn member(&mut self, gid: &str, uid: &str, joined: bool) -> Vec<Output> {
-        self.core
-            .set_membership(gid, uid, joined, &self.store)
+        self.set_membership(gid, uid, joined)
             .expect("membership change");
         self.turn()
+    }
+
+    /// Changes a membership as the admin API does: the group's members read first unless
+    /// cached. Their answer is not among the outputs.
+    pub(super) fn set_membership(
+        &mut self,
+        gid: &str,
+        uid: &str,
+        joined: bool,
+    ) -> Result<Option<super::BatchId>, super::MembershipError> {
+        self.warm(gid);
+        self.core.set_membership(gid, uid, joined)
+    }
+
+    /// Reads the members of `gid` into the cache as the admin API does, unless they are.
+    pub(super) fn warm(&mut self, gid: &str) {
+        if self.core.warm_group(ADMIN, gid).is_some() {
+            let answered = answer_reads(&mut self.core, &self.store, self.now);
+            assert!(
+                answered
+                    .iter()
+                    .all(|o| matches!(o, Output::AdminRead { admin: ADMIN, .. })),
+                "{answered:?}"
+            );
+        }
     }
 
     /// A SendMessage to group `gid`, then the end of the turn.
@@ -165,7 +186,7 @@ impl H {
     }
 
     pub(super) fn close(&mut self, conn: ConnId) -> Vec<Output> {
-        self.core.on_close(conn, &self.store);
+        self.core.on_close(conn);
         self.turn()
     }
 
@@ -186,7 +207,6 @@ impl H {
                 body: Some(body),
             },
             self.now,
-            &store,
         );
         let mut out: Vec<Output> = self.core.drain_output().collect();
         out.extend(answer_reads(&mut self.core, &store, self.now));
@@ -210,6 +230,9 @@ impl H {
         (out, store.reads.get())
     }
 }
+
+/// The admin API exchange the harness's admin requests come from.
+pub(super) const ADMIN: ConnId = 9_999;
 
 /// Runs the core's reads against `store` as the read thread does, and every read they lead
 /// to, until none is left; returns what the answers produced.

@@ -35,7 +35,7 @@ use std::sync::Arc;
 
 use super::auth::{Verifier, MAX_ID_BYTES};
 use super::proto::{self, client_frame, server_frame, ClientFrame, ErrorCode, ServerFrame};
-use crate::store::{StoreRead, StoredMessage, WriteBatch};
+use crate::store::{StoredMessage, WriteBatch};
 use crate::ws::code;
 
 use delivery::output_cost;
@@ -53,7 +53,7 @@ mod signal;
 
 pub use delivery::SYNC_MAX_BYTES;
 pub use groups::MembershipError;
-pub use reads::{LoginFacts, ReadAnswer, ReadId, ReadRequest};
+pub use reads::{LoginFacts, ReadAnswer, ReadId, ReadRequest, UserFacts};
 pub use signal::{SignalError, SignalTarget, MAX_SIGNAL_KIND, MAX_SIGNAL_PAYLOAD};
 
 /// The shell's identifier of a connection (its slab key).
@@ -137,6 +137,14 @@ pub enum Output {
         admin: usize,
         seq: u64,
         duplicate: bool,
+    },
+    /// The answer to read `rid` of an admin API exchange ([`Core::admin_read`]), or to the
+    /// read of a group's members its request waited for (`ReadAnswer::Members`, now cached:
+    /// carry the request out again).
+    AdminRead {
+        admin: ConnId,
+        rid: ReadId,
+        answer: ReadAnswer,
     },
 }
 
@@ -226,6 +234,9 @@ struct User {
     /// Logins of the user being read: it stays cached meanwhile, so that no commit answered
     /// before the read's answer goes unseen.
     logins: usize,
+    /// The user's friends: what the store had when its first device logged in, then what
+    /// commits changed, so that going offline needs no read.
+    friends: Vec<String>,
 }
 
 /// A taken batch until the store answers it: who asked for each of its sends (None once
@@ -276,6 +287,19 @@ fn error(id: u64, code: ErrorCode, message: &str) -> ServerFrame {
 
 fn valid_id(s: &str) -> bool {
     !s.is_empty() && s.len() <= MAX_ID_BYTES
+}
+
+/// The group a send or a signal goes to, when it names a valid one and no user.
+fn group_of(f: &ClientFrame) -> Option<&str> {
+    let (to_uid, gid) = match &f.body {
+        Some(client_frame::Body::Send(s)) => (&s.to_uid, &s.group_id),
+        Some(client_frame::Body::Signal(s)) => (&s.to_uid, &s.group_id),
+        _ => return None,
+    };
+    match Target::of(to_uid, gid) {
+        Some(Target::Group(g)) if valid_id(g) => Some(g),
+        _ => None,
+    }
 }
 
 impl Core {
@@ -336,14 +360,20 @@ impl Core {
         });
     }
 
-    /// A decoded client frame.
-    pub fn on_frame(&mut self, conn: ConnId, f: ClientFrame, now: Now, store: &dyn StoreRead) {
+    /// A decoded client frame. One to a group whose members are not cached waits for them
+    /// (the connection's input with it; see `reads`).
+    pub fn on_frame(&mut self, conn: ConnId, f: ClientFrame, now: Now) {
         let Some(session) = self.sessions.get_mut(&conn) else {
             return;
         };
         session.bad_in_row = 0;
         let id = f.id;
         let logged_in = session.device.is_some();
+        if let Some(gid) = group_of(&f).filter(|g| logged_in && !self.has_members(g)) {
+            let gid = gid.to_owned();
+            self.read_members(&gid, reads::Then::Frame { conn, frame: f });
+            return;
+        }
         match f.body {
             None => self.reply(conn, error(id, ErrorCode::BadRequest, "empty frame")),
             Some(client_frame::Body::Login(_)) if logged_in => {
@@ -353,10 +383,10 @@ impl Core {
             Some(_) if !logged_in => {
                 self.reply(conn, error(id, ErrorCode::Unauthenticated, "log in first"))
             }
-            Some(client_frame::Body::Send(s)) => self.send(conn, id, s, now, store),
+            Some(client_frame::Body::Send(s)) => self.send(conn, id, s, now),
             Some(client_frame::Body::Ack(a)) => self.ack(conn, a.seq, now),
             Some(client_frame::Body::Sync(s)) => self.sync(conn, id, s),
-            Some(client_frame::Body::Signal(s)) => self.signal(conn, id, s, now, store),
+            Some(client_frame::Body::Signal(s)) => self.signal(conn, id, s, now),
             Some(client_frame::Body::Ping(p)) => self.reply(
                 conn,
                 frame(

@@ -3,7 +3,6 @@
 
 use super::{frame, ConnId, Core};
 use crate::im::proto::{self, server_frame};
-use crate::store::StoreRead;
 
 impl Core {
     /// Sets or removes a symmetric friendship (admin API). Durable with the turn's batch.
@@ -17,6 +16,14 @@ impl Core {
     /// now: each learns the other's presence as if it had just come online (or gone offline).
     pub(super) fn friendship_committed(&mut self, a: &str, b: &str, present: bool) {
         for (x, y) in [(a, b), (b, a)] {
+            if let Some(u) = self.users.get_mut(x) {
+                u.friends.retain(|f| f != y);
+                if present {
+                    u.friends.push(y.to_owned());
+                }
+            }
+        }
+        for (x, y) in [(a, b), (b, a)] {
             if self.is_online(x) {
                 self.tell_presence(y, x, present);
             }
@@ -28,11 +35,16 @@ impl Core {
         self.users.get(uid).is_some_and(|u| !u.devices.is_empty())
     }
 
-    /// Tells the friends of `uid` that it came online (its first device logged in) or went
-    /// offline (its last device closed).
-    pub(super) fn broadcast_presence(&mut self, uid: &str, online: bool, store: &dyn StoreRead) {
-        for friend in store.friends(uid) {
-            self.tell_presence(&friend, uid, online);
+    /// Tells the friends of `uid` (cached: see `User::friends`) that it went offline (its
+    /// last device closed).
+    pub(super) fn broadcast_offline(&mut self, uid: &str) {
+        let friends = self
+            .users
+            .get_mut(uid)
+            .map(|u| std::mem::take(&mut u.friends))
+            .unwrap_or_default();
+        for friend in &friends {
+            self.tell_presence(friend, uid, false);
         }
     }
 
@@ -113,5 +125,24 @@ mod tests {
         let out = h.turn();
         assert_eq!(presence(&out, 1), vec![("bob".into(), false)]);
         assert_eq!(presence(&out, 2), vec![("alice".into(), false)]);
+    }
+
+    #[test]
+    fn going_offline_is_told_to_the_friends_of_the_moment_without_a_read() {
+        let mut h = H::new(ImConfig::default());
+        h.core.set_friendship("alice", "carol", true);
+        h.turn();
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "bob", "phone", 0);
+        h.login(3, "carol", "phone", 0);
+        // Made and ended after alice logged in: her friends are bob now, not carol.
+        h.core.set_friendship("alice", "bob", true);
+        h.core.set_friendship("alice", "carol", false);
+        h.turn();
+        h.core.on_close(1);
+        assert!(h.core.poll_read().is_none(), "no read");
+        let out = h.turn();
+        assert_eq!(presence(&out, 2), vec![("alice".into(), false)]);
+        assert!(presence(&out, 3).is_empty());
     }
 }

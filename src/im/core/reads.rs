@@ -3,13 +3,18 @@
 //! network thread ([`ReadRequest::run`]) and hands the [`ReadAnswer`] back
 //! ([`Core::handle_read`]), which carries the work on from where it stopped.
 //!
-//! A connection's input waits while a login or a Sync of it is being read (see
-//! [`Core::is_waiting`]), so that its frames are handled in order; a device's stream reading
-//! older messages does not hold its input up.
+//! A connection's input waits while a login, a Sync or the members of a group it sends to
+//! are being read (see [`Core::is_waiting`]), so that its frames are handled in order; a
+//! device's stream reading older messages does not hold its input up.
+//!
+//! Group members are cached (see `groups`): a frame or an admin request that needs a group
+//! not in the cache waits for a [`ReadRequest::Members`] and is then handled again, now from
+//! the cache. Friends of an online user are kept with it from its login on.
 
 use std::sync::Arc;
 
-use super::{ConnId, Core, Now};
+use super::{error, ConnId, Core, Now, Output, STORE_UNAVAILABLE};
+use crate::im::proto::{ClientFrame, ErrorCode};
 use crate::store::{ReadError, StoreRead, StoredMessage};
 
 /// Identifies a read until its answer comes back.
@@ -26,6 +31,12 @@ pub enum ReadRequest {
         after: u64,
         limit: usize,
     },
+    /// The members of a group, by uid.
+    Members { gid: Arc<str> },
+    /// A user's friends (admin API).
+    Friends { uid: Arc<str> },
+    /// What the admin API shows of a user (see [`UserFacts`]).
+    User { uid: Arc<str> },
 }
 
 /// What the store knows of a user logging in.
@@ -41,11 +52,23 @@ pub struct LoginFacts {
     pub friends: Vec<String>,
 }
 
+/// What the store knows of a user, for the admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserFacts {
+    pub max_seq: u64,
+    /// (device_id, seq), by device id.
+    pub cursors: Vec<(String, u64)>,
+    pub groups: Vec<String>,
+}
+
 /// The answer to a [`ReadRequest`] of the same kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadAnswer {
     Login(Result<LoginFacts, ReadError>),
     Page(Result<Vec<StoredMessage>, ReadError>),
+    Members(Result<Vec<String>, ReadError>),
+    Friends(Vec<String>),
+    User(Result<UserFacts, ReadError>),
 }
 
 impl ReadRequest {
@@ -66,6 +89,15 @@ impl ReadRequest {
             ReadRequest::Page { uid, after, limit } => {
                 ReadAnswer::Page(store.messages_after(uid, *after, *limit))
             }
+            ReadRequest::Members { gid } => ReadAnswer::Members(store.group_members(gid)),
+            ReadRequest::Friends { uid } => ReadAnswer::Friends(store.friends(uid)),
+            ReadRequest::User { uid } => ReadAnswer::User(store.max_seq(uid).and_then(|max_seq| {
+                Ok(UserFacts {
+                    max_seq,
+                    cursors: store.cursors(uid),
+                    groups: store.groups_of(uid)?,
+                })
+            })),
         }
     }
 }
@@ -90,6 +122,25 @@ pub(super) enum Waiter {
         limit: usize,
         page_bytes: usize,
     },
+    /// The members of `gid`, for `then`. `fresh` until a change of the group's membership is
+    /// reported durable while the read is out: the answer may predate it, so it is not
+    /// cached then.
+    Members {
+        gid: Arc<str>,
+        fresh: bool,
+        then: Then,
+    },
+    /// A read for an admin API exchange, answered with [`Output::AdminRead`].
+    Admin { admin: ConnId },
+}
+
+/// What waits for a group's members, to be carried out again once they are cached.
+#[derive(Debug)]
+pub(super) enum Then {
+    /// A frame of `conn` (whose input waits meanwhile).
+    Frame { conn: ConnId, frame: ClientFrame },
+    /// An admin API exchange, told by [`Output::AdminRead`].
+    Admin(ConnId),
 }
 
 impl Core {
@@ -142,9 +193,82 @@ impl Core {
                 self.sync_read(current, id, limit, page_bytes, page);
                 Some(current)
             }
+            (Waiter::Members { gid, fresh, then }, ReadAnswer::Members(members)) => {
+                if let (true, Ok(m)) = (fresh, &members) {
+                    self.cache_members(&gid, m);
+                }
+                match then {
+                    Then::Frame { conn, frame } => {
+                        let current = self.release(conn, rid)?;
+                        match members {
+                            Ok(_) => self.on_frame(current, frame, now),
+                            Err(e) => {
+                                log::error!("{e}: group {gid}");
+                                self.reply(
+                                    current,
+                                    error(frame.id, ErrorCode::Unavailable, STORE_UNAVAILABLE),
+                                );
+                            }
+                        }
+                        Some(current)
+                    }
+                    Then::Admin(admin) => {
+                        self.out.push(Output::AdminRead {
+                            admin,
+                            rid,
+                            answer: ReadAnswer::Members(members),
+                        });
+                        None
+                    }
+                }
+            }
+            (Waiter::Admin { admin }, answer) => {
+                self.out.push(Output::AdminRead { admin, rid, answer });
+                None
+            }
             (w, a) => {
                 log::error!("read {rid}: {a:?} does not answer {w:?}");
                 None
+            }
+        }
+    }
+
+    /// Puts a read out for the admin API exchange `admin`: its answer comes as
+    /// [`Output::AdminRead`] with the returned id.
+    pub fn admin_read(&mut self, admin: ConnId, req: ReadRequest) -> ReadId {
+        self.request(req, Waiter::Admin { admin })
+    }
+
+    /// Reads the members of `gid` for `then`. A connection's input waits meanwhile.
+    pub(super) fn read_members(&mut self, gid: &str, then: Then) -> ReadId {
+        let gid: Arc<str> = gid.into();
+        let conn = match &then {
+            Then::Frame { conn, .. } => Some(*conn),
+            Then::Admin(_) => None,
+        };
+        let req = ReadRequest::Members { gid: gid.clone() };
+        let rid = self.request(
+            req,
+            Waiter::Members {
+                gid,
+                fresh: true,
+                then,
+            },
+        );
+        if let Some(s) = conn.and_then(|c| self.sessions.get_mut(&c)) {
+            s.busy = Some(rid);
+        }
+        rid
+    }
+
+    /// A change of `gid`'s membership is durable: reads of its members already out may
+    /// predate it.
+    pub(super) fn members_changed(&mut self, changed: &str) {
+        for w in self.waiting.values_mut() {
+            if let Waiter::Members { gid, fresh, .. } = w {
+                if &**gid == changed {
+                    *fresh = false;
+                }
             }
         }
     }

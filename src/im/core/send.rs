@@ -5,26 +5,24 @@
 
 use std::sync::Arc;
 
+use super::groups::is_in;
 use super::{
     error, frame, valid_id, AdminSendError, ConnId, Core, Now, Output, Requester, Target,
     STORE_UNAVAILABLE,
 };
 use crate::im::proto::{self, server_frame, ErrorCode};
 use crate::im::wire;
-use crate::store::{NewSend, ReadError, StoreRead};
+use crate::store::NewSend;
+
+/// A group send whose group's members are not cached.
+#[derive(Debug)]
+struct NotCached;
 
 impl Core {
     /// A client's SendMessage: refused at once if over the rate limit, malformed, too large
     /// or to a group the sender is not a member of; otherwise accepted (or recognised as a
     /// duplicate) and acknowledged once durable.
-    pub(super) fn send(
-        &mut self,
-        conn: ConnId,
-        id: u64,
-        s: proto::SendMessage,
-        now: Now,
-        store: &dyn StoreRead,
-    ) {
+    pub(super) fn send(&mut self, conn: ConnId, id: u64, s: proto::SendMessage, now: Now) {
         if !self.take_token(conn, now) {
             return self.reply(conn, error(id, ErrorCode::RateLimited, "too many messages"));
         }
@@ -60,17 +58,16 @@ impl Core {
             return;
         };
         if let Target::Group(gid) = to {
-            match self.is_group_member(gid, &from, store) {
-                Ok(true) => {}
-                Ok(false) => {
+            match self.cached_members(gid) {
+                Some(m) if is_in(&m, &from) => {}
+                Some(_) => {
                     return self.reply(
                         conn,
                         error(id, ErrorCode::Forbidden, "not a member of this group"),
                     )
                 }
-                Err(e) => {
-                    log::error!("{e}: group {gid}");
-                    return self.reply(conn, error(id, ErrorCode::Unavailable, STORE_UNAVAILABLE));
+                None => {
+                    return self.reply(conn, error(id, ErrorCode::Unavailable, STORE_UNAVAILABLE))
                 }
             }
         }
@@ -81,7 +78,6 @@ impl Core {
             s.client_msg_id,
             s.content,
             now,
-            store,
             Requester::Conn { conn, id },
         );
         if accepted.is_err() {
@@ -114,7 +110,8 @@ impl Core {
     ///
     /// Errors: [`AdminSendError::Invalid`] for bad ids or content,
     /// [`AdminSendError::NoSuchGroup`] for a group without members,
-    /// [`AdminSendError::Unavailable`] when the store cannot be read (nothing is stored).
+    /// [`AdminSendError::Unavailable`] when the group's members are not cached (see
+    /// [`Core::warm_group`]; nothing is stored).
     #[allow(clippy::too_many_arguments)]
     pub fn admin_send(
         &mut self,
@@ -124,7 +121,6 @@ impl Core {
         client_msg_id: String,
         content: Vec<u8>,
         now: Now,
-        store: &dyn StoreRead,
     ) -> Result<(), AdminSendError> {
         if !valid_id(from_uid) || !to.is_valid() || !valid_id(&client_msg_id) {
             return Err(AdminSendError::Invalid(
@@ -135,13 +131,10 @@ impl Core {
             return Err(AdminSendError::Invalid("content too large"));
         }
         if let Target::Group(gid) = to {
-            match self.members(gid, store).map(|m| m.len()) {
-                Ok(0) => return Err(AdminSendError::NoSuchGroup),
-                Ok(_) => {}
-                Err(e) => {
-                    log::error!("{e}: group {gid}");
-                    return Err(AdminSendError::Unavailable);
-                }
+            match self.cached_members(gid).map(|m| m.len()) {
+                Some(0) => return Err(AdminSendError::NoSuchGroup),
+                Some(_) => {}
+                None => return Err(AdminSendError::Unavailable),
             }
         }
         let from = match self.users.get_key_value(from_uid) {
@@ -155,7 +148,6 @@ impl Core {
             client_msg_id,
             content,
             now,
-            store,
             Requester::Admin(admin),
         )
         .map_err(|_| AdminSendError::Unavailable)
@@ -191,7 +183,7 @@ impl Core {
 
     /// Queues the send with the inboxes it goes to; the store gives it its seqs (or finds
     /// it a retry) at the commit, and the acknowledgement is built from that answer. Fails,
-    /// queueing nothing, when the store cannot tell who is in the group.
+    /// queueing nothing, when the group's members are not cached.
     #[allow(clippy::too_many_arguments)]
     fn accept_send(
         &mut self,
@@ -201,9 +193,8 @@ impl Core {
         client_msg_id: String,
         content: Vec<u8>,
         now: Now,
-        store: &dyn StoreRead,
         req: Requester,
-    ) -> Result<(), ReadError> {
+    ) -> Result<(), NotCached> {
         let (to_uid, group_id, others) = match to {
             Target::User(uid) if uid == &*from => (uid, "", Vec::new()),
             Target::User(uid) => {
@@ -214,7 +205,7 @@ impl Core {
                 (uid, "", vec![owner])
             }
             Target::Group(gid) => {
-                let members = self.members(gid, store)?;
+                let members = self.cached_members(gid).ok_or(NotCached)?;
                 let others = members.iter().filter(|u| **u != from).cloned().collect();
                 ("", gid, others)
             }
@@ -245,12 +236,13 @@ impl Core {
 
 #[cfg(test)]
 mod tests {
-    use super::super::harness::{closes, error_code, send_ok, Failing, H};
+    use super::super::harness::{closes, error_code, send_ok, H};
     use super::super::ImConfig;
     use super::*;
     use crate::im::proto::{
         client_frame::Body as C, server_frame::Body as S, ClientFrame, ServerFrame,
     };
+    use crate::store::StoreRead;
     use crate::ws::code;
 
     #[test]
@@ -275,7 +267,6 @@ mod tests {
                     })),
                 },
                 h.now,
-                &h.store,
             );
         }
         assert!(h.core.drain_output().next().is_none());
@@ -310,7 +301,6 @@ mod tests {
                     })),
                 },
                 h.now,
-                &h.store,
             )
         };
         send(&mut h, 30);
@@ -384,16 +374,15 @@ mod tests {
             })),
         };
         // Who is in the group is unknown: nothing is queued, the sender is told.
-        let g_fails = Failing::new(&h.store, "g");
-        h.core.on_frame(1, frame("", "g"), h.now, &g_fails);
-        let out: Vec<Output> = h.core.drain_output().collect();
+        let body = frame("", "g").body.unwrap();
+        let (out, _) = h.req_failing(1, 5, body, "g");
         assert_eq!(error_code(&out, 1), Some(ErrorCode::Unavailable));
         assert!(closes(&out).is_empty(), "the connection stays");
-        assert!(h.core.take_batch().is_none(), "nothing queued");
+        assert_eq!(h.store.max_seq("alice"), Ok(0), "nothing stored");
         // Where bob's inbox ends is the store's business at the commit: the send is queued
-        // without reading it.
-        let bob_fails = Failing::new(&h.store, "bob");
-        h.core.on_frame(1, frame("bob", ""), h.now, &bob_fails);
+        // without a read.
+        h.core.on_frame(1, frame("bob", ""), h.now);
+        assert!(h.core.poll_read().is_none());
         assert!(h.core.drain_output().next().is_none());
         assert!(send_ok(&h.turn(), 1).is_some());
         // Bob cannot log in while his inbox cannot be read: his stream could not tell what
@@ -493,7 +482,6 @@ mod tests {
                 cmid.into(),
                 content.into(),
                 h.now,
-                &h.store,
             );
             h.turn();
             r

@@ -11,7 +11,7 @@ use super::{
     CLOSE_REPLACED, STORE_UNAVAILABLE,
 };
 use crate::im::proto::{self, server_frame, ErrorCode};
-use crate::store::{ReadError, StoreRead};
+use crate::store::ReadError;
 use crate::ws::code;
 
 impl Core {
@@ -48,7 +48,7 @@ impl Core {
     }
 
     /// The connection is gone (closed, timed out, shutdown).
-    pub fn on_close(&mut self, conn: ConnId, store: &dyn StoreRead) {
+    pub fn on_close(&mut self, conn: ConnId) {
         let Some(session) = self.sessions.remove(&conn) else {
             return;
         };
@@ -69,7 +69,7 @@ impl Core {
         if user.devices.get(&dev.device_id) == Some(&conn) {
             user.devices.remove(&dev.device_id);
             if user.devices.is_empty() {
-                self.broadcast_presence(&dev.uid, false, store);
+                self.broadcast_offline(&dev.uid);
                 self.maybe_evict(&dev.uid);
             }
         }
@@ -155,6 +155,9 @@ impl Core {
             return self.fail_login(conn, id, ErrorCode::Forbidden, "too many devices");
         }
         let first_device = user.devices.is_empty();
+        if first_device {
+            user.friends.clone_from(&facts.friends);
+        }
         user.devices.insert(device_id.clone(), conn);
         let committed = user.committed_seq;
         if let Some(old) = replaced {
@@ -333,7 +336,7 @@ mod tests {
         let mut devices = h.core.online_devices("alice");
         devices.sort();
         assert_eq!(devices, vec!["laptop".to_owned(), "phone".to_owned()]);
-        h.core.on_close(1, &h.store);
+        h.core.on_close(1);
         assert_eq!(h.core.online_devices("alice"), vec!["laptop".to_owned()]);
         assert!(h.core.online_devices("bob").is_empty());
     }
@@ -356,7 +359,7 @@ mod tests {
         let mut h = H::new(ImConfig::default());
         h.login(1, "alice", "phone", 0);
         h.send_uncommitted(1, "bob", "m1", "hi");
-        h.core.on_close(1, &h.store);
+        h.core.on_close(1);
         // The shell gives the key to a new connection before the batch commits.
         let out = h.login(1, "carol", "phone", 0);
         let to_new: Vec<S> = frames_to(&out, 1);
@@ -415,7 +418,7 @@ mod tests {
         let mut h = H::new(ImConfig::default());
         h.login_pending(1, "alice", "phone");
         let (rid, req) = h.core.poll_read().unwrap();
-        h.core.on_close(1, &h.store);
+        h.core.on_close(1);
         // The key is given to a new connection before the answer comes.
         h.core.on_open(1, h.now);
         assert_eq!(h.core.handle_read(rid, req.run(&h.store), h.now), None);

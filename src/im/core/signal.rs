@@ -3,11 +3,10 @@
 //! success; a device without output room for one does not get it (a signal is not worth a
 //! slow-consumer close, and it is already stale by the time the device catches up).
 
+use super::delivery::output_cost;
+use super::groups::is_in;
 use super::{error, frame, ConnId, Core, Now, Target, STORE_UNAVAILABLE};
 use crate::im::proto::{self, server_frame, ErrorCode, ServerFrame};
-use crate::store::StoreRead;
-
-use super::delivery::output_cost;
 
 /// Most bytes of a signal's `kind`.
 pub const MAX_SIGNAL_KIND: usize = 32;
@@ -59,14 +58,7 @@ fn check_size(kind: &str, payload: &[u8]) -> Result<(), SignalError> {
 impl Core {
     /// A client's Signal: to the other online devices of `to_uid`, or of every member of
     /// `group_id` (the sender must be one). Counted against the send rate limit.
-    pub(super) fn signal(
-        &mut self,
-        conn: ConnId,
-        id: u64,
-        s: proto::Signal,
-        now: Now,
-        store: &dyn StoreRead,
-    ) {
+    pub(super) fn signal(&mut self, conn: ConnId, id: u64, s: proto::Signal, now: Now) {
         if !self.take_token(conn, now) {
             return self.reply(conn, error(id, ErrorCode::RateLimited, "too many messages"));
         }
@@ -84,7 +76,7 @@ impl Core {
             ))
             .and_then(|to| {
                 check_size(&s.kind, &s.payload)?;
-                self.signal_conns(SignalTarget::To(to), Some(&from), Some(conn), store)
+                self.signal_conns(SignalTarget::To(to), Some(&from), Some(conn))
             });
         let conns = match conns {
             Ok(conns) => conns,
@@ -105,17 +97,17 @@ impl Core {
     /// many devices it reached.
     ///
     /// Errors: [`SignalError::BadRequest`] or [`SignalError::TooLarge`] for bad ids or
-    /// sizes, [`SignalError::Unavailable`] when the group's members cannot be read.
+    /// sizes, [`SignalError::Unavailable`] when the group's members are not cached (see
+    /// [`Core::warm_group`]).
     pub fn admin_signal(
         &mut self,
         to: SignalTarget<'_>,
         from_uid: &str,
         kind: String,
         payload: Vec<u8>,
-        store: &dyn StoreRead,
     ) -> Result<usize, SignalError> {
         check_size(&kind, &payload)?;
-        let conns = self.signal_conns(to, None, None, store)?;
+        let conns = self.signal_conns(to, None, None)?;
         let (to_uid, group_id) = match to {
             SignalTarget::To(Target::User(u)) => (u, ""),
             SignalTarget::To(Target::Group(g)) => ("", g),
@@ -139,12 +131,7 @@ impl Core {
         to: SignalTarget<'_>,
         member: Option<&str>,
         except: Option<ConnId>,
-        store: &dyn StoreRead,
     ) -> Result<Vec<ConnId>, SignalError> {
-        let unavailable = |e| {
-            log::error!("{e}: a signal's group");
-            SignalError::Unavailable
-        };
         let bad_id = SignalError::BadRequest("to_uid and group_id must be 1-64 bytes");
         match to {
             SignalTarget::All => Ok(self
@@ -156,12 +143,10 @@ impl Core {
             SignalTarget::To(t) if !t.is_valid() => Err(bad_id),
             SignalTarget::To(Target::User(uid)) => Ok(self.member_conns(&[uid.to_owned()], except)),
             SignalTarget::To(Target::Group(gid)) => {
-                if let Some(uid) = member {
-                    if !store.is_member(gid, uid).map_err(unavailable)? {
-                        return Err(SignalError::Forbidden);
-                    }
+                let members = self.cached_members(gid).ok_or(SignalError::Unavailable)?;
+                if member.is_some_and(|uid| !is_in(&members, uid)) {
+                    return Err(SignalError::Forbidden);
                 }
-                let members = store.group_members(gid).map_err(unavailable)?;
                 Ok(self.member_conns(&members, except))
             }
         }
@@ -188,6 +173,7 @@ mod tests {
     use super::super::{ImConfig, Output};
     use super::*;
     use crate::im::proto::{client_frame::Body as C, server_frame::Body as S};
+    use crate::store::StoreRead;
 
     fn signals(out: &[Output], conn: ConnId) -> Vec<proto::Signal> {
         frames_to(out, conn)
@@ -224,7 +210,6 @@ mod tests {
                 body: Some(sig("bob", "", "typing", b"1")),
             },
             h.now,
-            &h.store,
         );
         assert!(h.core.take_batch().is_none(), "a signal is never written");
         let out: Vec<Output> = h.core.drain_output().collect();
@@ -319,9 +304,12 @@ mod tests {
         h.login(2, "bob", "phone", 0);
         h.core.on_open(3, h.now);
         let push = |h: &mut H, to| {
+            if let SignalTarget::To(Target::Group(g)) = to {
+                h.warm(g);
+            }
             let n = h
                 .core
-                .admin_signal(to, "ops", "notice".into(), b"hi".to_vec(), &h.store)
+                .admin_signal(to, "ops", "notice".into(), b"hi".to_vec())
                 .unwrap();
             (n, h.turn())
         };
@@ -338,7 +326,7 @@ mod tests {
         assert_eq!(n, 1);
         assert_eq!(
             h.core
-                .admin_signal(SignalTarget::All, "", "k".repeat(33), vec![], &h.store),
+                .admin_signal(SignalTarget::All, "", "k".repeat(33), vec![]),
             Err(SignalError::TooLarge)
         );
     }
