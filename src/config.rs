@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::im::core::ImConfig;
+use crate::store::redis::RedisTarget;
 
 #[derive(Debug, Parser)]
 #[command(name = "imgate", version, about = "Instant-messaging gateway")]
@@ -139,6 +140,21 @@ pub struct ServeArgs {
     #[arg(long, env = "IMGATE_STORE_LOG_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub store_log_bytes: usize,
 
+    /// Make this process a node of a cluster whose shared state (inboxes, cursors, dedupe
+    /// keys, friendships, groups) is in this Redis 7 (`redis://host:port/db`) instead of the
+    /// embedded store; --data-dir is then unused. See "Running a cluster" in the README.
+    #[arg(long, env = "IMGATE_REDIS", conflicts_with = "redis_cluster")]
+    pub redis: Option<String>,
+
+    /// Like --redis, against a Redis Cluster: comma-separated addresses of some of its nodes.
+    #[arg(long, env = "IMGATE_REDIS_CLUSTER", value_delimiter = ',')]
+    pub redis_cluster: Vec<String>,
+
+    /// A send or login that Redis has not answered within about this time gets
+    /// UNAVAILABLE (retryable); commits keep trying, on new connections, until then.
+    #[arg(long, env = "IMGATE_REDIS_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
+
     /// Close (1008) a connection on /ws that has not logged in within this time.
     #[arg(long, env = "IMGATE_AUTH_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub auth_timeout: Duration,
@@ -241,6 +257,13 @@ pub enum Durability {
 /// `--outbound-high-water` unless `--max-outbound-bytes` is less than twice as much.
 const DEFAULT_HIGH_WATER: usize = 1024 * 1024;
 
+/// Where a node of a cluster keeps the shared state, and how long it waits for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    pub target: RedisTarget,
+    pub timeout: Duration,
+}
+
 /// Settings of the IM endpoint `/ws`.
 #[derive(Debug, Clone)]
 pub struct ImSettings {
@@ -253,6 +276,8 @@ pub struct ImSettings {
     pub sync: bool,
     pub store_cache_bytes: usize,
     pub store_log_bytes: usize,
+    /// Shared state in Redis instead of the embedded store at `data_dir`.
+    pub redis: Option<RedisSettings>,
     pub auth_timeout: Duration,
     pub core: ImConfig,
     /// `--dev`: the web demo's `/dev/*` routes issue tokens and make friendships.
@@ -316,6 +341,7 @@ impl Default for ImSettings {
             sync: true,
             store_cache_bytes: 64 * 1024 * 1024,
             store_log_bytes: 32 * 1024 * 1024,
+            redis: None,
             auth_timeout: Duration::from_secs(10),
             core: ImConfig::default(),
             dev_routes: false,
@@ -377,6 +403,20 @@ impl ServerConfig {
 }
 
 impl ServeArgs {
+    /// `--redis` or `--redis-cluster`, whichever is given.
+    fn redis_target(&self) -> Option<RedisTarget> {
+        if let Some(url) = &self.redis {
+            return Some(RedisTarget::Single(url.clone()));
+        }
+        let urls: Vec<String> = self
+            .redis_cluster
+            .iter()
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty())
+            .collect();
+        (!urls.is_empty()).then_some(RedisTarget::Cluster(urls))
+    }
+
     /// `--outbound-high-water`, or its default for the `--max-outbound-bytes` given.
     fn high_water(&self) -> usize {
         self.outbound_high_water
@@ -420,6 +460,10 @@ impl From<&ServeArgs> for ServerConfig {
                 sync: a.durability == Durability::Full,
                 store_cache_bytes: a.store_cache_bytes,
                 store_log_bytes: a.store_log_bytes,
+                redis: a.redis_target().map(|target| RedisSettings {
+                    target,
+                    timeout: a.redis_timeout,
+                }),
                 auth_timeout: a.auth_timeout,
                 dev_routes: a.dev,
                 core: ImConfig {

@@ -119,11 +119,14 @@ fn serve(args: &ServeArgs) -> ExitCode {
     if let Some(addr) = server.tcp_addr() {
         println!("imgate raw TCP (length-prefixed protobuf) listening on tcp://{addr}");
     }
-    println!(
-        "imgate data in {} (durability {})",
-        cfg_im.data_dir.display(),
-        if cfg_im.sync { "full" } else { "none" }
-    );
+    match &cfg_im.redis {
+        Some(r) => println!("imgate data in Redis at {}", r.target),
+        None => println!(
+            "imgate data in {} (durability {})",
+            cfg_im.data_dir.display(),
+            if cfg_im.sync { "full" } else { "none" }
+        ),
+    }
     {
         println!(
             "imgate web demo at http://{}/{}",

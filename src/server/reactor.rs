@@ -20,10 +20,11 @@ mod accept;
 
 use self::accept::Listeners;
 use super::signals::ShutdownSignals;
-use crate::config::ServerConfig;
+use crate::config::{ImSettings, ServerConfig};
 use crate::gateway::{ConnId, Gateway, Input, ListenerKind, Now, SocketAction};
 use crate::store::reader::Reader;
 use crate::store::redb_store::RedbStore;
+use crate::store::redis::RedisBackend;
 use crate::store::writer::{Done, Writer};
 use crate::store::{Store, StoreRead};
 
@@ -37,6 +38,30 @@ const RAW_TCP: Token = Token(usize::MAX - 5);
 const READ_BUF: usize = 64 * 1024;
 /// Bytes read from one connection per loop turn before the others get their turn.
 const READ_BUDGET: usize = 256 * 1024;
+
+/// The store the storage thread commits to, and the one the read thread reads: the same
+/// embedded store, or two connections to the cluster's Redis, so that reads never wait
+/// behind a commit.
+///
+/// Errors: a store that cannot be opened, a Redis that cannot be reached.
+fn open_store(im: &ImSettings) -> io::Result<(Arc<dyn Store>, Arc<dyn StoreRead + Send + Sync>)> {
+    let Some(redis) = &im.redis else {
+        let store = Arc::new(
+            RedbStore::open(&im.data_dir, im.store_cache_bytes, im.store_log_bytes)
+                .map_err(|e| io::Error::other(e.to_string()))?,
+        );
+        return Ok((store.clone(), store));
+    };
+    // Each answer may take a third of the timeout, so that a commit can try again on a new
+    // connection before the timeout has passed.
+    let io = (redis.timeout / 3).max(Duration::from_millis(50));
+    let backend = || RedisBackend::new(redis.target.clone(), io, redis.timeout);
+    let (store, reads) = (backend(), backend());
+    store
+        .check()
+        .map_err(|e| io::Error::other(format!("{}: {e}", redis.target)))?;
+    Ok((Arc::new(store), Arc::new(reads)))
+}
 
 pub struct Server {
     poll: Poll,
@@ -88,14 +113,10 @@ impl Server {
         };
         let signals = ShutdownSignals::register(registry, SIGNALS)?;
         let im = &cfg.im;
-        let store: Arc<dyn Store> = Arc::new(
-            RedbStore::open(&im.data_dir, im.store_cache_bytes, im.store_log_bytes)
-                .map_err(|e| io::Error::other(e.to_string()))?,
-        );
+        let (store, reads) = open_store(im)?;
         // One waker for both threads: a poll takes one at most.
         let waker = Arc::new(mio::Waker::new(registry, STORE_WAKER)?);
-        let writer = Writer::spawn(store.clone(), im.sync, waker.clone())?;
-        let reads: Arc<dyn StoreRead + Send + Sync> = store.clone();
+        let writer = Writer::spawn(store, im.sync, waker.clone())?;
         let reader = Reader::spawn(reads, waker)?;
         Ok(Server {
             gateway: Gateway::new(&cfg),

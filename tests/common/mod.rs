@@ -162,6 +162,12 @@ impl ServerProc {
         format!("ws://{}{}", self.addr, path)
     }
 
+    /// Kills the server with SIGKILL: nothing of it runs after this returns.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub fn terminate(&mut self, within: Duration) -> ExitStatus {
         unsafe {

@@ -8,14 +8,17 @@
 //! per node it touches), but [`RedisStore::commit_sends`], which is two: the senders' copies
 //! first, then the references to them.
 
+mod backend;
 mod entry;
 mod keys;
 mod presence;
 
+use std::borrow::Borrow;
 use std::time::Duration;
 
 use redis::{Connection, Value};
 
+pub use backend::{RedisBackend, RedisTarget};
 pub use entry::{Content, Entry};
 use keys::{group_members, idempotency_key, UserKeys};
 pub use presence::DeviceOn;
@@ -247,12 +250,16 @@ impl RedisStore {
     /// # Errors
     /// Redis could not be reached or refused a command; then some of the appends may have
     /// been made. Retrying the same sends stores each of them exactly once.
-    pub fn commit_sends(&mut self, sends: &[NewSend]) -> Result<Vec<Sent>, WriteError> {
+    pub fn commit_sends<S: Borrow<NewSend>>(
+        &mut self,
+        sends: &[S],
+    ) -> Result<Vec<Sent>, WriteError> {
+        let sends: Vec<&NewSend> = sends.iter().map(Borrow::borrow).collect();
         if sends.is_empty() {
             return Ok(Vec::new());
         }
         let mut own = Batch::default();
-        for s in sends {
+        for s in &sends {
             let e = Entry {
                 server_time_ms: s.server_time_ms,
                 content: Content::Body(s.body.clone()),

@@ -1,0 +1,160 @@
+//! `imgate serve --redis` / `--redis-cluster`: nodes that keep the shared state in a real
+//! `redis-server` started by the test (one Redis with AOF `always`, and a Redis Cluster of
+//! three primaries), each case against both.
+
+mod common;
+
+use common::im_client::Client;
+use common::redis::{RedisCluster, RedisProc};
+use common::ServerProc;
+use imgate::im::proto::{self, client_frame::Body as C, server_frame::Body as S};
+
+/// The Redis a case's nodes share.
+enum Shared {
+    One(RedisProc),
+    Cluster(RedisCluster),
+}
+
+impl Shared {
+    fn one() -> Shared {
+        Shared::One(RedisProc::start())
+    }
+
+    fn cluster() -> Shared {
+        Shared::Cluster(RedisCluster::start(3))
+    }
+
+    /// A node on this Redis.
+    fn node(&self) -> ServerProc {
+        let (flag, target) = match self {
+            Shared::One(r) => ("--redis", r.url()),
+            Shared::Cluster(c) => ("--redis-cluster", c.urls().join(",")),
+        };
+        ServerProc::start(&[flag, &target])
+    }
+
+    /// Kills every Redis process with SIGKILL and starts it again on its data.
+    fn restart(&mut self) {
+        match self {
+            Shared::One(r) => r.restart(),
+            Shared::Cluster(c) => c.restart_all(),
+        }
+    }
+}
+
+fn texts(ms: &[proto::Message]) -> Vec<(u64, String)> {
+    ms.iter()
+        .map(|m| (m.seq, String::from_utf8_lossy(&m.content).into_owned()))
+        .collect()
+}
+
+fn a_send_on_one_node_reaches_its_recipient_logging_in_on_another(shared: Shared) {
+    let a = shared.node();
+    let b = shared.node();
+    let (mut alice, _) = Client::login(&a, "alice", "phone", 0);
+    let first = alice.send("bob", "m1", "hello");
+    let second = alice.send("bob", "m2", "again");
+    assert_eq!((first.seq, second.seq), (1, 2), "the sender's own inbox");
+    let (mut bob, ok) = Client::login(&b, "bob", "phone", 0);
+    assert_eq!(ok.max_seq, 2);
+    assert_eq!(
+        texts(&bob.messages(2)),
+        vec![(1, "hello".into()), (2, "again".into())]
+    );
+    // Alice's second device, on the other node, reads her own copies.
+    let (mut tablet, ok) = Client::login(&b, "alice", "tablet", 0);
+    assert_eq!(ok.max_seq, 2);
+    assert_eq!(
+        texts(&tablet.messages(2)),
+        vec![(1, "hello".into()), (2, "again".into())]
+    );
+    // A retry on the other node is the same send, not a new one.
+    let id = tablet.request(C::Send(proto::SendMessage {
+        to_uid: "bob".into(),
+        client_msg_id: "m2".into(),
+        content: b"again".to_vec(),
+        group_id: String::new(),
+    }));
+    match tablet.response(id) {
+        S::SendOk(ok) => assert_eq!((ok.seq, ok.duplicate), (2, true)),
+        other => panic!("retry answered {other:?}"),
+    }
+    // Bob's cursor, moved by his ack on one node, is what another node resumes him from.
+    bob.request(C::Ack(proto::Ack { seq: 2 }));
+    let (mut alice2, _) = Client::login(&a, "alice", "phone", 0);
+    alice2.send("bob", "m3", "third");
+    drop(bob);
+    let (mut bob2, _) = Client::login(&a, "bob", "phone", 0);
+    assert_eq!(texts(&bob2.messages(1)), vec![(3, "third".into())]);
+}
+
+fn acknowledged_messages_survive_kill_9_of_the_node_and_of_redis(mut shared: Shared) {
+    let mut a = shared.node();
+    let (mut alice, _) = Client::login(&a, "alice", "phone", 0);
+    for i in 1..=5 {
+        assert_eq!(alice.send("bob", &format!("m{i}"), &format!("t{i}")).seq, i);
+    }
+    a.kill9();
+    shared.restart();
+    let b = shared.node();
+    let (mut bob, ok) = Client::login(&b, "bob", "phone", 0);
+    assert_eq!(ok.max_seq, 5);
+    assert_eq!(
+        texts(&bob.messages(5)),
+        (1..=5).map(|i| (i, format!("t{i}"))).collect::<Vec<_>>()
+    );
+    // Seqs go on densely after the restart.
+    let (mut alice, _) = Client::login(&b, "alice", "phone", 5);
+    assert_eq!(alice.send("bob", "m6", "t6").seq, 6);
+    assert_eq!(texts(&bob.messages(1)), vec![(6, "t6".into())]);
+}
+
+/// A node whose Redis cannot be reached says so and exits at start-up, rather than refuse
+/// every login later.
+#[test]
+fn a_node_whose_redis_is_unreachable_exits_naming_it() {
+    // A port nothing listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{port}/");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imgate"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--jwt-secret",
+            "s",
+            "--redis",
+            &url,
+            "--redis-timeout",
+            "1s",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run imgate");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&url), "{err}");
+}
+
+macro_rules! against_both {
+    ($($case:ident),* $(,)?) => {
+        mod one_redis {
+            $(#[test] fn $case() { super::$case(super::Shared::one()) })*
+        }
+        mod redis_cluster {
+            $(#[test] fn $case() { super::$case(super::Shared::cluster()) })*
+        }
+    };
+}
+
+against_both!(
+    a_send_on_one_node_reaches_its_recipient_logging_in_on_another,
+    acknowledged_messages_survive_kill_9_of_the_node_and_of_redis,
+);
