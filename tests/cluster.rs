@@ -26,11 +26,25 @@ impl Shared {
 
     /// A node on this Redis.
     fn node(&self) -> ServerProc {
+        self.node_with(&[])
+    }
+
+    fn node_with(&self, args: &[&str]) -> ServerProc {
         let (flag, target) = match self {
             Shared::One(r) => ("--redis", r.url()),
             Shared::Cluster(c) => ("--redis-cluster", c.urls().join(",")),
         };
-        ServerProc::start(&[flag, &target])
+        let mut all = vec![flag, &target];
+        all.extend_from_slice(args);
+        ServerProc::start(&all)
+    }
+
+    /// Kills every Redis process with SIGKILL.
+    fn kill9(&mut self) {
+        match self {
+            Shared::One(r) => r.kill9(),
+            Shared::Cluster(c) => c.nodes.iter_mut().for_each(RedisProc::kill9),
+        }
     }
 
     /// Kills every Redis process with SIGKILL and starts it again on its data.
@@ -143,6 +157,59 @@ fn a_node_whose_redis_is_unreachable_exits_naming_it() {
     assert!(err.contains(&url), "{err}");
 }
 
+fn send(c: &mut Client, to: &str, cmid: &str, text: &str) -> S {
+    let id = c.request(C::Send(proto::SendMessage {
+        to_uid: to.into(),
+        client_msg_id: cmid.into(),
+        content: text.as_bytes().to_vec(),
+        group_id: String::new(),
+    }));
+    c.response(id)
+}
+
+fn while_redis_is_away_sends_and_logins_get_unavailable_and_connections_stay_up(
+    mut shared: Shared,
+) {
+    let node = shared.node_with(&["--redis-timeout", "1s"]);
+    let (mut alice, _) = Client::login(&node, "alice", "phone", 0);
+    let (mut bob, _) = Client::login(&node, "bob", "phone", 0);
+    alice.send("bob", "m1", "one");
+    assert_eq!(texts(&bob.messages(1)), vec![(1, "one".into())]);
+    shared.kill9();
+    match send(&mut alice, "bob", "m2", "two") {
+        S::Error(e) => assert_eq!(e.code(), proto::ErrorCode::Unavailable, "{e:?}"),
+        other => panic!("a send while Redis is away answered {other:?}"),
+    }
+    let mut carol = Client::connect(&node);
+    let id = carol.request(C::Login(proto::Login {
+        token: common::im_client::token("carol"),
+        device_id: "phone".into(),
+        last_seq: 0,
+    }));
+    match carol.response(id) {
+        S::Error(e) => assert_eq!(e.code(), proto::ErrorCode::Unavailable, "{e:?}"),
+        other => panic!("a login while Redis is away answered {other:?}"),
+    }
+    shared.restart();
+    // The same send again, once Redis is back: stored once, delivered once, in order.
+    let ok = common::poll_until(
+        std::time::Duration::from_secs(20),
+        "a send once Redis is back",
+        || match send(&mut alice, "bob", "m2", "two") {
+            S::SendOk(ok) => Ok(ok),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert_eq!(ok.seq, 2);
+    alice.send("bob", "m3", "three");
+    assert_eq!(
+        texts(&bob.messages(2)),
+        vec![(2, "two".into()), (3, "three".into())]
+    );
+    let (_, ok) = Client::login(&node, "carol", "phone", 0);
+    assert_eq!(ok.max_seq, 0);
+}
+
 macro_rules! against_both {
     ($($case:ident),* $(,)?) => {
         mod one_redis {
@@ -157,4 +224,5 @@ macro_rules! against_both {
 against_both!(
     a_send_on_one_node_reaches_its_recipient_logging_in_on_another,
     acknowledged_messages_survive_kill_9_of_the_node_and_of_redis,
+    while_redis_is_away_sends_and_logins_get_unavailable_and_connections_stay_up,
 );

@@ -17,7 +17,7 @@
 //! - a signal names its sender and is for the connection's user or one of its groups.
 #![no_main]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
 
 use imgate::im::auth;
@@ -95,6 +95,8 @@ struct Driver {
     next_request: u64,
     admin_waiting: HashSet<usize>,
     next_admin: usize,
+    /// Whether a batch was refused: after one, a membership change may repeat the store.
+    refused_any: bool,
 }
 
 impl Driver {
@@ -115,17 +117,42 @@ impl Driver {
         if n == 0 {
             return;
         }
-        let answers: Vec<(u64, Vec<Sent>)> = self
-            .taken
-            .drain(..n)
-            .map(|(id, batch)| (id, self.store.apply(&batch)))
-            .collect();
+        let mut answers: Vec<(u64, Vec<Sent>)> = Vec::with_capacity(n);
+        for (id, batch) in self.taken.drain(..n) {
+            if !self.refused_any {
+                // Earlier changes of the same batch count as made.
+                let mut made: HashMap<(&str, &str), bool> = HashMap::new();
+                for m in &batch.memberships {
+                    let key = (&*m.gid, &*m.uid);
+                    let member = match made.get(&key) {
+                        Some(joined) => *joined,
+                        None => self.store.is_member(key.0, key.1).unwrap(),
+                    };
+                    assert_ne!(member, m.joined, "a membership change that changes nothing");
+                    made.insert(key, m.joined);
+                }
+            }
+            answers.push((id, self.store.apply(&batch)));
+        }
         for g in GROUPS {
             let size = self.store.group_size(g).unwrap();
             assert!(size <= MAX_GROUP_MEMBERS, "{g} has {size} members");
         }
         for (id, sents) in &answers {
             self.core.on_committed(*id, sents, self.now);
+        }
+    }
+
+    /// Reports the oldest `n` taken batches unconfirmed, as a writer whose Redis went away
+    /// does; with `applied`, Redis had made their writes before the answer was lost.
+    fn refuse(&mut self, n: usize, applied: bool) {
+        let n = n.min(self.taken.len());
+        self.refused_any |= n > 0;
+        for (id, batch) in self.taken.drain(..n).collect::<Vec<_>>() {
+            if applied {
+                self.store.apply(&batch);
+            }
+            self.core.on_refused(id);
         }
     }
 
@@ -150,6 +177,13 @@ impl Driver {
                 | Output::Close { conn, .. } => *conn,
                 Output::AdminSent { admin, seq, .. } => {
                     assert!(*seq > 0, "admin send acknowledged with seq 0");
+                    assert!(
+                        self.admin_waiting.remove(admin),
+                        "admin send {admin} answered twice or never asked"
+                    );
+                    continue;
+                }
+                Output::AdminRefused { admin } => {
                     assert!(
                         self.admin_waiting.remove(admin),
                         "admin send {admin} answered twice or never asked"
@@ -209,7 +243,12 @@ impl Driver {
                     c.last_delivered = msg.seq;
                     let uid = c.uid.as_deref().expect("delivery before LoginOk");
                     let stored = self.store.messages_after(uid, msg.seq - 1, 1).unwrap();
-                    assert_eq!(stored, [msg.clone()], "delivered but not durable");
+                    assert_eq!(
+                        stored,
+                        [msg.clone()],
+                        "delivered but not durable: {:?}",
+                        String::from_utf8_lossy(&msg.body)
+                    );
                     let m = wire::to_proto(&msg).expect("a delivery decodes");
                     assert!(
                         m.from_uid == uid || m.to_uid == uid || !m.group_id.is_empty(),
@@ -217,7 +256,11 @@ impl Driver {
                     );
                 }
                 Output::Close { .. } => c.closing = true,
-                Output::AdminSent { .. } | Output::AdminRead { .. } => unreachable!(),
+                Output::AdminSent { .. }
+                | Output::AdminRefused { .. }
+                | Output::AdminRead { .. } => {
+                    unreachable!()
+                }
             }
         }
     }
@@ -323,7 +366,9 @@ impl Driver {
             11 => {
                 let how = input.byte();
                 let n = usize::from(how / 2 % 4) + 1;
-                if how & 1 == 0 {
+                if how & 0x81 == 0x80 {
+                    self.refuse(n, how & 0x40 != 0);
+                } else if how & 1 == 0 {
                     self.commit(n);
                 } else {
                     self.answer(n);
@@ -410,6 +455,7 @@ fuzz_target!(|data: &[u8]| {
         next_request: 1,
         admin_waiting: HashSet::new(),
         next_admin: 0,
+        refused_any: false,
     };
     while !input.0.is_empty() {
         d.step(&mut input);

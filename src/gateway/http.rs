@@ -301,6 +301,11 @@ fn unavailable() -> Response {
     Response::error(503, "the store cannot be read")
 }
 
+/// The answer to a change the store did not confirm; making it again is safe.
+pub(super) fn unconfirmed() -> Response {
+    Response::error(503, "the store did not confirm the change; make it again")
+}
+
 fn target(r: &Recipient) -> Target<'_> {
     match r {
         Recipient::User(uid) => Target::User(uid),

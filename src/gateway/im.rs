@@ -45,7 +45,11 @@ impl Gateway {
                     if !duplicate {
                         metrics.messages_in.inc();
                     }
-                    admin_answers.push((*admin, *seq, *duplicate));
+                    admin_answers.push((*admin, Some((*seq, *duplicate))));
+                    continue;
+                }
+                Output::AdminRefused { admin } => {
+                    admin_answers.push((*admin, None));
                     continue;
                 }
                 Output::AdminRead { .. } => {
@@ -118,7 +122,9 @@ impl Gateway {
                 Output::Close { code, reason, .. } => {
                     start_close(key, c, Why::Im { code, reason }, metrics, scratch);
                 }
-                Output::AdminSent { .. } | Output::AdminRead { .. } => {}
+                Output::AdminSent { .. }
+                | Output::AdminRefused { .. }
+                | Output::AdminRead { .. } => {}
             }
             c.outbox.push(scratch, pool);
             if !c.dirty {
@@ -131,7 +137,7 @@ impl Gateway {
                 self.admin_read(admin, rid, answer);
             }
         }
-        for (key, seq, duplicate) in admin_answers {
+        for (key, answer) in admin_answers {
             let sending = self.conns.get(key).is_some_and(|c| {
                 matches!(
                     c.transport,
@@ -141,10 +147,17 @@ impl Gateway {
                     }
                 )
             });
-            if sending {
-                let body = serde_json::json!({"seq": seq, "duplicate": duplicate});
-                self.answer_http(key, Response::json(200, &body).to_bytes());
+            if !sending {
+                continue;
             }
+            let response = match answer {
+                Some((seq, duplicate)) => Response::json(
+                    200,
+                    &serde_json::json!({"seq": seq, "duplicate": duplicate}),
+                ),
+                None => super::http::unconfirmed(),
+            };
+            self.answer_http(key, response.to_bytes());
         }
     }
 

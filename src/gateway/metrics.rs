@@ -20,6 +20,7 @@ pub struct Metrics {
     pub messages_out: Counter,
     pub delivery_latency: Histogram,
     pub commit_latency: Histogram,
+    pub commits_refused: Counter,
     pub bytes_in: Counter,
     pub bytes_out: Counter,
     closes: Family<Labels, Counter>,
@@ -48,6 +49,7 @@ impl Metrics {
             messages_out: Counter::default(),
             delivery_latency: histogram(),
             commit_latency: histogram(),
+            commits_refused: Counter::default(),
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
             closes: Family::default(),
@@ -80,6 +82,11 @@ impl Metrics {
             "store_commit_latency_seconds",
             "Duration of one store commit (one group of batches)",
             m.commit_latency.clone(),
+        );
+        registry.register(
+            "store_commits_refused",
+            "Batches the store did not confirm in time (Redis away): their sends got UNAVAILABLE",
+            m.commits_refused.clone(),
         );
         registry.register("bytes_in", "Bytes read from clients", m.bytes_in.clone());
         registry.register("bytes_out", "Bytes written to clients", m.bytes_out.clone());

@@ -445,6 +445,28 @@ impl Gateway {
         for (batch, sents) in &answers {
             self.im.core.on_committed(*batch, sents, now);
         }
+        self.answer_committing(id, Response::no_content);
+        self.dispatch_im();
+    }
+
+    /// The store did not confirm these batches (in id order): their sends are refused
+    /// (UNAVAILABLE; 503 on the admin API), and the admin changes that waited for them are
+    /// answered 503.
+    pub fn handle_refused(&mut self, ids: &[BatchId], now: Now) {
+        self.now = now;
+        self.metrics.commits_refused.inc_by(ids.len() as u64);
+        let Some(&last) = ids.last() else {
+            return;
+        };
+        for &id in ids {
+            self.im.core.on_refused(id);
+        }
+        self.answer_committing(last, http::unconfirmed);
+        self.dispatch_im();
+    }
+
+    /// Answers the admin changes that wait for batches up to `id`.
+    fn answer_committing(&mut self, id: BatchId, response: fn() -> Response) {
         while self.committing.front().is_some_and(|(b, _)| *b <= id) {
             let Some((batch, key)) = self.committing.pop_front() else {
                 break;
@@ -453,10 +475,9 @@ impl Gateway {
                 matches!(c.transport, Transport::Http { phase: Phase::Committing(b), .. } if b == batch)
             });
             if waiting {
-                self.answer_http(key, Response::no_content().to_bytes());
+                self.answer_http(key, response().to_bytes());
             }
         }
-        self.dispatch_im();
     }
 
     /// Stops taking connections and closes every open one with 1001; the rest are dropped.

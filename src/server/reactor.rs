@@ -281,6 +281,11 @@ impl Server {
                     let now = self.now_value();
                     self.gateway.handle_committed(answers, took, now);
                 }
+                Done::Refused { ids, error } => {
+                    log::warn!("{error}: {} batches refused", ids.len());
+                    let now = self.now_value();
+                    self.gateway.handle_refused(&ids, now);
+                }
                 Done::Failed(e) => {
                     log::error!("{e}; stopping: no send is acknowledged unless it is durable");
                     return Err(io::Error::other(e));

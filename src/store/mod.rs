@@ -77,7 +77,10 @@ pub struct WriteBatch {
     pub cursors: Vec<(Arc<str>, Arc<str>, u64)>,
     /// (a, b, present): symmetric friendships set or removed.
     pub friendships: Vec<(String, String, bool)>,
-    /// Group memberships that change: each one joins a non-member or removes a member.
+    /// Group memberships that change: each one joins a non-member or removes a member,
+    /// unless an earlier batch it was decided against was refused
+    /// ([`CommitError::Unavailable`]). Stores apply them as set operations, so a repeat is
+    /// harmless.
     pub memberships: Vec<Membership>,
 }
 
@@ -131,6 +134,26 @@ impl<E: std::error::Error> From<E> for ReadError {
     }
 }
 
+/// Why a commit did not complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitError {
+    /// The store cannot be trusted with another write (a failed disk write): the process
+    /// stops rather than acknowledge anything that might not be durable.
+    Broken(String),
+    /// The store did not confirm the writes in time (Redis unreachable): their senders are
+    /// told to retry, and the next commit tries again.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for CommitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommitError::Broken(e) => write!(f, "store commit failed: {e}"),
+            CommitError::Unavailable(e) => write!(f, "store unavailable: {e}"),
+        }
+    }
+}
+
 /// Read access for the IM core. Cursors and friends degrade on a failed read (logged): a
 /// device then gets messages again, or friends miss a presence.
 pub trait StoreRead {
@@ -177,9 +200,12 @@ pub trait Store: StoreRead + Send + Sync {
     /// Applies the batches atomically, in order, and answers each of their sends, batch by
     /// batch. With `sync`, they are durable on return. Reads see them once this returns.
     ///
-    /// Errors: a failed write, or a read the seqs or the dedupe depend on; then nothing of
-    /// the batches is applied.
-    fn commit(&self, batches: &[&WriteBatch], sync: bool) -> Result<Vec<Vec<Sent>>, String>;
+    /// Errors: [`CommitError::Broken`] for a failed write, or a read the seqs or the dedupe
+    /// depend on, after which nothing of the batches is applied and the store may not be
+    /// written again; [`CommitError::Unavailable`] for a store that did not answer in time,
+    /// after which part of the batches may be applied and committing them again applies the
+    /// rest (every write is idempotent).
+    fn commit(&self, batches: &[&WriteBatch], sync: bool) -> Result<Vec<Vec<Sent>>, CommitError>;
     /// One bounded step of upkeep that commits may leave behind (for the redb store: moving
     /// the commit log into the per-user tables). Returns whether more is due. The storage
     /// thread runs it between commits, so no step delays a commit by much.

@@ -34,7 +34,8 @@ use super::assign::Assigner;
 use super::records::{self, Corrupt, LogEntry};
 use super::tail::{Tails, UserTail};
 use super::{
-    ReadError, Sent, Store, StoreRead, StoredBatch, StoredMessage, WriteBatch, DEDUPE_KEEP,
+    CommitError, ReadError, Sent, Store, StoreRead, StoredBatch, StoredMessage, WriteBatch,
+    DEDUPE_KEEP,
 };
 use crate::im::proto;
 
@@ -600,8 +601,8 @@ fn migrate(
 }
 
 impl Store for RedbStore {
-    fn commit(&self, batches: &[&WriteBatch], sync: bool) -> Result<Vec<Vec<Sent>>, String> {
-        RedbStore::commit(self, batches, sync).map_err(|e| e.to_string())
+    fn commit(&self, batches: &[&WriteBatch], sync: bool) -> Result<Vec<Vec<Sent>>, CommitError> {
+        RedbStore::commit(self, batches, sync).map_err(|e| CommitError::Broken(e.to_string()))
     }
 
     fn maintain(&self) -> Result<bool, String> {

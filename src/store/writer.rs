@@ -9,11 +9,12 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use super::{Sent, Store, WriteBatch};
+use super::{CommitError, Sent, Store, WriteBatch};
 
 /// Batch ids grow by one per submitted batch, and batches are reported in that order.
 pub type BatchId = u64;
 
+#[derive(Debug)]
 pub enum Done {
     /// These batches (in id order) are durable, with the answers to their sends; the
     /// commit took `took`.
@@ -21,6 +22,10 @@ pub enum Done {
         answers: Vec<(BatchId, Vec<Sent>)>,
         took: std::time::Duration,
     },
+    /// The store did not confirm these batches (in id order) in time: nothing of them may
+    /// be acknowledged. The thread goes on with the next ones.
+    Refused { ids: Vec<BatchId>, error: String },
+    /// The store broke; the thread has stopped.
     Failed(String),
 }
 
@@ -79,7 +84,14 @@ impl Writer {
                     let refs: Vec<&WriteBatch> = batches.iter().map(|b| &**b).collect();
                     let sents = match store.commit(&refs, sync) {
                         Ok(sents) => sents,
-                        Err(e) => return fail(&done_tx, &waker, e),
+                        Err(CommitError::Broken(e)) => return fail(&done_tx, &waker, e),
+                        Err(CommitError::Unavailable(error)) => {
+                            if done_tx.send(Done::Refused { ids, error }).is_err() {
+                                return;
+                            }
+                            let _ = waker.wake();
+                            continue;
+                        }
                     };
                     let answers = ids.into_iter().zip(sents).collect();
                     let took = started.elapsed();
@@ -149,6 +161,8 @@ mod tests {
         /// (batches, sync) of every commit, in order.
         commits: Mutex<Vec<(Vec<WriteBatch>, bool)>>,
         fail: bool,
+        /// Batches (by their first cursor's device) the store does not confirm.
+        away: Vec<String>,
     }
 
     impl StoreRead for Recording {
@@ -190,12 +204,20 @@ mod tests {
     }
 
     impl Store for Recording {
-        fn commit(&self, batches: &[&WriteBatch], sync: bool) -> Result<Vec<Vec<Sent>>, String> {
+        fn commit(
+            &self,
+            batches: &[&WriteBatch],
+            sync: bool,
+        ) -> Result<Vec<Vec<Sent>>, CommitError> {
             let answers = batches.iter().map(|_| Vec::new()).collect();
+            let ids: Vec<String> = batches.iter().map(|b| b.cursors[0].1.to_string()).collect();
             let batches = batches.iter().map(|b| (*b).clone()).collect();
             self.commits.lock().unwrap().push((batches, sync));
             if self.fail {
-                return Err("disk full".into());
+                return Err(CommitError::Broken("disk full".into()));
+            }
+            if ids.iter().any(|id| self.away.contains(id)) {
+                return Err(CommitError::Unavailable("redis away".into()));
             }
             Ok(answers)
         }
@@ -236,7 +258,7 @@ mod tests {
             .try_iter()
             .flat_map(|d| match d {
                 Done::Committed { answers, .. } => answers.into_iter().map(|(id, _)| id),
-                Done::Failed(e) => panic!("{e}"),
+                other => panic!("{other:?}"),
             })
             .collect();
         assert_eq!(reported, vec![1, 2], "each batch once, in order");
@@ -255,7 +277,7 @@ mod tests {
         let guard = std::time::Duration::from_secs(10);
         match w.done.recv_timeout(guard) {
             Ok(Done::Failed(e)) => assert_eq!(e, "disk full"),
-            Ok(Done::Committed { .. }) => panic!("a batch reported committed"),
+            Ok(other) => panic!("reported {other:?}"),
             Err(e) => panic!("no report: {e}"),
         }
         let mut events = mio::Events::with_capacity(4);
@@ -266,5 +288,29 @@ mod tests {
         w.submit(2, Arc::new(batch("m2")));
         drop(w);
         assert_eq!(store.commits.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_refused_commit_is_reported_and_the_thread_goes_on_with_the_next() {
+        let poll = mio::Poll::new().unwrap();
+        let store = Arc::new(Recording {
+            away: vec!["m1".into()],
+            ..Recording::default()
+        });
+        let w = Writer::spawn(store.clone(), true, waker(&poll)).unwrap();
+        // The timeout only turns a missing report into a failure instead of a hang.
+        let guard = std::time::Duration::from_secs(10);
+        w.submit(1, Arc::new(batch("m1")));
+        match w.done.recv_timeout(guard) {
+            Ok(Done::Refused { ids, error }) => {
+                assert_eq!((ids, error.as_str()), (vec![1], "redis away"))
+            }
+            other => panic!("reported {other:?}"),
+        }
+        w.submit(2, Arc::new(batch("m2")));
+        match w.done.recv_timeout(guard) {
+            Ok(Done::Committed { answers, .. }) => assert_eq!(answers, vec![(2, vec![])]),
+            other => panic!("reported {other:?}"),
+        }
     }
 }

@@ -6,7 +6,12 @@
 use std::sync::Arc;
 
 use super::delivery::RECENT_KEEP;
-use super::{BatchId, ConnId, Core, InFlight, Now, Requester};
+use super::{error, BatchId, ConnId, Core, InFlight, Now, Output, Requester};
+use crate::im::proto::ErrorCode;
+
+/// Why a send was not acknowledged when the store did not confirm it.
+const SEND_UNCONFIRMED: &str =
+    "the store did not confirm the send; send it again with the same client_msg_id";
 use crate::store::{Sent, StoredMessage, WriteBatch};
 
 impl Core {
@@ -43,15 +48,9 @@ impl Core {
     /// Batches are reported in the order they were taken; a report of another batch than the
     /// oldest in flight is ignored (logged).
     pub fn on_committed(&mut self, id: BatchId, sents: &[Sent], now: Now) {
-        let Some(front) = self.in_flight.front().map(|f| f.id) else {
-            return log::error!("batch {id} reported durable with none in flight");
-        };
-        if front != id {
-            return log::error!("batch {id} reported durable before batch {front}");
-        }
         let Some(InFlight {
             batch, requesters, ..
-        }) = self.in_flight.pop_front()
+        }) = self.answered(id, "durable")
         else {
             return;
         };
@@ -84,17 +83,22 @@ impl Core {
                     // Already known: the store had it at login, or a retry named it again.
                     continue;
                 }
-                if seq > user.committed_seq + 1 {
+                if seq > user.committed_seq + 1 || sent.duplicate {
                     user.recent.clear();
                 }
                 user.committed_seq = seq;
-                user.recent.push_back(StoredMessage {
-                    seq,
-                    server_time_ms: send.server_time_ms,
-                    body: send.body.clone(),
-                });
-                if user.recent.len() > RECENT_KEEP {
-                    user.recent.pop_front();
+                // A duplicate's first attempt, unseen here (refused, or made on another
+                // node), may differ from it (its time, its content): the store's copy is the
+                // message, and the devices read it from there.
+                if !sent.duplicate {
+                    user.recent.push_back(StoredMessage {
+                        seq,
+                        server_time_ms: send.server_time_ms,
+                        body: send.body.clone(),
+                    });
+                    if user.recent.len() > RECENT_KEEP {
+                        user.recent.pop_front();
+                    }
                 }
                 // Each user once, in order of first append (a sort would reorder deliveries).
                 if user.touched_by != id {
@@ -121,6 +125,46 @@ impl Core {
         }
     }
 
+    /// The store did not confirm batch `id` (reported in the same order as commits): none of
+    /// its sends is acknowledged or delivered, and each sender is told to send again with the
+    /// same `client_msg_id` (UNAVAILABLE), which stores it exactly once however much of it
+    /// the store did apply. For the same reason the groups whose membership it changed are
+    /// read again at their next use.
+    pub fn on_refused(&mut self, id: BatchId) {
+        let Some(InFlight {
+            batch, requesters, ..
+        }) = self.answered(id, "refused")
+        else {
+            return;
+        };
+        for req in requesters.into_iter().flatten() {
+            match req {
+                Requester::Conn { conn, id } => {
+                    self.reply(conn, error(id, ErrorCode::Unavailable, SEND_UNCONFIRMED))
+                }
+                Requester::Admin(admin) => self.out.push(Output::AdminRefused { admin }),
+            }
+        }
+        for m in &batch.memberships {
+            self.group_cache.forget(&m.gid);
+            self.members_changed(&m.gid);
+        }
+    }
+
+    /// Takes the oldest batch in flight, which the store answered (`how`); a report of
+    /// another batch is ignored (logged).
+    fn answered(&mut self, id: BatchId, how: &str) -> Option<InFlight> {
+        let Some(front) = self.in_flight.front().map(|f| f.id) else {
+            log::error!("batch {id} reported {how} with none in flight");
+            return None;
+        };
+        if front != id {
+            log::error!("batch {id} reported {how} before batch {front}");
+            return None;
+        }
+        self.in_flight.pop_front()
+    }
+
     /// The sending device learns its message's seq from SendOk, so its own stream skips
     /// it; told before the stream moves on, and only by the connection of the sender.
     fn learn_own(&mut self, req: Requester, from: &str, seq: u64) {
@@ -139,9 +183,9 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::super::delivery::RECENT_KEEP;
-    use super::super::harness::{messages_to, send_ok, H};
-    use super::super::{ImConfig, Output};
-    use crate::im::proto::{self, client_frame::Body as C};
+    use super::super::harness::{error_code, messages_to, send_ok, H};
+    use super::super::{ImConfig, Output, Target};
+    use crate::im::proto::{self, client_frame::Body as C, ErrorCode};
     use crate::store::StoreRead;
 
     #[test]
@@ -175,6 +219,82 @@ mod tests {
         h.send(1, "alice", "self", "note");
         assert_eq!(h.store.max_seq("alice"), Ok(3));
         assert_eq!(h.store.max_seq("bob"), Ok(2));
+    }
+
+    #[test]
+    fn a_send_the_store_did_not_confirm_is_refused_and_its_retry_lands_once() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "bob", "phone", 0);
+        h.send_uncommitted(1, "bob", "m1", "hi");
+        let (id, batch) = h.core.take_batch().unwrap();
+        // The store applied it, but its answer never came.
+        h.store.apply(&batch);
+        h.core.on_refused(id);
+        let out: Vec<Output> = h.core.drain_output().collect();
+        assert_eq!(error_code(&out, 1), Some(ErrorCode::Unavailable));
+        assert!(send_ok(&out, 1).is_none());
+        assert!(messages_to(&out, 2).is_empty(), "delivered unconfirmed");
+        let out = h.send(1, "bob", "m1", "hi");
+        assert_eq!(
+            send_ok(&out, 1).map(|s| (s.seq, s.duplicate)),
+            Some((1, true))
+        );
+        // This store names no seqs for a duplicate (Redis does): bob hears of the message
+        // with the next one, whose seq shows the gap.
+        let out = h.send(1, "bob", "m2", "more");
+        assert_eq!(
+            messages_to(&out, 2),
+            vec![(1, "hi".into()), (2, "more".into())]
+        );
+        assert_eq!(h.store.max_seq("bob"), Ok(2), "stored once");
+    }
+
+    #[test]
+    fn a_retry_whose_first_attempt_was_unseen_delivers_the_stored_first_attempt() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "bob", "phone", 0);
+        h.login(3, "alice", "tablet", 0);
+        h.send_uncommitted(1, "bob", "m1", "first");
+        let (id, batch) = h.core.take_batch().unwrap();
+        h.store.apply(&batch);
+        h.core.on_refused(id);
+        h.core.drain_output().for_each(drop);
+        // The retry differs (its time, here its content too): the store keeps the first.
+        let out = h.send(1, "bob", "m1", "second");
+        assert_eq!(send_ok(&out, 1).map(|s| s.duplicate), Some(true));
+        assert_eq!(
+            messages_to(&out, 3),
+            vec![(1, "first".into())],
+            "alice's tablet"
+        );
+        let mut got = messages_to(&out, 2);
+        got.extend(messages_to(&h.send(1, "bob", "m2", "next"), 2));
+        assert_eq!(got, vec![(1, "first".into()), (2, "next".into())]);
+    }
+
+    #[test]
+    fn an_admin_send_the_store_did_not_confirm_is_answered_refused_and_later_batches_go_on() {
+        let mut h = H::new(ImConfig::default());
+        h.login(2, "bob", "phone", 0);
+        let target = Target::User("bob");
+        h.core
+            .admin_send(5, "ops", target, "a1".into(), b"x".to_vec(), h.now)
+            .unwrap();
+        let (first, _) = h.core.take_batch().unwrap();
+        h.send_uncommitted(2, "carol", "b1", "later");
+        let (second, batch) = h.core.take_batch().unwrap();
+        h.core.on_refused(first);
+        let sents = h.store.apply(&batch);
+        h.core.on_committed(second, &sents, h.now);
+        let out: Vec<Output> = h.core.drain_output().collect();
+        assert!(
+            matches!(out[0], Output::AdminRefused { admin: 5 }),
+            "{out:?}"
+        );
+        assert_eq!(send_ok(&out, 2).map(|s| s.seq), Some(1));
+        assert_eq!(h.store.max_seq("bob"), Ok(1), "only bob's own send");
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub(super) struct GroupCache {
 }
 
 impl GroupCache {
-    fn forget(&mut self, gid: &str) {
+    pub(super) fn forget(&mut self, gid: &str) {
         if let Some(members) = self.groups.remove(gid) {
             self.weight -= members.len() + 1;
         }

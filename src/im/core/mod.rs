@@ -138,6 +138,10 @@ pub enum Output {
         seq: u64,
         duplicate: bool,
     },
+    /// An admin API send the store did not confirm: send it again.
+    AdminRefused {
+        admin: usize,
+    },
     /// The answer to read `rid` of an admin API exchange ([`Core::admin_read`]), or to the
     /// read of a group's members its request waited for (`ReadAnswer::Members`, now cached:
     /// carry the request out again).

@@ -6,11 +6,14 @@
 //! The writer and the reader each get their own backend (their own connection), so a read
 //! never waits behind a commit.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::{Changes, RedisStore, WriteError};
-use crate::store::{NewSend, ReadError, Sent, Store, StoreRead, StoredMessage, WriteBatch};
+use crate::store::{
+    CommitError, NewSend, ReadError, Sent, Store, StoreRead, StoredMessage, WriteBatch,
+};
 
 /// Where the cluster's Redis is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,17 +40,21 @@ pub struct RedisBackend {
     /// How long a commit keeps trying (reconnecting between attempts) before it fails.
     commit_deadline: Duration,
     conn: Mutex<Option<RedisStore>>,
+    /// Whether the last commit failed.
+    down: AtomicBool,
 }
 
 impl RedisBackend {
     /// A backend that connects at its first call. `commit_deadline` bounds how long a commit
-    /// retries before it is reported failed; reads are tried once.
+    /// retries before it is reported failed (after a failure, the next commit tries once);
+    /// reads are tried once.
     pub fn new(target: RedisTarget, timeout: Duration, commit_deadline: Duration) -> RedisBackend {
         RedisBackend {
             target,
             timeout,
             commit_deadline,
             conn: Mutex::new(None),
+            down: AtomicBool::new(false),
         }
     }
 
@@ -127,14 +134,21 @@ impl Store for RedisBackend {
     /// Every write is idempotent, so a failed attempt is simply made again, on a new
     /// connection, until one succeeds or `commit_deadline` has passed. Durability is Redis's
     /// (its AOF settings): `sync` asks nothing more of it.
-    fn commit(&self, batches: &[&WriteBatch], _sync: bool) -> Result<Vec<Vec<Sent>>, String> {
+    fn commit(&self, batches: &[&WriteBatch], _sync: bool) -> Result<Vec<Vec<Sent>>, CommitError> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(10);
+        // While Redis is known to be away, one attempt: the sends waiting behind this commit
+        // should hear so at once, not one deadline each.
+        let patient = !self.down.load(Ordering::Relaxed);
         loop {
             match self.commit_once(batches) {
-                Ok(sents) => return Ok(sents),
-                Err(e) if started.elapsed() + pause >= self.commit_deadline => {
-                    return Err(e.to_string())
+                Ok(sents) => {
+                    self.down.store(false, Ordering::Relaxed);
+                    return Ok(sents);
+                }
+                Err(e) if !patient || started.elapsed() + pause >= self.commit_deadline => {
+                    self.down.store(true, Ordering::Relaxed);
+                    return Err(CommitError::Unavailable(e.0));
                 }
                 Err(e) => {
                     log::warn!("{e}; trying again");
