@@ -476,6 +476,7 @@ impl From<&ServeArgs> for ServerConfig {
                     max_bad_frames: 10,
                     output_room: a.high_water(),
                     max_group_members: a.max_group_members as usize,
+                    cluster: a.redis_target().is_some(),
                 },
             },
         }

@@ -210,6 +210,92 @@ fn while_redis_is_away_sends_and_logins_get_unavailable_and_connections_stay_up(
     assert_eq!(ok.max_seq, 0);
 }
 
+fn a_message_reaches_its_recipient_online_on_another_node_as_it_is_sent(shared: Shared) {
+    let (a, b) = (shared.node(), shared.node());
+    let (mut alice, _) = Client::login(&a, "alice", "phone", 0);
+    let (mut bob, _) = Client::login(&b, "bob", "phone", 0);
+    for i in 1..=20 {
+        alice.send("bob", &format!("m{i}"), &format!("t{i}"));
+    }
+    assert_eq!(
+        texts(&bob.messages(20)),
+        (1..=20).map(|i| (i, format!("t{i}"))).collect::<Vec<_>>()
+    );
+    // And back, the other way.
+    bob.send("alice", "r1", "back");
+    assert_eq!(texts(&alice.messages(1)), vec![(21, "back".into())]);
+}
+
+fn a_user_with_devices_on_two_nodes_gets_everything_on_both(shared: Shared) {
+    let (a, b) = (shared.node(), shared.node());
+    let (mut phone, _) = Client::login(&a, "bob", "phone", 0);
+    let (mut tablet, _) = Client::login(&b, "bob", "tablet", 0);
+    let (mut alice, _) = Client::login(&a, "alice", "phone", 0);
+    let (mut carol, _) = Client::login(&b, "carol", "phone", 0);
+    alice.send("bob", "a1", "from alice");
+    carol.send("bob", "c1", "from carol");
+    let want = vec![(1, "from alice".into()), (2, "from carol".into())];
+    assert_eq!(texts(&phone.messages(2)), want);
+    assert_eq!(texts(&tablet.messages(2)), want);
+    // What one device sends reaches the user's other device, on the other node.
+    phone.send("alice", "b1", "from the phone");
+    assert_eq!(
+        texts(&tablet.messages(1)),
+        vec![(3, "from the phone".into())]
+    );
+}
+
+fn a_group_message_reaches_members_on_every_node(shared: Shared) {
+    let (a, b) = (shared.node(), shared.node());
+    for uid in ["alice", "bob", "carol", "dave"] {
+        let r = a.admin_request("PUT", &format!("/v1/groups/team/members/{uid}"), "");
+        assert!(r.starts_with("HTTP/1.1 204"), "{r}");
+    }
+    let (mut alice, _) = Client::login(&a, "alice", "phone", 0);
+    let (mut bob, _) = Client::login(&a, "bob", "phone", 0);
+    let (mut carol, _) = Client::login(&b, "carol", "phone", 0);
+    // Dave is offline: he reads it when he logs in, on either node.
+    let id = carol.request(C::Send(proto::SendMessage {
+        group_id: "team".into(),
+        client_msg_id: "g1".into(),
+        content: b"hello team".to_vec(),
+        ..Default::default()
+    }));
+    match carol.response(id) {
+        S::SendOk(ok) => assert_eq!(ok.seq, 1),
+        other => panic!("group send answered {other:?}"),
+    }
+    for c in [&mut alice, &mut bob] {
+        let got = c.messages(1);
+        assert_eq!(texts(&got), vec![(1, "hello team".into())]);
+        assert_eq!(got[0].group_id, "team");
+    }
+    let (mut dave, _) = Client::login(&b, "dave", "phone", 0);
+    assert_eq!(texts(&dave.messages(1)), vec![(1, "hello team".into())]);
+}
+
+fn a_node_that_lost_redis_catches_its_devices_up_when_it_returns(mut shared: Shared) {
+    let a = shared.node_with(&["--redis-timeout", "1s"]);
+    let b = shared.node_with(&["--redis-timeout", "1s"]);
+    let (mut alice, _) = Client::login(&a, "alice", "phone", 0);
+    let (mut bob, _) = Client::login(&b, "bob", "phone", 0);
+    alice.send("bob", "m1", "before");
+    assert_eq!(texts(&bob.messages(1)), vec![(1, "before".into())]);
+    shared.kill9();
+    shared.restart();
+    // Sent as soon as Redis takes it, possibly before bob's node has subscribed again.
+    let ok = common::poll_until(
+        std::time::Duration::from_secs(20),
+        "a send once Redis is back",
+        || match send(&mut alice, "bob", "m2", "after") {
+            S::SendOk(ok) => Ok(ok),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert_eq!(ok.seq, 2);
+    assert_eq!(texts(&bob.messages(1)), vec![(2, "after".into())]);
+}
+
 macro_rules! against_both {
     ($($case:ident),* $(,)?) => {
         mod one_redis {
@@ -225,4 +311,8 @@ against_both!(
     a_send_on_one_node_reaches_its_recipient_logging_in_on_another,
     acknowledged_messages_survive_kill_9_of_the_node_and_of_redis,
     while_redis_is_away_sends_and_logins_get_unavailable_and_connections_stay_up,
+    a_message_reaches_its_recipient_online_on_another_node_as_it_is_sent,
+    a_user_with_devices_on_two_nodes_gets_everything_on_both,
+    a_group_message_reaches_members_on_every_node,
+    a_node_that_lost_redis_catches_its_devices_up_when_it_returns,
 );

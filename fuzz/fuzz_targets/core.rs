@@ -21,7 +21,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
 
 use imgate::im::auth;
-use imgate::im::core::{ConnId, Core, ImConfig, Now, Output, ReadId, ReadRequest, Target};
+use imgate::im::core::{
+    ClusterOp, ConnId, Core, ImConfig, Now, Output, Published, ReadId, ReadRequest, Target,
+};
 use imgate::im::proto::{self, client_frame::Body as C, server_frame::Body as S, ClientFrame};
 use imgate::im::wire;
 use imgate::store::memory::MemoryStore;
@@ -95,8 +97,11 @@ struct Driver {
     next_request: u64,
     admin_waiting: HashSet<usize>,
     next_admin: usize,
-    /// Whether a batch was refused: after one, a membership change may repeat the store.
+    /// Whether a batch was refused: after one, a membership change may repeat the store, and
+    /// a group may pass its bound.
     refused_any: bool,
+    /// The users whose channel the core wants heard.
+    subscribed: HashSet<String>,
 }
 
 impl Driver {
@@ -134,7 +139,9 @@ impl Driver {
             }
             answers.push((id, self.store.apply(&batch)));
         }
-        for g in GROUPS {
+        // A change decided while a refused one was in flight counted on it: after a refusal
+        // a group may pass its bound (by as many members as refused removals).
+        for g in GROUPS.iter().filter(|_| !self.refused_any) {
             let size = self.store.group_size(g).unwrap();
             assert!(size <= MAX_GROUP_MEMBERS, "{g} has {size} members");
         }
@@ -156,6 +163,31 @@ impl Driver {
         }
     }
 
+    /// What another node of a cluster would tell about `uid`'s inbox: the stored message
+    /// `seq` (heard late, twice, or after a lost one), where the inbox ends, or that the
+    /// subscription holds.
+    fn news_from_elsewhere(&mut self, uid: &str, seq: u64, how: u8) {
+        match how & 0x60 {
+            0x00 => {
+                if let Some(m) = self
+                    .store
+                    .messages_after(uid, seq.saturating_sub(1), 1)
+                    .unwrap()
+                    .pop()
+                {
+                    self.core
+                        .handle_published(uid, Published::Message(m), self.now);
+                }
+            }
+            0x20 => {
+                let tip = self.store.max_seq(uid).unwrap();
+                self.core
+                    .handle_published(uid, Published::Tip(tip), self.now);
+            }
+            _ => self.core.handle_subscribed(uid),
+        }
+    }
+
     /// Answers the oldest `n` reads put out, as the read thread would.
     fn answer(&mut self, n: usize) {
         while let Some((rid, req)) = self.core.poll_read() {
@@ -169,6 +201,33 @@ impl Driver {
     }
 
     fn check_output(&mut self) {
+        for r in self.core.drain_routes().collect::<Vec<_>>() {
+            match r {
+                ClusterOp::Subscribe(uid) => {
+                    assert!(
+                        self.subscribed.insert(uid.to_string()),
+                        "{uid} subscribed twice"
+                    )
+                }
+                ClusterOp::Unsubscribe(uid) => {
+                    assert!(
+                        self.subscribed.remove(&*uid),
+                        "{uid} unsubscribed, not subscribed"
+                    )
+                }
+                ClusterOp::Publish { uid, news } => {
+                    let (seq, msg) = match news {
+                        Published::Message(m) => (m.seq, Some(m)),
+                        Published::Tip(seq) => (seq, None),
+                    };
+                    let stored = self.store.messages_after(&uid, seq - 1, 1).unwrap();
+                    assert_eq!(stored.len(), 1, "{uid}'s {seq} published, not durable");
+                    if let Some(m) = msg {
+                        assert_eq!(stored[0], m, "published unlike stored");
+                    }
+                }
+            }
+        }
         let out: Vec<Output> = self.core.drain_output().collect();
         for o in out {
             let conn = match &o {
@@ -370,6 +429,8 @@ impl Driver {
                     self.refuse(n, how & 0x40 != 0);
                 } else if how & 1 == 0 {
                     self.commit(n);
+                } else if how & 0x80 != 0 {
+                    self.news_from_elsewhere(*input.pick(&UIDS), u64::from(how >> 2 & 7), how);
                 } else {
                     self.answer(n);
                 }
@@ -385,6 +446,7 @@ impl Driver {
                 for c in 0..CONNS {
                     self.core.check_ack_timeout(c, self.now);
                 }
+                self.core.handle_timeout(self.now);
             }
             14 => {
                 let a = *input.pick(&UIDS);
@@ -441,6 +503,7 @@ fuzz_target!(|data: &[u8]| {
         max_bad_frames: 3,
         output_room: *input.pick(&[300, 2000, 1 << 20]),
         max_group_members: MAX_GROUP_MEMBERS,
+        cluster: input.byte() & 1 == 0,
     };
     let mut d = Driver {
         core: Core::new(cfg, SECRET),
@@ -456,6 +519,7 @@ fuzz_target!(|data: &[u8]| {
         admin_waiting: HashSet::new(),
         next_admin: 0,
         refused_any: false,
+        subscribed: HashSet::new(),
     };
     while !input.0.is_empty() {
         d.step(&mut input);

@@ -69,7 +69,7 @@ use self::transport::{Phase, Route, Transport};
 use crate::buffer_pool::BufferPool;
 use crate::config::ServerConfig;
 pub use crate::im::core::Now;
-use crate::im::core::{BatchId, Core, ReadAnswer, ReadId, ReadRequest};
+use crate::im::core::{BatchId, ClusterOp, Core, Published, ReadAnswer, ReadId, ReadRequest};
 use crate::store::{Sent, WriteBatch};
 use crate::ws::handshake::{Endpoint, HttpError, Policy};
 
@@ -397,14 +397,19 @@ impl Gateway {
             self.on_timer(key);
         }
         self.fired = fired;
+        self.im.core.handle_timeout(now);
     }
 
     /// The next deadline (loop milliseconds), if any.
     pub fn poll_timeout(&self) -> Option<u64> {
-        [self.wheel.next_wakeup(), self.shutdown_deadline]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.wheel.next_wakeup(),
+            self.shutdown_deadline,
+            self.im.core.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// The store writes of this turn, to be committed together.
@@ -426,6 +431,23 @@ impl Gateway {
             self.resume.push(conn);
         }
         self.dispatch_im();
+    }
+
+    /// The cluster work of this turn (subscriptions, publishes), for the bus.
+    pub fn drain_routes(&mut self) -> std::vec::Drain<'_, ClusterOp> {
+        self.im.core.drain_routes()
+    }
+
+    /// Another node published news on `uid`'s channel.
+    pub fn handle_published(&mut self, uid: &str, news: Published, now: Now) {
+        self.now = now;
+        self.im.core.handle_published(uid, news, now);
+        self.dispatch_im();
+    }
+
+    /// The subscription to `uid`'s channel holds: the core reads where its inbox ends.
+    pub fn handle_subscribed(&mut self, uid: &str) {
+        self.im.core.handle_subscribed(uid);
     }
 
     /// These batches (in id order, with the answers to their sends) are durable (`took`: how

@@ -24,7 +24,7 @@ use crate::config::{ImSettings, ServerConfig};
 use crate::gateway::{ConnId, Gateway, Input, ListenerKind, Now, SocketAction};
 use crate::store::reader::Reader;
 use crate::store::redb_store::RedbStore;
-use crate::store::redis::RedisBackend;
+use crate::store::redis::{Bus, BusEvent, RedisBackend};
 use crate::store::writer::{Done, Writer};
 use crate::store::{Store, StoreRead};
 
@@ -52,15 +52,30 @@ fn open_store(im: &ImSettings) -> io::Result<(Arc<dyn Store>, Arc<dyn StoreRead 
         );
         return Ok((store.clone(), store));
     };
-    // Each answer may take a third of the timeout, so that a commit can try again on a new
-    // connection before the timeout has passed.
-    let io = (redis.timeout / 3).max(Duration::from_millis(50));
+    let io = redis_io_timeout(redis.timeout);
     let backend = || RedisBackend::new(redis.target.clone(), io, redis.timeout);
     let (store, reads) = (backend(), backend());
     store
         .check()
         .map_err(|e| io::Error::other(format!("{}: {e}", redis.target)))?;
     Ok((Arc::new(store), Arc::new(reads)))
+}
+
+/// How long one Redis answer may take: a third of `--redis-timeout`, so that a commit can
+/// try again on a new connection before the timeout has passed.
+fn redis_io_timeout(timeout: Duration) -> Duration {
+    (timeout / 3).max(Duration::from_millis(50))
+}
+
+/// A name for this process among the cluster's nodes, new at every start: a restarted node
+/// is another node, and what the dead one held is cleaned up after it.
+fn node_id() -> String {
+    use std::hash::BuildHasher;
+    let seed = (std::process::id(), unix_ms(), Instant::now());
+    format!(
+        "{:016x}",
+        std::collections::hash_map::RandomState::new().hash_one(format!("{seed:?}"))
+    )
 }
 
 pub struct Server {
@@ -71,6 +86,8 @@ pub struct Server {
     writer: Writer,
     /// Runs the IM core's store reads; answers wake the loop through the writer's waker.
     reader: Reader,
+    /// A node of a cluster: the pub/sub threads, which wake the loop through the same waker.
+    bus: Option<Bus>,
     /// Sockets, indexed by the gateway's [`ConnId`].
     sockets: Vec<Option<TcpStream>>,
     read_buf: Vec<u8>,
@@ -117,7 +134,20 @@ impl Server {
         // One waker for both threads: a poll takes one at most.
         let waker = Arc::new(mio::Waker::new(registry, STORE_WAKER)?);
         let writer = Writer::spawn(store, im.sync, waker.clone())?;
-        let reader = Reader::spawn(reads, waker)?;
+        let reader = Reader::spawn(reads.clone(), waker.clone())?;
+        let bus = match &im.redis {
+            Some(r) => {
+                let node = node_id();
+                info!("cluster node {node}");
+                Some(Bus::spawn(
+                    r.target.clone(),
+                    redis_io_timeout(r.timeout),
+                    &node,
+                    waker,
+                )?)
+            }
+            None => None,
+        };
         Ok(Server {
             gateway: Gateway::new(&cfg),
             poll,
@@ -125,6 +155,7 @@ impl Server {
             signals,
             writer,
             reader,
+            bus,
             // Reserved up front: growing it by doubling would leave the old copies behind in
             // the allocator, and each slot is 4 bytes.
             sockets: Vec::with_capacity(cfg.max_connections.min(1 << 20) + 64),
@@ -242,6 +273,9 @@ impl Server {
         while let Some((rid, req)) = self.gateway.poll_read() {
             self.reader.submit(rid, req);
         }
+        if let Some(bus) = &self.bus {
+            bus.submit(self.gateway.drain_routes());
+        }
         self.flush_all();
         while let Some(key) = self.gateway.poll_resume() {
             self.again.push(key);
@@ -273,6 +307,18 @@ impl Server {
         for (rid, answer) in answers {
             let now = self.now_value();
             self.gateway.handle_read(rid, answer, now);
+        }
+        if let Some(bus) = &self.bus {
+            let heard: Vec<BusEvent> = bus.completed().collect();
+            for e in heard {
+                let now = self.now_value();
+                match e {
+                    BusEvent::Subscribed(uid) => self.gateway.handle_subscribed(&uid),
+                    BusEvent::Published { uid, news } => {
+                        self.gateway.handle_published(&uid, news, now)
+                    }
+                }
+            }
         }
         let done: Vec<Done> = self.writer.completed().collect();
         for d in done {

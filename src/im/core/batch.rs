@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
-use super::delivery::RECENT_KEEP;
-use super::{error, BatchId, ConnId, Core, InFlight, Now, Output, Requester};
+use super::route::{ClusterOp, Published};
+use super::{error, BatchId, Core, InFlight, Now, Output, Requester};
 use crate::im::proto::ErrorCode;
 
 /// Why a send was not acknowledged when the store did not confirm it.
@@ -76,34 +76,32 @@ impl Core {
             }
             let owners = std::iter::once(&send.from).zip(std::iter::once(&sent.seq));
             for (owner, &seq) in owners.chain(send.to.iter().zip(&sent.to_seqs)) {
-                let Some(user) = self.users.get_mut(&**owner) else {
-                    continue;
-                };
-                if seq <= user.committed_seq {
-                    // Already known: the store had it at login, or a retry named it again.
-                    continue;
-                }
-                if seq > user.committed_seq + 1 || sent.duplicate {
-                    user.recent.clear();
-                }
-                user.committed_seq = seq;
                 // A duplicate's first attempt, unseen here (refused, or made on another
                 // node), may differ from it (its time, its content): the store's copy is the
                 // message, and the devices read it from there.
-                if !sent.duplicate {
-                    user.recent.push_back(StoredMessage {
+                let news = if sent.duplicate {
+                    Published::Tip(seq)
+                } else {
+                    Published::Message(StoredMessage {
                         seq,
                         server_time_ms: send.server_time_ms,
                         body: send.body.clone(),
-                    });
-                    if user.recent.len() > RECENT_KEEP {
-                        user.recent.pop_front();
-                    }
-                }
+                    })
+                };
+                let learned = match &news {
+                    Published::Message(msg) => self.learn_append(owner, msg),
+                    Published::Tip(seq) => self.learn_tip(owner, *seq),
+                };
+                self.route(ClusterOp::Publish {
+                    uid: owner.clone(),
+                    news,
+                });
                 // Each user once, in order of first append (a sort would reorder deliveries).
-                if user.touched_by != id {
-                    user.touched_by = id;
-                    touched.push(owner.clone());
+                if let Some(user) = self.users.get_mut(&**owner) {
+                    if learned && user.touched_by != id {
+                        user.touched_by = id;
+                        touched.push(owner.clone());
+                    }
                 }
             }
         }
@@ -113,15 +111,8 @@ impl Core {
         for m in &batch.memberships {
             self.membership_committed(m);
         }
-        let mut conns: Vec<ConnId> = Vec::new();
         for uid in touched {
-            if let Some(u) = self.users.get(&uid) {
-                conns.extend(u.devices.values());
-            }
-            for conn in conns.drain(..) {
-                self.pump(conn, now);
-            }
-            self.trim_recent(&uid);
+            self.pump_user(&uid, now);
         }
     }
 

@@ -236,7 +236,7 @@ pub(super) const ADMIN: ConnId = 9_999;
 
 /// Runs the core's reads against `store` as the read thread does, and every read they lead
 /// to, until none is left; returns what the answers produced.
-fn answer_reads(core: &mut Core, store: &dyn StoreRead, now: Now) -> Vec<Output> {
+pub(super) fn answer_reads(core: &mut Core, store: &dyn StoreRead, now: Now) -> Vec<Output> {
     let mut out = Vec::new();
     while let Some((rid, req)) = core.poll_read() {
         let answer = req.run(store);

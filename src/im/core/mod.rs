@@ -47,6 +47,7 @@ mod groups;
 mod harness;
 mod presence;
 mod reads;
+mod route;
 mod send;
 mod session;
 mod signal;
@@ -54,6 +55,7 @@ mod signal;
 pub use delivery::SYNC_MAX_BYTES;
 pub use groups::MembershipError;
 pub use reads::{LoginFacts, ReadAnswer, ReadId, ReadRequest, UserFacts};
+pub use route::{ClusterOp, Published};
 pub use signal::{SignalError, SignalTarget, MAX_SIGNAL_KIND, MAX_SIGNAL_PAYLOAD};
 
 /// The shell's identifier of a connection (its slab key).
@@ -91,6 +93,8 @@ pub struct ImConfig {
     pub output_room: usize,
     /// Members a group may have (`--max-group-members`).
     pub max_group_members: usize,
+    /// A node of a cluster (`--redis`): the core puts out [`ClusterOp`]s.
+    pub cluster: bool,
 }
 
 impl Default for ImConfig {
@@ -105,6 +109,7 @@ impl Default for ImConfig {
             max_bad_frames: 10,
             output_room: 1024 * 1024,
             max_group_members: 1000,
+            cluster: false,
         }
     }
 }
@@ -270,6 +275,9 @@ pub struct Core {
     reads: VecDeque<(reads::ReadId, ReadRequest)>,
     waiting: HashMap<reads::ReadId, reads::Waiter>,
     next_read: reads::ReadId,
+    /// Cluster work not yet taken by the shell.
+    routes: Vec<ClusterOp>,
+    tips: route::TipRetries,
 }
 
 fn frame(id: u64, body: server_frame::Body) -> ServerFrame {
@@ -323,6 +331,8 @@ impl Core {
             reads: VecDeque::new(),
             waiting: HashMap::new(),
             next_read: 1,
+            routes: Vec::new(),
+            tips: route::TipRetries::default(),
         }
     }
 
@@ -421,6 +431,7 @@ impl Core {
         }
         let key: Arc<str> = uid.into();
         self.users.insert(key.clone(), User::default());
+        self.route(ClusterOp::Subscribe(key.clone()));
         key
     }
 
@@ -431,7 +442,9 @@ impl Core {
             .get(uid)
             .is_some_and(|u| u.devices.is_empty() && u.logins == 0)
         {
-            self.users.remove(uid);
+            if let Some((key, _)) = self.users.remove_entry(uid) {
+                self.route(ClusterOp::Unsubscribe(key));
+            }
         }
     }
 }

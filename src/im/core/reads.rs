@@ -37,6 +37,8 @@ pub enum ReadRequest {
     Friends { uid: Arc<str> },
     /// What the admin API shows of a user (see [`UserFacts`]).
     User { uid: Arc<str> },
+    /// The newest seq of `uid`'s inbox.
+    Tip { uid: Arc<str> },
 }
 
 /// What the store knows of a user logging in.
@@ -69,6 +71,7 @@ pub enum ReadAnswer {
     Members(Result<Vec<String>, ReadError>),
     Friends(Vec<String>),
     User(Result<UserFacts, ReadError>),
+    Tip(Result<u64, ReadError>),
 }
 
 impl ReadRequest {
@@ -98,6 +101,7 @@ impl ReadRequest {
                     groups: store.groups_of(uid)?,
                 })
             })),
+            ReadRequest::Tip { uid } => ReadAnswer::Tip(store.max_seq(uid)),
         }
     }
 }
@@ -132,6 +136,8 @@ pub(super) enum Waiter {
     },
     /// A read for an admin API exchange, answered with [`Output::AdminRead`].
     Admin { admin: ConnId },
+    /// Where `uid`'s inbox ends, once this node hears its channel.
+    Tip { uid: Arc<str> },
 }
 
 /// What waits for a group's members, to be carried out again once they are cached.
@@ -221,6 +227,16 @@ impl Core {
                         None
                     }
                 }
+            }
+            (Waiter::Tip { uid }, ReadAnswer::Tip(tip)) => {
+                match tip {
+                    Ok(seq) => self.tip_read(&uid, seq, now),
+                    Err(e) => {
+                        log::warn!("{e}: where the inbox of {uid} ends; reading it again soon");
+                        self.tip_failed(uid, now);
+                    }
+                }
+                None
             }
             (Waiter::Admin { admin }, answer) => {
                 self.out.push(Output::AdminRead { admin, rid, answer });

@@ -24,6 +24,16 @@ pub enum RedisTarget {
     Cluster(Vec<String>),
 }
 
+impl RedisTarget {
+    /// The addresses given.
+    pub(crate) fn urls(&self) -> &[String] {
+        match self {
+            RedisTarget::Single(url) => std::slice::from_ref(url),
+            RedisTarget::Cluster(urls) => urls,
+        }
+    }
+}
+
 impl std::fmt::Display for RedisTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -77,18 +87,29 @@ impl RedisBackend {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `f` on the connection, connecting first when there is none; a failed call drops
-    /// the connection, which may be broken halfway through an answer.
+    /// Runs `f` on the connection, connecting first when there is none. A failed call drops
+    /// the connection, which may be broken halfway through an answer; one that failed on a
+    /// connection made before (perhaps to a Redis that has restarted since) is made once
+    /// more on a new one.
     fn with<T, E: From<WriteError>>(
         &self,
-        f: impl FnOnce(&mut RedisStore) -> Result<T, E>,
+        mut f: impl FnMut(&mut RedisStore) -> Result<T, E>,
     ) -> Result<T, E> {
         let mut guard = self.lock();
+        let fresh = guard.is_none();
         let store = match &mut *guard {
             Some(s) => s,
             slot => slot.insert(self.connect()?),
         };
         let r = f(store);
+        if r.is_ok() {
+            return r;
+        }
+        *guard = None;
+        if fresh {
+            return r;
+        }
+        let r = f(guard.insert(self.connect()?));
         if r.is_err() {
             *guard = None;
         }

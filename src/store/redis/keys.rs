@@ -53,6 +53,11 @@ impl UserKeys {
     }
 }
 
+/// The pub/sub channel of one user: what nodes publish about its inbox.
+pub(crate) fn channel(uid: &str) -> String {
+    tagged("im:", uid, ":ch")
+}
+
 /// The member set of a group.
 pub(crate) fn group_members(gid: &str) -> String {
     tagged("im:g:", gid, ":members")

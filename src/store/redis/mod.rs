@@ -9,8 +9,10 @@
 //! first, then the references to them.
 
 mod backend;
+mod bus;
 mod entry;
 mod keys;
+mod news;
 mod presence;
 
 use std::borrow::Borrow;
@@ -19,6 +21,7 @@ use std::time::Duration;
 use redis::{Connection, Value};
 
 pub use backend::{RedisBackend, RedisTarget};
+pub use bus::{Bus, BusEvent};
 pub use entry::{Content, Entry};
 use keys::{group_members, idempotency_key, UserKeys};
 pub use presence::DeviceOn;
@@ -334,6 +337,23 @@ impl RedisStore {
             return Ok(());
         }
         self.run::<()>(&b)?;
+        Ok(())
+    }
+
+    /// Publishes each (channel, payload) in one pipeline.
+    ///
+    /// # Errors
+    /// Redis could not be reached; some of them may have been published.
+    pub fn publish(&mut self, publishes: &[(String, Vec<u8>)]) -> Result<(), WriteError> {
+        let mut b = Batch::default();
+        for (ch, payload) in publishes {
+            let mut c = redis::cmd("PUBLISH");
+            c.arg(ch).arg(payload);
+            b.push(c, false);
+        }
+        if !b.is_empty() {
+            self.conn.pipeline::<()>(&b)?;
+        }
         Ok(())
     }
 

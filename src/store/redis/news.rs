@@ -1,0 +1,164 @@
+//! What one node publishes on a user's channel for the others (docs/CLUSTER.md, "Routing"),
+//! as bytes. Only nodes read it, and a node reads only what a node of the same version wrote,
+//! so the layout is this module's alone:
+//!
+//! the length of the publishing node's id (1 byte) and the id, the length of the uid (1 byte)
+//! and the uid, then a kind byte: for `M` the seq and `server_time_ms` (8 bytes little-endian
+//! each) and the body; for `T` the seq.
+
+use crate::im::core::Published;
+use crate::store::records::Corrupt;
+use crate::store::{Body, StoredMessage};
+
+const KIND_MESSAGE: u8 = b'M';
+const KIND_TIP: u8 = b'T';
+
+/// One publish: who published it, for whose inbox, and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct News<'a> {
+    pub(crate) node: &'a str,
+    pub(crate) uid: &'a str,
+    pub(crate) news: Published,
+}
+
+/// Node ids and uids are at most 255 bytes here (uids are at most 64 everywhere).
+fn short(s: &str) -> Option<u8> {
+    u8::try_from(s.len()).ok()
+}
+
+impl News<'_> {
+    /// The bytes of the publish, or None for an id too long to carry.
+    pub(crate) fn encode(&self) -> Option<Vec<u8>> {
+        let (n, u) = (short(self.node)?, short(self.uid)?);
+        let tail = match &self.news {
+            Published::Message(m) => 1 + 16 + m.body.len(),
+            Published::Tip(_) => 1 + 8,
+        };
+        let mut out = Vec::with_capacity(2 + self.node.len() + self.uid.len() + tail);
+        out.push(n);
+        out.extend_from_slice(self.node.as_bytes());
+        out.push(u);
+        out.extend_from_slice(self.uid.as_bytes());
+        match &self.news {
+            Published::Message(m) => {
+                out.push(KIND_MESSAGE);
+                out.extend_from_slice(&m.seq.to_le_bytes());
+                out.extend_from_slice(&m.server_time_ms.to_le_bytes());
+                out.extend_from_slice(&m.body);
+            }
+            Published::Tip(seq) => {
+                out.push(KIND_TIP);
+                out.extend_from_slice(&seq.to_le_bytes());
+            }
+        }
+        Some(out)
+    }
+
+    /// # Errors
+    /// Bytes that are not a publish of this layout.
+    pub(crate) fn decode(raw: &[u8]) -> Result<News<'_>, Corrupt> {
+        let (node, rest) = text(raw).ok_or(Corrupt("a publish with a bad node id"))?;
+        let (uid, rest) = text(rest).ok_or(Corrupt("a publish with a bad uid"))?;
+        let (&kind, rest) = rest
+            .split_first()
+            .ok_or(Corrupt("a publish with no kind"))?;
+        let word = |b: &[u8]| -> Option<[u8; 8]> { b.get(..8)?.try_into().ok() };
+        let news = match kind {
+            KIND_MESSAGE => {
+                let seq = word(rest).ok_or(Corrupt("a publish with no seq"))?;
+                let time = word(&rest[8..]).ok_or(Corrupt("a publish with no time"))?;
+                Published::Message(StoredMessage {
+                    seq: u64::from_le_bytes(seq),
+                    server_time_ms: i64::from_le_bytes(time),
+                    body: Body::from(&rest[16..]),
+                })
+            }
+            KIND_TIP if rest.len() == 8 => Published::Tip(u64::from_le_bytes(
+                word(rest).ok_or(Corrupt("a publish with no seq"))?,
+            )),
+            _ => return Err(Corrupt("a publish of an unknown kind")),
+        };
+        Ok(News { node, uid, news })
+    }
+}
+
+/// A length-prefixed UTF-8 string, and what follows it.
+fn text(raw: &[u8]) -> Option<(&str, &[u8])> {
+    let (&n, rest) = raw.split_first()?;
+    let n = usize::from(n);
+    let s = std::str::from_utf8(rest.get(..n)?).ok()?;
+    Some((s, &rest[n..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_and_a_tip_read_back_as_written() {
+        for news in [
+            Published::Message(StoredMessage {
+                seq: 7,
+                server_time_ms: -3,
+                body: Body::from(&b"hello"[..]),
+            }),
+            Published::Message(StoredMessage {
+                seq: u64::MAX,
+                server_time_ms: 1,
+                body: Body::from(&[][..]),
+            }),
+            Published::Tip(42),
+        ] {
+            let n = News {
+                node: "node-a",
+                uid: "ålice",
+                news,
+            };
+            let raw = n.encode().unwrap();
+            assert_eq!(News::decode(&raw).unwrap(), n);
+        }
+    }
+
+    #[test]
+    fn every_truncation_and_a_wrong_kind_is_refused_not_misread() {
+        let raw = News {
+            node: "n",
+            uid: "u",
+            news: Published::Tip(1),
+        }
+        .encode()
+        .unwrap();
+        for end in 0..raw.len() {
+            assert!(News::decode(&raw[..end]).is_err(), "{end} bytes");
+        }
+        let mut wrong = raw.clone();
+        wrong[4] = b'X';
+        assert!(News::decode(&wrong).is_err());
+        let message = News {
+            node: "n",
+            uid: "u",
+            news: Published::Message(StoredMessage {
+                seq: 1,
+                server_time_ms: 2,
+                body: Body::from(&b"b"[..]),
+            }),
+        }
+        .encode()
+        .unwrap();
+        // A message may have an empty body, so it reads back down to its fixed part.
+        for end in 0..5 + 16 {
+            assert!(News::decode(&message[..end]).is_err(), "{end} bytes");
+        }
+    }
+
+    #[test]
+    fn an_id_too_long_to_carry_is_not_encoded() {
+        let long = "x".repeat(256);
+        let n = News {
+            node: &long,
+            uid: "u",
+            news: Published::Tip(1),
+        };
+        assert_eq!(n.encode(), None);
+    }
+}
