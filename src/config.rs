@@ -140,6 +140,12 @@ pub struct ServeArgs {
     #[arg(long, env = "IMGATE_STORE_LOG_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub store_log_bytes: usize,
 
+    /// Bind the public, raw-TCP and admin listeners with SO_REUSEPORT, so that several
+    /// processes (one per core) share the ports and the kernel spreads new connections
+    /// over them.
+    #[arg(long, env = "IMGATE_REUSE_PORT")]
+    pub reuse_port: bool,
+
     /// Make this process a node of a cluster whose shared state (inboxes, cursors, dedupe
     /// keys, friendships, groups) is in this Redis 7 (`redis://host:port/db`) instead of the
     /// embedded store; --data-dir is then unused. See "Running a cluster" in the README.
@@ -288,6 +294,8 @@ pub struct ImSettings {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// `--reuse-port`: every listener is bound with SO_REUSEPORT.
+    pub reuse_port: bool,
     pub echo: bool,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
@@ -310,6 +318,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            reuse_port: false,
             echo: false,
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(75),
@@ -428,6 +437,7 @@ impl From<&ServeArgs> for ServerConfig {
     fn from(a: &ServeArgs) -> Self {
         ServerConfig {
             listen: a.listen,
+            reuse_port: a.reuse_port,
             echo: a.echo,
             ping_interval: a.ping_interval,
             idle_timeout: a.idle_timeout,

@@ -296,6 +296,54 @@ fn a_node_that_lost_redis_catches_its_devices_up_when_it_returns(mut shared: Sha
     assert_eq!(texts(&bob.messages(1)), vec![(2, "after".into())]);
 }
 
+/// Nodes started with `--reuse-port` on one address share it: the kernel spreads new
+/// connections over them, and users on different nodes reach each other.
+#[test]
+fn nodes_sharing_one_port_each_take_connections_and_relay_between_them() {
+    let shared = Shared::one();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let url = match &shared {
+        Shared::One(r) => r.url(),
+        Shared::Cluster(_) => unreachable!(),
+    };
+    let start = || {
+        ServerProc::start_in(
+            common::temp_data_dir(),
+            &listen,
+            &["--reuse-port", "--redis", &url],
+            |_| {},
+        )
+    };
+    let nodes = [start(), start()];
+    let mut clients: Vec<Client> = (0..24)
+        .map(|i| Client::login(&nodes[0], &format!("u{i}"), "phone", 0).0)
+        .collect();
+    for n in &nodes {
+        let metrics = n.admin_request("GET", "/metrics", "");
+        let logins = common::metric_sample(&metrics, "imgate_logins_total").unwrap_or(0.0);
+        assert!(logins >= 1.0, "a node took no connection: {metrics}");
+    }
+    // Every user sends to the next one, wherever each landed.
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.request(C::Send(proto::SendMessage {
+            to_uid: format!("u{}", (i + 1) % 24),
+            client_msg_id: "m1".into(),
+            content: format!("from u{i}").into_bytes(),
+            group_id: String::new(),
+        }));
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        let from = (i + 23) % 24;
+        let got = c.messages(1);
+        assert_eq!(got[0].from_uid, format!("u{from}"));
+        assert_eq!(got[0].content, format!("from u{from}").into_bytes());
+    }
+}
+
 macro_rules! against_both {
     ($($case:ident),* $(,)?) => {
         mod one_redis {

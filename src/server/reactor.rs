@@ -61,6 +61,25 @@ fn open_store(im: &ImSettings) -> io::Result<(Arc<dyn Store>, Arc<dyn StoreRead 
     Ok((Arc::new(store), Arc::new(reads)))
 }
 
+/// A listener on `addr` as mio binds one (SO_REUSEADDR, a backlog of 1024), with
+/// SO_REUSEPORT too when `reuse_port`, so that several processes may share the port.
+fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
+    if !reuse_port {
+        return TcpListener::bind(addr);
+    }
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(TcpListener::from_std(s.into()))
+}
+
 /// How long one Redis answer may take: a third of `--redis-timeout`, so that a commit can
 /// try again on a new connection before the timeout has passed.
 fn redis_io_timeout(timeout: Duration) -> Duration {
@@ -115,7 +134,7 @@ impl Server {
         let poll = Poll::new()?;
         let registry = poll.registry();
         let listen = |addr, token| -> io::Result<TcpListener> {
-            let mut l = TcpListener::bind(addr)?;
+            let mut l = bind(addr, cfg.reuse_port)?;
             registry.register(&mut l, token, Interest::READABLE)?;
             Ok(l)
         };
