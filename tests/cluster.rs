@@ -344,6 +344,36 @@ fn nodes_sharing_one_port_each_take_connections_and_relay_between_them() {
     }
 }
 
+fn the_same_device_logging_in_on_another_node_kicks_the_older_connection(shared: Shared) {
+    let (a, b) = (shared.node(), shared.node());
+    let (mut old, _) = Client::login(&a, "bob", "phone", 0);
+    let (mut tablet, _) = Client::login(&a, "bob", "tablet", 0);
+    // The old login's announcement has come back to its node once a message to it has: the
+    // channel keeps order.
+    let (mut alice, _) = Client::login(&b, "alice", "phone", 0);
+    alice.send("bob", "m1", "first");
+    assert_eq!(texts(&old.messages(1)), vec![(1, "first".into())]);
+    let (mut new, _) = Client::login(&b, "bob", "phone", 0);
+    match old.next().body {
+        Some(S::Kicked(_)) => {}
+        other => panic!("the older phone got {other:?}"),
+    }
+    match old.ws.read() {
+        Ok(tungstenite::Message::Close(Some(f))) => assert_eq!(u16::from(f.code), 4000),
+        other => panic!("the older phone was not closed with 4000: {other:?}"),
+    }
+    // The new phone and the tablet go on.
+    alice.send("bob", "m2", "second");
+    assert_eq!(
+        texts(&new.messages(2)),
+        vec![(1, "first".into()), (2, "second".into())]
+    );
+    assert_eq!(
+        texts(&tablet.messages(2)),
+        vec![(1, "first".into()), (2, "second".into())]
+    );
+}
+
 macro_rules! against_both {
     ($($case:ident),* $(,)?) => {
         mod one_redis {
@@ -363,4 +393,5 @@ against_both!(
     a_user_with_devices_on_two_nodes_gets_everything_on_both,
     a_group_message_reaches_members_on_every_node,
     a_node_that_lost_redis_catches_its_devices_up_when_it_returns,
+    the_same_device_logging_in_on_another_node_kicks_the_older_connection,
 );

@@ -176,13 +176,23 @@ impl Driver {
                     .pop()
                 {
                     self.core
-                        .handle_published(uid, Published::Message(m), self.now);
+                        .handle_published(uid, Published::Message(m), false, self.now);
                 }
             }
             0x20 => {
                 let tip = self.store.max_seq(uid).unwrap();
                 self.core
-                    .handle_published(uid, Published::Tip(tip), self.now);
+                    .handle_published(uid, Published::Tip(tip), false, self.now);
+            }
+            0x40 => {
+                // A login of the same device elsewhere, or this node's own coming back.
+                let device = if how & 0x10 == 0 { "phone" } else { "laptop" };
+                let news = Published::Login {
+                    device_id: device.into(),
+                    login: seq,
+                };
+                self.core
+                    .handle_published(uid, news, how & 0x08 != 0, self.now);
             }
             _ => self.core.handle_subscribed(uid),
         }
@@ -215,10 +225,15 @@ impl Driver {
                         "{uid} unsubscribed, not subscribed"
                     )
                 }
+                ClusterOp::Publish {
+                    news: Published::Login { .. },
+                    ..
+                } => {}
                 ClusterOp::Publish { uid, news } => {
                     let (seq, msg) = match news {
                         Published::Message(m) => (m.seq, Some(m)),
                         Published::Tip(seq) => (seq, None),
+                        Published::Login { .. } => unreachable!(),
                     };
                     let stored = self.store.messages_after(&uid, seq - 1, 1).unwrap();
                     assert_eq!(stored.len(), 1, "{uid}'s {seq} published, not durable");

@@ -438,10 +438,10 @@ impl Gateway {
         self.im.core.drain_routes()
     }
 
-    /// Another node published news on `uid`'s channel.
-    pub fn handle_published(&mut self, uid: &str, news: Published, now: Now) {
+    /// A node (this one: `mine`) published news on `uid`'s channel.
+    pub fn handle_published(&mut self, uid: &str, news: Published, mine: bool, now: Now) {
         self.now = now;
-        self.im.core.handle_published(uid, news, now);
+        self.im.core.handle_published(uid, news, mine, now);
         self.dispatch_im();
     }
 

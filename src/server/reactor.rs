@@ -333,8 +333,8 @@ impl Server {
                 let now = self.now_value();
                 match e {
                     BusEvent::Subscribed(uid) => self.gateway.handle_subscribed(&uid),
-                    BusEvent::Published { uid, news } => {
-                        self.gateway.handle_published(&uid, news, now)
+                    BusEvent::Published { uid, news, mine } => {
+                        self.gateway.handle_published(&uid, news, mine, now)
                     }
                 }
             }

@@ -88,10 +88,7 @@ impl Core {
                         body: send.body.clone(),
                     })
                 };
-                let learned = match &news {
-                    Published::Message(msg) => self.learn_append(owner, msg),
-                    Published::Tip(seq) => self.learn_tip(owner, *seq),
-                };
+                let learned = self.learn(owner, &news);
                 self.route(ClusterOp::Publish {
                     uid: owner.clone(),
                     news,

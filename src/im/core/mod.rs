@@ -213,6 +213,8 @@ struct Device {
     own: VecDeque<u64>,
     /// The read of older messages its stream waits for, if any.
     reading: Option<reads::ReadId>,
+    /// Where its login stands among the cluster's logins of the same device.
+    claim: route::Claim,
 }
 
 #[derive(Debug)]
@@ -246,6 +248,8 @@ struct User {
     /// The user's friends: what the store had when its first device logged in, then what
     /// commits changed, so that going offline needs no read.
     friends: Vec<String>,
+    /// Whether this node hears the user's channel (a node of a cluster).
+    heard: bool,
 }
 
 /// A taken batch until the store answers it: who asked for each of its sends (None once
@@ -278,6 +282,8 @@ pub struct Core {
     /// Cluster work not yet taken by the shell.
     routes: Vec<ClusterOp>,
     tips: route::TipRetries,
+    /// Numbers this node's logins, to tell its own announcements apart.
+    next_login: u64,
 }
 
 fn frame(id: u64, body: server_frame::Body) -> ServerFrame {
@@ -333,6 +339,7 @@ impl Core {
             next_read: 1,
             routes: Vec::new(),
             tips: route::TipRetries::default(),
+            next_login: 1,
         }
     }
 

@@ -38,6 +38,27 @@ pub enum ClusterOp {
     Publish { uid: Arc<str>, news: Published },
 }
 
+/// Where a device's login stands among the logins of the same device on other nodes.
+///
+/// Each login is announced on the user's channel, which Redis delivers to every node in one
+/// order. A login whose own announcement came back is held; another node's announcement of
+/// the same device heard after that is a newer login, and kicks it. One heard before it is an
+/// older login, which that node kicks when it hears this one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Claim {
+    /// A single node: logins of the same device are all here.
+    Local,
+    /// To be announced once this node hears the user's channel, so that its announcement
+    /// comes back to it.
+    Waiting,
+    /// Announced as login `n` of this node; its announcement has not come back yet.
+    Announced(u64),
+    /// The announcement came back.
+    Held,
+    /// A newer login elsewhere kicked it; it is closing.
+    Lost,
+}
+
 /// What a node publishes on a user's channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Published {
@@ -46,6 +67,8 @@ pub enum Published {
     /// The inbox reaches this seq; its messages are in the store (a send's retry, whose
     /// first attempt may have been stored without being published).
     Tip(u64),
+    /// Login `login` of the publishing node, of `device_id` (see [`Claim`]).
+    Login { device_id: String, login: u64 },
 }
 
 impl Core {
@@ -54,25 +77,85 @@ impl Core {
         self.routes.drain(..)
     }
 
-    /// Another node published `news` on `uid`'s channel: the devices of `uid` here get what
-    /// it appended.
-    pub fn handle_published(&mut self, uid: &str, news: Published, now: Now) {
-        let learned = match news {
-            Published::Message(msg) => self.learn_append(uid, &msg),
-            Published::Tip(seq) => self.learn_tip(uid, seq),
-        };
-        if learned {
+    /// A node published `news` on `uid`'s channel (`mine`: this node): the devices of `uid`
+    /// here get what another node appended, and a device here that logged in again on
+    /// another node is kicked (4000).
+    pub fn handle_published(&mut self, uid: &str, news: Published, mine: bool, now: Now) {
+        if let Published::Login { device_id, login } = &news {
+            return self.login_heard(uid, device_id, *login, mine);
+        }
+        if !mine && self.learn(uid, &news) {
             self.pump_user(uid, now);
+        }
+    }
+
+    /// The claim of a device logging in now: announced when this node is one of a cluster
+    /// and hears the user's channel already.
+    pub(super) fn announce_login(&mut self, uid: &Arc<str>, device_id: &str) -> Claim {
+        if !self.cfg.cluster {
+            return Claim::Local;
+        }
+        if !self.users.get(uid).is_some_and(|u| u.heard) {
+            return Claim::Waiting;
+        }
+        let login = self.next_login;
+        self.next_login += 1;
+        self.route(ClusterOp::Publish {
+            uid: uid.clone(),
+            news: Published::Login {
+                device_id: device_id.to_owned(),
+                login,
+            },
+        });
+        Claim::Announced(login)
+    }
+
+    fn login_heard(&mut self, uid: &str, device_id: &str, login: u64, mine: bool) {
+        let Some(&conn) = self.users.get(uid).and_then(|u| u.devices.get(device_id)) else {
+            return;
+        };
+        let Some(dev) = self.sessions.get_mut(&conn).and_then(|s| s.device.as_mut()) else {
+            return;
+        };
+        match (mine, dev.claim) {
+            (true, Claim::Announced(n)) if n == login => dev.claim = Claim::Held,
+            (false, Claim::Held) => {
+                // Closing, it is removed from the user's devices when the shell reports
+                // the close, as any device is.
+                dev.claim = Claim::Lost;
+                self.kick(conn);
+            }
+            _ => {}
         }
     }
 
     /// The subscription to `uid`'s channel holds: what was appended before it did is read.
     pub fn handle_subscribed(&mut self, uid: &str) {
-        let Some((uid, _)) = self.users.get_key_value(uid) else {
+        let Some((uid, user)) = self.users.get_key_value(uid) else {
             return;
         };
         let uid = uid.clone();
-        self.request(ReadRequest::Tip { uid: uid.clone() }, Waiter::Tip { uid });
+        let conns: Vec<ConnId> = user.devices.values().copied().collect();
+        self.request(
+            ReadRequest::Tip { uid: uid.clone() },
+            Waiter::Tip { uid: uid.clone() },
+        );
+        if let Some(u) = self.users.get_mut(&uid) {
+            u.heard = true;
+        }
+        for conn in conns {
+            let waiting = self.sessions.get(&conn).and_then(|s| s.device.as_ref());
+            let Some(device_id) = waiting
+                .filter(|d| d.claim == Claim::Waiting)
+                .map(|d| d.device_id.clone())
+            else {
+                continue;
+            };
+            let claim = self.announce_login(&uid, &device_id);
+            if let Some(d) = self.sessions.get_mut(&conn).and_then(|s| s.device.as_mut()) {
+                d.claim = claim;
+            }
+        }
     }
 
     /// The reads of where inboxes end that failed wait until then (loop ms): call
@@ -102,6 +185,15 @@ impl Core {
     pub(super) fn tip_read(&mut self, uid: &str, seq: u64, now: Now) {
         if self.learn_tip(uid, seq) {
             self.pump_user(uid, now);
+        }
+    }
+
+    /// What `news` says of `uid`'s inbox. Returns whether it is news to a cached user.
+    pub(super) fn learn(&mut self, uid: &str, news: &Published) -> bool {
+        match news {
+            Published::Message(msg) => self.learn_append(uid, msg),
+            Published::Tip(seq) => self.learn_tip(uid, *seq),
+            Published::Login { .. } => false,
         }
     }
 
@@ -161,9 +253,10 @@ impl Core {
 
 #[cfg(test)]
 mod tests {
-    use super::super::harness::{answer_reads, messages_to, Failing, H};
+    use super::super::harness::{answer_reads, closes, frames_to, messages_to, Failing, H};
     use super::super::{ImConfig, Output};
     use super::*;
+    use crate::im::proto::server_frame::Body as S;
     use crate::im::wire;
     use crate::store::{NewSend, StoreRead, WriteBatch};
 
@@ -172,6 +265,13 @@ mod tests {
             cluster: true,
             ..ImConfig::default()
         })
+    }
+
+    fn login(device: &str, n: u64) -> Published {
+        Published::Login {
+            device_id: device.into(),
+            login: n,
+        }
     }
 
     fn routes(h: &mut H) -> Vec<ClusterOp> {
@@ -211,6 +311,25 @@ mod tests {
         let mut h = node();
         h.login(1, "alice", "phone", 0);
         assert_eq!(routes(&mut h), vec![ClusterOp::Subscribe("alice".into())]);
+        // The login is announced once the channel is heard, so that it comes back.
+        h.core.handle_subscribed("alice");
+        h.turn();
+        assert_eq!(
+            routes(&mut h),
+            vec![ClusterOp::Publish {
+                uid: "alice".into(),
+                news: login("phone", 1)
+            }]
+        );
+        h.login(2, "alice", "laptop", 0);
+        assert_eq!(
+            routes(&mut h),
+            vec![ClusterOp::Publish {
+                uid: "alice".into(),
+                news: login("laptop", 2)
+            }]
+        );
+        h.close(2);
         h.send(1, "bob", "m1", "hi");
         let published: Vec<(String, u64)> = routes(&mut h)
             .into_iter()
@@ -251,16 +370,16 @@ mod tests {
         h.login(2, "bob", "phone", 0);
         let first = sent_elsewhere(&mut h, "bob", "c1", "one");
         h.core
-            .handle_published("bob", Published::Message(first.clone()), h.now);
+            .handle_published("bob", Published::Message(first.clone()), false, h.now);
         assert_eq!(messages_to(&h.turn(), 2), vec![(1, "one".into())]);
         h.core
-            .handle_published("bob", Published::Message(first), h.now);
+            .handle_published("bob", Published::Message(first), false, h.now);
         assert_eq!(messages_to(&h.turn(), 2), vec![], "heard twice");
         // The publish of 2 was lost: 3 shows the gap, which is read from the store.
         sent_elsewhere(&mut h, "bob", "c2", "two");
         let third = sent_elsewhere(&mut h, "bob", "c3", "three");
         h.core
-            .handle_published("bob", Published::Message(third), h.now);
+            .handle_published("bob", Published::Message(third), false, h.now);
         assert_eq!(
             messages_to(&h.turn(), 2),
             vec![(2, "two".into()), (3, "three".into())]
@@ -268,7 +387,7 @@ mod tests {
         // News of a user not cached here is nobody's.
         let other = sent_elsewhere(&mut h, "dave", "c4", "x");
         h.core
-            .handle_published("dave", Published::Message(other), h.now);
+            .handle_published("dave", Published::Message(other), false, h.now);
         assert!(h.turn().is_empty());
     }
 
@@ -294,5 +413,43 @@ mod tests {
         h.core.handle_timeout(h.now);
         assert_eq!(messages_to(&h.turn(), 2), vec![(2, "later".into())]);
         assert_eq!(h.core.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_device_logging_in_again_on_another_node_is_kicked_there_and_only_the_older_login() {
+        let mut h = node();
+        h.login(1, "bob", "phone", 0);
+        h.login(2, "bob", "tablet", 0);
+        h.core.handle_subscribed("bob");
+        h.turn();
+        let announced: Vec<Published> = routes(&mut h)
+            .into_iter()
+            .filter_map(|r| match r {
+                ClusterOp::Publish { news, .. } => Some(news),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(announced.len(), 2, "{announced:?}");
+        // Another node's login of the phone, announced before this node's came back: that
+        // one is older, and the other node kicks it when it hears this one.
+        h.core
+            .handle_published("bob", login("phone", 7), false, h.now);
+        assert_eq!(closes(&h.turn()), vec![]);
+        for news in announced {
+            h.core.handle_published("bob", news, true, h.now);
+        }
+        assert_eq!(closes(&h.turn()), vec![]);
+        // A newer login of the phone elsewhere: the phone here is told and closed, once.
+        h.core
+            .handle_published("bob", login("phone", 8), false, h.now);
+        let out = h.turn();
+        assert!(matches!(frames_to(&out, 1)[..], [S::Kicked(_)]), "{out:?}");
+        assert_eq!(closes(&out), vec![(1, crate::im::core::CLOSE_REPLACED)]);
+        h.core
+            .handle_published("bob", login("phone", 9), false, h.now);
+        assert_eq!(closes(&h.turn()), vec![]);
+        // The tablet stays; the phone is gone once its close is reported.
+        h.close(1);
+        assert_eq!(h.core.online_devices("bob"), vec!["tablet".to_string()]);
     }
 }

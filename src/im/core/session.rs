@@ -164,22 +164,10 @@ impl Core {
             if let Some(s) = self.sessions.get_mut(&old) {
                 s.device = None;
             }
-            self.reply(
-                old,
-                frame(
-                    0,
-                    server_frame::Body::Kicked(proto::Kicked {
-                        reason: "logged in elsewhere with the same device_id".into(),
-                    }),
-                ),
-            );
-            self.out.push(Output::Close {
-                conn: old,
-                code: CLOSE_REPLACED,
-                reason: "replaced",
-            });
+            self.kick(old);
         }
         let cursor = if last_seq > 0 { last_seq } else { facts.cursor }.min(committed);
+        let claim = self.announce_login(&uid, &device_id);
         if let Some(s) = self.sessions.get_mut(&conn) {
             s.device = Some(Device {
                 uid: uid.clone(),
@@ -189,6 +177,7 @@ impl Core {
                 progress_ms: now.mono_ms,
                 own: VecDeque::new(),
                 reading: None,
+                claim,
             });
         }
         let online_friends = facts
@@ -216,6 +205,24 @@ impl Core {
             }
         }
         self.pump(conn, now);
+    }
+
+    /// Tells `conn`, whose device logged in again elsewhere, and closes it (4000).
+    pub(super) fn kick(&mut self, conn: ConnId) {
+        self.reply(
+            conn,
+            frame(
+                0,
+                server_frame::Body::Kicked(proto::Kicked {
+                    reason: "logged in elsewhere with the same device_id".into(),
+                }),
+            ),
+        );
+        self.out.push(Output::Close {
+            conn,
+            code: CLOSE_REPLACED,
+            reason: "replaced",
+        });
     }
 
     /// A login the store could not serve: UNAVAILABLE, then 1011 (the client may retry).

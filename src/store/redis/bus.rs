@@ -34,8 +34,13 @@ pub enum BusEvent {
     /// The subscription to `uid`'s channel holds (again): what was published before it did
     /// was not heard.
     Subscribed(Arc<str>),
-    /// Another node published `news` on `uid`'s channel.
-    Published { uid: Arc<str>, news: Published },
+    /// A node (this one: `mine`) published `news` on `uid`'s channel. This node's own
+    /// news is reported only for logins.
+    Published {
+        uid: Arc<str>,
+        news: Published,
+        mine: bool,
+    },
 }
 
 enum Sub {
@@ -271,9 +276,11 @@ impl Subscriber {
                 Err(e) => return Err(e),
             };
             match News::decode(msg.get_payload_bytes()) {
-                Ok(n) if n.node == &*self.node => {}
+                // This node's own news matters only to order logins.
+                Ok(n) if n.node == &*self.node && !matches!(n.news, Published::Login { .. }) => {}
                 Ok(n) => self.report(BusEvent::Published {
                     uid: n.uid.into(),
+                    mine: n.node == &*self.node,
                     news: n.news,
                 }),
                 Err(e) => log::warn!("pub/sub on {}: {e}", msg.get_channel_name()),

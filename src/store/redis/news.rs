@@ -4,7 +4,7 @@
 //!
 //! the length of the publishing node's id (1 byte) and the id, the length of the uid (1 byte)
 //! and the uid, then a kind byte: for `M` the seq and `server_time_ms` (8 bytes little-endian
-//! each) and the body; for `T` the seq.
+//! each) and the body; for `T` the seq; for `L` the login's number and the device id.
 
 use crate::im::core::Published;
 use crate::store::records::Corrupt;
@@ -12,6 +12,7 @@ use crate::store::{Body, StoredMessage};
 
 const KIND_MESSAGE: u8 = b'M';
 const KIND_TIP: u8 = b'T';
+const KIND_LOGIN: u8 = b'L';
 
 /// One publish: who published it, for whose inbox, and what.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +34,7 @@ impl News<'_> {
         let tail = match &self.news {
             Published::Message(m) => 1 + 16 + m.body.len(),
             Published::Tip(_) => 1 + 8,
+            Published::Login { device_id, .. } => 1 + 8 + device_id.len(),
         };
         let mut out = Vec::with_capacity(2 + self.node.len() + self.uid.len() + tail);
         out.push(n);
@@ -49,6 +51,11 @@ impl News<'_> {
             Published::Tip(seq) => {
                 out.push(KIND_TIP);
                 out.extend_from_slice(&seq.to_le_bytes());
+            }
+            Published::Login { device_id, login } => {
+                out.push(KIND_LOGIN);
+                out.extend_from_slice(&login.to_le_bytes());
+                out.extend_from_slice(device_id.as_bytes());
             }
         }
         Some(out)
@@ -76,6 +83,15 @@ impl News<'_> {
             KIND_TIP if rest.len() == 8 => Published::Tip(u64::from_le_bytes(
                 word(rest).ok_or(Corrupt("a publish with no seq"))?,
             )),
+            KIND_LOGIN => {
+                let login = word(rest).ok_or(Corrupt("a publish with no login"))?;
+                let device_id = std::str::from_utf8(&rest[8..])
+                    .map_err(|_| Corrupt("a publish with a bad device id"))?;
+                Published::Login {
+                    device_id: device_id.to_owned(),
+                    login: u64::from_le_bytes(login),
+                }
+            }
             _ => return Err(Corrupt("a publish of an unknown kind")),
         };
         Ok(News { node, uid, news })
@@ -108,6 +124,10 @@ mod tests {
                 body: Body::from(&[][..]),
             }),
             Published::Tip(42),
+            Published::Login {
+                device_id: "phone".into(),
+                login: 9,
+            },
         ] {
             let n = News {
                 node: "node-a",
