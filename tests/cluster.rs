@@ -167,6 +167,18 @@ fn send(c: &mut Client, to: &str, cmid: &str, text: &str) -> S {
     c.response(id)
 }
 
+/// Sends until Redis takes it (for at most 20 s).
+fn send_once_redis_is_back(c: &mut Client, to: &str, cmid: &str, text: &str) -> proto::SendOk {
+    common::poll_until(
+        std::time::Duration::from_secs(20),
+        "a send once Redis is back",
+        || match send(c, to, cmid, text) {
+            S::SendOk(ok) => Ok(ok),
+            other => Err(format!("{other:?}")),
+        },
+    )
+}
+
 fn while_redis_is_away_sends_and_logins_get_unavailable_and_connections_stay_up(
     mut shared: Shared,
 ) {
@@ -192,14 +204,7 @@ fn while_redis_is_away_sends_and_logins_get_unavailable_and_connections_stay_up(
     }
     shared.restart();
     // The same send again, once Redis is back: stored once, delivered once, in order.
-    let ok = common::poll_until(
-        std::time::Duration::from_secs(20),
-        "a send once Redis is back",
-        || match send(&mut alice, "bob", "m2", "two") {
-            S::SendOk(ok) => Ok(ok),
-            other => Err(format!("{other:?}")),
-        },
-    );
+    let ok = send_once_redis_is_back(&mut alice, "bob", "m2", "two");
     assert_eq!(ok.seq, 2);
     alice.send("bob", "m3", "three");
     assert_eq!(
@@ -284,14 +289,7 @@ fn a_node_that_lost_redis_catches_its_devices_up_when_it_returns(mut shared: Sha
     shared.kill9();
     shared.restart();
     // Sent as soon as Redis takes it, possibly before bob's node has subscribed again.
-    let ok = common::poll_until(
-        std::time::Duration::from_secs(20),
-        "a send once Redis is back",
-        || match send(&mut alice, "bob", "m2", "after") {
-            S::SendOk(ok) => Ok(ok),
-            other => Err(format!("{other:?}")),
-        },
-    );
+    let ok = send_once_redis_is_back(&mut alice, "bob", "m2", "after");
     assert_eq!(ok.seq, 2);
     assert_eq!(texts(&bob.messages(1)), vec![(2, "after".into())]);
 }
