@@ -372,6 +372,40 @@ fn the_same_device_logging_in_on_another_node_kicks_the_older_connection(shared:
     );
 }
 
+fn a_membership_change_on_one_node_reaches_the_group_sends_of_another(shared: Shared) {
+    let (a, b) = (shared.node(), shared.node());
+    for uid in ["alice", "bob"] {
+        let r = a.admin_request("PUT", &format!("/v1/groups/team/members/{uid}"), "");
+        assert!(r.starts_with("HTTP/1.1 204"), "{r}");
+    }
+    let (mut alice, _) = Client::login(&b, "alice", "phone", 0);
+    let (mut carol, _) = Client::login(&b, "carol", "phone", 0);
+    let group_send = |c: &mut Client, cmid: &str| {
+        let id = c.request(C::Send(proto::SendMessage {
+            group_id: "team".into(),
+            client_msg_id: cmid.into(),
+            content: cmid.as_bytes().to_vec(),
+            ..Default::default()
+        }));
+        match c.response(id) {
+            S::SendOk(ok) => ok,
+            other => panic!("group send answered {other:?}"),
+        }
+    };
+    // Node b reads and keeps the group's members (alice, bob).
+    group_send(&mut alice, "g1");
+    // Carol is added on node a: her phone on node b hears of it, and node b's next send to
+    // the group reaches her.
+    let r = a.admin_request("PUT", "/v1/groups/team/members/carol", "");
+    assert!(r.starts_with("HTTP/1.1 204"), "{r}");
+    match carol.next().body {
+        Some(S::GroupChanged(g)) => assert!(g.group_id == "team" && g.joined, "{g:?}"),
+        other => panic!("carol got {other:?}"),
+    }
+    group_send(&mut alice, "g2");
+    assert_eq!(texts(&carol.messages(1)), vec![(1, "g2".into())]);
+}
+
 macro_rules! against_both {
     ($($case:ident),* $(,)?) => {
         mod one_redis {
@@ -392,4 +426,5 @@ against_both!(
     a_group_message_reaches_members_on_every_node,
     a_node_that_lost_redis_catches_its_devices_up_when_it_returns,
     the_same_device_logging_in_on_another_node_kicks_the_older_connection,
+    a_membership_change_on_one_node_reaches_the_group_sends_of_another,
 );

@@ -194,7 +194,18 @@ impl Driver {
                 self.core
                     .handle_published(uid, news, how & 0x08 != 0, self.now);
             }
-            _ => self.core.handle_subscribed(uid),
+            _ if how & 0x08 == 0 => self.core.handle_subscribed(uid),
+            _ if how & 0x10 == 0 => self.core.handle_cluster_heard(),
+            _ => {
+                // Another node changed a membership: what it says is in the store already.
+                let gid = if seq & 1 == 0 { GROUPS[0] } else { GROUPS[1] };
+                let joined = self.store.is_member(gid, uid).unwrap();
+                let news = Published::Membership {
+                    gid: gid.into(),
+                    joined,
+                };
+                self.core.handle_published(uid, news, false, self.now);
+            }
         }
     }
 
@@ -226,14 +237,14 @@ impl Driver {
                     )
                 }
                 ClusterOp::Publish {
-                    news: Published::Login { .. },
+                    news: Published::Login { .. } | Published::Membership { .. },
                     ..
                 } => {}
                 ClusterOp::Publish { uid, news } => {
                     let (seq, msg) = match news {
                         Published::Message(m) => (m.seq, Some(m)),
                         Published::Tip(seq) => (seq, None),
-                        Published::Login { .. } => unreachable!(),
+                        Published::Login { .. } | Published::Membership { .. } => unreachable!(),
                     };
                     let stored = self.store.messages_after(&uid, seq - 1, 1).unwrap();
                     assert_eq!(stored.len(), 1, "{uid}'s {seq} published, not durable");

@@ -445,6 +445,11 @@ impl Gateway {
         self.dispatch_im();
     }
 
+    /// The channel every node hears is heard (again): cached group members are dropped.
+    pub fn handle_cluster_heard(&mut self) {
+        self.im.core.handle_cluster_heard();
+    }
+
     /// The subscription to `uid`'s channel holds: the core reads where its inbox ends.
     pub fn handle_subscribed(&mut self, uid: &str) {
         self.im.core.handle_subscribed(uid);

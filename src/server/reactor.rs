@@ -333,6 +333,7 @@ impl Server {
                 let now = self.now_value();
                 match e {
                     BusEvent::Subscribed(uid) => self.gateway.handle_subscribed(&uid),
+                    BusEvent::ClusterHeard => self.gateway.handle_cluster_heard(),
                     BusEvent::Published { uid, news, mine } => {
                         self.gateway.handle_published(&uid, news, mine, now)
                     }

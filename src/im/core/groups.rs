@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::reads::{ReadId, Then};
+use super::route::{ClusterOp, Published};
 use super::{frame, valid_id, BatchId, ConnId, Core};
 use crate::im::proto::{self, server_frame};
 use crate::store::Membership;
@@ -34,6 +35,11 @@ pub(super) struct GroupCache {
 }
 
 impl GroupCache {
+    fn clear(&mut self) {
+        self.groups.clear();
+        self.weight = 0;
+    }
+
     pub(super) fn forget(&mut self, gid: &str) {
         if let Some(members) = self.groups.remove(gid) {
             self.weight -= members.len() + 1;
@@ -173,11 +179,37 @@ impl Core {
         cache.groups.insert(gid.into(), members);
     }
 
-    /// A membership change is durable: every online device of the member hears of it.
+    /// A membership change is durable: every online device of the member hears of it, on
+    /// this node and (published to every node) on the others, which forget the group's
+    /// members too.
     pub(super) fn membership_committed(&mut self, m: &Membership) {
-        self.group_cache.forget(&m.gid);
-        self.members_changed(&m.gid);
-        let Some(u) = self.users.get(&*m.uid) else {
+        self.membership_heard(&m.gid, &m.uid, m.joined);
+        self.route(ClusterOp::Publish {
+            uid: m.uid.clone(),
+            news: Published::Membership {
+                gid: m.gid.to_string(),
+                joined: m.joined,
+            },
+        });
+    }
+
+    /// This node (again) hears the news every node hears, after a time it may have missed
+    /// some: every group's members are read again at their next use.
+    pub fn handle_cluster_heard(&mut self) {
+        self.group_cache.clear();
+        for w in self.waiting.values_mut() {
+            if let super::reads::Waiter::Members { fresh, .. } = w {
+                *fresh = false;
+            }
+        }
+    }
+
+    /// `uid` joined or left `gid`: the group's members are read again at their next use, and
+    /// the member's devices here are told.
+    pub(super) fn membership_heard(&mut self, gid: &str, uid: &str, joined: bool) {
+        self.group_cache.forget(gid);
+        self.members_changed(gid);
+        let Some(u) = self.users.get(uid) else {
             return;
         };
         let conns: Vec<ConnId> = u.devices.values().copied().collect();
@@ -187,8 +219,8 @@ impl Core {
                 frame(
                     0,
                     server_frame::Body::GroupChanged(proto::GroupChanged {
-                        group_id: m.gid.to_string(),
-                        joined: m.joined,
+                        group_id: gid.to_owned(),
+                        joined,
                     }),
                 ),
             );

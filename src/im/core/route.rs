@@ -69,6 +69,9 @@ pub enum Published {
     Tip(u64),
     /// Login `login` of the publishing node, of `device_id` (see [`Claim`]).
     Login { device_id: String, login: u64 },
+    /// The user joined or left group `gid`. Published to every node (not on the user's
+    /// channel), since any node may cache the group's members.
+    Membership { gid: String, joined: bool },
 }
 
 impl Core {
@@ -81,8 +84,14 @@ impl Core {
     /// here get what another node appended, and a device here that logged in again on
     /// another node is kicked (4000).
     pub fn handle_published(&mut self, uid: &str, news: Published, mine: bool, now: Now) {
-        if let Published::Login { device_id, login } = &news {
-            return self.login_heard(uid, device_id, *login, mine);
+        match &news {
+            Published::Login { device_id, login } => {
+                return self.login_heard(uid, device_id, *login, mine)
+            }
+            Published::Membership { gid, joined } if !mine => {
+                return self.membership_heard(gid, uid, *joined)
+            }
+            _ => {}
         }
         if !mine && self.learn(uid, &news) {
             self.pump_user(uid, now);
@@ -193,7 +202,7 @@ impl Core {
         match news {
             Published::Message(msg) => self.learn_append(uid, msg),
             Published::Tip(seq) => self.learn_tip(uid, *seq),
-            Published::Login { .. } => false,
+            Published::Login { .. } | Published::Membership { .. } => false,
         }
     }
 
@@ -451,5 +460,60 @@ mod tests {
         // The tablet stays; the phone is gone once its close is reported.
         h.close(1);
         assert_eq!(h.core.online_devices("bob"), vec!["tablet".to_string()]);
+    }
+
+    #[test]
+    fn membership_news_from_another_node_drops_the_cached_group_and_tells_the_member_here() {
+        let mut h = node();
+        h.login(1, "alice", "phone", 0);
+        h.member("team", "alice", true);
+        let published: Vec<ClusterOp> = routes(&mut h)
+            .into_iter()
+            .filter(|r| {
+                matches!(
+                    r,
+                    ClusterOp::Publish {
+                        news: Published::Membership { .. },
+                        ..
+                    }
+                )
+            })
+            .collect();
+        assert_eq!(
+            published,
+            vec![ClusterOp::Publish {
+                uid: "alice".into(),
+                news: Published::Membership {
+                    gid: "team".into(),
+                    joined: true
+                }
+            }]
+        );
+        h.warm("team");
+        assert!(h.core.has_members("team"));
+        // Its own news, heard back, changes nothing.
+        let own = Published::Membership {
+            gid: "team".into(),
+            joined: true,
+        };
+        h.core.handle_published("alice", own, true, h.now);
+        assert!(h.core.has_members("team"));
+        assert!(h.turn().is_empty());
+        // Another node removed alice: the group is read again, and her phone here is told.
+        let left = Published::Membership {
+            gid: "team".into(),
+            joined: false,
+        };
+        h.core.handle_published("alice", left, false, h.now);
+        assert!(!h.core.has_members("team"));
+        let out = h.turn();
+        assert!(
+            matches!(&frames_to(&out, 1)[..], [S::GroupChanged(g)] if g.group_id == "team" && !g.joined),
+            "{out:?}"
+        );
+        // After a time unheard, every cached group is dropped.
+        h.warm("team");
+        h.core.handle_cluster_heard();
+        assert!(!h.core.has_members("team"));
     }
 }

@@ -1,7 +1,8 @@
 //! The cluster's pub/sub (docs/CLUSTER.md, "Routing"), on two side threads so that the
 //! network thread never waits on Redis: one publishes each loop turn's news as one pipeline,
-//! one holds the subscriptions to the channels of the users this node caches and hands what
-//! other nodes publish there to the loop, waking it through the `mio::Waker`.
+//! one holds the subscriptions to the channels of the users this node caches (and to the one
+//! channel every node hears, for group membership changes) and hands what other nodes
+//! publish there to the loop, waking it through the `mio::Waker`.
 //!
 //! Pub/sub delivers at most once: what is published while the subscriber is away (Redis
 //! restarting, a connection lost) is not heard. So every subscription, at first and again
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use redis::Connection;
 
-use super::keys::channel;
+use super::keys::{channel, CLUSTER_CHANNEL};
 use super::news::News;
 use super::{RedisStore, RedisTarget, WriteError};
 use crate::im::core::{ClusterOp, Published};
@@ -34,6 +35,8 @@ pub enum BusEvent {
     /// The subscription to `uid`'s channel holds (again): what was published before it did
     /// was not heard.
     Subscribed(Arc<str>),
+    /// The channel every node hears is heard (again): news on it may have been missed.
+    ClusterHeard,
     /// A node (this one: `mine`) published `news` on `uid`'s channel. This node's own
     /// news is reported only for logins.
     Published {
@@ -113,8 +116,12 @@ impl Bus {
                         uid: &uid,
                         news,
                     };
+                    let to = match n.news {
+                        Published::Membership { .. } => CLUSTER_CHANNEL.to_owned(),
+                        _ => channel(&uid),
+                    };
                     match n.encode() {
-                        Some(raw) => publishes.push((channel(&uid), raw)),
+                        Some(raw) => publishes.push((to, raw)),
                         None => log::error!("news of {uid} not published: an id too long"),
                     }
                     continue;
@@ -255,6 +262,9 @@ impl Subscriber {
     /// until the connection fails (Err) or the loop is gone (Ok).
     fn listen(&mut self, conn: &mut Connection) -> redis::RedisResult<()> {
         let mut ps = conn.as_pubsub();
+        ps.set_read_timeout(Some(self.timeout))?;
+        ps.subscribe(CLUSTER_CHANNEL)?;
+        self.report(BusEvent::ClusterHeard);
         let all: Vec<Arc<str>> = self.wanted.iter().cloned().collect();
         self.subscribe(&mut ps, &all)?;
         let (mut on, mut off) = (Vec::new(), Vec::new());

@@ -58,6 +58,9 @@ pub(crate) fn channel(uid: &str) -> String {
     tagged("im:", uid, ":ch")
 }
 
+/// The channel every node hears: news any node may need (group membership changes).
+pub(crate) const CLUSTER_CHANNEL: &str = "im:cluster";
+
 /// The member set of a group.
 pub(crate) fn group_members(gid: &str) -> String {
     tagged("im:g:", gid, ":members")

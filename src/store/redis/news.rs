@@ -4,7 +4,8 @@
 //!
 //! the length of the publishing node's id (1 byte) and the id, the length of the uid (1 byte)
 //! and the uid, then a kind byte: for `M` the seq and `server_time_ms` (8 bytes little-endian
-//! each) and the body; for `T` the seq; for `L` the login's number and the device id.
+//! each) and the body; for `T` the seq; for `L` the login's number and the device id; for
+//! `J` (joined) and `X` (left) the group id.
 
 use crate::im::core::Published;
 use crate::store::records::Corrupt;
@@ -13,6 +14,8 @@ use crate::store::{Body, StoredMessage};
 const KIND_MESSAGE: u8 = b'M';
 const KIND_TIP: u8 = b'T';
 const KIND_LOGIN: u8 = b'L';
+const KIND_JOINED: u8 = b'J';
+const KIND_LEFT: u8 = b'X';
 
 /// One publish: who published it, for whose inbox, and what.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +38,7 @@ impl News<'_> {
             Published::Message(m) => 1 + 16 + m.body.len(),
             Published::Tip(_) => 1 + 8,
             Published::Login { device_id, .. } => 1 + 8 + device_id.len(),
+            Published::Membership { gid, .. } => 1 + gid.len(),
         };
         let mut out = Vec::with_capacity(2 + self.node.len() + self.uid.len() + tail);
         out.push(n);
@@ -56,6 +60,10 @@ impl News<'_> {
                 out.push(KIND_LOGIN);
                 out.extend_from_slice(&login.to_le_bytes());
                 out.extend_from_slice(device_id.as_bytes());
+            }
+            Published::Membership { gid, joined } => {
+                out.push(if *joined { KIND_JOINED } else { KIND_LEFT });
+                out.extend_from_slice(gid.as_bytes());
             }
         }
         Some(out)
@@ -92,6 +100,12 @@ impl News<'_> {
                     login: u64::from_le_bytes(login),
                 }
             }
+            KIND_JOINED | KIND_LEFT => Published::Membership {
+                gid: std::str::from_utf8(rest)
+                    .map_err(|_| Corrupt("a publish with a bad group id"))?
+                    .to_owned(),
+                joined: kind == KIND_JOINED,
+            },
             _ => return Err(Corrupt("a publish of an unknown kind")),
         };
         Ok(News { node, uid, news })
@@ -128,6 +142,14 @@ mod tests {
                 device_id: "phone".into(),
                 login: 9,
             },
+            Published::Membership {
+                gid: "team".into(),
+                joined: true,
+            },
+            Published::Membership {
+                gid: "team".into(),
+                joined: false,
+            },
         ] {
             let n = News {
                 node: "node-a",
@@ -152,7 +174,7 @@ mod tests {
             assert!(News::decode(&raw[..end]).is_err(), "{end} bytes");
         }
         let mut wrong = raw.clone();
-        wrong[4] = b'X';
+        wrong[4] = b'?';
         assert!(News::decode(&wrong).is_err());
         let message = News {
             node: "n",
