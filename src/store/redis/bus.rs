@@ -267,19 +267,23 @@ impl Subscriber {
         self.report(BusEvent::ClusterHeard);
         let all: Vec<Arc<str>> = self.wanted.iter().cloned().collect();
         self.subscribe(&mut ps, &all)?;
+        // Answers to (un)subscribing may take the timeout; a publish is waited for a POLL.
+        ps.set_read_timeout(Some(POLL))?;
         let (mut on, mut off) = (Vec::new(), Vec::new());
         loop {
             if !self.take(&mut on, &mut off) {
                 return Ok(());
             }
-            if !off.is_empty() {
+            if !on.is_empty() || !off.is_empty() {
                 ps.set_read_timeout(Some(self.timeout))?;
-                ps.unsubscribe(off.iter().map(|u| channel(u)).collect::<Vec<_>>())?;
-                off.clear();
+                if !off.is_empty() {
+                    ps.unsubscribe(off.iter().map(|u| channel(u)).collect::<Vec<_>>())?;
+                    off.clear();
+                }
+                self.subscribe(&mut ps, &on)?;
+                on.clear();
+                ps.set_read_timeout(Some(POLL))?;
             }
-            self.subscribe(&mut ps, &on)?;
-            on.clear();
-            ps.set_read_timeout(Some(POLL))?;
             let msg = match ps.get_message() {
                 Ok(m) => m,
                 Err(e) if e.is_timeout() => continue,
@@ -302,7 +306,6 @@ impl Subscriber {
         if uids.is_empty() {
             return Ok(());
         }
-        ps.set_read_timeout(Some(self.timeout))?;
         ps.subscribe(uids.iter().map(|u| channel(u)).collect::<Vec<_>>())?;
         for uid in uids {
             self.report(BusEvent::Subscribed(uid.clone()));
