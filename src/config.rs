@@ -161,6 +161,12 @@ pub struct ServeArgs {
     #[arg(long, env = "IMGATE_REDIS_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
 
+    /// A node renews its presence lease in Redis every third of this; once a node's lease
+    /// has run out (killed, or away from Redis), another node takes its devices offline
+    /// and their friends are told.
+    #[arg(long, env = "IMGATE_NODE_LEASE", default_value = "10s", value_parser = parse_lease)]
+    pub node_lease: Duration,
+
     /// Close (1008) a connection on /ws that has not logged in within this time.
     #[arg(long, env = "IMGATE_AUTH_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub auth_timeout: Duration,
@@ -268,6 +274,17 @@ const DEFAULT_HIGH_WATER: usize = 1024 * 1024;
 pub struct RedisSettings {
     pub target: RedisTarget,
     pub timeout: Duration,
+    /// How long the node's presence lease lasts unless renewed.
+    pub lease: Duration,
+}
+
+/// A lease shorter than 300 ms would be renewed more often than Redis answers a slow call.
+fn parse_lease(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(300) {
+        return Err("a lease is at least 300ms".into());
+    }
+    Ok(d)
 }
 
 /// Settings of the IM endpoint `/ws`.
@@ -473,6 +490,7 @@ impl From<&ServeArgs> for ServerConfig {
                 redis: a.redis_target().map(|target| RedisSettings {
                     target,
                     timeout: a.redis_timeout,
+                    lease: a.node_lease,
                 }),
                 auth_timeout: a.auth_timeout,
                 dev_routes: a.dev,

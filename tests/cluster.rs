@@ -406,6 +406,143 @@ fn a_membership_change_on_one_node_reaches_the_group_sends_of_another(shared: Sh
     assert_eq!(texts(&carol.messages(1)), vec![(1, "g2".into())]);
 }
 
+/// The next Presence frame to `c`, as (uid, online); other frames are skipped.
+fn next_presence(c: &mut Client) -> (String, bool) {
+    loop {
+        if let Some(S::Presence(p)) = c.next().body {
+            return (p.uid, p.online);
+        }
+    }
+}
+
+fn befriend(node: &ServerProc, a: &str, b: &str, present: bool) {
+    let method = if present { "PUT" } else { "DELETE" };
+    let r = node.admin_request(method, &format!("/v1/friendships/{a}/{b}"), "");
+    assert!(r.starts_with("HTTP/1.1 204"), "{r}");
+}
+
+/// What the admin API of `node` answers for `path`, as JSON.
+fn admin_json(node: &ServerProc, path: &str) -> serde_json::Value {
+    let r = node.admin_request("GET", path, "");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let body = r.split("\r\n\r\n").nth(1).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {r}"))
+}
+
+fn online_devices(node: &ServerProc, uid: &str) -> serde_json::Value {
+    admin_json(node, &format!("/v1/users/{uid}"))["online_devices"].clone()
+}
+
+fn friends_see_a_user_come_online_on_any_node_and_go_offline_with_its_last_device(shared: Shared) {
+    let (a, b, c) = (shared.node(), shared.node(), shared.node());
+    befriend(&a, "alice", "bob", true);
+    let (mut bob, _) = Client::login(&b, "bob", "phone", 0);
+    let (_phone, ok) = Client::login(&c, "alice", "phone", 0);
+    assert_eq!(
+        ok.online_friends,
+        vec!["bob".to_string()],
+        "bob is on another node"
+    );
+    assert_eq!(next_presence(&mut bob), ("alice".into(), true));
+    // The admin API of a node with none of alice's devices sees them.
+    assert_eq!(online_devices(&a, "alice"), serde_json::json!(["phone"]));
+    let friends = admin_json(&a, "/v1/users/bob/friends");
+    assert_eq!(
+        friends["friends"],
+        serde_json::json!([{"uid": "alice", "online": true}])
+    );
+    // A second device on a third node, then the first one gone: alice stays online.
+    let (tablet, _) = Client::login(&a, "alice", "tablet", 0);
+    drop(_phone);
+    common::poll_until(
+        std::time::Duration::from_secs(10),
+        "the phone recorded gone",
+        || match online_devices(&a, "alice") {
+            d if d == serde_json::json!(["tablet"]) => Ok(()),
+            d => Err(format!("{d}")),
+        },
+    );
+    drop(tablet);
+    assert_eq!(
+        next_presence(&mut bob),
+        ("alice".into(), false),
+        "with her last device"
+    );
+    let (_again, ok) = Client::login(&b, "alice", "phone", 0);
+    assert_eq!(ok.online_friends, vec!["bob".to_string()]);
+    assert_eq!(
+        next_presence(&mut bob),
+        ("alice".into(), true),
+        "one offline only, when the last device went"
+    );
+}
+
+fn a_friendship_made_on_one_node_is_news_to_both_friends_on_others(shared: Shared) {
+    let (a, b, c) = (shared.node(), shared.node(), shared.node());
+    let (mut alice, ok) = Client::login(&b, "alice", "phone", 0);
+    assert!(ok.online_friends.is_empty());
+    let (mut bob, _) = Client::login(&c, "bob", "phone", 0);
+    befriend(&a, "alice", "bob", true);
+    assert_eq!(next_presence(&mut alice), ("bob".into(), true));
+    assert_eq!(next_presence(&mut bob), ("alice".into(), true));
+    // The nodes' own lists follow: bob going offline is told to alice.
+    drop(bob);
+    assert_eq!(next_presence(&mut alice), ("bob".into(), false));
+    let (mut bob, _) = Client::login(&c, "bob", "phone", 0);
+    assert_eq!(next_presence(&mut alice), ("bob".into(), true));
+    befriend(&a, "alice", "bob", false);
+    assert_eq!(next_presence(&mut alice), ("bob".into(), false));
+    assert_eq!(next_presence(&mut bob), ("alice".into(), false));
+}
+
+fn a_killed_nodes_users_go_offline_for_their_friends_and_come_back_elsewhere(shared: Shared) {
+    let lease = ["--node-lease", "1s"];
+    let (a, mut b, c) = (
+        shared.node_with(&lease),
+        shared.node_with(&lease),
+        shared.node_with(&lease),
+    );
+    befriend(&a, "alice", "bob", true);
+    let (mut bob, _) = Client::login(&a, "bob", "phone", 0);
+    let (mut alice, _) = Client::login(&b, "alice", "phone", 0);
+    assert_eq!(next_presence(&mut bob), ("alice".into(), true));
+    assert_eq!(alice.send("bob", "m1", "before").seq, 1);
+    b.kill9();
+    // Within a lease (and the next look for expired leases).
+    assert_eq!(next_presence(&mut bob), ("alice".into(), false));
+    assert_eq!(online_devices(&c, "alice"), serde_json::json!([]));
+    let (mut alice, ok) = Client::login(&c, "alice", "phone", 0);
+    assert_eq!(ok.max_seq, 1, "nothing acknowledged is lost");
+    assert_eq!(next_presence(&mut bob), ("alice".into(), true));
+    assert_eq!(alice.send("bob", "m2", "after").seq, 2);
+    assert_eq!(
+        texts(&bob.messages(2)),
+        vec![(1, "before".into()), (2, "after".into())]
+    );
+}
+
+fn devices_are_recorded_again_when_redis_lost_them_while_away(mut shared: Shared) {
+    let lease = ["--node-lease", "1s", "--redis-timeout", "1s"];
+    let (a, b) = (shared.node_with(&lease), shared.node_with(&lease));
+    let (_alice, _) = Client::login(&a, "alice", "phone", 0);
+    let (_bob, _) = Client::login(&b, "bob", "phone", 0);
+    assert_eq!(online_devices(&b, "alice"), serde_json::json!(["phone"]));
+    // Away for longer than a lease: one node takes the other for dead when Redis is back.
+    shared.kill9();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    shared.restart();
+    for (node, uid) in [(&a, "bob"), (&b, "alice")] {
+        common::poll_until(
+            std::time::Duration::from_secs(20),
+            "devices recorded",
+            || match online_devices(node, uid) {
+                d if d == serde_json::json!(["phone"]) => Ok(()),
+                d => Err(format!("{uid}: {d}")),
+            },
+        );
+    }
+}
+
 macro_rules! against_both {
     ($($case:ident),* $(,)?) => {
         mod one_redis {
@@ -427,4 +564,8 @@ against_both!(
     a_node_that_lost_redis_catches_its_devices_up_when_it_returns,
     the_same_device_logging_in_on_another_node_kicks_the_older_connection,
     a_membership_change_on_one_node_reaches_the_group_sends_of_another,
+    friends_see_a_user_come_online_on_any_node_and_go_offline_with_its_last_device,
+    a_friendship_made_on_one_node_is_news_to_both_friends_on_others,
+    a_killed_nodes_users_go_offline_for_their_friends_and_come_back_elsewhere,
+    devices_are_recorded_again_when_redis_lost_them_while_away,
 );

@@ -541,7 +541,7 @@ fn a_dead_nodes_devices_are_taken_offline_once_by_one_node(r: Backend) {
     assert_eq!(b.expired_nodes(), Ok(vec!["A".to_string()]));
     // ann had only A's device: offline; bob still has B's.
     assert_eq!(
-        b.reap_node("A", Duration::from_secs(5)),
+        b.reap_node("A", "B", Duration::from_secs(5)),
         Ok(vec!["ann".to_string()])
     );
     assert_eq!(b.devices("ann"), Ok(vec![]));
@@ -549,7 +549,7 @@ fn a_dead_nodes_devices_are_taken_offline_once_by_one_node(r: Backend) {
     assert_eq!(b.expired_nodes(), Ok(vec![]));
     // Another node cleaning up after A at the same time gets nothing to tell.
     let mut c = store(&r);
-    assert_eq!(c.reap_node("A", Duration::from_secs(5)), Ok(vec![]));
+    assert_eq!(c.reap_node("A", "C", Duration::from_secs(5)), Ok(vec![]));
     // A was only slow: its next renewal says its devices were removed.
     assert_eq!(a.renew_lease("A", Duration::from_secs(60)), Ok(true));
 }

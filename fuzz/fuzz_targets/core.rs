@@ -27,7 +27,7 @@ use imgate::im::core::{
 use imgate::im::proto::{self, client_frame::Body as C, server_frame::Body as S, ClientFrame};
 use imgate::im::wire;
 use imgate::store::memory::MemoryStore;
-use imgate::store::{Sent, StoreRead, WriteBatch};
+use imgate::store::{Presence, Sent, StoreRead, WriteBatch};
 use libfuzzer_sys::fuzz_target;
 
 const SECRET: &[u8] = b"fuzz-secret";
@@ -166,7 +166,7 @@ impl Driver {
     /// What another node of a cluster would tell about `uid`'s inbox: the stored message
     /// `seq` (heard late, twice, or after a lost one), where the inbox ends, or that the
     /// subscription holds.
-    fn news_from_elsewhere(&mut self, uid: &str, seq: u64, how: u8) {
+    fn news_from_elsewhere(&mut self, uid: &str, seq: u64, how: u8, extra: u8) {
         match how & 0x60 {
             0x00 => {
                 if let Some(m) = self
@@ -196,6 +196,29 @@ impl Driver {
             }
             _ if how & 0x08 == 0 => self.core.handle_subscribed(uid),
             _ if how & 0x10 == 0 => self.core.handle_cluster_heard(),
+            _ if how & 0x02 != 0 => {
+                // Redis's presence news: a friend came or went, or a friendship changed, or
+                // the lease was made anew.
+                let other = UIDS[usize::from(extra >> 4) % UIDS.len()];
+                let presence = Presence {
+                    online: extra & 1 == 0,
+                    version: u64::from(extra >> 2 & 3),
+                };
+                let news = match extra % 4 {
+                    0 | 1 => Published::Presence {
+                        uid: other.into(),
+                        presence,
+                    },
+                    2 => Published::Friend {
+                        uid: other.into(),
+                        present: extra & 4 != 0,
+                        presence,
+                    },
+                    _ => return self.core.handle_lease_made(),
+                };
+                self.core
+                    .handle_published(uid, news, extra & 8 != 0, self.now);
+            }
             _ => {
                 // Another node changed a membership: what it says is in the store already.
                 let gid = if seq & 1 == 0 { GROUPS[0] } else { GROUPS[1] };
@@ -236,15 +259,28 @@ impl Driver {
                         "{uid} unsubscribed, not subscribed"
                     )
                 }
+                ClusterOp::Device { uid, device, on } => {
+                    let here = self.core.online_devices(&uid).contains(&device.to_string());
+                    assert_eq!(
+                        here, on,
+                        "{device} of {uid} recorded {on}, online here {here}"
+                    );
+                }
+                // Told once committed; a later change in the same batch may have undone it.
+                ClusterOp::Friendship { .. } => {}
                 ClusterOp::Publish {
-                    news: Published::Login { .. } | Published::Membership { .. },
+                    news:
+                        Published::Login { .. }
+                        | Published::Membership { .. }
+                        | Published::Presence { .. }
+                        | Published::Friend { .. },
                     ..
                 } => {}
                 ClusterOp::Publish { uid, news } => {
                     let (seq, msg) = match news {
                         Published::Message(m) => (m.seq, Some(m)),
                         Published::Tip(seq) => (seq, None),
-                        Published::Login { .. } | Published::Membership { .. } => unreachable!(),
+                        _ => unreachable!(),
                     };
                     let stored = self.store.messages_after(&uid, seq - 1, 1).unwrap();
                     assert_eq!(stored.len(), 1, "{uid}'s {seq} published, not durable");
@@ -456,7 +492,9 @@ impl Driver {
                 } else if how & 1 == 0 {
                     self.commit(n);
                 } else if how & 0x80 != 0 {
-                    self.news_from_elsewhere(*input.pick(&UIDS), u64::from(how >> 2 & 7), how);
+                    let uid = *input.pick(&UIDS);
+                    let extra = input.byte();
+                    self.news_from_elsewhere(uid, u64::from(how >> 2 & 7), how, extra);
                 } else {
                     self.answer(n);
                 }

@@ -173,20 +173,25 @@ impl Gateway {
                     200,
                     &serde_json::json!({
                         "uid": uid,
-                        "online_devices": core.online_devices(&uid),
+                        "online_devices": facts
+                            .online_devices
+                            .unwrap_or_else(|| core.online_devices(&uid)),
                         "max_seq": facts.max_seq,
                         "cursors": cursors,
                         "groups": facts.groups,
                     }),
                 )
             }
-            (AdminAction::GetFriends { uid }, ReadAnswer::Friends(friends)) => {
+            (AdminAction::GetFriends { uid }, ReadAnswer::Friends(friends, online)) => {
+                let online = online.map(|p| p.iter().map(|p| p.online).collect());
+                let online: Vec<bool> = online.unwrap_or_else(|| {
+                    let here = |f: &String| !core.online_devices(f).is_empty();
+                    friends.iter().map(here).collect()
+                });
                 let friends: Vec<serde_json::Value> = friends
                     .into_iter()
-                    .map(|f| {
-                        let online = !core.online_devices(&f).is_empty();
-                        serde_json::json!({"uid": f, "online": online})
-                    })
+                    .zip(online)
+                    .map(|(f, online)| serde_json::json!({"uid": f, "online": online}))
                     .collect();
                 Response::json(200, &serde_json::json!({"uid": uid, "friends": friends}))
             }

@@ -450,6 +450,11 @@ impl Gateway {
         self.im.core.handle_cluster_heard();
     }
 
+    /// The node's presence lease was made anew: its devices are recorded again.
+    pub fn handle_lease_made(&mut self) {
+        self.im.core.handle_lease_made();
+    }
+
     /// The subscription to `uid`'s channel holds: the core reads where its inbox ends.
     pub fn handle_subscribed(&mut self, uid: &str) {
         self.im.core.handle_subscribed(uid);

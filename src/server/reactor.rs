@@ -161,6 +161,7 @@ impl Server {
                 Some(Bus::spawn(
                     r.target.clone(),
                     redis_io_timeout(r.timeout),
+                    r.lease,
                     &node,
                     waker,
                 )?)
@@ -334,6 +335,7 @@ impl Server {
                 match e {
                     BusEvent::Subscribed(uid) => self.gateway.handle_subscribed(&uid),
                     BusEvent::ClusterHeard => self.gateway.handle_cluster_heard(),
+                    BusEvent::LeaseMade => self.gateway.handle_lease_made(),
                     BusEvent::Published { uid, news, mine } => {
                         self.gateway.handle_published(&uid, news, mine, now)
                     }

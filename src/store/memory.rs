@@ -3,7 +3,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use super::assign::Assigner;
-use super::{ReadError, Sent, StoreRead, StoredBatch, StoredMessage, WriteBatch, DEDUPE_KEEP};
+use super::{
+    Presence, ReadError, Sent, StoreRead, StoredBatch, StoredMessage, WriteBatch, DEDUPE_KEEP,
+};
 
 #[derive(Debug, Default)]
 pub struct MemoryStore {
@@ -15,6 +17,9 @@ pub struct MemoryStore {
     groups: HashMap<String, BTreeSet<String>>,
     user_groups: HashMap<String, BTreeSet<String>>,
     assigner: Assigner,
+    /// Presence across a cluster, as Redis holds it (a user not named is offline at version
+    /// 0); None for a store without it, as the embedded store is.
+    pub presence: Option<Vec<(String, Presence)>>,
 }
 
 impl MemoryStore {
@@ -167,6 +172,13 @@ impl StoreRead for MemoryStore {
             .get(uid)
             .map(|s| s.iter().cloned().collect())
             .unwrap_or_default())
+    }
+
+    fn online(&self, uids: &[String]) -> Result<Option<Vec<Presence>>, ReadError> {
+        Ok(self.presence.as_ref().map(|all| {
+            let of = |uid: &String| all.iter().find(|(u, _)| u == uid).map(|(_, p)| *p);
+            uids.iter().map(|u| of(u).unwrap_or_default()).collect()
+        }))
     }
 }
 

@@ -156,6 +156,14 @@ impl std::fmt::Display for CommitError {
 
 /// Read access for the IM core. Cursors and friends degrade on a failed read (logged): a
 /// device then gets messages again, or friends miss a presence.
+/// A user's presence in a cluster: whether any device of it is online, and the version of
+/// that state, raised at each change, so that of two states heard the newer one wins.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Presence {
+    pub online: bool,
+    pub version: u64,
+}
+
 pub trait StoreRead {
     /// Highest committed seq of `uid`'s inbox (0 when empty).
     fn max_seq(&self, uid: &str) -> Result<u64, ReadError>;
@@ -191,6 +199,16 @@ pub trait StoreRead {
     fn is_member(&self, gid: &str, uid: &str) -> Result<bool, ReadError>;
     /// The groups `uid` belongs to, by group id.
     fn groups_of(&self, uid: &str) -> Result<Vec<String>, ReadError>;
+    /// The presence of each of `uids` anywhere in the cluster, or None for a store that does
+    /// not hold presence (a single node knows its own devices).
+    fn online(&self, _uids: &[String]) -> Result<Option<Vec<Presence>>, ReadError> {
+        Ok(None)
+    }
+    /// The devices of `uid` online anywhere in the cluster, by device id, or None for a store
+    /// that does not hold presence.
+    fn online_devices(&self, _uid: &str) -> Result<Option<Vec<String>>, ReadError> {
+        Ok(None)
+    }
 }
 
 /// A durable store: what the storage thread commits through. The embedded

@@ -35,7 +35,7 @@ use std::sync::Arc;
 
 use super::auth::{Verifier, MAX_ID_BYTES};
 use super::proto::{self, client_frame, server_frame, ClientFrame, ErrorCode, ServerFrame};
-use crate::store::{StoredMessage, WriteBatch};
+use crate::store::{Presence, StoredMessage, WriteBatch};
 use crate::ws::code;
 
 use delivery::output_cost;
@@ -248,6 +248,9 @@ struct User {
     /// The user's friends: what the store had when its first device logged in, then what
     /// commits changed, so that going offline needs no read.
     friends: Vec<String>,
+    /// A node of a cluster: the newest presence heard of each friend (from the store or
+    /// Redis's news), which is what the user's devices here were told.
+    presence: HashMap<String, Presence>,
     /// Whether this node hears the user's channel (a node of a cluster).
     heard: bool,
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use super::{error, ConnId, Core, Now, Output, STORE_UNAVAILABLE};
 use crate::im::proto::{ClientFrame, ErrorCode};
-use crate::store::{ReadError, StoreRead, StoredMessage};
+use crate::store::{Presence, ReadError, StoreRead, StoredMessage};
 
 /// Identifies a read until its answer comes back.
 pub type ReadId = u64;
@@ -52,6 +52,9 @@ pub struct LoginFacts {
     pub cursor: u64,
     /// The user's friends, in the order the store lists them.
     pub friends: Vec<String>,
+    /// The presence of each friend anywhere in the cluster, in the order of `friends`, or
+    /// None where presence is the node's own (the embedded store).
+    pub presence: Option<Vec<Presence>>,
 }
 
 /// What the store knows of a user, for the admin API.
@@ -61,6 +64,9 @@ pub struct UserFacts {
     /// (device_id, seq), by device id.
     pub cursors: Vec<(String, u64)>,
     pub groups: Vec<String>,
+    /// The devices online anywhere in the cluster, by device id, or None where presence is
+    /// the node's own.
+    pub online_devices: Option<Vec<String>>,
 }
 
 /// The answer to a [`ReadRequest`] of the same kind.
@@ -69,7 +75,9 @@ pub enum ReadAnswer {
     Login(Result<LoginFacts, ReadError>),
     Page(Result<Vec<StoredMessage>, ReadError>),
     Members(Result<Vec<String>, ReadError>),
-    Friends(Vec<String>),
+    /// The user's friends, with the presence of each anywhere in the cluster (None where
+    /// presence is the node's own).
+    Friends(Vec<String>, Option<Vec<Presence>>),
     User(Result<UserFacts, ReadError>),
     Tip(Result<u64, ReadError>),
 }
@@ -81,11 +89,13 @@ impl ReadRequest {
         match self {
             ReadRequest::Login { uid, device_id } => {
                 ReadAnswer::Login(store.max_seq(uid).and_then(|max_seq| {
+                    let friends = store.friends(uid);
                     Ok(LoginFacts {
                         max_seq,
                         groups: store.groups_of(uid)?,
                         cursor: store.cursor(uid, device_id),
-                        friends: store.friends(uid),
+                        presence: store.online(&friends)?,
+                        friends,
                     })
                 }))
             }
@@ -93,12 +103,21 @@ impl ReadRequest {
                 ReadAnswer::Page(store.messages_after(uid, *after, *limit))
             }
             ReadRequest::Members { gid } => ReadAnswer::Members(store.group_members(gid)),
-            ReadRequest::Friends { uid } => ReadAnswer::Friends(store.friends(uid)),
+            ReadRequest::Friends { uid } => {
+                let friends = store.friends(uid);
+                // A friend's presence that cannot be read is left to the node's own view.
+                let online = store.online(&friends).unwrap_or_else(|e| {
+                    log::warn!("{e}: presence of {uid}'s friends not read");
+                    None
+                });
+                ReadAnswer::Friends(friends, online)
+            }
             ReadRequest::User { uid } => ReadAnswer::User(store.max_seq(uid).and_then(|max_seq| {
                 Ok(UserFacts {
                     max_seq,
                     cursors: store.cursors(uid),
                     groups: store.groups_of(uid)?,
+                    online_devices: store.online_devices(uid)?,
                 })
             })),
             ReadRequest::Tip { uid } => ReadAnswer::Tip(store.max_seq(uid)),
@@ -138,6 +157,8 @@ pub(super) enum Waiter {
     Admin { admin: ConnId },
     /// Where `uid`'s inbox ends, once this node hears its channel.
     Tip { uid: Arc<str> },
+    /// The presence of `uid`'s friends, once this node hears its channel.
+    FriendsPresence { uid: Arc<str> },
 }
 
 /// What waits for a group's members, to be carried out again once they are cached.
@@ -235,6 +256,12 @@ impl Core {
                         log::warn!("{e}: where the inbox of {uid} ends; reading it again soon");
                         self.tip_failed(uid, now);
                     }
+                }
+                None
+            }
+            (Waiter::FriendsPresence { uid }, ReadAnswer::Friends(friends, presence)) => {
+                if let Some(presence) = presence {
+                    self.friends_read(&uid, friends, &presence);
                 }
                 None
             }

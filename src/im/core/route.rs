@@ -14,7 +14,7 @@ use std::sync::Arc;
 use super::delivery::RECENT_KEEP;
 use super::reads::{ReadRequest, Waiter};
 use super::{ConnId, Core, Now};
-use crate::store::StoredMessage;
+use crate::store::{Presence, StoredMessage};
 
 /// How long after a failed read of where an inbox ends it is made again.
 pub(super) const TIP_RETRY_MS: u64 = 1000;
@@ -36,6 +36,17 @@ pub enum ClusterOp {
     Unsubscribe(Arc<str>),
     /// Tell the nodes that hear `uid` of an append to its inbox committed here.
     Publish { uid: Arc<str>, news: Published },
+    /// Record in the cluster's presence that `device` of `uid` is on this node (`on`) or
+    /// gone from it. Redis tells the user's friends, on their channels, when this makes the
+    /// user's first device online or its last one offline ([`Published::Presence`]).
+    Device {
+        uid: Arc<str>,
+        device: Arc<str>,
+        on: bool,
+    },
+    /// The friendship of `a` and `b` was made (`present`) or ended: tell each on its channel,
+    /// with whether the other is online ([`Published::Friend`]).
+    Friendship { a: String, b: String, present: bool },
 }
 
 /// Where a device's login stands among the logins of the same device on other nodes.
@@ -72,6 +83,16 @@ pub enum Published {
     /// The user joined or left group `gid`. Published to every node (not on the user's
     /// channel), since any node may cache the group's members.
     Membership { gid: String, joined: bool },
+    /// Friend `uid` of the channel's user came online (its first device) or went offline
+    /// (its last device, or its node's lease ran out).
+    Presence { uid: String, presence: Presence },
+    /// The channel's user and `uid` became friends (`present`) or stopped being friends;
+    /// `uid` is as `presence` says.
+    Friend {
+        uid: String,
+        present: bool,
+        presence: Presence,
+    },
 }
 
 impl Core {
@@ -91,6 +112,15 @@ impl Core {
             Published::Membership { gid, joined } if !mine => {
                 return self.membership_heard(gid, uid, *joined)
             }
+            Published::Presence {
+                uid: friend,
+                presence,
+            } => return self.presence_heard(uid, friend, *presence),
+            Published::Friend {
+                uid: friend,
+                present,
+                presence,
+            } => return self.friend_heard(uid, friend, *present, *presence),
             _ => {}
         }
         if !mine && self.learn(uid, &news) {
@@ -149,6 +179,11 @@ impl Core {
             ReadRequest::Tip { uid: uid.clone() },
             Waiter::Tip { uid: uid.clone() },
         );
+        // Presence news published before the subscription held was not heard either.
+        self.request(
+            ReadRequest::Friends { uid: uid.clone() },
+            Waiter::FriendsPresence { uid: uid.clone() },
+        );
         if let Some(u) = self.users.get_mut(&uid) {
             u.heard = true;
         }
@@ -202,7 +237,10 @@ impl Core {
         match news {
             Published::Message(msg) => self.learn_append(uid, msg),
             Published::Tip(seq) => self.learn_tip(uid, *seq),
-            Published::Login { .. } | Published::Membership { .. } => false,
+            Published::Login { .. }
+            | Published::Membership { .. }
+            | Published::Presence { .. }
+            | Published::Friend { .. } => false,
         }
     }
 
@@ -250,6 +288,23 @@ impl Core {
             self.pump(conn, now);
         }
         self.trim_recent(uid);
+    }
+
+    /// The node's presence lease was made anew: Redis had none, for a new node or one taken
+    /// for dead (away from Redis for longer than a lease), whose devices were removed. Every
+    /// device here is recorded again.
+    pub fn handle_lease_made(&mut self) {
+        let mut devices: Vec<(Arc<str>, Arc<str>)> = Vec::new();
+        for (uid, u) in &self.users {
+            devices.extend(u.devices.keys().map(|d| (uid.clone(), d.clone())));
+        }
+        for (uid, device) in devices {
+            self.route(ClusterOp::Device {
+                uid,
+                device,
+                on: true,
+            });
+        }
     }
 
     /// Puts out `route` when this core is a node of a cluster.
@@ -318,8 +373,16 @@ mod tests {
     #[test]
     fn a_node_hears_a_user_while_it_caches_it_and_publishes_every_append_it_commits() {
         let mut h = node();
+        let device = |d: &str, on| ClusterOp::Device {
+            uid: "alice".into(),
+            device: d.into(),
+            on,
+        };
         h.login(1, "alice", "phone", 0);
-        assert_eq!(routes(&mut h), vec![ClusterOp::Subscribe("alice".into())]);
+        assert_eq!(
+            routes(&mut h),
+            vec![ClusterOp::Subscribe("alice".into()), device("phone", true)]
+        );
         // The login is announced once the channel is heard, so that it comes back.
         h.core.handle_subscribed("alice");
         h.turn();
@@ -333,12 +396,16 @@ mod tests {
         h.login(2, "alice", "laptop", 0);
         assert_eq!(
             routes(&mut h),
-            vec![ClusterOp::Publish {
-                uid: "alice".into(),
-                news: login("laptop", 2)
-            }]
+            vec![
+                device("laptop", true),
+                ClusterOp::Publish {
+                    uid: "alice".into(),
+                    news: login("laptop", 2)
+                }
+            ]
         );
         h.close(2);
+        assert_eq!(routes(&mut h), vec![device("laptop", false)]);
         h.send(1, "bob", "m1", "hi");
         let published: Vec<(String, u64)> = routes(&mut h)
             .into_iter()
@@ -361,7 +428,13 @@ mod tests {
             }
         )));
         h.close(1);
-        assert_eq!(routes(&mut h), vec![ClusterOp::Unsubscribe("alice".into())]);
+        assert_eq!(
+            routes(&mut h),
+            vec![
+                device("phone", false),
+                ClusterOp::Unsubscribe("alice".into())
+            ]
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::reads::{LoginFacts, ReadRequest, Waiter};
+use super::route::ClusterOp;
 use super::{
     error, frame, valid_id, Bucket, ConnId, Core, Device, Now, Output, Requester, Session,
     CLOSE_REPLACED, STORE_UNAVAILABLE,
@@ -68,8 +69,17 @@ impl Core {
         };
         if user.devices.get(&dev.device_id) == Some(&conn) {
             user.devices.remove(&dev.device_id);
-            if user.devices.is_empty() {
+            let last = user.devices.is_empty();
+            if self.cfg.cluster {
+                self.route(ClusterOp::Device {
+                    uid: dev.uid.clone(),
+                    device: dev.device_id,
+                    on: false,
+                });
+            } else if last {
                 self.broadcast_offline(&dev.uid);
+            }
+            if last {
                 self.maybe_evict(&dev.uid);
             }
         }
@@ -140,6 +150,10 @@ impl Core {
             }
             (None, _) => return self.maybe_evict(&uid),
         };
+        // What the devices here did not know yet; the device logging in learns it in LoginOk.
+        if let Some(read) = &facts.presence {
+            self.presence_read(&uid, &facts.friends, read);
+        }
         // Kept while its login was read.
         let Some(user) = self.users.get_mut(&uid) else {
             return;
@@ -167,6 +181,13 @@ impl Core {
             self.kick(old);
         }
         let cursor = if last_seq > 0 { last_seq } else { facts.cursor }.min(committed);
+        // Recorded before the login is announced, so that the node whose connection this
+        // login kicks records that one gone after this one is on.
+        self.route(ClusterOp::Device {
+            uid: uid.clone(),
+            device: device_id.clone(),
+            on: true,
+        });
         let claim = self.announce_login(&uid, &device_id);
         if let Some(s) = self.sessions.get_mut(&conn) {
             s.device = Some(Device {
@@ -183,7 +204,13 @@ impl Core {
         let online_friends = facts
             .friends
             .iter()
-            .filter(|f| self.is_online(f))
+            .filter(|f| match facts.presence {
+                Some(_) => self
+                    .users
+                    .get(&uid)
+                    .is_some_and(|u| u.presence.get(f.as_str()).is_some_and(|p| p.online)),
+                None => self.is_online(f),
+            })
             .cloned()
             .collect();
         self.reply(
@@ -199,7 +226,7 @@ impl Core {
                 }),
             ),
         );
-        if first_device && replaced.is_none() {
+        if first_device && replaced.is_none() && !self.cfg.cluster {
             for friend in &facts.friends {
                 self.tell_presence(friend, &uid, true);
             }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::{Changes, RedisStore, WriteError};
 use crate::store::{
-    CommitError, NewSend, ReadError, Sent, Store, StoreRead, StoredMessage, WriteBatch,
+    CommitError, NewSend, Presence, ReadError, Sent, Store, StoreRead, StoredMessage, WriteBatch,
 };
 
 /// Where the cluster's Redis is.
@@ -25,6 +25,17 @@ pub enum RedisTarget {
 }
 
 impl RedisTarget {
+    /// A connection to the target, waiting at most `timeout` for it or for any answer.
+    ///
+    /// # Errors
+    /// See [`RedisStore::connect`] and [`RedisStore::connect_cluster`].
+    pub(crate) fn connect(&self, timeout: Duration) -> Result<RedisStore, WriteError> {
+        match self {
+            RedisTarget::Single(url) => RedisStore::connect(url, timeout),
+            RedisTarget::Cluster(urls) => RedisStore::connect_cluster(urls, timeout),
+        }
+    }
+
     /// The addresses given.
     pub(crate) fn urls(&self) -> &[String] {
         match self {
@@ -77,10 +88,7 @@ impl RedisBackend {
     }
 
     fn connect(&self) -> Result<RedisStore, WriteError> {
-        match &self.target {
-            RedisTarget::Single(url) => RedisStore::connect(url, self.timeout),
-            RedisTarget::Cluster(urls) => RedisStore::connect_cluster(urls, self.timeout),
-        }
+        self.target.connect(self.timeout)
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<RedisStore>> {
@@ -228,6 +236,15 @@ impl StoreRead for RedisBackend {
 
     fn groups_of(&self, uid: &str) -> Result<Vec<String>, ReadError> {
         self.with(|s| s.groups_of(uid))
+    }
+
+    fn online(&self, uids: &[String]) -> Result<Option<Vec<Presence>>, ReadError> {
+        self.with::<_, ReadError>(|s| Ok(s.online(uids)?)).map(Some)
+    }
+
+    fn online_devices(&self, uid: &str) -> Result<Option<Vec<String>>, ReadError> {
+        let devices = self.with::<_, ReadError>(|s| Ok(s.devices(uid)?))?;
+        Ok(Some(devices.into_iter().map(|(d, _node)| d).collect()))
     }
 }
 

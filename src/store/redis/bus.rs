@@ -1,5 +1,6 @@
 //! The cluster's pub/sub (docs/CLUSTER.md, "Routing"), on two side threads so that the
-//! network thread never waits on Redis: one publishes each loop turn's news as one pipeline,
+//! network thread never waits on Redis: one publishes each loop turn's news as one pipeline
+//! (and keeps the node's presence: its devices, its lease, the cleanup after dead nodes),
 //! one holds the subscriptions to the channels of the users this node caches (and to the one
 //! channel every node hears, for group membership changes) and hands what other nodes
 //! publish there to the loop, waking it through the `mio::Waker`.
@@ -9,11 +10,11 @@
 //! after each reconnect, is reported ([`BusEvent::Subscribed`]), and the core then reads
 //! where the user's inbox ends: nothing appended is missed, only heard late.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::Connection;
 
@@ -37,8 +38,10 @@ pub enum BusEvent {
     Subscribed(Arc<str>),
     /// The channel every node hears is heard (again): news on it may have been missed.
     ClusterHeard,
+    /// The node's presence lease was made anew (see [`crate::im::core::Core::handle_lease_made`]).
+    LeaseMade,
     /// A node (this one: `mine`) published `news` on `uid`'s channel. This node's own
-    /// news is reported only for logins.
+    /// news is reported only for logins, presence and friendships (which Redis decides).
     Published {
         uid: Arc<str>,
         news: Published,
@@ -51,25 +54,43 @@ enum Sub {
     Off(Arc<str>),
 }
 
-/// (channel, payload) of each publish of one loop turn.
+/// (channel, payload) of publishes.
 type Publishes = Vec<(String, Vec<u8>)>;
+
+/// What a loop turn asks of the publishing thread.
+enum Job {
+    /// (channel, payload).
+    Publish(String, Vec<u8>),
+    Device {
+        uid: Arc<str>,
+        device: Arc<str>,
+        on: bool,
+    },
+    Friendship {
+        a: String,
+        b: String,
+        present: bool,
+    },
+}
 
 pub struct Bus {
     node: Arc<str>,
     subs: Option<mpsc::Sender<Sub>>,
-    pubs: Option<mpsc::Sender<Publishes>>,
+    pubs: Option<mpsc::Sender<Vec<Job>>>,
     events: mpsc::Receiver<BusEvent>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Bus {
     /// Starts the threads of node `node`, which connect to `target` by themselves (and again
-    /// whenever a connection fails), waiting at most `timeout` for a connection or an answer.
+    /// whenever a connection fails), waiting at most `timeout` for a connection or an answer,
+    /// and keep the node's presence lease of `lease`.
     ///
     /// Errors: a thread could not be started.
     pub fn spawn(
         target: RedisTarget,
         timeout: Duration,
+        lease: Duration,
         node: &str,
         waker: Arc<mio::Waker>,
     ) -> std::io::Result<Bus> {
@@ -77,14 +98,33 @@ impl Bus {
         let (subs_tx, subs_rx) = mpsc::channel();
         let (pubs_tx, pubs_rx) = mpsc::channel();
         let (events_tx, events_rx) = mpsc::channel();
+        let report = Reporter {
+            events: events_tx,
+            waker,
+        };
         let listener = Subscriber {
             target: target.clone(),
             timeout,
             node: node.clone(),
             ops: subs_rx,
-            events: events_tx,
-            waker,
+            report: report.clone(),
             wanted: HashSet::new(),
+        };
+        let now = Instant::now();
+        let publisher = Publisher {
+            target,
+            timeout,
+            node: node.clone(),
+            lease,
+            jobs: pubs_rx,
+            report,
+            store: None,
+            plain: None,
+            devices: HashMap::new(),
+            renew_at: now,
+            reap_at: now,
+            retry_at: None,
+            pause: Duration::from_millis(50),
         };
         let threads = vec![
             std::thread::Builder::new()
@@ -92,7 +132,7 @@ impl Bus {
                 .spawn(move || listener.run())?,
             std::thread::Builder::new()
                 .name("imgate-pub".into())
-                .spawn(move || publish_all(target, timeout, pubs_rx))?,
+                .spawn(move || publisher.run())?,
         ];
         Ok(Bus {
             node,
@@ -105,11 +145,19 @@ impl Bus {
 
     /// Hands one loop turn's routes to the threads; never blocks.
     pub fn submit(&self, routes: impl Iterator<Item = ClusterOp>) {
-        let mut publishes = Publishes::new();
+        let mut jobs = Vec::new();
         for r in routes {
             let sub = match r {
                 ClusterOp::Subscribe(uid) => Sub::On(uid),
                 ClusterOp::Unsubscribe(uid) => Sub::Off(uid),
+                ClusterOp::Device { uid, device, on } => {
+                    jobs.push(Job::Device { uid, device, on });
+                    continue;
+                }
+                ClusterOp::Friendship { a, b, present } => {
+                    jobs.push(Job::Friendship { a, b, present });
+                    continue;
+                }
                 ClusterOp::Publish { uid, news } => {
                     let n = News {
                         node: &self.node,
@@ -121,7 +169,7 @@ impl Bus {
                         _ => channel(&uid),
                     };
                     match n.encode() {
-                        Some(raw) => publishes.push((to, raw)),
+                        Some(raw) => jobs.push(Job::Publish(to, raw)),
                         None => log::error!("news of {uid} not published: an id too long"),
                     }
                     continue;
@@ -131,8 +179,8 @@ impl Bus {
                 let _ = s.send(sub);
             }
         }
-        if let (false, Some(p)) = (publishes.is_empty(), &self.pubs) {
-            let _ = p.send(publishes);
+        if let (false, Some(p)) = (jobs.is_empty(), &self.pubs) {
+            let _ = p.send(jobs);
         }
     }
 
@@ -153,20 +201,177 @@ impl Drop for Bus {
     }
 }
 
-/// The publishing thread: every batch of publishes waiting goes as one pipeline. A publish
-/// that fails twice (a new connection the second time) is dropped: the subscribers catch up
-/// from the inbox when they reconnect, and at the user's next message.
-fn publish_all(target: RedisTarget, timeout: Duration, jobs: mpsc::Receiver<Publishes>) {
-    let mut conn: Option<RedisStore> = None;
-    while let Ok(mut all) = jobs.recv() {
-        while let Ok(more) = jobs.try_recv() {
-            all.extend(more);
+/// The most device changes kept for Redis while it is away; more are dropped (logged), and
+/// those devices stay as Redis had them until this node's lease runs out or it is made anew.
+const MAX_PENDING_DEVICES: usize = 200_000;
+
+/// The publishing thread's state: it also keeps the node's presence in Redis (its devices and
+/// its lease) and cleans up after nodes whose lease ran out.
+struct Publisher {
+    target: RedisTarget,
+    timeout: Duration,
+    node: Arc<str>,
+    lease: Duration,
+    jobs: mpsc::Receiver<Vec<Job>>,
+    report: Reporter,
+    /// For presence and leases: cluster-aware, each call sent to the node of its slot.
+    store: Option<RedisStore>,
+    /// For publishes (see [`connect_store`]).
+    plain: Option<RedisStore>,
+    /// Device changes Redis has not confirmed: the newest wanted state of each device. Only
+    /// the newest matters, since each change states where the device is, not what moved.
+    devices: HashMap<(Arc<str>, Arc<str>), bool>,
+    renew_at: Instant,
+    reap_at: Instant,
+    /// While device changes wait for Redis: when they are tried again.
+    retry_at: Option<Instant>,
+    pause: Duration,
+}
+
+impl Publisher {
+    fn run(mut self) {
+        loop {
+            let wake = [Some(self.renew_at), Some(self.reap_at), self.retry_at]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(self.reap_at);
+            let mut jobs = Vec::new();
+            let gone = match self
+                .jobs
+                .recv_timeout(wake.saturating_duration_since(Instant::now()))
+            {
+                Ok(first) => {
+                    jobs.extend(first);
+                    jobs.extend(self.jobs.try_iter().flatten());
+                    false
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => false,
+                Err(mpsc::RecvTimeoutError::Disconnected) => true,
+            };
+            let (mut publishes, mut friendships) = (Publishes::new(), Vec::new());
+            for job in jobs {
+                match job {
+                    Job::Publish(channel, raw) => publishes.push((channel, raw)),
+                    Job::Device { uid, device, on } => self.want_device(uid, device, on),
+                    Job::Friendship { a, b, present } => friendships.push((a, b, present)),
+                }
+            }
+            if Instant::now() >= self.renew_at {
+                self.renew();
+            }
+            // Before the publishes: a login is on before it is announced.
+            if !self.devices.is_empty() && self.retry_at.is_none_or(|t| t <= Instant::now()) {
+                self.record_devices();
+            }
+            for (a, b, present) in friendships {
+                let node = self.node.clone();
+                if let Err(e) = self.with_store(|s| s.friendship_news(&a, &b, present, &node)) {
+                    log::warn!("{e}: the friendship of {a} and {b} not told to their nodes");
+                }
+            }
+            if !publishes.is_empty() {
+                self.publish(&publishes);
+            }
+            if Instant::now() >= self.reap_at {
+                self.reap();
+            }
+            if gone {
+                return self.leave();
+            }
         }
+    }
+
+    fn want_device(&mut self, uid: Arc<str>, device: Arc<str>, on: bool) {
+        let key = (uid, device);
+        if self.devices.len() >= MAX_PENDING_DEVICES && !self.devices.contains_key(&key) {
+            log::error!(
+                "device {} of {} not recorded: too many waiting for Redis",
+                key.1,
+                key.0
+            );
+            return;
+        }
+        self.devices.insert(key, on);
+    }
+
+    /// Runs `f` on the presence connection, made first when there is none; a failure drops
+    /// it, and `f` is made once more on a new one.
+    fn with_store<T>(
+        &mut self,
+        mut f: impl FnMut(&mut RedisStore) -> Result<T, WriteError>,
+    ) -> Result<T, WriteError> {
+        let mut last = WriteError("not tried".into());
+        for _ in 0..2 {
+            let store = match &mut self.store {
+                Some(s) => s,
+                slot => match self.target.connect(self.timeout) {
+                    Ok(s) => slot.insert(s),
+                    Err(e) => {
+                        last = e;
+                        continue;
+                    }
+                },
+            };
+            match f(store) {
+                Ok(t) => return Ok(t),
+                Err(e) => {
+                    self.store = None;
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn renew(&mut self) {
+        let (node, lease) = (self.node.clone(), self.lease);
+        match self.with_store(|s| s.renew_lease(&node, lease)) {
+            Ok(made) => {
+                self.renew_at = Instant::now() + self.lease / 3;
+                if made {
+                    self.report.send(BusEvent::LeaseMade);
+                }
+            }
+            Err(e) => {
+                log::warn!("{e}: the lease of node {node} not renewed");
+                self.renew_at = Instant::now() + (self.lease / 10).min(MAX_PAUSE);
+            }
+        }
+    }
+
+    fn record_devices(&mut self) {
+        let node = self.node.clone();
+        let changes: Vec<(Arc<str>, Arc<str>, bool)> = self
+            .devices
+            .iter()
+            .map(|((u, d), on)| (u.clone(), d.clone(), *on))
+            .collect();
+        let borrowed: Vec<(&str, &str, bool)> =
+            changes.iter().map(|(u, d, on)| (&**u, &**d, *on)).collect();
+        match self.with_store(|s| s.record_devices(&node, &borrowed)) {
+            Ok(()) => {
+                self.devices.clear();
+                self.retry_at = None;
+                self.pause = Duration::from_millis(50);
+            }
+            Err(e) => {
+                log::warn!("{e}: {} device changes wait for Redis", changes.len());
+                self.retry_at = Some(Instant::now() + self.pause);
+                self.pause = (self.pause * 2).min(MAX_PAUSE);
+            }
+        }
+    }
+
+    /// Every publish waiting goes as one pipeline. One that fails twice (a new connection
+    /// the second time) is dropped: the subscribers catch up from the inbox when they
+    /// reconnect, and at the user's next message.
+    fn publish(&mut self, all: &Publishes) {
         let mut last = None;
         for _ in 0..2 {
-            let store = match &mut conn {
+            let store = match &mut self.plain {
                 Some(s) => s,
-                slot => match connect_store(&target, timeout) {
+                slot => match connect_store(&self.target, self.timeout) {
                     Ok(s) => slot.insert(s),
                     Err(e) => {
                         last = Some(e);
@@ -174,19 +379,68 @@ fn publish_all(target: RedisTarget, timeout: Duration, jobs: mpsc::Receiver<Publ
                     }
                 },
             };
-            match store.publish(&all) {
-                Ok(()) => {
-                    last = None;
-                    break;
-                }
+            match store.publish(all) {
+                Ok(()) => return,
                 Err(e) => {
-                    conn = None;
+                    self.plain = None;
                     last = Some(e);
                 }
             }
         }
         if let Some(e) = last {
             log::warn!("{e}: {} publishes dropped", all.len());
+        }
+    }
+
+    /// Takes offline the devices of every other node whose lease ran out (Redis tells their
+    /// friends); a node that is away from Redis does not know whether its own ran out, and
+    /// learns it when it renews.
+    fn reap(&mut self) {
+        self.reap_at = Instant::now() + (self.lease / 10).max(Duration::from_millis(30));
+        let node = self.node.clone();
+        let expired = match self.with_store(|s| s.expired_nodes()) {
+            Ok(e) => e,
+            Err(_) => return,
+        };
+        for dead in expired.iter().filter(|n| **n != *node) {
+            let claim = self.lease;
+            match self.with_store(|s| s.reap_node(dead, &node, claim)) {
+                Ok(users) if !users.is_empty() => {
+                    log::info!(
+                        "node {dead}'s lease ran out: {} users went offline",
+                        users.len()
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => log::warn!("{e}: node {dead} not cleaned up yet"),
+            }
+        }
+    }
+
+    /// The loop stops: what it asked for is done, and the devices still recorded as this
+    /// node's are taken offline with its lease, rather than when the lease runs out.
+    fn leave(mut self) {
+        if !self.devices.is_empty() {
+            self.record_devices();
+        }
+        let node = self.node.clone();
+        if let Err(e) = self.with_store(|s| s.reap_node(&node, &node, Duration::from_secs(5))) {
+            log::warn!("{e}: node {node}'s devices stay in Redis until its lease runs out");
+        }
+    }
+}
+
+/// Hands events to the loop and wakes it.
+#[derive(Clone)]
+struct Reporter {
+    events: mpsc::Sender<BusEvent>,
+    waker: Arc<mio::Waker>,
+}
+
+impl Reporter {
+    fn send(&self, e: BusEvent) {
+        if self.events.send(e).is_ok() {
+            let _ = self.waker.wake();
         }
     }
 }
@@ -205,14 +459,21 @@ fn connect_store(target: &RedisTarget, timeout: Duration) -> Result<RedisStore, 
     Err(last)
 }
 
+/// News that this node hears back from itself: what Redis orders or decides.
+fn decided_by_redis(news: &Published) -> bool {
+    matches!(
+        news,
+        Published::Login { .. } | Published::Presence { .. } | Published::Friend { .. }
+    )
+}
+
 /// The subscribing thread's state.
 struct Subscriber {
     target: RedisTarget,
     timeout: Duration,
     node: Arc<str>,
     ops: mpsc::Receiver<Sub>,
-    events: mpsc::Sender<BusEvent>,
-    waker: Arc<mio::Waker>,
+    report: Reporter,
     /// The users whose channel the loop wants heard.
     wanted: HashSet<Arc<str>>,
 }
@@ -290,8 +551,9 @@ impl Subscriber {
                 Err(e) => return Err(e),
             };
             match News::decode(msg.get_payload_bytes()) {
-                // This node's own news matters only to order logins.
-                Ok(n) if n.node == &*self.node && !matches!(n.news, Published::Login { .. }) => {}
+                // This node's own news matters only where Redis decides: the order of logins,
+                // and presence.
+                Ok(n) if n.node == &*self.node && !decided_by_redis(&n.news) => {}
                 Ok(n) => self.report(BusEvent::Published {
                     uid: n.uid.into(),
                     mine: n.node == &*self.node,
@@ -314,9 +576,7 @@ impl Subscriber {
     }
 
     fn report(&self, e: BusEvent) {
-        if self.events.send(e).is_ok() {
-            let _ = self.waker.wake();
-        }
+        self.report.send(e);
     }
 
     /// Takes the loop's changes into `wanted`, with what to subscribe to and unsubscribe

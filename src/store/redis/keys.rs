@@ -36,6 +36,9 @@ pub(crate) struct UserKeys {
     pub(crate) groups: String,
     /// Online device id -> the node it is connected to.
     pub(crate) devices: String,
+    /// The presence version: raised each time the user comes online or goes offline, so
+    /// that a node can tell a newer state from an older one heard later.
+    pub(crate) presence: String,
 }
 
 impl UserKeys {
@@ -49,6 +52,7 @@ impl UserKeys {
             friends: tagged("im:", uid, ":friends"),
             groups: tagged("im:", uid, ":groups"),
             devices: tagged("im:", uid, ":devs"),
+            presence: tagged("im:", uid, ":pv"),
         }
     }
 }
@@ -101,9 +105,17 @@ mod tests {
         key
     }
 
-    fn all(k: &UserKeys) -> [&str; 8] {
+    fn all(k: &UserKeys) -> [&str; 9] {
         [
-            &k.seq, &k.inbox, &k.ids, &k.idq, &k.cursors, &k.friends, &k.groups, &k.devices,
+            &k.seq,
+            &k.inbox,
+            &k.ids,
+            &k.idq,
+            &k.cursors,
+            &k.friends,
+            &k.groups,
+            &k.devices,
+            &k.presence,
         ]
     }
 

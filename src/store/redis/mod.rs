@@ -54,19 +54,34 @@ redis.register_function('imgate_raise_cursor', function(keys, args)
   if tonumber(args[2]) > old then redis.call('HSET', keys[1], args[1], args[2]) end
   return 0
 end)
+local function channel(uid)
+  local c = uid:sub(1, 1)
+  if c == '}' or c == '~' then uid = '~' .. uid end
+  return 'im:{' .. uid .. '}:ch'
+end
+local function tell(keys, uid, node, kind)
+  local v = redis.call('INCR', keys[3])
+  for _, f in ipairs(redis.call('SMEMBERS', keys[2])) do
+    local news = string.char(#node) .. node .. string.char(#f) .. f .. kind .. v .. ':' .. uid
+    redis.call('PUBLISH', channel(f), news)
+  end
+end
 redis.register_function('imgate_device_on', function(keys, args)
   local prev = redis.call('HGET', keys[1], args[1])
   local first = redis.call('HLEN', keys[1]) == 0
   redis.call('HSET', keys[1], args[1], args[2])
+  if first then tell(keys, args[3], args[2], '+') end
   return {prev or '', first and 1 or 0}
 end)
 redis.register_function('imgate_device_off', function(keys, args)
-  if redis.call('HGET', keys[1], args[1]) ~= args[2] then return {0, 0} end
-  redis.call('HDEL', keys[1], args[1])
+  local ours = redis.call('HGET', keys[1], args[1]) == args[2]
+  if ours then redis.call('HDEL', keys[1], args[1]) end
   local rest = redis.call('HVALS', keys[1])
   local mine = 0
   for _, node in ipairs(rest) do if node == args[2] then mine = 1 end end
-  return {#rest == 0 and 1 or 0, mine}
+  local last = ours and #rest == 0
+  if last then tell(keys, args[3], args[2], '-') end
+  return {last and 1 or 0, mine}
 end)
 redis.register_function('imgate_node_gone', function(keys, args)
   local all = redis.call('HGETALL', keys[1])
@@ -77,7 +92,19 @@ redis.register_function('imgate_node_gone', function(keys, args)
       removed = removed + 1
     end
   end
-  if removed > 0 and redis.call('HLEN', keys[1]) == 0 then return 1 end
+  if removed > 0 and redis.call('HLEN', keys[1]) == 0 then
+    tell(keys, args[2], args[3], '-')
+    return 1
+  end
+  return 0
+end)
+redis.register_function('imgate_friend_news', function(keys, args)
+  local online = redis.call('HLEN', keys[1]) > 0 and '1' or '0'
+  local v = redis.call('GET', keys[2]) or '0'
+  local node, to = args[4], args[1]
+  local news = string.char(#node) .. node .. string.char(#to) .. to .. args[3] .. online .. v
+    .. ':' .. args[2]
+  redis.call('PUBLISH', channel(to), news)
   return 0
 end)
 redis.register_function('imgate_lease', function(keys, args)

@@ -5,17 +5,24 @@
 //! the length of the publishing node's id (1 byte) and the id, the length of the uid (1 byte)
 //! and the uid, then a kind byte: for `M` the seq and `server_time_ms` (8 bytes little-endian
 //! each) and the body; for `T` the seq; for `L` the login's number and the device id; for
-//! `J` (joined) and `X` (left) the group id.
+//! `J` (joined) and `X` (left) the group id; for `+` (came online) and `-` (went offline) the
+//! friend's presence version in decimal, `:` and the friend's uid; for `A` (friendship made)
+//! and `R` (ended) `1` or `0` (whether the friend is online), then the same. The presence kinds are also written by the Redis functions
+//! (`super::LIBRARY`), which must follow this layout.
 
 use crate::im::core::Published;
 use crate::store::records::Corrupt;
-use crate::store::{Body, StoredMessage};
+use crate::store::{Body, Presence, StoredMessage};
 
 const KIND_MESSAGE: u8 = b'M';
 const KIND_TIP: u8 = b'T';
 const KIND_LOGIN: u8 = b'L';
 const KIND_JOINED: u8 = b'J';
 const KIND_LEFT: u8 = b'X';
+const KIND_ONLINE: u8 = b'+';
+const KIND_OFFLINE: u8 = b'-';
+const KIND_FRIEND: u8 = b'A';
+const KIND_UNFRIEND: u8 = b'R';
 
 /// One publish: who published it, for whose inbox, and what.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +46,8 @@ impl News<'_> {
             Published::Tip(_) => 1 + 8,
             Published::Login { device_id, .. } => 1 + 8 + device_id.len(),
             Published::Membership { gid, .. } => 1 + gid.len(),
+            Published::Presence { uid, .. } => 22 + uid.len(),
+            Published::Friend { uid, .. } => 23 + uid.len(),
         };
         let mut out = Vec::with_capacity(2 + self.node.len() + self.uid.len() + tail);
         out.push(n);
@@ -64,6 +73,23 @@ impl News<'_> {
             Published::Membership { gid, joined } => {
                 out.push(if *joined { KIND_JOINED } else { KIND_LEFT });
                 out.extend_from_slice(gid.as_bytes());
+            }
+            Published::Presence { uid, presence } => {
+                out.push(if presence.online {
+                    KIND_ONLINE
+                } else {
+                    KIND_OFFLINE
+                });
+                versioned(&mut out, presence.version, uid);
+            }
+            Published::Friend {
+                uid,
+                present,
+                presence,
+            } => {
+                out.push(if *present { KIND_FRIEND } else { KIND_UNFRIEND });
+                out.push(if presence.online { b'1' } else { b'0' });
+                versioned(&mut out, presence.version, uid);
             }
         }
         Some(out)
@@ -106,10 +132,56 @@ impl News<'_> {
                     .to_owned(),
                 joined: kind == KIND_JOINED,
             },
+            KIND_ONLINE | KIND_OFFLINE => {
+                let (version, uid) = friend(rest)?;
+                Published::Presence {
+                    uid,
+                    presence: Presence {
+                        online: kind == KIND_ONLINE,
+                        version,
+                    },
+                }
+            }
+            KIND_FRIEND | KIND_UNFRIEND => {
+                let (online, rest) = match rest.split_first() {
+                    Some((b'1', rest)) => (true, rest),
+                    Some((b'0', rest)) => (false, rest),
+                    _ => return Err(Corrupt("a friendship publish with no presence")),
+                };
+                let (version, uid) = friend(rest)?;
+                Published::Friend {
+                    uid,
+                    present: kind == KIND_FRIEND,
+                    presence: Presence { online, version },
+                }
+            }
             _ => return Err(Corrupt("a publish of an unknown kind")),
         };
         Ok(News { node, uid, news })
     }
+}
+
+/// A presence version in decimal, `:`, and the friend's uid: how a presence or friendship
+/// publish ends (decimal, since the Redis functions write it).
+fn versioned(out: &mut Vec<u8>, version: u64, uid: &str) {
+    out.extend_from_slice(version.to_string().as_bytes());
+    out.push(b':');
+    out.extend_from_slice(uid.as_bytes());
+}
+
+/// The version and uid a presence or friendship publish ends with.
+fn friend(raw: &[u8]) -> Result<(u64, String), Corrupt> {
+    let text = std::str::from_utf8(raw).map_err(|_| Corrupt("a publish with a bad friend uid"))?;
+    let (version, uid) = text
+        .split_once(':')
+        .ok_or(Corrupt("a publish with no presence version"))?;
+    let version = version
+        .parse()
+        .map_err(|_| Corrupt("a publish with a bad presence version"))?;
+    if uid.is_empty() {
+        return Err(Corrupt("a publish with no friend uid"));
+    }
+    Ok((version, uid.to_owned()))
 }
 
 /// A length-prefixed UTF-8 string, and what follows it.
@@ -149,6 +221,36 @@ mod tests {
             Published::Membership {
                 gid: "team".into(),
                 joined: false,
+            },
+            Published::Presence {
+                uid: "bob".into(),
+                presence: Presence {
+                    online: true,
+                    version: 1,
+                },
+            },
+            Published::Presence {
+                uid: "b:o:b".into(),
+                presence: Presence {
+                    online: false,
+                    version: u64::MAX,
+                },
+            },
+            Published::Friend {
+                uid: "bob".into(),
+                present: true,
+                presence: Presence {
+                    online: false,
+                    version: 0,
+                },
+            },
+            Published::Friend {
+                uid: "bob".into(),
+                present: false,
+                presence: Presence {
+                    online: true,
+                    version: 12,
+                },
             },
         ] {
             let n = News {
