@@ -474,9 +474,9 @@ impl Gateway {
         let Some(id) = answers.last().map(|(id, _)| *id) else {
             return;
         };
-        for (batch, sents) in &answers {
-            self.im.core.on_committed(*batch, sents, now);
-        }
+        let together: Vec<(BatchId, &[Sent])> =
+            answers.iter().map(|(b, s)| (*b, s.as_slice())).collect();
+        self.im.core.on_committed_together(&together, now);
         self.answer_committing(id, Response::no_content);
         self.dispatch_im();
     }

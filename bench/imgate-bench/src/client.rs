@@ -23,7 +23,8 @@ use crate::verify::{
 
 #[derive(Debug, Clone)]
 pub struct FleetCfg {
-    pub addr: SocketAddr,
+    /// The servers; connection i goes to `addrs[i % len]`.
+    pub addrs: Vec<SocketAddr>,
     /// Spread connections over 127.0.0.1..127.0.0.K (1: no explicit bind).
     pub src_ips: u32,
     pub secret: Vec<u8>,
@@ -411,7 +412,7 @@ impl Fleet {
     /// `devices_of[u]`: how many devices user u has (all users of the run, across processes);
     /// `gidx_count`: the number of device indices (ledger size).
     pub fn new(cfg: FleetCfg, devices_of: Vec<u16>, gidx_count: usize) -> std::io::Result<Fleet> {
-        let net = Net::new(cfg.addr, "/ws", Some(im::SUBPROTOCOL), cfg.seed)?;
+        let net = Net::new(cfg.addrs.clone(), "/ws", Some(im::SUBPROTOCOL), cfg.seed)?;
         let users = devices_of.len() as u32;
         let shape = Shape {
             run: cfg.run_id,
@@ -1567,7 +1568,7 @@ mod tests {
     /// Twelve single-device users, all logged in with empty inboxes.
     fn fleet(inject: Option<(Inject, u64)>) -> Fleet {
         let cfg = FleetCfg {
-            addr: SocketAddr::from(([127, 0, 0, 1], 9)),
+            addrs: vec![SocketAddr::from(([127, 0, 0, 1], 9))],
             src_ips: 1,
             secret: b"secret".to_vec(),
             uid_prefix: "t".into(),

@@ -63,9 +63,11 @@ enum Cmd {
 /// Flags every scenario has.
 #[derive(Debug, Clone, Args)]
 pub struct Common {
-    /// Server address: 127.x.x.x only.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub addr: SocketAddr,
+    /// Server addresses, comma-separated: 127.x.x.x only. With several (the nodes of a
+    /// cluster), connection i goes to address i mod N, so that the devices of one user and
+    /// the users of one conversation are spread over the nodes.
+    #[arg(long, default_value = "127.0.0.1:8080", value_delimiter = ',', num_args = 1..)]
+    pub addr: Vec<SocketAddr>,
 
     /// The server's JWT secret, to sign login tokens (chaos: taken from --server-cmd when
     /// not given).

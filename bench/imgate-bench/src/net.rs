@@ -113,8 +113,8 @@ pub struct Net {
     ready: Vec<(usize, bool, bool, bool)>,
     out: Vec<Event>,
     arena: Vec<u8>,
-    pub target: SocketAddr,
-    host: String,
+    /// The servers: connection owner i goes to `targets[i % len]` (never empty).
+    pub targets: Vec<SocketAddr>,
     path: String,
     protocol: Option<String>,
     max_msg: usize,
@@ -137,7 +137,7 @@ const SCRATCH: usize = 256 * 1024;
 
 impl Net {
     pub fn new(
-        target: SocketAddr,
+        targets: Vec<SocketAddr>,
         path: &str,
         protocol: Option<&str>,
         seed: u64,
@@ -151,8 +151,7 @@ impl Net {
             ready: Vec::new(),
             out: Vec::new(),
             arena: Vec::new(),
-            target,
-            host: target.to_string(),
+            targets,
             path: path.to_owned(),
             protocol: protocol.map(str::to_owned),
             max_msg: 16 << 20,
@@ -171,7 +170,8 @@ impl Net {
         deadline_ms: u64,
         raw: Option<&[u8]>,
     ) -> Result<usize, CloseReason> {
-        let sock = open_socket(src, self.target).map_err(|e| CloseReason::Connect(errno(&e)))?;
+        let target = self.targets[owner % self.targets.len()];
+        let sock = open_socket(src, target).map_err(|e| CloseReason::Connect(errno(&e)))?;
         let mut sock = TcpStream::from_std(sock);
         let entry = self.conns.vacant_entry();
         let id = entry.key();
@@ -189,7 +189,12 @@ impl Net {
         key.copy_from_slice(&ws_key.as_bytes()[..24]);
         let outbuf = match raw {
             Some(bytes) => bytes.to_vec(),
-            None => ws::request(&self.host, &self.path, &ws_key, self.protocol.as_deref()),
+            None => ws::request(
+                &target.to_string(),
+                &self.path,
+                &ws_key,
+                self.protocol.as_deref(),
+            ),
         };
         entry.insert(Conn {
             sock,

@@ -48,65 +48,88 @@ impl Core {
     /// Batches are reported in the order they were taken; a report of another batch than the
     /// oldest in flight is ignored (logged).
     pub fn on_committed(&mut self, id: BatchId, sents: &[Sent], now: Now) {
-        let Some(InFlight {
-            batch, requesters, ..
-        }) = self.answered(id, "durable")
-        else {
+        self.on_committed_together(&[(id, sents)], now);
+    }
+
+    /// Batches made durable by one commit, in the order they were taken, each with the
+    /// answers to its sends: as [`Core::on_committed`] for each, except that what they
+    /// appended is learnt in seq order across all of them, since a store may number one
+    /// commit's appends in another order than its batches and sends (Redis appends every
+    /// sender's copy before the references to it).
+    pub fn on_committed_together(&mut self, answers: &[(BatchId, &[Sent])], now: Now) {
+        let mut appends: Vec<(Arc<str>, u64, Published)> = Vec::new();
+        let mut done: Vec<Arc<WriteBatch>> = Vec::new();
+        let mut last = None;
+        for &(id, sents) in answers {
+            let Some(InFlight {
+                batch, requesters, ..
+            }) = self.answered(id, "durable")
+            else {
+                continue;
+            };
+            last = Some(id);
+            if sents.len() != batch.sends.len() {
+                log::error!(
+                    "batch {id}: {} answers to {} sends",
+                    sents.len(),
+                    batch.sends.len()
+                );
+            }
+            for ((send, sent), req) in batch.sends.iter().zip(sents).zip(requesters) {
+                if let Some(req) = req {
+                    if !sent.duplicate {
+                        self.learn_own(req, &send.from, sent.seq);
+                    }
+                    self.out.push(Self::acknowledgement(
+                        req,
+                        sent.seq,
+                        sent.duplicate,
+                        send.server_time_ms,
+                    ));
+                }
+                let owners = std::iter::once(&send.from).zip(std::iter::once(&sent.seq));
+                for (owner, &seq) in owners.chain(send.to.iter().zip(&sent.to_seqs)) {
+                    // A duplicate's first attempt, unseen here (refused, or made on another
+                    // node), may differ from it (its time, its content): the store's copy is
+                    // the message, and the devices read it from there.
+                    let news = if sent.duplicate {
+                        Published::Tip(seq)
+                    } else {
+                        Published::Message(StoredMessage {
+                            seq,
+                            server_time_ms: send.server_time_ms,
+                            body: send.body.clone(),
+                        })
+                    };
+                    appends.push((owner.clone(), seq, news));
+                }
+            }
+            done.push(batch);
+        }
+        let Some(id) = last else {
             return;
         };
-        if sents.len() != batch.sends.len() {
-            log::error!(
-                "batch {id}: {} answers to {} sends",
-                sents.len(),
-                batch.sends.len()
-            );
-        }
+        // A stable sort: each inbox's appends are learnt one after the other.
+        appends.sort_by_key(|(_, seq, _)| *seq);
         let mut touched: Vec<Arc<str>> = Vec::new();
-        for ((send, sent), req) in batch.sends.iter().zip(sents).zip(requesters) {
-            if let Some(req) = req {
-                if !sent.duplicate {
-                    self.learn_own(req, &send.from, sent.seq);
-                }
-                self.out.push(Self::acknowledgement(
-                    req,
-                    sent.seq,
-                    sent.duplicate,
-                    send.server_time_ms,
-                ));
-            }
-            let owners = std::iter::once(&send.from).zip(std::iter::once(&sent.seq));
-            for (owner, &seq) in owners.chain(send.to.iter().zip(&sent.to_seqs)) {
-                // A duplicate's first attempt, unseen here (refused, or made on another
-                // node), may differ from it (its time, its content): the store's copy is the
-                // message, and the devices read it from there.
-                let news = if sent.duplicate {
-                    Published::Tip(seq)
-                } else {
-                    Published::Message(StoredMessage {
-                        seq,
-                        server_time_ms: send.server_time_ms,
-                        body: send.body.clone(),
-                    })
-                };
-                let learned = self.learn(owner, &news);
-                self.route(ClusterOp::Publish {
-                    uid: owner.clone(),
-                    news,
-                });
-                // Each user once, in order of first append (a sort would reorder deliveries).
-                if let Some(user) = self.users.get_mut(&**owner) {
-                    if learned && user.touched_by != id {
-                        user.touched_by = id;
-                        touched.push(owner.clone());
-                    }
+        for (owner, _, news) in appends {
+            let learned = self.learn(&owner, &news);
+            // Each user once, in order of first append.
+            if let Some(user) = self.users.get_mut(&*owner) {
+                if learned && user.touched_by != id {
+                    user.touched_by = id;
+                    touched.push(owner.clone());
                 }
             }
+            self.route(ClusterOp::Publish { uid: owner, news });
         }
-        for (a, b, present) in &batch.friendships {
-            self.friendship_committed(a, b, *present);
-        }
-        for m in &batch.memberships {
-            self.membership_committed(m);
+        for batch in &done {
+            for (a, b, present) in &batch.friendships {
+                self.friendship_committed(a, b, *present);
+            }
+            for m in &batch.memberships {
+                self.membership_committed(m);
+            }
         }
         for uid in touched {
             self.pump_user(&uid, now);
@@ -174,7 +197,7 @@ mod tests {
     use super::super::harness::{error_code, messages_to, send_ok, H};
     use super::super::{ImConfig, Output, Target};
     use crate::im::proto::{self, client_frame::Body as C, ErrorCode};
-    use crate::store::StoreRead;
+    use crate::store::{Sent, StoreRead};
 
     #[test]
     fn send_is_acknowledged_only_when_durable_and_appends_to_both_inboxes() {
@@ -260,6 +283,45 @@ mod tests {
         let mut got = messages_to(&out, 2);
         got.extend(messages_to(&h.send(1, "bob", "m2", "next"), 2));
         assert_eq!(got, vec![(1, "first".into()), (2, "next".into())]);
+    }
+
+    #[test]
+    fn one_commits_appends_numbered_out_of_batch_order_are_delivered_live_in_seq_order() {
+        let mut h = H::new(ImConfig::default());
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "bob", "phone", 0);
+        h.login(3, "bob", "tablet", 0);
+        h.send_uncommitted(1, "bob", "a1", "to bob");
+        let (first, b1) = h.core.take_batch().unwrap();
+        h.send_uncommitted(2, "carol", "b1", "from bob");
+        let (second, b2) = h.core.take_batch().unwrap();
+        // As Redis numbers them: every sender's copy first, then the references.
+        let sents1 = vec![Sent {
+            seq: 1,
+            duplicate: false,
+            to_seqs: vec![2],
+        }];
+        let sents2 = vec![Sent {
+            seq: 1,
+            duplicate: false,
+            to_seqs: vec![1],
+        }];
+        h.store.apply(&b1);
+        h.store.apply(&b2);
+        h.core
+            .on_committed_together(&[(first, &sents1), (second, &sents2)], h.now);
+        let out: Vec<Output> = h.core.drain_output().collect();
+        assert_eq!(
+            h.core.poll_read().map(|(_, r)| r),
+            None,
+            "nothing read from the store"
+        );
+        assert_eq!(
+            messages_to(&out, 3),
+            vec![(1, "from bob".into()), (2, "to bob".into())],
+            "bob's tablet, live"
+        );
+        assert_eq!(messages_to(&out, 2), vec![(2, "to bob".into())]);
     }
 
     #[test]

@@ -103,6 +103,15 @@ impl Core {
         now: Now,
     ) {
         let window = self.cfg.delivery_window;
+        // A store may show appends before their commit is answered (Redis: a commit takes
+        // several round trips), among them this device's own sends, whose SendOk is not
+        // built yet: the stream goes no further than what this node knows is committed.
+        let committed = self
+            .sessions
+            .get(&conn)
+            .and_then(|s| s.device.as_ref())
+            .and_then(|d| self.users.get(&d.uid))
+            .map_or(0, |u| u.committed_seq);
         let Some(Session {
             device: Some(dev),
             room: bytes_room,
@@ -115,10 +124,11 @@ impl Core {
             return;
         }
         dev.reading = None;
-        let older = match page {
+        let mut older = match page {
             Ok(older) => older,
             Err(e) => return log::error!("{e}"),
         };
+        older.retain(|m| m.seq <= committed);
         let sent = send_on(dev, bytes_room, window, &older, conn, now, &mut self.out);
         if sent && !older.is_empty() {
             self.pump(conn, now);

@@ -466,6 +466,13 @@ mod tests {
             messages_to(&h.turn(), 2),
             vec![(2, "two".into()), (3, "three".into())]
         );
+        // The store shows appends whose commit is not answered yet: the stream stops at
+        // what is known committed.
+        sent_elsewhere(&mut h, "bob", "c5", "five");
+        sent_elsewhere(&mut h, "bob", "c6", "six");
+        h.core
+            .handle_published("bob", Published::Tip(4), false, h.now);
+        assert_eq!(messages_to(&h.turn(), 2), vec![(4, "five".into())]);
         // News of a user not cached here is nobody's.
         let other = sent_elsewhere(&mut h, "dave", "c4", "x");
         h.core

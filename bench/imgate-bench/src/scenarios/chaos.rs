@@ -357,7 +357,7 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
     }
     server.want_admin = with_groups;
     let addr = server.start()?;
-    common.addr = addr;
+    common.addr = vec![addr];
     let s = setup(&common)?;
     // The groups, made once before any load: memberships are durable when the admin API
     // answers, so every restart has them.

@@ -29,7 +29,7 @@ pub fn run(a: EchoArgs) -> Result<ExitCode, String> {
             a.conns, s.nofile
         ));
     }
-    let mut net = Net::new(a.common.addr, &a.path, None, s.seed)
+    let mut net = Net::new(a.common.addr.clone(), &a.path, None, s.seed)
         .map_err(|e| format!("cannot create the event loop: {e}"))?;
     let payload: Vec<u8> = (0..a.size).map(|i| (i % 251) as u8).collect();
     let mut conns: Vec<Conn> = (0..a.conns)

@@ -131,7 +131,7 @@ pub fn run(a: FloodArgs) -> Result<ExitCode, String> {
             .map(|i| {
                 let uid = crate::im::uid(&format!("{}attacker", a.common.uid_prefix), i);
                 let token = crate::im::token(&secret, &uid);
-                attack::spawn(a.attack, a.common.addr, uid, token, ctl.clone())
+                attack::spawn(a.attack, a.common.addr[0], uid, token, ctl.clone())
             })
             .collect()
     };

@@ -34,7 +34,12 @@ pub struct Setup {
 }
 
 pub fn setup(common: &Common) -> Result<Setup, String> {
-    check_loopback(&common.addr)?;
+    if common.addr.is_empty() {
+        return Err("--addr needs an address".into());
+    }
+    for a in &common.addr {
+        check_loopback(a)?;
+    }
     if common.src_ips == 0 || common.src_ips > 254 {
         return Err("--src-ips must be 1..=254".into());
     }
@@ -73,7 +78,7 @@ pub fn secret(common: &Common) -> Result<Vec<u8>, String> {
 
 pub fn fleet_cfg(common: &Common, s: &Setup, size: usize) -> Result<FleetCfg, String> {
     Ok(FleetCfg {
-        addr: common.addr,
+        addrs: common.addr.clone(),
         src_ips: common.src_ips,
         secret: secret(common)?,
         uid_prefix: common.uid_prefix.clone(),
