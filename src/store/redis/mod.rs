@@ -35,19 +35,34 @@ use super::{Body, Membership, NewSend, ReadError, Sent, StoredMessage, DEDUPE_KE
 /// `imgate_append` appends one entry to one inbox unless its idempotency key is among the
 /// inbox's newest `args[3]`: it answers `{seq, 1}` for a key already there, `{new seq, 0}`
 /// otherwise (keys: seq, inbox, ids, idq; args: idempotency key, entry, how many keys to keep).
+/// `imgate_append_all` makes many appends in one call, answering the list of their answers
+/// (keys: those of each append in turn; args: how many keys to keep, then the idempotency key
+/// and entry of each append).
 /// `imgate_raise_cursor` raises a device's cursor, never lowers it (keys: cursors; args:
 /// device id, seq). The presence functions are described in `presence`.
 const LIBRARY: &str = r"#!lua name=imgate
-redis.register_function('imgate_append', function(keys, args)
-  local seen = redis.call('HGET', keys[3], args[1])
+local function append(seqk, inbox, ids, idq, key, entry, keep)
+  local seen = redis.call('HGET', ids, key)
   if seen then return {tonumber(seen), 1} end
-  local seq = redis.call('INCR', keys[1])
-  redis.call('XADD', keys[2], seq .. '-1', 'm', args[2])
-  redis.call('HSET', keys[3], args[1], seq)
-  if redis.call('RPUSH', keys[4], args[1]) > tonumber(args[3]) then
-    redis.call('HDEL', keys[3], redis.call('LPOP', keys[4]))
+  local seq = redis.call('INCR', seqk)
+  redis.call('XADD', inbox, seq .. '-1', 'm', entry)
+  redis.call('HSET', ids, key, seq)
+  if redis.call('RPUSH', idq, key) > keep then
+    redis.call('HDEL', ids, redis.call('LPOP', idq))
   end
   return {seq, 0}
+end
+redis.register_function('imgate_append', function(keys, args)
+  return append(keys[1], keys[2], keys[3], keys[4], args[1], args[2], tonumber(args[3]))
+end)
+redis.register_function('imgate_append_all', function(keys, args)
+  local keep, out = tonumber(args[1]), {}
+  for i = 0, #keys / 4 - 1 do
+    local k, a = i * 4, i * 2 + 1
+    local r = append(keys[k + 1], keys[k + 2], keys[k + 3], keys[k + 4], args[a + 1], args[a + 2], keep)
+    out[#out + 1] = r
+  end
+  return out
 end)
 redis.register_function('imgate_raise_cursor', function(keys, args)
   local old = tonumber(redis.call('HGET', keys[1], args[1]) or '0')
@@ -270,6 +285,35 @@ impl RedisStore {
         }
     }
 
+    /// Makes `appends`, answering (seq, duplicate) for each in order: on one Redis a
+    /// function call per [`APPENDS_PER_CALL`], on a Redis Cluster one per append (each
+    /// touches one slot), all in one pipeline.
+    fn append_all(&mut self, appends: &[Append]) -> Result<Vec<(u64, u8)>, WriteError> {
+        if appends.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut b = Batch::default();
+        let answers: Vec<(u64, u8)> = match self.conn {
+            Conn::Single(_) => {
+                for chunk in appends.chunks(APPENDS_PER_CALL) {
+                    b.push(append_all_call(chunk), true);
+                }
+                let per_call: Vec<Vec<(u64, u8)>> = self.run(&b)?;
+                per_call.into_iter().flatten().collect()
+            }
+            Conn::Cluster(_) => {
+                for a in appends {
+                    b.push(a.call(), true);
+                }
+                self.run(&b)?
+            }
+        };
+        if answers.len() != appends.len() {
+            return Err(WriteError("an append had no answer".into()));
+        }
+        Ok(answers)
+    }
+
     /// Stores sends: each in its sender's inbox with the body, then in every recipient's
     /// inbox as a reference to the sender's copy. Answers only once every append returned,
     /// so a send answered here is in every inbox it names.
@@ -288,19 +332,19 @@ impl RedisStore {
         if sends.is_empty() {
             return Ok(Vec::new());
         }
-        let mut own = Batch::default();
+        let mut own = Vec::with_capacity(sends.len());
         for s in &sends {
             let e = Entry {
                 server_time_ms: s.server_time_ms,
                 content: Content::Body(s.body.clone()),
             };
-            own.push(append(&s.from, &s.from, &s.client_msg_id, &e), true);
+            own.push(Append::new(&s.from, &s.from, &s.client_msg_id, &e));
         }
-        let firsts: Vec<(u64, u8)> = self.run(&own)?;
+        let firsts = self.append_all(&own)?;
         if firsts.len() != sends.len() {
             return Err(WriteError("an append had no answer".into()));
         }
-        let mut refs = Batch::default();
+        let mut refs = Vec::new();
         for (s, (seq, _)) in sends.iter().zip(&firsts) {
             let e = Entry {
                 server_time_ms: s.server_time_ms,
@@ -310,15 +354,10 @@ impl RedisStore {
                 },
             };
             for to in &s.to {
-                refs.push(append(to, &s.from, &s.client_msg_id, &e), true);
+                refs.push(Append::new(to, &s.from, &s.client_msg_id, &e));
             }
         }
-        let mut to_seqs = if !refs.is_empty() {
-            let r: Vec<(u64, u8)> = self.run(&refs)?;
-            r.into_iter()
-        } else {
-            Vec::new().into_iter()
-        };
+        let mut to_seqs = self.append_all(&refs)?.into_iter();
         let mut out = Vec::with_capacity(sends.len());
         for (s, (seq, dup)) in sends.iter().zip(firsts) {
             let mine: Vec<u64> = to_seqs.by_ref().take(s.to.len()).map(|(q, _)| q).collect();
@@ -581,18 +620,56 @@ fn stream_entries(v: Value) -> Result<Vec<(u64, Vec<u8>)>, ReadError> {
 }
 
 /// One append (`imgate_append`) to `owner`'s inbox.
-fn append(owner: &str, from_uid: &str, client_msg_id: &str, e: &Entry) -> redis::Cmd {
-    let k = UserKeys::of(owner);
+/// One inbox append: its keys, its idempotency key and its entry.
+struct Append {
+    keys: UserKeys,
+    key: String,
+    entry: Vec<u8>,
+}
+
+/// The most appends one `imgate_append_all` call makes, so that one call holds Redis for a
+/// few milliseconds at most.
+const APPENDS_PER_CALL: usize = 256;
+
+impl Append {
+    fn new(owner: &str, from_uid: &str, client_msg_id: &str, e: &Entry) -> Append {
+        Append {
+            keys: UserKeys::of(owner),
+            key: idempotency_key(from_uid, client_msg_id),
+            entry: e.encode(),
+        }
+    }
+
+    /// `imgate_append` of this one append (one slot: a Redis Cluster pipeline routes it).
+    fn call(&self) -> redis::Cmd {
+        let k = &self.keys;
+        let mut f = redis::cmd("FCALL");
+        f.arg("imgate_append")
+            .arg(4)
+            .arg(&k.seq)
+            .arg(&k.inbox)
+            .arg(&k.ids)
+            .arg(&k.idq)
+            .arg(&self.key)
+            .arg(&self.entry)
+            .arg(DEDUPE_KEEP);
+        f
+    }
+}
+
+/// `imgate_append_all` of several appends (keys of many slots: for one Redis only), which
+/// saves a function call per append.
+fn append_all_call(appends: &[Append]) -> redis::Cmd {
     let mut f = redis::cmd("FCALL");
-    f.arg("imgate_append")
-        .arg(4)
-        .arg(k.seq)
-        .arg(k.inbox)
-        .arg(k.ids)
-        .arg(k.idq)
-        .arg(idempotency_key(from_uid, client_msg_id))
-        .arg(e.encode())
-        .arg(DEDUPE_KEEP);
+    f.arg("imgate_append_all").arg(appends.len() * 4);
+    for a in appends {
+        let k = &a.keys;
+        f.arg(&k.seq).arg(&k.inbox).arg(&k.ids).arg(&k.idq);
+    }
+    f.arg(DEDUPE_KEEP);
+    for a in appends {
+        f.arg(&a.key).arg(&a.entry);
+    }
     f
 }
 
