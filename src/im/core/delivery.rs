@@ -3,7 +3,9 @@
 //! acks, the ack timeout, and Sync pages bounded by count, bytes and room.
 
 use super::reads::{ReadId, ReadRequest, Waiter};
-use super::{error, frame, ConnId, Core, Device, Now, Output, Session, STORE_UNAVAILABLE};
+use super::{
+    error, frame, ConnId, Core, Device, Now, Output, Requester, Session, STORE_UNAVAILABLE,
+};
 use crate::im::proto::{self, server_frame, ErrorCode};
 use crate::im::wire;
 use crate::store::{ReadError, StoredMessage};
@@ -112,6 +114,12 @@ impl Core {
             .and_then(|s| s.device.as_ref())
             .and_then(|d| self.users.get(&d.uid))
             .map_or(0, |u| u.committed_seq);
+        // Another node's append to the same inbox, heard first, moves `committed` past this
+        // device's own sends whose commit is still being answered: those are its own too.
+        let own = match &page {
+            Ok(older) => self.own_unanswered(conn, older),
+            Err(_) => Vec::new(),
+        };
         let Some(Session {
             device: Some(dev),
             room: bytes_room,
@@ -129,10 +137,42 @@ impl Core {
             Err(e) => return log::error!("{e}"),
         };
         older.retain(|m| m.seq <= committed);
+        for seq in own {
+            if seq > dev.sent_upto && !dev.own.contains(&seq) {
+                let at = dev.own.partition_point(|s| *s < seq);
+                dev.own.insert(at, seq);
+            }
+        }
         let sent = send_on(dev, bytes_room, window, &older, conn, now, &mut self.out);
         if sent && !older.is_empty() {
             self.pump(conn, now);
         }
+    }
+
+    /// The seqs in `page` of sends of `conn` whose commit has not been answered yet.
+    fn own_unanswered(&self, conn: ConnId, page: &[StoredMessage]) -> Vec<u64> {
+        let Some(dev) = self.sessions.get(&conn).and_then(|s| s.device.as_ref()) else {
+            return Vec::new();
+        };
+        let mut own = Vec::new();
+        for m in page {
+            let Ok(p) = wire::to_proto(m) else {
+                continue;
+            };
+            if p.from_uid != *dev.uid || p.from_device != *dev.device_id {
+                continue;
+            }
+            let waiting = self.in_flight.iter().any(|f| {
+                f.batch.sends.iter().zip(&f.requesters).any(|(s, r)| {
+                    matches!(r, Some(Requester::Conn { conn: c, .. }) if *c == conn)
+                        && s.client_msg_id == p.client_msg_id
+                })
+            });
+            if waiting {
+                own.push(m.seq);
+            }
+        }
+        own
     }
 
     /// A cumulative ack, capped at what was sent. One that moves the cursor is stored with the

@@ -317,7 +317,9 @@ impl Core {
 
 #[cfg(test)]
 mod tests {
-    use super::super::harness::{answer_reads, closes, frames_to, messages_to, Failing, H};
+    use super::super::harness::{
+        answer_reads, closes, frames_to, messages_to, send_ok, Failing, H,
+    };
     use super::super::{ImConfig, Output};
     use super::*;
     use crate::im::proto::server_frame::Body as S;
@@ -478,6 +480,25 @@ mod tests {
         h.core
             .handle_published("dave", Published::Message(other), false, h.now);
         assert!(h.turn().is_empty());
+    }
+
+    #[test]
+    fn a_devices_own_send_read_before_its_commit_is_answered_is_not_delivered_to_it() {
+        let mut h = node();
+        h.login(1, "alice", "phone", 0);
+        h.send_uncommitted(1, "bob", "m1", "mine");
+        let (id, batch) = h.core.take_batch().unwrap();
+        let sents = h.store.apply(&batch);
+        // Another node's append to alice's inbox is heard before this commit is answered.
+        let theirs = sent_elsewhere(&mut h, "alice", "c1", "theirs");
+        assert_eq!(theirs.seq, 2);
+        h.core
+            .handle_published("alice", Published::Message(theirs), false, h.now);
+        let mut out = h.turn();
+        h.core.on_committed(id, &sents, h.now);
+        out.extend(h.turn());
+        assert_eq!(messages_to(&out, 1), vec![(2, "theirs".into())]);
+        assert_eq!(send_ok(&out, 1).map(|ok| ok.seq), Some(1));
     }
 
     #[test]
