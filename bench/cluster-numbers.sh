@@ -111,7 +111,7 @@ run() {
 }
 
 for round in $(seq "$ROUNDS"); do
-    for kind in embedded redis-1 redis-2; do
+    for kind in ${KINDS:-embedded redis-1 redis-2}; do
         setup "$kind" "relay-$kind-$round"
         run "round=$round relay-$kind" relay -u 200 -k 4 -s 64 -d 8 -w 1
         stop

@@ -113,7 +113,7 @@ impl Core {
         appends.sort_by_key(|(_, seq, _)| *seq);
         let mut touched: Vec<Arc<str>> = Vec::new();
         for (owner, _, news) in appends {
-            let learned = self.learn(&owner, &news);
+            let learned = self.learn(&owner, &news, now);
             // Each user once, in order of first append.
             if let Some(user) = self.users.get_mut(&*owner) {
                 if learned && user.touched_by != id {

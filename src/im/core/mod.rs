@@ -30,7 +30,7 @@
 //! - `reads`: store reads as requests whose answers carry the work on.
 //! - `delivery`: each device's stream within its window and output room, acks, Sync pages.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::auth::{Verifier, MAX_ID_BYTES};
@@ -240,6 +240,10 @@ struct User {
     /// delivery needs no store read. Emptied when a commit names a seq beyond the next one
     /// (another writer appended in between): the devices then read the gap from the store.
     recent: VecDeque<StoredMessage>,
+    /// A node of a cluster: appends heard beyond the next seq, by seq, held for a moment
+    /// (see `route::GAP_WAIT_MS`) for the ones before them, which another node's publish or
+    /// this node's commit usually brings a few milliseconds later.
+    ahead: BTreeMap<u64, StoredMessage>,
     /// The last batch whose commit touched this user (to visit each user once per commit).
     touched_by: BatchId,
     /// Logins of the user being read: it stays cached meanwhile, so that no commit answered
@@ -285,6 +289,7 @@ pub struct Core {
     /// Cluster work not yet taken by the shell.
     routes: Vec<ClusterOp>,
     tips: route::TipRetries,
+    gaps: route::GapWaits,
     /// Numbers this node's logins, to tell its own announcements apart.
     next_login: u64,
 }
@@ -342,6 +347,7 @@ impl Core {
             next_read: 1,
             routes: Vec::new(),
             tips: route::TipRetries::default(),
+            gaps: route::GapWaits::default(),
             next_login: 1,
         }
     }

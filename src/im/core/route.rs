@@ -9,6 +9,7 @@
 //! by a read of the inbox's newest seq ([`Core::handle_subscribed`]), which covers whatever
 //! was published before it held.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::delivery::RECENT_KEEP;
@@ -18,6 +19,21 @@ use crate::store::{Presence, StoredMessage};
 
 /// How long after a failed read of where an inbox ends it is made again.
 pub(super) const TIP_RETRY_MS: u64 = 1000;
+
+/// How long appends heard beyond the next seq wait for the ones before them before the
+/// devices read the gap from the store: a node hears one inbox's appends from its own commits
+/// and from other nodes' publishes, in no fixed order, and the missing ones usually come
+/// within milliseconds; a lost publish costs this much delay.
+pub(super) const GAP_WAIT_MS: u64 = 100;
+
+/// The most appends held ahead of a gap per user; one more reads the gap at once.
+const AHEAD_KEEP: usize = 64;
+
+/// Users with appends held ahead of a gap (`User::ahead`), each with when it stops waiting.
+#[derive(Debug, Default)]
+pub(super) struct GapWaits {
+    due: VecDeque<(u64, Arc<str>)>,
+}
 
 /// Reads of where inboxes end that failed, to be made again at `at`.
 #[derive(Debug, Default)]
@@ -123,7 +139,7 @@ impl Core {
             } => return self.friend_heard(uid, friend, *present, *presence),
             _ => {}
         }
-        if !mine && self.learn(uid, &news) {
+        if !mine && self.learn(uid, &news, now) {
             self.pump_user(uid, now);
         }
     }
@@ -202,14 +218,28 @@ impl Core {
         }
     }
 
-    /// The reads of where inboxes end that failed wait until then (loop ms): call
-    /// [`Core::handle_timeout`] at it.
+    /// The reads of where inboxes end that failed, and the appends held ahead of a gap,
+    /// wait until then (loop ms): call [`Core::handle_timeout`] at it.
     pub fn poll_timeout(&self) -> Option<u64> {
-        self.tips.at
+        let gap = self.gaps.due.front().map(|(at, _)| *at);
+        [self.tips.at, gap].into_iter().flatten().min()
     }
 
-    /// Reads again where the inboxes end whose reads failed.
+    /// Reads again where the inboxes end whose reads failed, and makes the devices read the
+    /// gaps that were not filled in time.
     pub fn handle_timeout(&mut self, now: Now) {
+        while self
+            .gaps
+            .due
+            .front()
+            .is_some_and(|(at, _)| *at <= now.mono_ms)
+        {
+            if let Some((_, uid)) = self.gaps.due.pop_front() {
+                if self.skip_gap(&uid) {
+                    self.pump_user(&uid, now);
+                }
+            }
+        }
         if self.tips.at.is_none_or(|at| at > now.mono_ms) {
             return;
         }
@@ -217,6 +247,24 @@ impl Core {
         for uid in std::mem::take(&mut self.tips.due) {
             self.handle_subscribed(&uid);
         }
+    }
+
+    /// Gives up waiting for the appends before those held ahead for `uid`: the inbox reaches
+    /// the newest held, and the devices read the rest from the store. Returns whether any
+    /// was held.
+    fn skip_gap(&mut self, uid: &str) -> bool {
+        let Some(user) = self.users.get_mut(uid) else {
+            return false;
+        };
+        let Some((&newest, _)) = user.ahead.last_key_value() else {
+            return false;
+        };
+        user.ahead.clear();
+        if newest > user.committed_seq {
+            user.committed_seq = newest;
+            user.recent.clear();
+        }
+        true
     }
 
     /// The read of where `uid`'s inbox ends failed: made again in [`TIP_RETRY_MS`].
@@ -233,9 +281,9 @@ impl Core {
     }
 
     /// What `news` says of `uid`'s inbox. Returns whether it is news to a cached user.
-    pub(super) fn learn(&mut self, uid: &str, news: &Published) -> bool {
+    pub(super) fn learn(&mut self, uid: &str, news: &Published, now: Now) -> bool {
         match news {
-            Published::Message(msg) => self.learn_append(uid, msg),
+            Published::Message(msg) => self.learn_append(uid, msg, now),
             Published::Tip(seq) => self.learn_tip(uid, *seq),
             Published::Login { .. }
             | Published::Membership { .. }
@@ -244,8 +292,11 @@ impl Core {
         }
     }
 
-    /// `msg` is in `uid`'s inbox. Returns whether it is news to a cached user.
-    pub(super) fn learn_append(&mut self, uid: &str, msg: &StoredMessage) -> bool {
+    /// `msg` is in `uid`'s inbox. Returns whether it is news to a cached user. One beyond
+    /// the next seq is held (on a node of a cluster) until the ones before it are heard, for
+    /// at most [`GAP_WAIT_MS`].
+    pub(super) fn learn_append(&mut self, uid: &str, msg: &StoredMessage, now: Now) -> bool {
+        let cluster = self.cfg.cluster;
         let Some(user) = self.users.get_mut(uid) else {
             return false;
         };
@@ -254,11 +305,35 @@ impl Core {
             return false;
         }
         if msg.seq > user.committed_seq + 1 {
+            if cluster && user.ahead.len() < AHEAD_KEEP {
+                let first = user.ahead.is_empty();
+                user.ahead.insert(msg.seq, msg.clone());
+                if let (true, Some((key, _))) = (first, self.users.get_key_value(uid)) {
+                    self.gaps
+                        .due
+                        .push_back((now.mono_ms + GAP_WAIT_MS, key.clone()));
+                }
+                return false;
+            }
             user.recent.clear();
+            if let Some((&newest, _)) = user.ahead.last_key_value() {
+                user.committed_seq = user.committed_seq.max(newest);
+            }
+            user.ahead.clear();
+            if msg.seq <= user.committed_seq {
+                return true;
+            }
         }
         user.committed_seq = msg.seq;
         user.recent.push_back(msg.clone());
-        if user.recent.len() > RECENT_KEEP {
+        // The gap before those held is filled: they follow on.
+        while let Some(next) = user.ahead.remove(&(user.committed_seq + 1)) {
+            user.committed_seq = next.seq;
+            user.recent.push_back(next);
+        }
+        let committed = user.committed_seq;
+        user.ahead.retain(|seq, _| *seq > committed);
+        while user.recent.len() > RECENT_KEEP {
             user.recent.pop_front();
         }
         true
@@ -275,6 +350,7 @@ impl Core {
         }
         user.committed_seq = seq;
         user.recent.clear();
+        user.ahead.retain(|s, _| *s > seq);
         true
     }
 
@@ -459,24 +535,42 @@ mod tests {
         h.core
             .handle_published("bob", Published::Message(first), false, h.now);
         assert_eq!(messages_to(&h.turn(), 2), vec![], "heard twice");
-        // The publish of 2 was lost: 3 shows the gap, which is read from the store.
-        sent_elsewhere(&mut h, "bob", "c2", "two");
+        // 3 is heard before 2: it waits for it, and both follow on without a read.
+        let second = sent_elsewhere(&mut h, "bob", "c2", "two");
         let third = sent_elsewhere(&mut h, "bob", "c3", "three");
         h.core
             .handle_published("bob", Published::Message(third), false, h.now);
+        assert!(messages_to(&h.turn(), 2).is_empty());
+        h.core
+            .handle_published("bob", Published::Message(second), false, h.now);
+        assert!(h.core.poll_read().is_none(), "nothing read");
         assert_eq!(
             messages_to(&h.turn(), 2),
             vec![(2, "two".into()), (3, "three".into())]
         );
+        // The publish of 4 was lost: 5 shows the gap, which is read from the store once
+        // it has waited long enough.
+        sent_elsewhere(&mut h, "bob", "c4", "four");
+        let fifth = sent_elsewhere(&mut h, "bob", "c5", "five");
+        h.core
+            .handle_published("bob", Published::Message(fifth), false, h.now);
+        assert!(messages_to(&h.turn(), 2).is_empty());
+        assert_eq!(h.core.poll_timeout(), Some(h.now.mono_ms + GAP_WAIT_MS));
+        h.now.mono_ms += GAP_WAIT_MS;
+        h.core.handle_timeout(h.now);
+        assert_eq!(
+            messages_to(&h.turn(), 2),
+            vec![(4, "four".into()), (5, "five".into())]
+        );
         // The store shows appends whose commit is not answered yet: the stream stops at
         // what is known committed.
-        sent_elsewhere(&mut h, "bob", "c5", "five");
         sent_elsewhere(&mut h, "bob", "c6", "six");
+        sent_elsewhere(&mut h, "bob", "c7", "seven");
         h.core
-            .handle_published("bob", Published::Tip(4), false, h.now);
-        assert_eq!(messages_to(&h.turn(), 2), vec![(4, "five".into())]);
+            .handle_published("bob", Published::Tip(6), false, h.now);
+        assert_eq!(messages_to(&h.turn(), 2), vec![(6, "six".into())]);
         // News of a user not cached here is nobody's.
-        let other = sent_elsewhere(&mut h, "dave", "c4", "x");
+        let other = sent_elsewhere(&mut h, "dave", "c8", "x");
         h.core
             .handle_published("dave", Published::Message(other), false, h.now);
         assert!(h.turn().is_empty());
