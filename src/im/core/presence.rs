@@ -106,17 +106,22 @@ impl Core {
             return;
         };
         u.friends.retain(|f| f != friend);
-        if present {
+        // What the devices believe now: a read after the subscription held may have told
+        // them already.
+        let told = if present {
             u.friends.push(friend.to_owned());
             let known = u.presence.entry(friend.to_owned()).or_default();
+            let believed = known.online;
             if p.version >= known.version {
                 *known = p;
             }
+            (p.online && !believed).then_some(true)
         } else {
-            u.presence.remove(friend);
-        }
-        if p.online {
-            self.tell_presence(uid, friend, present);
+            let known = u.presence.remove(friend);
+            known.map_or(p.online, |k| k.online).then_some(false)
+        };
+        if let Some(online) = told {
+            self.tell_presence(uid, friend, online);
         }
     }
 
