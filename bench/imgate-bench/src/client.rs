@@ -288,6 +288,10 @@ pub enum SyncState {
     Dirty(u64),
 }
 
+/// Milliseconds between rounds of resending what the server refused (UNAVAILABLE while
+/// Redis is away, RATE_LIMITED): the same client_msg_id each time.
+pub const RESEND_REFUSED_MS: u64 = 100;
+
 pub struct Client {
     pub user: u32,
     pub dev: u16,
@@ -300,6 +304,9 @@ pub struct Client {
     /// Connect/login deadline, or when to retry.
     deadline_ms: u64,
     attempts: u32,
+    /// Connections lost or refused so far: with reconnect, each moves the client on to the
+    /// next server address.
+    hops: usize,
     pub tracker: Option<SeqTracker>,
     /// max_seq of the latest LoginOk.
     pub login_max_seq: u64,
@@ -380,6 +387,9 @@ pub struct Fleet {
     pub limit: Option<String>,
     /// No new connections (end of a chaos run is not this; storm disconnects are).
     pub paused: bool,
+    /// When refused sends last went out again: they are retried every
+    /// [`RESEND_REFUSED_MS`], as a client backs off from a server that is unavailable.
+    resent_refused_ms: u64,
     rng: Rng,
     content: Vec<u8>,
     /// Working space for checking a delivery's content.
@@ -442,6 +452,7 @@ impl Fleet {
             need_ack: Vec::new(),
             limit: None,
             paused: false,
+            resent_refused_ms: 0,
             content: Vec::new(),
             scratch: Vec::new(),
             inj: Injector::default(),
@@ -500,6 +511,7 @@ impl Fleet {
             conn: None,
             deadline_ms: 0,
             attempts: 0,
+            hops: 0,
             tracker: None,
             login_max_seq: 0,
             login_at_ns: 0,
@@ -702,7 +714,8 @@ impl Fleet {
 
     fn expire(&mut self, now_ms: u64) {
         self.net.expire(now_ms);
-        if self.cfg.reconnect {
+        if self.cfg.reconnect && now_ms >= self.resent_refused_ms + RESEND_REFUSED_MS {
+            self.resent_refused_ms = now_ms;
             self.resend_refused();
         }
         for i in 0..self.clients.len() {
@@ -758,7 +771,8 @@ impl Fleet {
             };
             self.stats.connects += 1;
             let deadline = now_ms + self.cfg.connect_timeout_ms;
-            match self.net.connect(src, i, deadline, None) {
+            let via = i + self.clients[i].hops;
+            match self.net.connect_via(src, i, via, deadline, None) {
                 Ok(key) => {
                     let c = &mut self.clients[i];
                     c.conn = Some(key);
@@ -841,6 +855,7 @@ impl Fleet {
         }
         if self.cfg.reconnect {
             c.attempts += 1;
+            c.hops += 1;
             let backoff = (20u64 << c.attempts.min(5)).min(500);
             let at = now + backoff / 2 + self.rng.below(backoff / 2 + 1);
             c.state = CState::Backoff;

@@ -309,12 +309,29 @@ pub struct ChaosArgs {
     /// The server command, run without a shell (quotes are honoured), for example
     /// 'target/release/imgate serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0
     /// --jwt-secret S --data-dir /tmp/d'. Its "listening on ws://..." line gives the port;
-    /// a port 0 in --listen is replaced by the first one for every restart.
-    #[arg(long)]
-    pub server_cmd: String,
-    /// Append the server's stderr to this file (default: inherit).
+    /// a port 0 in --listen is replaced by the first one for every restart. Given several
+    /// times, each is a node of one cluster (`serve --redis URL`): connections are spread
+    /// over the nodes, a kill takes a random node, and a client whose node is gone
+    /// reconnects to the next one.
+    #[arg(long, required = true)]
+    pub server_cmd: Vec<String>,
+    /// Append the servers' stdout and stderr (and Redis's output) to this file (default:
+    /// stderr inherited, stdout dropped).
     #[arg(long)]
     pub server_log: Option<PathBuf>,
+    /// The Redis the nodes share, started by the bench before them (without a shell, e.g.
+    /// 'redis-server --port P --dir D --appendonly yes --appendfsync always'), ready at its
+    /// "Ready to accept connections" line; killed with SIGKILL --redis-kills times at
+    /// random moments and restarted with the same command (same data directory).
+    #[arg(long)]
+    pub redis_cmd: Option<String>,
+    /// SIGKILLs of Redis (with --redis-cmd), each in the middle of sends on the wire.
+    #[arg(long, default_value_t = 1)]
+    pub redis_kills: u32,
+    /// Milliseconds Redis stays down after a kill: the nodes refuse sends and logins with
+    /// UNAVAILABLE meanwhile, and the clients retry.
+    #[arg(long, default_value_t = 1500)]
+    pub redis_down_ms: u64,
     #[arg(long, short = 'u', default_value_t = 20)]
     pub users: u32,
     #[arg(long, default_value_t = 1)]
@@ -327,7 +344,7 @@ pub struct ChaosArgs {
     /// Seconds of traffic (kills happen within them).
     #[arg(long, short = 'd', default_value_t = 20.0)]
     pub duration: f64,
-    /// SIGKILLs at random moments.
+    /// SIGKILLs of a server (of a random node) at random moments.
     #[arg(long, default_value_t = 3)]
     pub kills: u32,
     /// Milliseconds between a kill and the restart.

@@ -160,9 +160,10 @@ impl Net {
         })
     }
 
-    /// Starts a non-blocking connect (from `src` when given) and queues the Upgrade request,
-    /// or with `raw` those bytes instead (a connection that never speaks WebSocket). Fails at
-    /// once on socket/bind/connect errors (EMFILE, EADDRNOTAVAIL...).
+    /// Starts a non-blocking connect (from `src` when given) to `targets[owner % len]` and
+    /// queues the Upgrade request, or with `raw` those bytes instead (a connection that never
+    /// speaks WebSocket). Fails at once on socket/bind/connect errors (EMFILE,
+    /// EADDRNOTAVAIL...).
     pub fn connect(
         &mut self,
         src: Option<Ipv4Addr>,
@@ -170,7 +171,20 @@ impl Net {
         deadline_ms: u64,
         raw: Option<&[u8]>,
     ) -> Result<usize, CloseReason> {
-        let target = self.targets[owner % self.targets.len()];
+        self.connect_via(src, owner, owner, deadline_ms, raw)
+    }
+
+    /// [`Net::connect`] to `targets[via % len]`: a reconnecting client moves on to the next
+    /// server, as a client of a cluster does when its node is gone.
+    pub fn connect_via(
+        &mut self,
+        src: Option<Ipv4Addr>,
+        owner: usize,
+        via: usize,
+        deadline_ms: u64,
+        raw: Option<&[u8]>,
+    ) -> Result<usize, CloseReason> {
+        let target = self.targets[via % self.targets.len()];
         let sock = open_socket(src, target).map_err(|e| CloseReason::Connect(errno(&e)))?;
         let mut sock = TcpStream::from_std(sock);
         let entry = self.conns.vacant_entry();

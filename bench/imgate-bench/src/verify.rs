@@ -69,6 +69,11 @@ pub struct SeqTracker {
     /// known. History from before the run (seqs up to `base`) has none.
     prints: Vec<u64>,
     base: u64,
+    /// Own sends first learnt from a duplicate SendOk: the first attempt was stored though
+    /// its answer was lost (a node or Redis gone before it could say so), so the node that
+    /// stored it did not know it was this device's own, and may still deliver it once to this
+    /// device as a Message.
+    stored_unanswered: BTreeSet<u64>,
 }
 
 impl SeqTracker {
@@ -146,7 +151,8 @@ impl SeqTracker {
         }
         self.last_msg = seq;
         if self.is_seen(seq) {
-            return if seq > self.old_limit {
+            let own_echo = self.stored_unanswered.remove(&seq);
+            return if seq > self.old_limit && !own_echo {
                 Err(Violation::Dup(seq))
             } else if !self.same(seq, print) {
                 Err(Violation::Changed(seq))
@@ -170,6 +176,9 @@ impl SeqTracker {
             } else {
                 Ok(Seen::Old)
             };
+        }
+        if duplicate {
+            self.stored_unanswered.insert(seq);
         }
         self.insert(seq, print);
         Ok(Seen::New)
@@ -641,6 +650,25 @@ mod tests {
         assert_eq!(t.on_message(1, p(1)), Ok(Seen::New));
         assert_eq!(t.on_message(3, p(3)), Ok(Seen::New));
         assert_eq!(t.on_message(2, p(2)), Err(Violation::Reorder(2)));
+    }
+
+    #[test]
+    fn an_own_send_stored_without_its_answer_may_come_back_once() {
+        let mut t = SeqTracker::start(0);
+        assert_eq!(t.on_message(1, p(1)), Ok(Seen::New));
+        // The retry's SendOk says the first attempt was stored under 2...
+        assert_eq!(t.on_send_ok(2, true, p(2)), Ok(Seen::New));
+        // ...so the node that stored it may deliver it as a Message, once.
+        assert_eq!(t.on_message(2, p(2)), Ok(Seen::Old));
+        assert_eq!(t.on_message(3, p(3)), Ok(Seen::New));
+        // An own send answered the first time never comes back in the same session.
+        assert_eq!(t.on_send_ok(4, false, p(4)), Ok(Seen::New));
+        assert_eq!(t.on_message(4, p(4)), Err(Violation::Dup(4)));
+        // Nor one whose echo already came.
+        let mut t = SeqTracker::start(0);
+        assert_eq!(t.on_send_ok(1, true, p(1)), Ok(Seen::New));
+        assert_eq!(t.on_message(1, p(1)), Ok(Seen::Old));
+        assert_eq!(t.on_message(1, p(1)), Err(Violation::Dup(1)));
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! sending one (the ledger expects each), once (a retry after a kill too) and without
 //! gaps in any inbox, and a group message at some of them must be at all of them.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -107,9 +107,20 @@ fn loopback(a: SocketAddr) -> SocketAddr {
     }
 }
 
-/// The server under test: started, killed and restarted by the bench.
+/// What a process started by the bench prints on stdout once it serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ready {
+    /// imgate: "listening on ws://ADDR" (then "admin API on http://ADDR" with `want_admin`).
+    Imgate,
+    /// redis-server: "Ready to accept connections".
+    Redis,
+}
+
+/// A process under test (an imgate node, or the Redis of a cluster): started, killed and
+/// restarted by the bench with the same command.
 pub struct ServerCtl {
     words: Vec<String>,
+    ready: Ready,
     log: Option<PathBuf>,
     child: Option<Child>,
     pub addr: Option<SocketAddr>,
@@ -122,6 +133,10 @@ pub struct ServerCtl {
 
 impl ServerCtl {
     pub fn new(cmd: &str, log: Option<PathBuf>) -> Result<ServerCtl, String> {
+        ServerCtl::of(cmd, log, Ready::Imgate)
+    }
+
+    pub fn of(cmd: &str, log: Option<PathBuf>, ready: Ready) -> Result<ServerCtl, String> {
         let words = split_words(cmd)?;
         if words
             .windows(2)
@@ -134,6 +149,7 @@ impl ServerCtl {
         }
         Ok(ServerCtl {
             words,
+            ready,
             log,
             child: None,
             addr: None,
@@ -161,10 +177,6 @@ impl ServerCtl {
         self.child.as_ref().map(Child::id)
     }
 
-    pub fn is_up(&self) -> bool {
-        self.child.is_some()
-    }
-
     /// Pins the address of `flag` (`--listen`, `--admin-listen`) for restarts (port 0
     /// becomes the port the first start got).
     fn pin(&mut self, flag: &str, addr: SocketAddr) {
@@ -184,22 +196,31 @@ impl ServerCtl {
         }
     }
 
-    /// Starts the server and waits for its "listening on ws://ADDR" line (and with
-    /// `want_admin` its "admin API on http://ADDR" line, printed after it).
-    pub fn start(&mut self) -> Result<SocketAddr, String> {
+    fn log_file(&self) -> Result<Option<std::fs::File>, String> {
+        self.log
+            .as_ref()
+            .map(|path| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| format!("cannot open {}: {e}", path.display()))
+            })
+            .transpose()
+    }
+
+    /// Starts the process and waits for its ready line (see [`Ready`]); for imgate, returns
+    /// the address it listens on.
+    pub fn start(&mut self) -> Result<Option<SocketAddr>, String> {
         let mut last_err = String::new();
         for _attempt in 0..20 {
             let mut cmd = Command::new(&self.words[0]);
             cmd.args(&self.words[1..])
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped());
-            match &self.log {
-                Some(path) => {
-                    let f = std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(path)
-                        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            let mut tee = self.log_file()?;
+            match self.log_file()? {
+                Some(f) => {
                     cmd.stderr(f);
                 }
                 None => {
@@ -218,12 +239,16 @@ impl ServerCtl {
             std::thread::spawn(move || {
                 // Keep draining so the server never blocks on a full pipe.
                 for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if let Some(f) = &mut tee {
+                        let _ = writeln!(f, "{line}");
+                    }
                     let _ = tx.send(line);
                 }
             });
             let deadline = Instant::now() + Duration::from_secs(30);
             let mut found = None;
             let mut admin = None;
+            let mut ready = false;
             let addr_after = |line: &str, marker: &str| {
                 line.split(marker)
                     .nth(1)
@@ -232,66 +257,79 @@ impl ServerCtl {
             };
             while Instant::now() < deadline {
                 match rx.recv_timeout(Duration::from_millis(50)) {
-                    Ok(line) => {
-                        if line.contains("listening on ws://") {
-                            found = addr_after(&line, "listening on ws://");
-                            if found.is_none() || !self.want_admin {
+                    Ok(line) => match self.ready {
+                        Ready::Redis => {
+                            if line.contains("Ready to accept connections") {
+                                ready = true;
                                 break;
                             }
-                        } else if found.is_some() && line.contains("admin API on http://") {
-                            admin = addr_after(&line, "admin API on http://");
-                            break;
                         }
-                    }
+                        Ready::Imgate => {
+                            if line.contains("listening on ws://") {
+                                found = addr_after(&line, "listening on ws://");
+                                if found.is_none() || !self.want_admin {
+                                    ready = found.is_some();
+                                    break;
+                                }
+                            } else if found.is_some() && line.contains("admin API on http://") {
+                                admin = addr_after(&line, "admin API on http://");
+                                ready = admin.is_some();
+                                break;
+                            }
+                        }
+                    },
                     Err(mpsc::RecvTimeoutError::Timeout) => {
                         if let Ok(Some(status)) = child.try_wait() {
-                            last_err = format!("server exited with {status} before listening");
+                            last_err = format!("server exited with {status} before it was ready");
                             break;
                         }
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
                         let _ = child.wait();
-                        last_err = "server closed its stdout before listening".into();
+                        last_err = "server closed its stdout before it was ready".into();
                         break;
                     }
                 }
             }
-            let (Some(addr), true) = (found, admin.is_some() || !self.want_admin) else {
+            if !ready {
                 let _ = child.kill();
                 let _ = child.wait();
                 if last_err.is_empty() {
-                    last_err = if found.is_none() {
-                        "no listening line within 30 s".into()
-                    } else {
-                        "no admin API line after the listening line within 30 s".into()
+                    last_err = match (self.ready, found) {
+                        (Ready::Redis, _) => {
+                            "no \"Ready to accept connections\" within 30 s".into()
+                        }
+                        (Ready::Imgate, None) => "no listening line within 30 s".into(),
+                        (Ready::Imgate, Some(_)) => {
+                            "no admin API line after the listening line within 30 s".into()
+                        }
                     };
                 }
                 std::thread::sleep(Duration::from_millis(250));
                 continue;
-            };
-            let addr = loopback(addr);
+            }
+            let addr = found.map(loopback);
             let admin = admin.map(loopback);
-            if let Err(e) = check_loopback(&addr).and_then(|()| match &admin {
-                Some(a) => check_loopback(a),
-                None => Ok(()),
-            }) {
+            if let Err(e) = addr.iter().chain(admin.iter()).try_for_each(check_loopback) {
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(e);
             }
             if self.starts == 0 {
-                self.pin("--listen", addr);
+                if let Some(a) = addr {
+                    self.pin("--listen", a);
+                }
                 if let Some(a) = admin {
                     self.pin("--admin-listen", a);
                 }
             }
             self.starts += 1;
             self.child = Some(child);
-            self.addr = Some(addr);
+            self.addr = addr;
             self.admin = admin;
             return Ok(addr);
         }
-        Err(format!("the server did not start: {last_err}"))
+        Err(format!("{:?} did not start: {last_err}", self.words[0]))
     }
 
     /// SIGKILL, and reap it.
@@ -333,9 +371,19 @@ impl Drop for ServerCtl {
 
 pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
     let mut common = a.common.clone();
-    let mut server = ServerCtl::new(&a.server_cmd, a.server_log.clone())?;
+    let mut nodes = a
+        .server_cmd
+        .iter()
+        .map(|c| ServerCtl::new(c, a.server_log.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut redis = a
+        .redis_cmd
+        .as_deref()
+        .map(|c| ServerCtl::of(c, a.server_log.clone(), Ready::Redis))
+        .transpose()?;
+    let redis_kills = if redis.is_some() { a.redis_kills } else { 0 };
     if common.jwt_secret.is_none() {
-        common.jwt_secret = server.flag_value("--jwt-secret");
+        common.jwt_secret = nodes[0].flag_value("--jwt-secret");
     }
     if a.users < 2 {
         return Err("chaos needs at least 2 users".into());
@@ -355,21 +403,27 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
             return Err("--group-share must be within 0..=1".into());
         }
     }
-    server.want_admin = with_groups;
-    let addr = server.start()?;
-    common.addr = vec![addr];
+    if let Some(r) = &mut redis {
+        r.start()?;
+    }
+    nodes[0].want_admin = with_groups;
+    common.addr = Vec::with_capacity(nodes.len());
+    for node in &mut nodes {
+        let addr = node.start()?.ok_or("no address in the listening line")?;
+        common.addr.push(addr);
+    }
     let s = setup(&common)?;
     // The groups, made once before any load: memberships are durable when the admin API
     // answers, so every restart has them.
     let groups = with_groups
         .then(|| groups::disjoint(&common.uid_prefix, "chaos", a.groups, a.group_members));
-    if let (Some(g), Some(admin)) = (&groups, server.admin) {
+    if let (Some(g), Some(admin)) = (&groups, nodes[0].admin) {
         let api = AdminApi {
             addr: admin,
             token: a
                 .admin_token
                 .clone()
-                .or_else(|| server.flag_value("--admin-token")),
+                .or_else(|| nodes[0].flag_value("--admin-token")),
         };
         let t0 = Instant::now();
         groups::make(
@@ -426,12 +480,14 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
     })?;
     let first_online = fleet.online();
 
-    // Kill moments, uniformly within the traffic, in order.
+    // Kill moments, uniformly within the traffic, in order; which node is picked when due.
     let mut rng = Rng::new(s.seed ^ 0xC4A0_5000);
-    let mut kill_at: Vec<f64> = (0..a.kills)
-        .map(|_| a.duration * (0.05 + 0.9 * rng.f64()))
+    let mut plan: Vec<(f64, Victim)> = (0..a.kills)
+        .map(|_| Victim::Node)
+        .chain((0..redis_kills).map(|_| Victim::Redis))
+        .map(|v| (a.duration * (0.05 + 0.9 * rng.f64()), v))
         .collect();
-    kill_at.sort_by(f64::total_cmp);
+    plan.sort_by(|x, y| x.0.total_cmp(&y.0));
     let t0 = Instant::now();
     fleet.traffic = Traffic::Rate {
         per_s: a.rate,
@@ -439,24 +495,27 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
         done: 0,
     };
     fleet.measure_from = Some(mono_ns());
+    let mut done = 0usize;
     let mut kills = 0u32;
+    let mut redis_killed = 0u32;
     let mut kills_in_flight = 0u32;
     let mut kills_in_group_flight = 0u32;
     // With group traffic a due kill waits for a group send on the wire (they fan out to
     // every member's inbox: the case to catch between send and SendOk).
     let wait_for_group = with_groups && a.group_share > 0.0;
-    let mut restart_at: Option<Instant> = None;
+    // The process down, and when it is started again: one at a time.
+    let mut down: Option<(Instant, Down)> = None;
     let mut downtimes_ms: Vec<f64> = Vec::new();
     let mut killed_at = Instant::now();
     let end = t0 + Duration::from_secs_f64(a.duration);
     let mut start_error = None;
     // Traffic runs for the duration, and on while a kill is still due.
-    while Instant::now() < end || ((kills as usize) < kill_at.len() && start_error.is_none()) {
+    while Instant::now() < end || (done < plan.len() && start_error.is_none()) {
         fleet.step(tick).map_err(|e| format!("poll failed: {e}"))?;
         coord.progress("chaos", || fleet.progress());
         let now = Instant::now();
         let elapsed = now.duration_since(t0).as_secs_f64();
-        let due = kill_at.get(kills as usize).copied();
+        let due = plan.get(done).copied();
         let on_wire = |f: &Fleet| {
             if wait_for_group {
                 f.group_sends_on_wire()
@@ -464,19 +523,36 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
                 f.sends_on_wire()
             }
         };
-        if server.is_up()
-            && due.is_some_and(|at| {
+        if down.is_none()
+            && due.is_some_and(|(at, _)| {
                 elapsed >= at && (elapsed >= at + MAX_KILL_WAIT_S || on_wire(&fleet) > 0)
             })
         {
+            let victim = match due {
+                Some((_, Victim::Redis)) => Down::Redis,
+                _ => Down::Node(rng.below(nodes.len() as u64) as usize),
+            };
             let group_in_flight = if with_groups {
                 fleet.group_sends_on_wire()
             } else {
                 0
             };
             let in_flight = fleet.mark_in_flight();
-            server.kill9();
-            kills += 1;
+            let delay = match victim {
+                Down::Node(k) => {
+                    nodes[k].kill9();
+                    kills += 1;
+                    a.restart_delay_ms + rng.below(a.restart_delay_ms + 1)
+                }
+                Down::Redis => {
+                    if let Some(r) = &mut redis {
+                        r.kill9();
+                    }
+                    redis_killed += 1;
+                    a.redis_down_ms
+                }
+            };
+            done += 1;
             if in_flight > 0 {
                 kills_in_flight += 1;
             }
@@ -484,43 +560,59 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
                 kills_in_group_flight += 1;
             }
             killed_at = now;
-            let delay = a.restart_delay_ms + rng.below(a.restart_delay_ms + 1);
-            restart_at = Some(now + Duration::from_millis(delay));
+            down = Some((now + Duration::from_millis(delay), victim));
             if !common.quiet {
                 let groups = if with_groups {
                     format!(", group sends on the wire {group_in_flight}")
                 } else {
                     String::new()
                 };
+                let what = match victim {
+                    Down::Node(k) if nodes.len() > 1 => format!("node {k}"),
+                    Down::Node(_) => "server".to_string(),
+                    Down::Redis => "Redis".to_string(),
+                };
                 eprintln!(
-                    "[chaos {elapsed:>6.1}s] kill -9 #{kills} (online {}, sends on the wire {in_flight}{groups}, unacked sends {})",
+                    "[chaos {elapsed:>6.1}s] kill -9 #{done} of {what} (online {}, sends on the wire {in_flight}{groups}, unacked sends {})",
                     fleet.online(),
                     fleet.unacked_sends()
                 );
             }
         }
-        if restart_at.is_some_and(|t| now >= t) {
-            restart_at = None;
-            match server.start() {
-                Ok(_) => downtimes_ms.push(killed_at.elapsed().as_secs_f64() * 1000.0),
-                Err(e) => {
-                    start_error = Some(e);
-                    break;
+        if let Some((at, victim)) = down {
+            if now >= at {
+                down = None;
+                let started = match victim {
+                    Down::Node(k) => nodes[k].start().map(drop),
+                    Down::Redis => redis.as_mut().map_or(Ok(()), |r| r.start().map(drop)),
+                };
+                match started {
+                    Ok(()) => downtimes_ms.push(killed_at.elapsed().as_secs_f64() * 1000.0),
+                    Err(e) => {
+                        start_error = Some(e);
+                        break;
+                    }
                 }
             }
         }
     }
     fleet.traffic = Traffic::Off;
-    if start_error.is_none() && !server.is_up() {
-        match server.start() {
-            Ok(_) => downtimes_ms.push(killed_at.elapsed().as_secs_f64() * 1000.0),
-            Err(e) => start_error = Some(e),
+    if start_error.is_none() {
+        if let Some((_, victim)) = down.take() {
+            let started = match victim {
+                Down::Node(k) => nodes[k].start().map(drop),
+                Down::Redis => redis.as_mut().map_or(Ok(()), |r| r.start().map(drop)),
+            };
+            match started {
+                Ok(()) => downtimes_ms.push(killed_at.elapsed().as_secs_f64() * 1000.0),
+                Err(e) => start_error = Some(e),
+            }
         }
     }
     if let Some(e) = start_error {
-        return Err(format!("restart after kill #{kills} failed: {e}"));
+        return Err(format!("restart after kill #{done} failed: {e}"));
     }
-    let server_pid = server.pid();
+    let server_pid = nodes[0].pid();
 
     // Everyone back, every send acknowledged, then the inboxes are checked.
     let drain_end = Instant::now() + Duration::from_secs_f64(a.drain);
@@ -538,7 +630,12 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
     let partial = fleet.group_partial();
     let part = Part::of(&fleet, s.nofile);
     fleet.disconnect_all();
-    server.stop();
+    for node in &mut nodes {
+        node.stop();
+    }
+    if let Some(r) = &mut redis {
+        r.stop();
+    }
 
     let st = &part.stats;
     let check = part.ledger.check();
@@ -547,8 +644,17 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
     let dups = st.dups + check.extra;
     r.add("users", a.users)
         .add("devices", devices)
+        .add("nodes", nodes.len())
         .add("kills", kills)
-        .add("restarts", server.starts.saturating_sub(1))
+        .add("redis_kills", redis_killed)
+        .add(
+            "restarts",
+            nodes
+                .iter()
+                .chain(redis.iter())
+                .map(|n| n.starts.saturating_sub(1))
+                .sum::<u32>(),
+        )
         .addf("secs", a.duration, 1)
         .add("sent", st.sent)
         .add("resent", st.resent)
@@ -603,8 +709,16 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
     if kills < a.kills {
         r.fail(format!("only {kills} of {} kills happened", a.kills));
     }
-    if kills >= MIN_KILLS_FOR_IN_FLIGHT && kills_in_flight == 0 {
-        r.fail(format!("none of {kills} kills caught a send on the wire"));
+    if redis_killed < redis_kills {
+        r.fail(format!(
+            "only {redis_killed} of {redis_kills} kills of Redis happened"
+        ));
+    }
+    let all_kills = kills + redis_killed;
+    if all_kills >= MIN_KILLS_FOR_IN_FLIGHT && kills_in_flight == 0 {
+        r.fail(format!(
+            "none of {all_kills} kills caught a send on the wire"
+        ));
     }
     if st.error_count() > 0 {
         r.fail(format!("{} errors", st.error_count()));
@@ -622,9 +736,9 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
         if st.group_send_ok == 0 && a.group_share > 0.0 {
             r.fail("no group message was acknowledged");
         }
-        if wait_for_group && kills >= MIN_KILLS_FOR_IN_FLIGHT && kills_in_group_flight == 0 {
+        if wait_for_group && all_kills >= MIN_KILLS_FOR_IN_FLIGHT && kills_in_group_flight == 0 {
             r.fail(format!(
-                "none of {kills} kills caught a group send on the wire"
+                "none of {all_kills} kills caught a group send on the wire"
             ));
         }
     }
@@ -632,6 +746,21 @@ pub fn run(a: ChaosArgs) -> Result<ExitCode, String> {
         r.fail("no traffic");
     }
     Ok(r.finish(common.json.as_deref()))
+}
+
+/// What a due kill takes.
+#[derive(Debug, Clone, Copy)]
+enum Victim {
+    /// A node, picked at random when the kill is due.
+    Node,
+    Redis,
+}
+
+/// The process that is down until its restart.
+#[derive(Debug, Clone, Copy)]
+enum Down {
+    Node(usize),
+    Redis,
 }
 
 #[cfg(test)]
