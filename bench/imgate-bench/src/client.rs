@@ -37,7 +37,7 @@ pub struct FleetCfg {
     /// Come back after a lost connection (chaos) instead of counting it as an error.
     pub reconnect: bool,
     /// On re-login pass last_seq = 0 (resume from the stored cursor) instead of the highest
-    /// seq seen.
+    /// seq seen in a Message.
     pub resume_cursor: bool,
     /// Ack once this many messages are unacked (and on every tick).
     pub ack_every: u64,
@@ -795,7 +795,7 @@ impl Fleet {
             c.token = Some(im::token(&self.cfg.secret, &c.uid));
         }
         let last_seq = match &c.tracker {
-            Some(t) if !self.cfg.resume_cursor => t.hw(),
+            Some(t) if !self.cfg.resume_cursor => t.resume_after(),
             _ => 0,
         };
         let f = im::login(

@@ -296,7 +296,7 @@ pub struct EchoArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Resume {
-    /// Login.last_seq = the highest seq the device saw.
+    /// Login.last_seq = the highest seq the device saw in a Message (docs/PROTOCOL.md).
     Seq,
     /// Login.last_seq = 0: the server resumes after its stored cursor (re-deliveries allowed).
     Cursor,

@@ -61,6 +61,9 @@ pub struct SeqTracker {
     above: BTreeSet<u64>,
     /// The highest seq seen.
     hw: u64,
+    /// The highest seq seen in a Message (or before the run): what to resume after. Own
+    /// sends' seqs do not count, since a SendOk may come before Messages with lower seqs.
+    delivered: u64,
     /// The last Message seq of this session.
     last_msg: u64,
     /// Seen seqs up to this may be delivered again in this session.
@@ -83,6 +86,7 @@ impl SeqTracker {
         SeqTracker {
             contig: max_seq,
             hw: max_seq,
+            delivered: max_seq,
             old_limit: max_seq,
             base: max_seq,
             ..SeqTracker::default()
@@ -91,10 +95,10 @@ impl SeqTracker {
 
     /// A new session (re-login). With `from_cursor` (Login.last_seq = 0), the server
     /// resumes after its stored cursor, so seqs already seen may come again; otherwise the
-    /// login passed `last_seq = hw()` and nothing seen may come again.
+    /// login passed `last_seq = resume_after()`, and only own sends beyond it may come again.
     pub fn new_session(&mut self, from_cursor: bool) {
-        self.last_msg = 0;
-        self.old_limit = if from_cursor { self.hw } else { 0 };
+        self.last_msg = if from_cursor { 0 } else { self.delivered };
+        self.old_limit = self.hw;
     }
 
     pub fn is_seen(&self, seq: u64) -> bool {
@@ -150,6 +154,7 @@ impl SeqTracker {
             });
         }
         self.last_msg = seq;
+        self.delivered = self.delivered.max(seq);
         if self.is_seen(seq) {
             let own_echo = self.stored_unanswered.remove(&seq);
             return if seq > self.old_limit && !own_echo {
@@ -204,9 +209,14 @@ impl SeqTracker {
         self.contig
     }
 
-    /// The highest seq seen: what to resume after (Login.last_seq).
+    /// The highest seq seen.
     pub fn hw(&self) -> u64 {
         self.hw
+    }
+
+    /// What to resume after (Login.last_seq): the highest seq seen in a Message.
+    pub fn resume_after(&self) -> u64 {
+        self.delivered
     }
 
     /// Seqs below the highest one that were never seen.
@@ -672,6 +682,23 @@ mod tests {
     }
 
     #[test]
+    fn a_session_resumes_after_the_highest_message_not_after_an_own_send() {
+        let mut t = SeqTracker::start(0);
+        assert_eq!(t.on_message(1, p(1)), Ok(Seen::New));
+        // The stream stops at 1 while this device's own send is stored as 5.
+        assert_eq!(t.on_send_ok(5, false, p(5)), Ok(Seen::New));
+        assert_eq!(t.resume_after(), 1);
+        t.new_session(false);
+        assert_eq!(t.on_message(1, p(1)), Err(Violation::Dup(1)));
+        for s in 2..=4 {
+            assert_eq!(t.on_message(s, p(s)), Ok(Seen::New));
+        }
+        assert_eq!(t.on_message(5, p(5)), Ok(Seen::Old));
+        assert_eq!(t.on_message(5, p(5)), Err(Violation::Dup(5)));
+        assert_eq!((t.contig(), t.holes(), t.resume_after()), (5, 0, 5));
+    }
+
+    #[test]
     fn history_and_resumed_sessions() {
         // 10 messages before the run; the stored cursor was 7, so 8..=10 come again.
         let mut t = SeqTracker::start(10);
@@ -679,7 +706,7 @@ mod tests {
             assert_eq!(t.on_message(s, p(s)), Ok(Seen::Old));
         }
         assert_eq!(t.on_message(11, p(11)), Ok(Seen::New));
-        // Resumed with last_seq = hw: nothing seen may come again.
+        // Resumed after the highest Message: nothing seen may come again.
         t.new_session(false);
         assert_eq!(t.on_message(11, p(11)), Err(Violation::Dup(11)));
         // Resumed from the stored cursor: re-delivery is fine, and a seq never seen (an own

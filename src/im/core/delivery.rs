@@ -95,8 +95,9 @@ impl Core {
     }
 
     /// Older messages for the stream of `conn`'s device, read for it as `rid`: sent on as
-    /// far as its window and room allow, then the stream goes on. A failed read stops the
-    /// stream here; the next ack or commit tries again.
+    /// far as its window and room allow, then the stream goes on. A failed read is made
+    /// again in [`super::route::TIP_RETRY_MS`] (or sooner, by the next ack or commit): a
+    /// device with nothing outstanding sends no ack, and its inbox may get nothing new.
     pub(super) fn stream_read(
         &mut self,
         conn: ConnId,
@@ -134,7 +135,11 @@ impl Core {
         dev.reading = None;
         let mut older = match page {
             Ok(older) => older,
-            Err(e) => return log::error!("{e}"),
+            Err(e) => {
+                log::warn!("{e}: older messages for a stream; reading them again soon");
+                self.streams.push(conn, now);
+                return;
+            }
         };
         older.retain(|m| m.seq <= committed);
         for seq in own {
@@ -675,6 +680,33 @@ mod tests {
         assert!(messages_to(&h.turn(), 2).is_empty());
         let out = h.send(1, "bob", "m21", "t21");
         assert_eq!(messages_to(&out, 2), vec![(2, "t2".into())]);
+    }
+
+    #[test]
+    fn a_failed_inbox_read_is_made_again_by_itself_when_nothing_else_comes() {
+        let mut h = H::new(ImConfig {
+            delivery_window: 1,
+            rate_burst: 1000.0,
+            ..ImConfig::default()
+        });
+        h.login(1, "alice", "phone", 0);
+        h.login(2, "bob", "phone", 0);
+        for i in 1..=20 {
+            h.send(1, "bob", &format!("m{i}"), &format!("t{i}"));
+        }
+        let (out, reads) = h.req_failing(2, 0, C::Ack(proto::Ack { seq: 1 }), "bob");
+        assert!(messages_to(&out, 2).is_empty());
+        assert_eq!(reads.calls, 1);
+        // No ack is outstanding and no send comes: only the retry moves the stream on.
+        let at = h.now.mono_ms + super::super::route::TIP_RETRY_MS;
+        assert_eq!(h.core.poll_timeout(), Some(at));
+        h.now.mono_ms = at - 1;
+        h.core.handle_timeout(h.now);
+        assert!(messages_to(&h.turn(), 2).is_empty(), "read again too early");
+        h.now.mono_ms = at;
+        h.core.handle_timeout(h.now);
+        assert_eq!(messages_to(&h.turn(), 2), vec![(2, "t2".into())]);
+        assert_eq!(h.core.poll_timeout(), None);
     }
 
     #[test]

@@ -288,7 +288,10 @@ pub struct Core {
     next_read: reads::ReadId,
     /// Cluster work not yet taken by the shell.
     routes: Vec<ClusterOp>,
-    tips: route::TipRetries,
+    /// Users whose inbox's end is to be read again.
+    tips: route::Retries<Arc<str>>,
+    /// Connections whose stream is to move on again after a failed read of older messages.
+    streams: route::Retries<ConnId>,
     gaps: route::GapWaits,
     /// Numbers this node's logins, to tell its own announcements apart.
     next_login: u64,
@@ -346,7 +349,8 @@ impl Core {
             waiting: HashMap::new(),
             next_read: 1,
             routes: Vec::new(),
-            tips: route::TipRetries::default(),
+            tips: route::Retries::default(),
+            streams: route::Retries::default(),
             gaps: route::GapWaits::default(),
             next_login: 1,
         }

@@ -17,7 +17,8 @@ use super::reads::{ReadRequest, Waiter};
 use super::{ConnId, Core, Now};
 use crate::store::{Presence, StoredMessage};
 
-/// How long after a failed read of where an inbox ends it is made again.
+/// How long after a failed store read it is made again: the read of where an inbox ends,
+/// and a device's stream reading older messages.
 pub(super) const TIP_RETRY_MS: u64 = 1000;
 
 /// How long appends heard beyond the next seq wait for the ones before them before the
@@ -35,11 +36,41 @@ pub(super) struct GapWaits {
     due: VecDeque<(u64, Arc<str>)>,
 }
 
-/// Reads of where inboxes end that failed, to be made again at `at`.
-#[derive(Debug, Default)]
-pub(super) struct TipRetries {
-    due: Vec<Arc<str>>,
+/// Reads that failed, each named by `K`, to be made again at `at` (loop ms), all together.
+#[derive(Debug)]
+pub(super) struct Retries<K> {
+    due: Vec<K>,
     at: Option<u64>,
+}
+
+impl<K> Default for Retries<K> {
+    fn default() -> Self {
+        Retries {
+            due: Vec::new(),
+            at: None,
+        }
+    }
+}
+
+impl<K> Retries<K> {
+    /// Makes `k` again [`TIP_RETRY_MS`] after `now`, or with the retries already waiting.
+    pub(super) fn push(&mut self, k: K, now: Now) {
+        self.due.push(k);
+        self.at.get_or_insert(now.mono_ms + TIP_RETRY_MS);
+    }
+
+    fn at(&self) -> Option<u64> {
+        self.at
+    }
+
+    /// The retries due at `now`, taken.
+    fn take_due(&mut self, now: Now) -> Vec<K> {
+        if self.at.is_none_or(|at| at > now.mono_ms) {
+            return Vec::new();
+        }
+        self.at = None;
+        std::mem::take(&mut self.due)
+    }
 }
 
 /// What the shell does for the cluster, in order. Only a core made with
@@ -218,15 +249,19 @@ impl Core {
         }
     }
 
-    /// The reads of where inboxes end that failed, and the appends held ahead of a gap,
-    /// wait until then (loop ms): call [`Core::handle_timeout`] at it.
+    /// The store reads that failed (where inboxes end, streams' older messages), and the
+    /// appends held ahead of a gap, wait until then (loop ms): call [`Core::handle_timeout`]
+    /// at it.
     pub fn poll_timeout(&self) -> Option<u64> {
         let gap = self.gaps.due.front().map(|(at, _)| *at);
-        [self.tips.at, gap].into_iter().flatten().min()
+        [self.tips.at(), self.streams.at(), gap]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
-    /// Reads again where the inboxes end whose reads failed, and makes the devices read the
-    /// gaps that were not filled in time.
+    /// Reads again where the inboxes end whose reads failed, moves on the streams whose
+    /// reads failed, and makes the devices read the gaps that were not filled in time.
     pub fn handle_timeout(&mut self, now: Now) {
         while self
             .gaps
@@ -240,12 +275,11 @@ impl Core {
                 }
             }
         }
-        if self.tips.at.is_none_or(|at| at > now.mono_ms) {
-            return;
-        }
-        self.tips.at = None;
-        for uid in std::mem::take(&mut self.tips.due) {
+        for uid in self.tips.take_due(now) {
             self.handle_subscribed(&uid);
+        }
+        for conn in self.streams.take_due(now) {
+            self.pump(conn, now);
         }
     }
 
@@ -269,8 +303,7 @@ impl Core {
 
     /// The read of where `uid`'s inbox ends failed: made again in [`TIP_RETRY_MS`].
     pub(super) fn tip_failed(&mut self, uid: Arc<str>, now: Now) {
-        self.tips.due.push(uid);
-        self.tips.at.get_or_insert(now.mono_ms + TIP_RETRY_MS);
+        self.tips.push(uid, now);
     }
 
     /// The newest seq of `uid`'s inbox as the store had it after a subscription held.
