@@ -161,6 +161,13 @@ pub struct ServeArgs {
     #[arg(long, env = "IMGATE_REDIS_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
 
+    /// With --redis or --redis-cluster: a commit counts as durable only once this many
+    /// replicas of each primary it wrote to have it (Redis WAIT), so that an acknowledged
+    /// message survives losing a primary; until then its sends are not answered, and they
+    /// get UNAVAILABLE after --redis-timeout. 0: the primary's own durability only.
+    #[arg(long, env = "IMGATE_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: u32,
+
     /// A node renews its presence lease in Redis every third of this; once a node's lease
     /// has run out (killed, or away from Redis), another node takes its devices offline
     /// and their friends are told.
@@ -274,6 +281,8 @@ const DEFAULT_HIGH_WATER: usize = 1024 * 1024;
 pub struct RedisSettings {
     pub target: RedisTarget,
     pub timeout: Duration,
+    /// Replicas of each written primary that must have a commit before it counts as durable.
+    pub wait_replicas: u32,
     /// How long the node's presence lease lasts unless renewed.
     pub lease: Duration,
 }
@@ -490,6 +499,7 @@ impl From<&ServeArgs> for ServerConfig {
                 redis: a.redis_target().map(|target| RedisSettings {
                     target,
                     timeout: a.redis_timeout,
+                    wait_replicas: a.redis_wait_replicas,
                     lease: a.node_lease,
                 }),
                 auth_timeout: a.auth_timeout,

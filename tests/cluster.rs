@@ -541,6 +541,58 @@ fn devices_are_recorded_again_when_redis_lost_them_while_away(mut shared: Shared
     }
 }
 
+/// With `--redis-wait-replicas 1` a send is answered only once a replica has it, so that an
+/// acknowledged message survives the loss of the primary (its replica promoted); while the
+/// replica is gone, sends get UNAVAILABLE, and once it is back the same send is stored once.
+#[test]
+fn with_wait_replicas_acknowledged_messages_survive_the_loss_of_the_primary() {
+    let mut primary = RedisProc::start();
+    let primary_port = primary.port.to_string();
+    let mut replica = RedisProc::start_with(&["--replicaof", "127.0.0.1", &primary_port]);
+    let node = ServerProc::start(&[
+        "--redis",
+        &primary.url(),
+        "--redis-wait-replicas",
+        "1",
+        "--redis-timeout",
+        "1s",
+    ]);
+    let (mut alice, _) = Client::login(&node, "alice", "phone", 0);
+    // The replica may still be making its first copy.
+    assert_eq!(
+        send_once_redis_is_back(&mut alice, "bob", "m1", "one").seq,
+        1
+    );
+    replica.kill9();
+    match send(&mut alice, "bob", "m2", "two") {
+        S::Error(e) => assert_eq!(e.code(), proto::ErrorCode::Unavailable, "{e:?}"),
+        other => panic!("a send without a replica answered {other:?}"),
+    }
+    replica.restart();
+    assert_eq!(
+        send_once_redis_is_back(&mut alice, "bob", "m2", "two").seq,
+        2
+    );
+    drop(alice);
+    drop(node);
+    primary.kill9();
+    let mut promote = redis::Client::open(replica.url())
+        .and_then(|c| c.get_connection())
+        .expect("connect to the replica");
+    redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query::<()>(&mut promote)
+        .expect("promote the replica");
+    let node = ServerProc::start(&["--redis", &replica.url()]);
+    let (mut bob, ok) = Client::login(&node, "bob", "phone", 0);
+    assert_eq!(ok.max_seq, 2);
+    assert_eq!(
+        texts(&bob.messages(2)),
+        vec![(1, "one".into()), (2, "two".into())]
+    );
+}
+
 macro_rules! against_both {
     ($($case:ident),* $(,)?) => {
         mod one_redis {

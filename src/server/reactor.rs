@@ -54,7 +54,7 @@ fn open_store(im: &ImSettings) -> io::Result<(Arc<dyn Store>, Arc<dyn StoreRead 
     };
     let io = redis_io_timeout(redis.timeout);
     let backend = || RedisBackend::new(redis.target.clone(), io, redis.timeout);
-    let (store, reads) = (backend(), backend());
+    let (store, reads) = (backend().waiting_for(redis.wait_replicas), backend());
     store
         .check()
         .map_err(|e| io::Error::other(format!("{}: {e}", redis.target)))?;

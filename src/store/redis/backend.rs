@@ -63,6 +63,8 @@ pub struct RedisBackend {
     conn: Mutex<Option<RedisStore>>,
     /// Whether the last commit failed.
     down: AtomicBool,
+    /// Replicas of each written primary that must have a commit (Redis `WAIT`).
+    wait_replicas: u32,
 }
 
 impl RedisBackend {
@@ -76,6 +78,18 @@ impl RedisBackend {
             commit_deadline,
             conn: Mutex::new(None),
             down: AtomicBool::new(false),
+            wait_replicas: 0,
+        }
+    }
+
+    /// The backend whose commits count as made only once `replicas` replicas of each
+    /// primary they wrote to have acknowledged them: one that does not hear so within half
+    /// the answer timeout is made again (every write is idempotent) until the commit
+    /// deadline.
+    pub fn waiting_for(self, replicas: u32) -> RedisBackend {
+        RedisBackend {
+            wait_replicas: replicas,
+            ..self
         }
     }
 
@@ -130,6 +144,9 @@ impl RedisBackend {
         self.with(|s| {
             let mut sents = s.commit_sends(&sends)?.into_iter();
             s.commit(&changes)?;
+            if self.wait_replicas > 0 {
+                s.wait_replicas(self.wait_replicas, self.timeout / 2)?;
+            }
             Ok(batches
                 .iter()
                 .map(|b| sents.by_ref().take(b.sends.len()).collect())

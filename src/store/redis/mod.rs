@@ -285,6 +285,24 @@ impl RedisStore {
         }
     }
 
+    /// Waits until `replicas` replicas of every primary this connection wrote to have
+    /// acknowledged its writes, for at most `timeout` (Redis `WAIT`, which a Redis Cluster
+    /// client sends to every primary, taking the smallest count).
+    ///
+    /// # Errors
+    /// Fewer replicas acknowledged in time, or Redis failed or did not answer.
+    pub fn wait_replicas(&mut self, replicas: u32, timeout: Duration) -> Result<(), WriteError> {
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(replicas).arg(timeout.as_millis().max(1) as u64);
+        let got: u64 = self.conn.query(&wait)?;
+        if got < u64::from(replicas) {
+            return Err(WriteError(format!(
+                "{got} of {replicas} replicas acknowledged the writes within {timeout:?}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Makes `appends`, answering (seq, duplicate) for each in order: on one Redis a
     /// function call per [`APPENDS_PER_CALL`], on a Redis Cluster one per append (each
     /// touches one slot), all in one pipeline.
