@@ -593,6 +593,46 @@ fn with_wait_replicas_acknowledged_messages_survive_the_loss_of_the_primary() {
     );
 }
 
+/// On a Redis Cluster a user's inbox news goes to the one shard that owns the user's channel
+/// (sharded pub/sub): the node of the user's device subscribes there and nowhere else, and
+/// what is sent to the user arrives through it.
+#[test]
+fn on_a_redis_cluster_a_users_channel_is_heard_on_its_shard_only() {
+    let shared = Shared::cluster();
+    let (a, b) = (shared.node(), shared.node());
+    let (mut alice, _) = Client::login(&a, "alice", "phone", 0);
+    let (mut bob, _) = Client::login(&b, "bob", "phone", 0);
+    alice.send("bob", "m1", "one");
+    // Once one message has arrived the subscription holds; the next one can come only
+    // through it.
+    assert_eq!(texts(&bob.messages(1)), vec![(1, "one".into())]);
+    alice.send("bob", "m2", "two");
+    assert_eq!(texts(&bob.messages(1)), vec![(2, "two".into())]);
+    let Shared::Cluster(c) = &shared else {
+        unreachable!()
+    };
+    // A node that does not own the channel's slot answers MOVED.
+    let counts: Vec<Option<i64>> = c
+        .nodes
+        .iter()
+        .map(|n| {
+            let mut conn = redis::Client::open(n.url())
+                .and_then(|c| c.get_connection())
+                .expect("connect to a Redis node");
+            redis::cmd("PUBSUB")
+                .arg("SHARDNUMSUB")
+                .arg("im:{bob}:ch")
+                .query::<(String, i64)>(&mut conn)
+                .ok()
+                .map(|(_, n)| n)
+        })
+        .collect();
+    let mut answered: Vec<i64> = counts.iter().flatten().copied().collect();
+    answered.sort_unstable();
+    assert_eq!(answered.last(), Some(&1), "{counts:?}");
+    assert_eq!(answered.iter().sum::<i64>(), 1, "{counts:?}");
+}
+
 macro_rules! against_both {
     ($($case:ident),* $(,)?) => {
         mod one_redis {

@@ -20,12 +20,13 @@ use redis::Connection;
 
 use super::keys::{channel, CLUSTER_CHANNEL};
 use super::news::News;
+use super::shards::Shards;
 use super::{RedisStore, RedisTarget, WriteError};
 use crate::im::core::{ClusterOp, Published};
 
 /// How long the subscriber waits for a publish before it looks for subscription changes:
 /// the most a new subscription waits to be made.
-const POLL: Duration = Duration::from_millis(20);
+pub(super) const POLL: Duration = Duration::from_millis(20);
 
 /// The longest pause between attempts to reconnect.
 const MAX_PAUSE: Duration = Duration::from_secs(1);
@@ -49,7 +50,8 @@ pub enum BusEvent {
     },
 }
 
-enum Sub {
+/// A subscription the loop wants made (`On`) or ended.
+pub(super) enum Sub {
     On(Arc<str>),
     Off(Arc<str>),
 }
@@ -271,7 +273,7 @@ impl Publisher {
                 }
             }
             if !publishes.is_empty() {
-                self.publish(&publishes);
+                self.publish(publishes);
             }
             if Instant::now() >= self.reap_at {
                 self.reap();
@@ -363,10 +365,23 @@ impl Publisher {
         }
     }
 
-    /// Every publish waiting goes as one pipeline. One that fails twice (a new connection
-    /// the second time) is dropped: the subscribers catch up from the inbox when they
-    /// reconnect, and at the user's next message.
-    fn publish(&mut self, all: &Publishes) {
+    /// Every publish waiting goes as one pipeline: on a Redis Cluster, a user's news to its
+    /// channel's shard (`SPUBLISH`) and the rest to every shard. One that fails twice (a new
+    /// connection the second time) is dropped: the subscribers catch up from the inbox when
+    /// they reconnect, and at the user's next message.
+    fn publish(&mut self, all: Publishes) {
+        let (all, sharded): (Publishes, Publishes) = match self.target {
+            RedisTarget::Cluster(_) => all.into_iter().partition(|(ch, _)| ch == CLUSTER_CHANNEL),
+            RedisTarget::Single(_) => (all, Publishes::new()),
+        };
+        if !sharded.is_empty() {
+            if let Err(e) = self.with_store(|s| s.publish(true, &sharded)) {
+                log::warn!("{e}: {} publishes dropped", sharded.len());
+            }
+        }
+        if all.is_empty() {
+            return;
+        }
         let mut last = None;
         for _ in 0..2 {
             let store = match &mut self.plain {
@@ -379,7 +394,7 @@ impl Publisher {
                     }
                 },
             };
-            match store.publish(all) {
+            match store.publish(false, &all) {
                 Ok(()) => return,
                 Err(e) => {
                     self.plain = None;
@@ -432,13 +447,13 @@ impl Publisher {
 
 /// Hands events to the loop and wakes it.
 #[derive(Clone)]
-struct Reporter {
+pub(super) struct Reporter {
     events: mpsc::Sender<BusEvent>,
     waker: Arc<mio::Waker>,
 }
 
 impl Reporter {
-    fn send(&self, e: BusEvent) {
+    pub(super) fn send(&self, e: BusEvent) {
         if self.events.send(e).is_ok() {
             let _ = self.waker.wake();
         }
@@ -457,6 +472,20 @@ fn connect_store(target: &RedisTarget, timeout: Duration) -> Result<RedisStore, 
         }
     }
     Err(last)
+}
+
+/// What a node published on `channel` (heard by node `node`), told to the loop. This node's
+/// own news matters only where Redis decides: the order of logins, and presence.
+pub(super) fn heard(report: &Reporter, node: &str, payload: &[u8], channel: &str) {
+    match News::decode(payload) {
+        Ok(n) if n.node == node && !decided_by_redis(&n.news) => {}
+        Ok(n) => report.send(BusEvent::Published {
+            uid: n.uid.into(),
+            mine: n.node == node,
+            news: n.news,
+        }),
+        Err(e) => log::warn!("pub/sub on {channel}: {e}"),
+    }
 }
 
 /// News that this node hears back from itself: what Redis orders or decides.
@@ -487,7 +516,7 @@ impl Subscriber {
             if !self.take(&mut on, &mut off) {
                 return;
             }
-            let mut conn = match self.connect() {
+            let (mut conn, url) = match self.connect() {
                 Ok(c) => c,
                 Err(e) => {
                     log::warn!("pub/sub: cannot connect to {}: {e}", self.target);
@@ -497,7 +526,7 @@ impl Subscriber {
                 }
             };
             pause = Duration::from_millis(50);
-            match self.listen(&mut conn) {
+            match self.listen(&mut conn, &url) {
                 Ok(()) => return,
                 Err(e) => log::warn!("pub/sub connection lost ({e}); reconnecting"),
             }
@@ -505,14 +534,14 @@ impl Subscriber {
     }
 
     /// A connection to the one Redis, or to the first node of the Redis Cluster that
-    /// answers (see [`connect_store`]).
-    fn connect(&self) -> redis::RedisResult<Connection> {
+    /// answers (see [`connect_store`]), with its address.
+    fn connect(&self) -> redis::RedisResult<(Connection, String)> {
         let mut last = None;
         for url in self.target.urls() {
             match redis::Client::open(url.as_str())
                 .and_then(|c| c.get_connection_with_timeout(self.timeout))
             {
-                Ok(c) => return Ok(c),
+                Ok(c) => return Ok((c, url.clone())),
                 Err(e) => last = Some(e),
             }
         }
@@ -521,13 +550,29 @@ impl Subscriber {
 
     /// Subscribes to everything wanted, then hears publishes and follows the loop's changes
     /// until the connection fails (Err) or the loop is gone (Ok).
-    fn listen(&mut self, conn: &mut Connection) -> redis::RedisResult<()> {
+    ///
+    /// On a Redis Cluster a user's inbox news is heard on the shard that owns its channel
+    /// ([`Shards`]), while this connection (`conn`, to the node at `url`) hears what is
+    /// published to every shard: group membership changes, and presence news, which Redis
+    /// functions publish and which may not reach into other slots.
+    fn listen(&mut self, conn: &mut Connection, url: &str) -> redis::RedisResult<()> {
+        let shards = match self.target {
+            RedisTarget::Cluster(_) => Some(Shards::start(
+                conn,
+                url,
+                self.timeout,
+                self.node.clone(),
+                self.report.clone(),
+            )?),
+            RedisTarget::Single(_) => None,
+        };
+        let shards = shards.as_ref();
         let mut ps = conn.as_pubsub();
         ps.set_read_timeout(Some(self.timeout))?;
         ps.subscribe(CLUSTER_CHANNEL)?;
         self.report(BusEvent::ClusterHeard);
         let all: Vec<Arc<str>> = self.wanted.iter().cloned().collect();
-        self.subscribe(&mut ps, &all)?;
+        self.subscribe(&mut ps, shards, &all)?;
         // Answers to (un)subscribing may take the timeout; a publish is waited for a POLL.
         ps.set_read_timeout(Some(POLL))?;
         let (mut on, mut off) = (Vec::new(), Vec::new());
@@ -535,13 +580,20 @@ impl Subscriber {
             if !self.take(&mut on, &mut off) {
                 return Ok(());
             }
+            if shards.is_some_and(Shards::failed) {
+                return Err(std::io::Error::other("a shard's subscriptions failed").into());
+            }
             if !on.is_empty() || !off.is_empty() {
                 ps.set_read_timeout(Some(self.timeout))?;
                 if !off.is_empty() {
                     ps.unsubscribe(off.iter().map(|u| channel(u)).collect::<Vec<_>>())?;
-                    off.clear();
+                    for uid in off.drain(..) {
+                        if let Some(sh) = shards {
+                            sh.send(Sub::Off(uid));
+                        }
+                    }
                 }
-                self.subscribe(&mut ps, &on)?;
+                self.subscribe(&mut ps, shards, &on)?;
                 on.clear();
                 ps.set_read_timeout(Some(POLL))?;
             }
@@ -550,27 +602,32 @@ impl Subscriber {
                 Err(e) if e.is_timeout() => continue,
                 Err(e) => return Err(e),
             };
-            match News::decode(msg.get_payload_bytes()) {
-                // This node's own news matters only where Redis decides: the order of logins,
-                // and presence.
-                Ok(n) if n.node == &*self.node && !decided_by_redis(&n.news) => {}
-                Ok(n) => self.report(BusEvent::Published {
-                    uid: n.uid.into(),
-                    mine: n.node == &*self.node,
-                    news: n.news,
-                }),
-                Err(e) => log::warn!("pub/sub on {}: {e}", msg.get_channel_name()),
-            }
+            heard(
+                &self.report,
+                &self.node,
+                msg.get_payload_bytes(),
+                msg.get_channel_name(),
+            );
         }
     }
 
-    fn subscribe(&self, ps: &mut redis::PubSub<'_>, uids: &[Arc<str>]) -> redis::RedisResult<()> {
+    /// Subscribes to the channels of `uids`, here and, on a Redis Cluster, on their shards,
+    /// which report each subscription once it holds there.
+    fn subscribe(
+        &self,
+        ps: &mut redis::PubSub<'_>,
+        shards: Option<&Shards>,
+        uids: &[Arc<str>],
+    ) -> redis::RedisResult<()> {
         if uids.is_empty() {
             return Ok(());
         }
         ps.subscribe(uids.iter().map(|u| channel(u)).collect::<Vec<_>>())?;
         for uid in uids {
-            self.report(BusEvent::Subscribed(uid.clone()));
+            match shards {
+                Some(sh) => sh.send(Sub::On(uid.clone())),
+                None => self.report(BusEvent::Subscribed(uid.clone())),
+            }
         }
         Ok(())
     }

@@ -14,6 +14,7 @@ mod entry;
 mod keys;
 mod news;
 mod presence;
+mod shards;
 
 use std::borrow::Borrow;
 use std::time::Duration;
@@ -424,14 +425,19 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Publishes each (channel, payload) in one pipeline.
+    /// Publishes each (channel, payload) in one pipeline: as shard channels (`SPUBLISH`,
+    /// which a Redis Cluster pipeline sends to the shard of each channel) when `sharded`.
     ///
     /// # Errors
     /// Redis could not be reached; some of them may have been published.
-    pub fn publish(&mut self, publishes: &[(String, Vec<u8>)]) -> Result<(), WriteError> {
+    pub fn publish(
+        &mut self,
+        sharded: bool,
+        publishes: &[(String, Vec<u8>)],
+    ) -> Result<(), WriteError> {
         let mut b = Batch::default();
         for (ch, payload) in publishes {
-            let mut c = redis::cmd("PUBLISH");
+            let mut c = redis::cmd(if sharded { "SPUBLISH" } else { "PUBLISH" });
             c.arg(ch).arg(payload);
             b.push(c, false);
         }
