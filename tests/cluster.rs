@@ -633,6 +633,132 @@ fn on_a_redis_cluster_a_users_channel_is_heard_on_its_shard_only() {
     assert_eq!(answered.iter().sum::<i64>(), 1, "{counts:?}");
 }
 
+/// A node of a Redis Cluster: a connection to it.
+fn redis_conn(n: &RedisProc) -> redis::Connection {
+    redis::Client::open(n.url())
+        .and_then(|c| c.get_connection())
+        .expect("connect to a Redis node")
+}
+
+/// Moves `slot` with its keys from the primary that owns it to another, as
+/// `redis-cli --cluster reshard` does; returns the new owner's index.
+fn move_slot(c: &RedisCluster, slot: i64) -> usize {
+    let mut conns: Vec<redis::Connection> = c.nodes.iter().map(redis_conn).collect();
+    let ids: Vec<String> = conns
+        .iter_mut()
+        .map(|k| redis::cmd("CLUSTER").arg("MYID").query(k).expect("MYID"))
+        .collect();
+    let slots: Vec<(i64, i64, Vec<redis::Value>)> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query::<Vec<Vec<redis::Value>>>(&mut conns[0])
+        .expect("CLUSTER SLOTS")
+        .into_iter()
+        .map(|e| {
+            let first = redis::from_redis_value::<i64>(e[0].clone()).expect("first");
+            let last = redis::from_redis_value::<i64>(e[1].clone()).expect("last");
+            (first, last, e)
+        })
+        .collect();
+    let (_, _, entry) = slots
+        .iter()
+        .find(|(f, l, _)| (*f..=*l).contains(&slot))
+        .expect("an owner");
+    let owner_port: i64 = match &entry[2] {
+        redis::Value::Array(p) => redis::from_redis_value(p[1].clone()).expect("port"),
+        other => panic!("{other:?}"),
+    };
+    let from = c
+        .nodes
+        .iter()
+        .position(|n| i64::from(n.port) == owner_port)
+        .expect("the owner among the nodes");
+    let to = (from + 1) % c.nodes.len();
+    let setslot = |k: &mut redis::Connection, how: &str, id: &str| {
+        redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg(how)
+            .arg(id)
+            .query::<()>(k)
+            .unwrap_or_else(|e| panic!("SETSLOT {how}: {e}"));
+    };
+    setslot(&mut conns[to], "IMPORTING", &ids[from]);
+    setslot(&mut conns[from], "MIGRATING", &ids[to]);
+    loop {
+        let keys: Vec<String> = redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(slot)
+            .arg(100)
+            .query(&mut conns[from])
+            .expect("GETKEYSINSLOT");
+        if keys.is_empty() {
+            break;
+        }
+        redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(c.nodes[to].port)
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(&keys)
+            .query::<()>(&mut conns[from])
+            .expect("MIGRATE");
+    }
+    for k in [to, from] {
+        setslot(&mut conns[k], "NODE", &ids[to]);
+    }
+    for k in 0..conns.len() {
+        if k != to && k != from {
+            setslot(&mut conns[k], "NODE", &ids[to]);
+        }
+    }
+    to
+}
+
+/// A user's slot moved to another primary while the user's device is online: the node
+/// subscribes on the new owner by itself, and messages go on arriving.
+#[test]
+fn a_users_slot_moving_to_another_primary_keeps_its_messages_coming() {
+    let shared = Shared::cluster();
+    let (a, b) = (shared.node(), shared.node());
+    let (mut alice, _) = Client::login(&a, "alice", "phone", 0);
+    let (mut bob, _) = Client::login(&b, "bob", "phone", 0);
+    alice.send("bob", "m1", "one");
+    assert_eq!(texts(&bob.messages(1)), vec![(1, "one".into())]);
+    let Shared::Cluster(c) = &shared else {
+        unreachable!()
+    };
+    let slot: i64 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg("im:{bob}:ch")
+        .query(&mut redis_conn(&c.nodes[0]))
+        .expect("KEYSLOT");
+    let to = move_slot(c, slot);
+    // Sends may be refused while the clients learn the new owner: retried with the same id.
+    let ok = send_once_redis_is_back(&mut alice, "bob", "m2", "two");
+    assert_eq!(ok.seq, 2);
+    assert_eq!(texts(&bob.messages(1)), vec![(2, "two".into())]);
+    common::poll_until(
+        std::time::Duration::from_secs(10),
+        "bob's channel subscribed on its new shard",
+        || {
+            let n: (String, i64) = redis::cmd("PUBSUB")
+                .arg("SHARDNUMSUB")
+                .arg("im:{bob}:ch")
+                .query(&mut redis_conn(&c.nodes[to]))
+                .map_err(|e| e.to_string())?;
+            if n.1 == 1 {
+                Ok(())
+            } else {
+                Err(format!("{n:?}"))
+            }
+        },
+    );
+    alice.send("bob", "m3", "three");
+    assert_eq!(texts(&bob.messages(1)), vec![(3, "three".into())]);
+}
+
 macro_rules! against_both {
     ($($case:ident),* $(,)?) => {
         mod one_redis {
