@@ -705,13 +705,11 @@ fn move_slot(c: &RedisCluster, slot: i64) -> usize {
             .query::<()>(&mut conns[from])
             .expect("MIGRATE");
     }
-    for k in [to, from] {
+    // The new owner first, then the old one, then the rest.
+    let others = (0..conns.len()).filter(|k| *k != to && *k != from);
+    let order: Vec<usize> = [to, from].into_iter().chain(others).collect();
+    for k in order {
         setslot(&mut conns[k], "NODE", &ids[to]);
-    }
-    for k in 0..conns.len() {
-        if k != to && k != from {
-            setslot(&mut conns[k], "NODE", &ids[to]);
-        }
     }
     to
 }
